@@ -1,0 +1,260 @@
+//! The CPU executor: runs a plan's schedule over one arena, calling the
+//! reference kernels.
+
+use crate::plan::Plan;
+use crate::tensor::Tensor;
+use crate::EngineError;
+use graft_ir::{Activation, DType, Op, Source, ValueId};
+use graft_kernels::activation::{self, Act};
+use graft_kernels::attention::{self, AttnShape};
+use graft_kernels::{bf16, elementwise as ew, embedding, f16, loss, matmul, norm, rope, Elem};
+use std::collections::HashMap;
+
+/// The inputs and parameters bound for one run, by value id.
+#[derive(Default)]
+pub struct Feeds<'a> {
+    map: HashMap<ValueId, &'a Tensor>,
+}
+
+impl<'a> Feeds<'a> {
+    pub fn new() -> Self {
+        Feeds::default()
+    }
+    pub fn bind(&mut self, v: ValueId, t: &'a Tensor) -> &mut Self {
+        self.map.insert(v, t);
+        self
+    }
+    pub fn get(&self, v: ValueId) -> Option<&'a Tensor> {
+        self.map.get(&v).copied()
+    }
+}
+
+/// Runs plans on the CPU. Keeps its arena between runs, so a training loop
+/// allocates it once.
+#[derive(Default)]
+pub struct CpuExecutor {
+    arena: Vec<u64>,
+}
+
+/// Bytes of one value during a run: a leaf's tensor or an arena range.
+struct Slot {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl CpuExecutor {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Runs `plan` and returns its outputs as owned tensors, in plan order.
+    pub fn run(&mut self, plan: &Plan, feeds: &Feeds) -> Result<Vec<Tensor>, EngineError> {
+        let g = plan.graph();
+        for leaf in plan.leaves() {
+            let name = g.leaf_name(leaf).unwrap_or("?");
+            let t = feeds.get(leaf).ok_or_else(|| EngineError::Unbound(name.to_string()))?;
+            let ty = g.ty(leaf);
+            if t.shape() != ty.shape.as_slice() || t.dtype() != ty.dtype {
+                return Err(EngineError::Feed {
+                    name: name.to_string(),
+                    want: format!("{} {:?}", ty.dtype, ty.shape),
+                    got: format!("{} {:?}", t.dtype(), t.shape()),
+                });
+            }
+        }
+        let words = plan.peak_bytes().div_ceil(8);
+        if self.arena.len() < words {
+            self.arena = vec![0u64; words];
+        }
+        let base = self.arena.as_mut_ptr() as *mut u8;
+        let slot = |v: ValueId| -> Slot {
+            match g.value(v).source {
+                Source::Node { .. } => {
+                    let off = plan.memory().offset(v).expect("every computed value has an offset");
+                    // SAFETY: the offset lies within the arena sized to the plan's peak.
+                    Slot { ptr: unsafe { base.add(off) }, len: g.ty(v).bytes() }
+                }
+                _ => {
+                    let b = feeds.get(v).expect("leaves checked above").bytes();
+                    Slot { ptr: b.as_ptr() as *mut u8, len: b.len() }
+                }
+            }
+        };
+        for &n in plan.schedule() {
+            let node = g.node(n);
+            // SAFETY: the memory plan never overlaps a node's outputs with any
+            // value live at that node (its inputs included), and leaves are
+            // only read. Slices are re-derived per node from the raw base.
+            let ins: Vec<&[u8]> = node
+                .inputs
+                .iter()
+                .map(|&i| {
+                    let s = slot(i);
+                    unsafe { std::slice::from_raw_parts(s.ptr as *const u8, s.len) }
+                })
+                .collect();
+            let mut outs: Vec<&mut [u8]> = node
+                .outputs
+                .iter()
+                .map(|&o| {
+                    let s = slot(o);
+                    unsafe { std::slice::from_raw_parts_mut(s.ptr, s.len) }
+                })
+                .collect();
+            let in_shapes: Vec<&[usize]> = node.inputs.iter().map(|&i| g.shape(i)).collect();
+            let main = match &node.op {
+                Op::Fill { dtype, .. } => *dtype,
+                _ => g.dtype(node.inputs[0]),
+            };
+            let res = match main {
+                DType::F32 => exec::<f32>(&node.op, &ins, &mut outs, &in_shapes, g.dtype(node.outputs[0])),
+                DType::BF16 => exec::<bf16>(&node.op, &ins, &mut outs, &in_shapes, g.dtype(node.outputs[0])),
+                DType::F16 => exec::<f16>(&node.op, &ins, &mut outs, &in_shapes, g.dtype(node.outputs[0])),
+                other => Err(format!("no kernel takes {other} as its main operand")),
+            };
+            res.map_err(|msg| EngineError::Kernel { op: node.op.name(), msg })?;
+        }
+        plan.outputs()
+            .iter()
+            .map(|&o| {
+                let s = slot(o);
+                // SAFETY: as above; the run is over and nothing writes any more.
+                let b = unsafe { std::slice::from_raw_parts(s.ptr as *const u8, s.len) };
+                Tensor::from_bytes(g.shape(o), g.dtype(o), b)
+            })
+            .collect()
+    }
+}
+
+fn f<T: bytemuck::Pod>(b: &[u8]) -> &[T] {
+    bytemuck::cast_slice(b)
+}
+fn fm<T: bytemuck::Pod>(b: &mut [u8]) -> &mut [T] {
+    bytemuck::cast_slice_mut(b)
+}
+
+fn act(a: Activation) -> Act {
+    match a {
+        Activation::Silu => Act::Silu,
+        Activation::GeluTanh => Act::GeluTanh,
+    }
+}
+
+fn attn_shape(spec: &graft_ir::AttentionSpec, tokens: usize) -> AttnShape {
+    AttnShape {
+        tokens,
+        n_heads: spec.n_heads,
+        n_kv_heads: spec.n_kv_heads,
+        head_dim: spec.head_dim,
+        scale: spec.scale,
+        window: spec.window,
+    }
+}
+
+fn cast_to<T: Elem + bytemuck::Pod>(x: &[T], to: DType, y: &mut [u8]) -> Result<(), String> {
+    match to {
+        DType::F32 => ew::cast(x, fm::<f32>(y)),
+        DType::BF16 => ew::cast(x, fm::<bf16>(y)),
+        DType::F16 => ew::cast(x, fm::<f16>(y)),
+        other => return Err(format!("cannot cast to {other}")),
+    }
+    Ok(())
+}
+
+/// Runs one op whose main float operand has storage type `T`.
+fn exec<T: Elem + bytemuck::Pod>(
+    op: &Op,
+    ins: &[&[u8]],
+    outs: &mut [&mut [u8]],
+    shapes: &[&[usize]],
+    out_dtype: DType,
+) -> Result<(), String> {
+    let e = |err: graft_kernels::IndexError| err.to_string();
+    let (o0, rest) = outs.split_first_mut().expect("every op has an output");
+    match op {
+        Op::Fill { value, .. } => ew::fill(fm::<T>(o0), *value),
+        Op::MatMul { ta, tb } => {
+            let (a, b) = (shapes[0], shapes[1]);
+            let (m, k) = if *ta { (a[1], a[0]) } else { (a[0], a[1]) };
+            let n = if *tb { b[0] } else { b[1] };
+            matmul::matmul(f::<T>(ins[0]), f::<T>(ins[1]), fm::<T>(o0), m, k, n, *ta, *tb)
+        }
+        Op::AddBias => ew::add_bias(f::<T>(ins[0]), f::<T>(ins[1]), fm::<T>(o0)),
+        Op::SumRows => ew::sum_rows(f::<T>(ins[0]), fm::<T>(o0)),
+        Op::Add => ew::add(f::<T>(ins[0]), f::<T>(ins[1]), fm::<T>(o0)),
+        Op::Mul => ew::mul(f::<T>(ins[0]), f::<T>(ins[1]), fm::<T>(o0)),
+        Op::Scale(s) => ew::scale(f::<T>(ins[0]), *s, fm::<T>(o0)),
+        Op::Cast(_) => cast_to(f::<T>(ins[0]), out_dtype, o0)?,
+        Op::Embedding => {
+            embedding::embedding(f::<T>(ins[0]), f::<i32>(ins[1]), shapes[0][1], fm::<T>(o0)).map_err(e)?
+        }
+        Op::EmbeddingGrad { .. } => {
+            embedding::embedding_grad(f::<T>(ins[0]), f::<i32>(ins[1]), shapes[0][1], fm::<T>(o0)).map_err(e)?
+        }
+        Op::RmsNorm { eps, unit_offset } => {
+            norm::rms_norm(f::<T>(ins[0]), f::<T>(ins[1]), *eps, *unit_offset, fm::<T>(o0))
+        }
+        Op::RmsNormGradInput { eps, unit_offset } => norm::rms_norm_grad_input(
+            f::<T>(ins[0]),
+            f::<T>(ins[1]),
+            f::<T>(ins[2]),
+            *eps,
+            *unit_offset,
+            fm::<T>(o0),
+        ),
+        Op::RmsNormGradWeight { eps } => norm::rms_norm_grad_weight(f::<T>(ins[0]), f::<T>(ins[1]), *eps, fm::<T>(o0)),
+        Op::Rope { spec, inverse } => rope::rope(
+            f::<T>(ins[0]),
+            f::<i32>(ins[1]),
+            &spec.inv_freq,
+            spec.n_heads,
+            *inverse,
+            fm::<T>(o0),
+        ),
+        Op::Attention(spec) => attention::attention(
+            f::<T>(ins[0]),
+            f::<T>(ins[1]),
+            f::<T>(ins[2]),
+            f::<i32>(ins[3]),
+            attn_shape(spec, shapes[0][0]),
+            fm::<T>(o0),
+            fm::<f32>(rest[0]),
+        ),
+        Op::AttentionGrad(spec) => {
+            let (dk, dv) = rest.split_at_mut(1);
+            attention::attention_grad(
+                f::<T>(ins[0]),
+                f::<T>(ins[1]),
+                f::<T>(ins[2]),
+                f::<i32>(ins[3]),
+                f::<T>(ins[4]),
+                f::<f32>(ins[5]),
+                f::<T>(ins[6]),
+                attn_shape(spec, shapes[0][0]),
+                fm::<T>(o0),
+                fm::<T>(dk[0]),
+                fm::<T>(dv[0]),
+            )
+        }
+        Op::GatedAct(a) => activation::gated_act(act(*a), f::<T>(ins[0]), f::<T>(ins[1]), fm::<T>(o0)),
+        Op::GatedActGrad(a) => activation::gated_act_grad(
+            act(*a),
+            f::<T>(ins[0]),
+            f::<T>(ins[1]),
+            f::<T>(ins[2]),
+            fm::<T>(o0),
+            fm::<T>(rest[0]),
+        ),
+        Op::CrossEntropy { ignore_index } => {
+            let l = loss::cross_entropy(f::<T>(ins[0]), f::<i32>(ins[1]), *ignore_index).map_err(e)?;
+            fm::<f32>(o0)[0] = l;
+        }
+        Op::CrossEntropyGrad { ignore_index } => {
+            let dloss = f::<f32>(ins[2])[0];
+            loss::cross_entropy_grad(f::<T>(ins[0]), f::<i32>(ins[1]), *ignore_index, dloss, fm::<T>(o0))
+                .map_err(e)?
+        }
+        Op::Dropout { p } => ew::dropout(f::<T>(ins[0]), f::<u32>(ins[1])[0], *p, fm::<T>(o0)),
+    }
+    Ok(())
+}

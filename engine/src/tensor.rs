@@ -1,0 +1,165 @@
+//! Tensors: a shape, a dtype and bytes that are either owned or a zero-copy
+//! view into a memory-mapped file.
+
+use crate::EngineError;
+use graft_ir::DType;
+use graft_kernels::{bf16, f16};
+use memmap2::Mmap;
+use std::ops::Range;
+use std::sync::Arc;
+
+/// Where a tensor's bytes live.
+#[derive(Clone, Debug)]
+pub enum Storage {
+    /// Heap bytes, 8-byte aligned (backed by u64 words).
+    Owned { words: Vec<u64>, len: usize },
+    /// A range of a shared read-only file mapping.
+    Mapped { map: Arc<Mmap>, range: Range<usize> },
+}
+
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    dtype: DType,
+    storage: Storage,
+}
+
+fn owned_from_bytes(bytes: &[u8]) -> Storage {
+    let mut words = vec![0u64; bytes.len().div_ceil(8)];
+    bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+    Storage::Owned { words, len: bytes.len() }
+}
+
+impl Tensor {
+    fn check_len(shape: &[usize], dtype: DType, len: usize) -> Result<(), EngineError> {
+        let want = shape.iter().product::<usize>() * dtype.size();
+        if want != len {
+            return Err(EngineError::Tensor(format!(
+                "{len} bytes do not hold a {dtype} tensor of shape {shape:?} ({want} bytes)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Copies `bytes` into a new owned tensor.
+    pub fn from_bytes(shape: &[usize], dtype: DType, bytes: &[u8]) -> Result<Self, EngineError> {
+        Self::check_len(shape, dtype, bytes.len())?;
+        Ok(Tensor { shape: shape.to_vec(), dtype, storage: owned_from_bytes(bytes) })
+    }
+
+    /// A view of `range` in `map`: zero-copy when the bytes are aligned for
+    /// `dtype`, else copied.
+    pub fn mapped(map: Arc<Mmap>, range: Range<usize>, shape: &[usize], dtype: DType) -> Result<Self, EngineError> {
+        Self::check_len(shape, dtype, range.len())?;
+        if range.end > map.len() {
+            return Err(EngineError::Tensor(format!("range {range:?} lies past the mapping ({} bytes)", map.len())));
+        }
+        let aligned = (map.as_ptr() as usize + range.start) % dtype.size() == 0;
+        if aligned {
+            Ok(Tensor { shape: shape.to_vec(), dtype, storage: Storage::Mapped { map, range } })
+        } else {
+            Self::from_bytes(shape, dtype, &map[range])
+        }
+    }
+
+    pub fn from_f32(shape: &[usize], data: &[f32]) -> Result<Self, EngineError> {
+        Self::from_bytes(shape, DType::F32, bytemuck::cast_slice(data))
+    }
+
+    pub fn from_i32(shape: &[usize], data: &[i32]) -> Result<Self, EngineError> {
+        Self::from_bytes(shape, DType::I32, bytemuck::cast_slice(data))
+    }
+
+    pub fn from_u32(shape: &[usize], data: &[u32]) -> Result<Self, EngineError> {
+        Self::from_bytes(shape, DType::U32, bytemuck::cast_slice(data))
+    }
+
+    pub fn zeros(shape: &[usize], dtype: DType) -> Self {
+        let len = shape.iter().product::<usize>() * dtype.size();
+        Tensor { shape: shape.to_vec(), dtype, storage: Storage::Owned { words: vec![0; len.div_ceil(8)], len } }
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.storage, Storage::Mapped { .. })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        match &self.storage {
+            Storage::Owned { words, len } => &bytemuck::cast_slice(words)[..*len],
+            Storage::Mapped { map, range } => &map[range.clone()],
+        }
+    }
+
+    /// Mutable bytes, copying a mapped tensor into owned memory first.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        if let Storage::Mapped { .. } = self.storage {
+            self.storage = owned_from_bytes(self.bytes());
+        }
+        match &mut self.storage {
+            Storage::Owned { words, len } => &mut bytemuck::cast_slice_mut(words)[..*len],
+            Storage::Mapped { .. } => unreachable!("converted to owned above"),
+        }
+    }
+
+    /// The elements as `f32` (the tensor must be f32).
+    pub fn as_f32(&self) -> Result<&[f32], EngineError> {
+        self.expect(DType::F32)?;
+        Ok(bytemuck::cast_slice(self.bytes()))
+    }
+
+    pub fn as_f32_mut(&mut self) -> Result<&mut [f32], EngineError> {
+        self.expect(DType::F32)?;
+        Ok(bytemuck::cast_slice_mut(self.bytes_mut()))
+    }
+
+    pub fn as_i32(&self) -> Result<&[i32], EngineError> {
+        self.expect(DType::I32)?;
+        Ok(bytemuck::cast_slice(self.bytes()))
+    }
+
+    fn expect(&self, dtype: DType) -> Result<(), EngineError> {
+        if self.dtype != dtype {
+            return Err(EngineError::Tensor(format!("expected a {dtype} tensor, got {}", self.dtype)));
+        }
+        Ok(())
+    }
+
+    /// The elements converted to f32 (floats only).
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>, EngineError> {
+        let b = self.bytes();
+        Ok(match self.dtype {
+            DType::F32 => bytemuck::cast_slice::<u8, f32>(b).to_vec(),
+            DType::BF16 => bytemuck::cast_slice::<u8, bf16>(b).iter().map(|x| x.to_f32()).collect(),
+            DType::F16 => bytemuck::cast_slice::<u8, f16>(b).iter().map(|x| x.to_f32()).collect(),
+            other => return Err(EngineError::Tensor(format!("cannot read a {other} tensor as f32"))),
+        })
+    }
+
+    /// Converts a float tensor to another float dtype (a copy; shares the
+    /// storage when the dtype already matches).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor, EngineError> {
+        if dtype == self.dtype {
+            return Ok(self.clone());
+        }
+        let x = self.to_f32_vec()?;
+        let bytes: Vec<u8> = match dtype {
+            DType::F32 => bytemuck::cast_slice(&x).to_vec(),
+            DType::BF16 => bytemuck::cast_slice(&x.iter().map(|v| bf16::from_f32(*v)).collect::<Vec<_>>()).to_vec(),
+            DType::F16 => bytemuck::cast_slice(&x.iter().map(|v| f16::from_f32(*v)).collect::<Vec<_>>()).to_vec(),
+            other => return Err(EngineError::Tensor(format!("cannot convert floats to {other}"))),
+        };
+        Tensor::from_bytes(&self.shape, dtype, &bytes)
+    }
+}

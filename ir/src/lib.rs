@@ -1,0 +1,29 @@
+//! graft-ir: Graft's graph IR.
+//!
+//! A [`Graph`] records ops on values with shapes and dtypes; [`backward`]
+//! appends the reverse-mode gradient graph toward trainable parameters only;
+//! [`passes`] turn a graph into a schedule and a memory plan. This crate knows
+//! nothing of storage, kernels or files.
+
+pub mod autograd;
+pub mod dtype;
+pub mod graph;
+pub mod op;
+pub mod passes;
+
+pub use autograd::{backward, Gradients};
+pub use dtype::DType;
+pub use graph::{Graph, Node, NodeId, Source, Value, ValueId};
+pub use op::{Activation, AttentionSpec, Op, RopeSpec, TypeInfo};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IrError {
+    #[error("{op}: {msg}")]
+    Shape { op: &'static str, msg: String },
+    #[error("value %{} does not exist in this graph", .0 .0)]
+    UnknownValue(ValueId),
+    #[error("value %{} is not a parameter", .0 .0)]
+    NotAParam(ValueId),
+    #[error("autograd: {0}")]
+    Autograd(String),
+}

@@ -1,0 +1,423 @@
+//! The operations of the IR and their shape/dtype inference.
+//!
+//! Activations are 2-D `[tokens, features]`: a batch is flattened into one
+//! token axis, and attention separates sequences (and packed documents) by a
+//! segment-id input, so one set of ops serves batched, packed and single
+//! sequences alike.
+
+use crate::dtype::DType;
+use crate::IrError;
+use std::sync::Arc;
+
+/// Gated activations: `act(gate) * up`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Activation {
+    /// SiLU (SwiGLU: Llama, Mistral, Qwen2).
+    Silu,
+    /// GELU with the tanh approximation (GeGLU: Gemma).
+    GeluTanh,
+}
+
+/// Attention parameters. `q` is `[T, n_heads*head_dim]`, `k`/`v` are
+/// `[T, n_kv_heads*head_dim]`; query head `h` reads kv head
+/// `h / (n_heads / n_kv_heads)` (GQA).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttentionSpec {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Multiplies q·k before the softmax.
+    pub scale: f32,
+    /// Sliding window: query `i` sees keys `j` with `i - j < window`.
+    pub window: Option<usize>,
+}
+
+/// RoPE parameters (half-split `rotate_half` layout, as transformers).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RopeSpec {
+    pub n_heads: usize,
+    pub head_dim: usize,
+    /// `head_dim / 2` inverse frequencies, rope scaling already applied.
+    pub inv_freq: Arc<[f32]>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// A constant filled tensor (the seed of the backward pass).
+    Fill { value: f32, shape: Vec<usize>, dtype: DType },
+    /// `C[M,N] = op(A)·op(B)`, `op` transposing when the flag is set
+    /// (`A` is `[M,K]` or `[K,M]`, `B` is `[K,N]` or `[N,K]`).
+    MatMul { ta: bool, tb: bool },
+    /// `x[M,N] + b[N]` broadcast over rows.
+    AddBias,
+    /// `[M,N] -> [N]`: the sum over rows (gradient of a bias).
+    SumRows,
+    Add,
+    Mul,
+    Scale(f32),
+    Cast(DType),
+    /// `table[V,H]`, `ids[T]` -> `[T,H]`.
+    Embedding,
+    /// `dy[T,H]`, `ids[T]` -> `[vocab,H]`: scatter-add of rows.
+    EmbeddingGrad { vocab: usize },
+    /// `x[T,H]`, `w[H]`: `x·rsqrt(mean(x²)+eps)·w` in f32; Gemma uses `(1+w)`.
+    RmsNorm { eps: f32, unit_offset: bool },
+    /// `x`, `w`, `dy` -> `dx`.
+    RmsNormGradInput { eps: f32, unit_offset: bool },
+    /// `x`, `dy` -> `dw` (`dw` does not depend on the offset).
+    RmsNormGradWeight { eps: f32 },
+    /// `x[T, n_heads*head_dim]`, `positions[T]` -> rotated x. `inverse`
+    /// rotates by the negative angle (the VJP).
+    Rope { spec: RopeSpec, inverse: bool },
+    /// `q`, `k`, `v`, `segments[T]` -> `out[T, n_heads*head_dim]`,
+    /// `lse[T, n_heads]` (f32 log-sum-exp of the scores, kept for backward).
+    /// Causal within a segment; never across segments.
+    Attention(AttentionSpec),
+    /// `q`, `k`, `v`, `segments`, `out`, `lse`, `dout` -> `dq`, `dk`, `dv`.
+    AttentionGrad(AttentionSpec),
+    /// `gate`, `up` -> `act(gate)*up`.
+    GatedAct(Activation),
+    /// `gate`, `up`, `dy` -> `dgate`, `dup`.
+    GatedActGrad(Activation),
+    /// `logits[T,V]`, `labels[T]` (i32) -> f32 `[1]`: mean over labels that
+    /// are not `ignore_index`.
+    CrossEntropy { ignore_index: i32 },
+    /// `logits`, `labels`, `dloss[1]` -> `dlogits`.
+    CrossEntropyGrad { ignore_index: i32 },
+    /// `x`, `seed[1]` (u32) -> `x·mask/(1-p)`; the mask is a pure function of
+    /// the seed and the element index, so the VJP is the same op on `dy`.
+    Dropout { p: f32 },
+}
+
+/// The shape and dtype of one value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TypeInfo {
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+}
+
+impl TypeInfo {
+    pub fn new(shape: Vec<usize>, dtype: DType) -> Self {
+        TypeInfo { shape, dtype }
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn bytes(&self) -> usize {
+        self.numel() * self.dtype.size()
+    }
+}
+
+impl Op {
+    /// A short name for plan dumps and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Fill { .. } => "fill",
+            Op::MatMul { .. } => "matmul",
+            Op::AddBias => "add_bias",
+            Op::SumRows => "sum_rows",
+            Op::Add => "add",
+            Op::Mul => "mul",
+            Op::Scale(_) => "scale",
+            Op::Cast(_) => "cast",
+            Op::Embedding => "embedding",
+            Op::EmbeddingGrad { .. } => "embedding_grad",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::RmsNormGradInput { .. } => "rms_norm_grad_input",
+            Op::RmsNormGradWeight { .. } => "rms_norm_grad_weight",
+            Op::Rope { .. } => "rope",
+            Op::Attention(_) => "attention",
+            Op::AttentionGrad(_) => "attention_grad",
+            Op::GatedAct(_) => "gated_act",
+            Op::GatedActGrad(_) => "gated_act_grad",
+            Op::CrossEntropy { .. } => "cross_entropy",
+            Op::CrossEntropyGrad { .. } => "cross_entropy_grad",
+            Op::Dropout { .. } => "dropout",
+        }
+    }
+
+    /// Number of inputs the op takes.
+    pub fn arity(&self) -> usize {
+        match self {
+            Op::Fill { .. } => 0,
+            Op::SumRows | Op::Scale(_) | Op::Cast(_) => 1,
+            Op::MatMul { .. }
+            | Op::AddBias
+            | Op::Add
+            | Op::Mul
+            | Op::Embedding
+            | Op::EmbeddingGrad { .. }
+            | Op::RmsNorm { .. }
+            | Op::RmsNormGradWeight { .. }
+            | Op::Rope { .. }
+            | Op::GatedAct(_)
+            | Op::CrossEntropy { .. }
+            | Op::Dropout { .. } => 2,
+            Op::RmsNormGradInput { .. } | Op::GatedActGrad(_) | Op::CrossEntropyGrad { .. } => 3,
+            Op::Attention(_) => 4,
+            Op::AttentionGrad(_) => 7,
+        }
+    }
+
+    /// Shape and dtype inference: the types of the outputs given the inputs,
+    /// or an error naming what disagrees.
+    pub fn infer(&self, ins: &[&TypeInfo]) -> Result<Vec<TypeInfo>, IrError> {
+        if ins.len() != self.arity() {
+            return Err(self.err(format!(
+                "takes {} inputs, got {}",
+                self.arity(),
+                ins.len()
+            )));
+        }
+        let same = |a: &TypeInfo, b: &TypeInfo| -> Result<(), IrError> {
+            if a.shape != b.shape || a.dtype != b.dtype {
+                return Err(self.err(format!(
+                    "operands differ: {:?} {} vs {:?} {}",
+                    a.shape, a.dtype, b.shape, b.dtype
+                )));
+            }
+            Ok(())
+        };
+        let float = |t: &TypeInfo, what: &str| -> Result<(), IrError> {
+            if !t.dtype.is_float() {
+                return Err(self.err(format!("{what} must be a float, got {}", t.dtype)));
+            }
+            Ok(())
+        };
+        let rank = |t: &TypeInfo, r: usize, what: &str| -> Result<(), IrError> {
+            if t.shape.len() != r {
+                return Err(self.err(format!(
+                    "{what} must have rank {r}, got shape {:?}",
+                    t.shape
+                )));
+            }
+            Ok(())
+        };
+        let ids = |t: &TypeInfo, n: usize, what: &str| -> Result<(), IrError> {
+            if !matches!(t.dtype, DType::I32 | DType::U32) || t.shape != [n] {
+                return Err(self.err(format!(
+                    "{what} must be i32/u32 of shape [{n}], got {:?} {}",
+                    t.shape, t.dtype
+                )));
+            }
+            Ok(())
+        };
+        let out = |shape: Vec<usize>, dtype: DType| Ok(vec![TypeInfo::new(shape, dtype)]);
+        match self {
+            Op::Fill { shape, dtype, .. } => out(shape.clone(), *dtype),
+            Op::MatMul { ta, tb } => {
+                let (a, b) = (ins[0], ins[1]);
+                rank(a, 2, "A")?;
+                rank(b, 2, "B")?;
+                float(a, "A")?;
+                if a.dtype != b.dtype {
+                    return Err(self.err(format!("dtypes differ: {} vs {}", a.dtype, b.dtype)));
+                }
+                let (m, k) = if *ta { (a.shape[1], a.shape[0]) } else { (a.shape[0], a.shape[1]) };
+                let (k2, n) = if *tb { (b.shape[1], b.shape[0]) } else { (b.shape[0], b.shape[1]) };
+                if k != k2 {
+                    return Err(self.err(format!(
+                        "inner dimensions differ: A {:?} (ta={ta}) vs B {:?} (tb={tb})",
+                        a.shape, b.shape
+                    )));
+                }
+                out(vec![m, n], a.dtype)
+            }
+            Op::AddBias => {
+                let (x, b) = (ins[0], ins[1]);
+                rank(x, 2, "x")?;
+                float(x, "x")?;
+                if b.shape != [x.shape[1]] || b.dtype != x.dtype {
+                    return Err(self.err(format!(
+                        "bias must be {} [{}], got {} {:?}",
+                        x.dtype, x.shape[1], b.dtype, b.shape
+                    )));
+                }
+                out(x.shape.clone(), x.dtype)
+            }
+            Op::SumRows => {
+                rank(ins[0], 2, "x")?;
+                float(ins[0], "x")?;
+                out(vec![ins[0].shape[1]], ins[0].dtype)
+            }
+            Op::Add | Op::Mul => {
+                same(ins[0], ins[1])?;
+                float(ins[0], "operand")?;
+                out(ins[0].shape.clone(), ins[0].dtype)
+            }
+            Op::Scale(_) => {
+                float(ins[0], "x")?;
+                out(ins[0].shape.clone(), ins[0].dtype)
+            }
+            Op::Cast(to) => {
+                float(ins[0], "x")?;
+                if !to.is_float() {
+                    return Err(self.err(format!("cannot cast to {to}")));
+                }
+                out(ins[0].shape.clone(), *to)
+            }
+            Op::Embedding => {
+                let (table, idx) = (ins[0], ins[1]);
+                rank(table, 2, "table")?;
+                float(table, "table")?;
+                rank(idx, 1, "ids")?;
+                ids(idx, idx.shape[0], "ids")?;
+                out(vec![idx.shape[0], table.shape[1]], table.dtype)
+            }
+            Op::EmbeddingGrad { vocab } => {
+                let (dy, idx) = (ins[0], ins[1]);
+                rank(dy, 2, "dy")?;
+                float(dy, "dy")?;
+                ids(idx, dy.shape[0], "ids")?;
+                out(vec![*vocab, dy.shape[1]], dy.dtype)
+            }
+            Op::RmsNorm { .. } => {
+                let (x, w) = (ins[0], ins[1]);
+                rank(x, 2, "x")?;
+                float(x, "x")?;
+                if w.shape != [x.shape[1]] || w.dtype != x.dtype {
+                    return Err(self.err(format!(
+                        "weight must be {} [{}], got {} {:?}",
+                        x.dtype, x.shape[1], w.dtype, w.shape
+                    )));
+                }
+                out(x.shape.clone(), x.dtype)
+            }
+            Op::RmsNormGradInput { .. } => {
+                let (x, w, dy) = (ins[0], ins[1], ins[2]);
+                same(x, dy)?;
+                rank(x, 2, "x")?;
+                if w.shape != [x.shape[1]] {
+                    return Err(self.err(format!("weight shape {:?}", w.shape)));
+                }
+                out(x.shape.clone(), x.dtype)
+            }
+            Op::RmsNormGradWeight { .. } => {
+                same(ins[0], ins[1])?;
+                rank(ins[0], 2, "x")?;
+                out(vec![ins[0].shape[1]], ins[0].dtype)
+            }
+            Op::Rope { spec, .. } => {
+                let (x, pos) = (ins[0], ins[1]);
+                rank(x, 2, "x")?;
+                float(x, "x")?;
+                if x.shape[1] != spec.n_heads * spec.head_dim
+                    || spec.head_dim % 2 != 0
+                    || spec.inv_freq.len() != spec.head_dim / 2
+                {
+                    return Err(self.err(format!(
+                        "x {:?} does not fit {} heads of even dim {} with {} frequencies",
+                        x.shape,
+                        spec.n_heads,
+                        spec.head_dim,
+                        spec.inv_freq.len()
+                    )));
+                }
+                ids(pos, x.shape[0], "positions")?;
+                out(x.shape.clone(), x.dtype)
+            }
+            Op::Attention(spec) => {
+                let (q, k, v, seg) = (ins[0], ins[1], ins[2], ins[3]);
+                spec.check(self, q, k, v, seg)?;
+                Ok(vec![
+                    TypeInfo::new(q.shape.clone(), q.dtype),
+                    TypeInfo::new(vec![q.shape[0], spec.n_heads], DType::F32),
+                ])
+            }
+            Op::AttentionGrad(spec) => {
+                let (q, k, v, seg, o, lse, dout) =
+                    (ins[0], ins[1], ins[2], ins[3], ins[4], ins[5], ins[6]);
+                spec.check(self, q, k, v, seg)?;
+                same(q, o)?;
+                same(q, dout)?;
+                if lse.shape != [q.shape[0], spec.n_heads] || lse.dtype != DType::F32 {
+                    return Err(self.err(format!("lse must be f32 [T, n_heads], got {:?}", lse.shape)));
+                }
+                Ok(vec![
+                    TypeInfo::new(q.shape.clone(), q.dtype),
+                    TypeInfo::new(k.shape.clone(), k.dtype),
+                    TypeInfo::new(v.shape.clone(), v.dtype),
+                ])
+            }
+            Op::GatedAct(_) => {
+                same(ins[0], ins[1])?;
+                float(ins[0], "gate")?;
+                out(ins[0].shape.clone(), ins[0].dtype)
+            }
+            Op::GatedActGrad(_) => {
+                same(ins[0], ins[1])?;
+                same(ins[0], ins[2])?;
+                Ok(vec![ins[0].clone(), ins[0].clone()])
+            }
+            Op::CrossEntropy { .. } => {
+                let (logits, labels) = (ins[0], ins[1]);
+                rank(logits, 2, "logits")?;
+                float(logits, "logits")?;
+                if labels.dtype != DType::I32 || labels.shape != [logits.shape[0]] {
+                    return Err(self.err(format!(
+                        "labels must be i32 [{}], got {} {:?}",
+                        logits.shape[0], labels.dtype, labels.shape
+                    )));
+                }
+                out(vec![1], DType::F32)
+            }
+            Op::CrossEntropyGrad { .. } => {
+                let (logits, labels, dloss) = (ins[0], ins[1], ins[2]);
+                rank(logits, 2, "logits")?;
+                if labels.dtype != DType::I32 || labels.shape != [logits.shape[0]] {
+                    return Err(self.err("labels must be i32 [T]".into()));
+                }
+                if dloss.shape != [1] || dloss.dtype != DType::F32 {
+                    return Err(self.err("dloss must be f32 [1]".into()));
+                }
+                out(logits.shape.clone(), logits.dtype)
+            }
+            Op::Dropout { p } => {
+                float(ins[0], "x")?;
+                if !(0.0..1.0).contains(p) {
+                    return Err(self.err(format!("p must be in [0, 1), got {p}")));
+                }
+                if ins[1].shape != [1] || ins[1].dtype != DType::U32 {
+                    return Err(self.err("seed must be u32 [1]".into()));
+                }
+                out(ins[0].shape.clone(), ins[0].dtype)
+            }
+        }
+    }
+
+    fn err(&self, msg: String) -> IrError {
+        IrError::Shape { op: self.name(), msg }
+    }
+}
+
+impl AttentionSpec {
+    fn check(
+        &self,
+        op: &Op,
+        q: &TypeInfo,
+        k: &TypeInfo,
+        v: &TypeInfo,
+        seg: &TypeInfo,
+    ) -> Result<(), IrError> {
+        let t = q.shape.first().copied().unwrap_or(0);
+        let ok = q.shape == [t, self.n_heads * self.head_dim]
+            && k.shape == [t, self.n_kv_heads * self.head_dim]
+            && v.shape == k.shape
+            && q.dtype.is_float()
+            && k.dtype == q.dtype
+            && v.dtype == q.dtype
+            && self.n_kv_heads > 0
+            && self.n_heads % self.n_kv_heads == 0
+            && self.window != Some(0);
+        if !ok {
+            return Err(op.err(format!(
+                "q {:?} k {:?} v {:?} do not fit {} heads / {} kv heads of dim {}",
+                q.shape, k.shape, v.shape, self.n_heads, self.n_kv_heads, self.head_dim
+            )));
+        }
+        if !matches!(seg.dtype, DType::I32 | DType::U32) || seg.shape != [t] {
+            return Err(op.err(format!("segments must be i32 [{t}], got {:?}", seg.shape)));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,8 @@
+//! Graph passes: each takes a graph (and what must be kept) and returns a
+//! schedule or a plan; none changes the values a graph computes.
+
+mod dce;
+mod memory;
+
+pub use dce::live_schedule;
+pub use memory::{plan_memory, MemoryPlan};

@@ -1,0 +1,153 @@
+//! Causal self-attention with GQA, segments (packed documents and batch rows
+//! flattened into one token axis) and an optional sliding window.
+//!
+//! Layout: `q[t, n_heads*d]`, `k`/`v[t, n_kv_heads*d]`. Query `i` attends to
+//! keys `j` with `seg[j] = seg[i]`, `j <= i` and, with a window `w`,
+//! `i - j < w`; segments must be contiguous runs.
+
+use crate::Elem;
+use rayon::prelude::*;
+
+/// The shape of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub tokens: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+    pub window: Option<usize>,
+}
+
+impl AttnShape {
+    fn group(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
+}
+
+/// The first key each query may see.
+fn key_starts(seg: &[i32], window: Option<usize>) -> Vec<usize> {
+    let mut starts = Vec::with_capacity(seg.len());
+    let mut seg_start = 0;
+    for i in 0..seg.len() {
+        if i > 0 && seg[i] != seg[i - 1] {
+            seg_start = i;
+        }
+        let win_start = window.map_or(0, |w| (i + 1).saturating_sub(w));
+        starts.push(seg_start.max(win_start));
+    }
+    starts
+}
+
+#[inline]
+fn dot<T: Elem>(a: &[f32], b: &[T]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum()
+}
+
+/// Forward: writes `out` and the f32 log-sum-exp of the scaled scores `lse[t, n_heads]`.
+pub fn attention<T: Elem>(q: &[T], k: &[T], v: &[T], seg: &[i32], s: AttnShape, out: &mut [T], lse: &mut [f32]) {
+    let d = s.head_dim;
+    let (qw, kw) = (s.n_heads * d, s.n_kv_heads * d);
+    let starts = key_starts(seg, s.window);
+    out.par_chunks_mut(qw)
+        .zip(lse.par_chunks_mut(s.n_heads))
+        .enumerate()
+        .for_each(|(i, (out_row, lse_row))| {
+            let keys = starts[i]..=i;
+            let mut scores = vec![0f32; i + 1 - starts[i]];
+            let mut acc = vec![0f32; d];
+            for h in 0..s.n_heads {
+                let kh = h / s.group();
+                let qh: Vec<f32> = q[i * qw + h * d..i * qw + (h + 1) * d].iter().map(|x| x.to_f32()).collect();
+                for (sc, j) in scores.iter_mut().zip(keys.clone()) {
+                    *sc = s.scale * dot(&qh, &k[j * kw + kh * d..j * kw + (kh + 1) * d]);
+                }
+                let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f32 = scores.iter().map(|x| (x - m).exp()).sum();
+                acc.fill(0.0);
+                for (sc, j) in scores.iter().zip(keys.clone()) {
+                    let p = (sc - m).exp() / sum;
+                    for (a, vv) in acc.iter_mut().zip(&v[j * kw + kh * d..j * kw + (kh + 1) * d]) {
+                        *a += p * vv.to_f32();
+                    }
+                }
+                for (o, a) in out_row[h * d..(h + 1) * d].iter_mut().zip(&acc) {
+                    *o = T::from_f32(*a);
+                }
+                lse_row[h] = m + sum.ln();
+            }
+        });
+}
+
+/// Backward from the saved `out` and `lse`: `dq`, `dk`, `dv`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_grad<T: Elem>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    seg: &[i32],
+    out: &[T],
+    lse: &[f32],
+    dout: &[T],
+    s: AttnShape,
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+) {
+    let (d, t, g) = (s.head_dim, s.tokens, s.group());
+    let (qw, kw) = (s.n_heads * d, s.n_kv_heads * d);
+    let starts = key_starts(seg, s.window);
+    let row = |x: &[T], width: usize, i: usize, h: usize| -> Vec<f32> {
+        x[i * width + h * d..i * width + (h + 1) * d].iter().map(|v| v.to_f32()).collect()
+    };
+    // One task per kv head: it owns dk/dv of that head and dq of its query
+    // heads, so the accumulations never race.
+    let per_kv: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..s.n_kv_heads)
+        .into_par_iter()
+        .map(|kh| {
+            let mut dq_l = vec![0f32; t * g * d];
+            let mut dk_l = vec![0f32; t * d];
+            let mut dv_l = vec![0f32; t * d];
+            for hg in 0..g {
+                let h = kh * g + hg;
+                for i in 0..t {
+                    let qi = row(q, qw, i, h);
+                    let doi = row(dout, qw, i, h);
+                    let oi = row(out, qw, i, h);
+                    let delta: f32 = doi.iter().zip(&oi).map(|(a, b)| a * b).sum();
+                    let l = lse[i * s.n_heads + h];
+                    for j in starts[i]..=i {
+                        let kj = &k[j * kw + kh * d..j * kw + (kh + 1) * d];
+                        let vj = &v[j * kw + kh * d..j * kw + (kh + 1) * d];
+                        let p = (s.scale * dot(&qi, kj) - l).exp();
+                        let ds = p * (dot(&doi, vj) - delta) * s.scale;
+                        let dq_i = &mut dq_l[(i * g + hg) * d..(i * g + hg + 1) * d];
+                        for (a, kv) in dq_i.iter_mut().zip(kj) {
+                            *a += ds * kv.to_f32();
+                        }
+                        for c in 0..d {
+                            dk_l[j * d + c] += ds * qi[c];
+                            dv_l[j * d + c] += p * doi[c];
+                        }
+                    }
+                }
+            }
+            (dq_l, dk_l, dv_l)
+        })
+        .collect();
+    for (kh, (dq_l, dk_l, dv_l)) in per_kv.into_iter().enumerate() {
+        for i in 0..t {
+            for hg in 0..g {
+                let h = kh * g + hg;
+                let src = &dq_l[(i * g + hg) * d..(i * g + hg + 1) * d];
+                for (o, x) in dq[i * qw + h * d..i * qw + (h + 1) * d].iter_mut().zip(src) {
+                    *o = T::from_f32(*x);
+                }
+            }
+            for c in 0..d {
+                dk[i * kw + kh * d + c] = T::from_f32(dk_l[i * d + c]);
+                dv[i * kw + kh * d + c] = T::from_f32(dv_l[i * d + c]);
+            }
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! graft-kernels: compute kernels as plain functions over slices.
+//!
+//! Every kernel here is the reference implementation: straightforward,
+//! parallel with rayon where it pays, generic over the storage type with f32
+//! compute and accumulation. Faster versions (SIMD, fused) take the same
+//! signatures and are chosen by runtime CPU-feature dispatch inside these
+//! public functions; the reference stays as their test twin.
+
+pub mod activation;
+pub mod attention;
+pub mod elementwise;
+pub mod embedding;
+pub mod loss;
+pub mod matmul;
+pub mod norm;
+pub mod rope;
+
+pub use half::{bf16, f16};
+
+/// A storage type the kernels read and write; arithmetic happens in f32.
+pub trait Elem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    fn from_f32(x: f32) -> Self;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+
+impl Elem for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}
+
+impl Elem for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+}
+
+/// An index input (token id, label) outside its valid range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} {value} at position {position} is out of range 0..{limit}")]
+pub struct IndexError {
+    pub what: &'static str,
+    pub position: usize,
+    pub value: i64,
+    pub limit: usize,
+}
+
+/// Rows below this many elements of work are not worth a rayon task.
+pub(crate) const PAR_MIN_WORK: usize = 1 << 14;
