@@ -34,6 +34,7 @@
 
 mod executor;
 mod plan;
+pub mod rng;
 mod tensor;
 
 pub use executor::{CpuExecutor, Feeds};

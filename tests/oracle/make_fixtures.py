@@ -137,11 +137,14 @@ def load_base(spec, model_dir):
 
 def normalize_adapter_dir(adapter_dir):
     """Make the adapter dir byte-reproducible: PEFT stores target_modules from a
-    Python set (hash-seed dependent order) and writes a boilerplate README.md."""
+    Python set (hash-seed dependent order), records an absolute base-model path
+    and writes a boilerplate README.md."""
     cfg_path = adapter_dir / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     if isinstance(cfg.get("target_modules"), list):
         cfg["target_modules"] = sorted(cfg["target_modules"])
+    # PEFT records the absolute local path of the base model; store a repo-relative one.
+    cfg["base_model_name_or_path"] = (adapter_dir.parent / "model").relative_to(REPO_ROOT).as_posix()
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
     readme = adapter_dir / "README.md"
     if readme.exists():

@@ -1,0 +1,273 @@
+//! The Llama family as a graph recorder: one decoder for Llama, Mistral,
+//! Qwen2 and Gemma, their differences being config flags.
+
+use crate::checkpoint::Checkpoint;
+use crate::config::{Arch, ModelConfig};
+use crate::lora::Lora;
+use crate::ModelError;
+use graft_engine::ir::{AttentionSpec, DType, Graph, RopeSpec, ValueId};
+use graft_engine::{Feeds, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A causal LM: its config and its base weights in the compute dtype.
+pub struct CausalLm {
+    pub config: ModelConfig,
+    pub dir: PathBuf,
+    /// Storage (and compute) dtype of the base weights and activations.
+    pub dtype: DType,
+    weights: HashMap<String, Tensor>,
+}
+
+/// What to record.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RecordOptions<'a> {
+    /// Adapter fragments to attach to the base linears.
+    pub lora: Option<&'a Lora>,
+    /// Mark the adapter trainable (else it is frozen, for inference).
+    pub train_lora: bool,
+    /// Record the loss against a `labels` input.
+    pub loss: bool,
+    /// Apply the adapter's dropout (training only).
+    pub dropout: bool,
+}
+
+/// A recorded graph and the handles of its inputs and outputs.
+pub struct Recorded {
+    pub graph: Graph,
+    pub tokens: usize,
+    pub ids: ValueId,
+    pub positions: ValueId,
+    pub segments: ValueId,
+    pub labels: Option<ValueId>,
+    pub dropout_seed: Option<ValueId>,
+    /// f32 `[tokens, vocab]`.
+    pub logits: ValueId,
+    pub loss: Option<ValueId>,
+}
+
+/// A batch of sequences flattened into one token axis: positions restart and
+/// the segment id changes at every sequence, so attention never crosses one.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    pub ids: Tensor,
+    pub positions: Tensor,
+    pub segments: Tensor,
+    /// Next-token targets (already shifted), -100 where not counted.
+    pub labels: Tensor,
+    pub seed: Tensor,
+}
+
+impl Batch {
+    /// Sequences with HF-style labels (`None`: the ids themselves); like
+    /// transformers, the target of token `t` is `labels[t+1]` and the last
+    /// token of each sequence has none.
+    pub fn new(seqs: &[&[i32]], labels: Option<&[&[i32]]>, seed: u32) -> Result<Self, ModelError> {
+        let (mut ids, mut pos, mut seg, mut tgt) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (s, seq) in seqs.iter().enumerate() {
+            let lab = labels.map_or(*seq, |l| l[s]);
+            if lab.len() != seq.len() {
+                return Err(ModelError::Input(format!(
+                    "sequence {s} has {} tokens but {} labels",
+                    seq.len(),
+                    lab.len()
+                )));
+            }
+            for (t, &id) in seq.iter().enumerate() {
+                ids.push(id);
+                pos.push(t as i32);
+                seg.push(s as i32);
+                tgt.push(lab.get(t + 1).copied().unwrap_or(-100));
+            }
+        }
+        let n = ids.len();
+        Ok(Batch {
+            ids: Tensor::from_i32(&[n], &ids)?,
+            positions: Tensor::from_i32(&[n], &pos)?,
+            segments: Tensor::from_i32(&[n], &seg)?,
+            labels: Tensor::from_i32(&[n], &tgt)?,
+            seed: Tensor::from_u32(&[1], &[seed])?,
+        })
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.ids.numel()
+    }
+}
+
+impl CausalLm {
+    /// Loads config.json and the checkpoint of `dir`, checking every tensor's
+    /// presence and shape against the config, converting to `dtype`.
+    pub fn load(dir: &Path, dtype: DType) -> Result<Self, ModelError> {
+        if !dtype.is_float() {
+            return Err(ModelError::Input(format!("compute dtype must be a float, got {dtype}")));
+        }
+        let config = ModelConfig::load(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        let mut weights = HashMap::new();
+        for (name, shape) in config.expected_tensors() {
+            let t = ckpt.load(&name, &shape, dtype)?;
+            weights.insert(name, t);
+        }
+        Ok(CausalLm { config, dir: dir.to_path_buf(), dtype, weights })
+    }
+
+    pub fn weight(&self, name: &str) -> Option<&Tensor> {
+        self.weights.get(name)
+    }
+
+    /// Records the forward pass (and the loss if asked) over `tokens` tokens.
+    pub fn record(&self, tokens: usize, opts: RecordOptions) -> Result<Recorded, ModelError> {
+        let c = &self.config;
+        let dt = self.dtype;
+        let mut g = Graph::new();
+        let ids = g.input("input_ids", &[tokens], DType::I32);
+        let positions = g.input("positions", &[tokens], DType::I32);
+        let segments = g.input("segments", &[tokens], DType::I32);
+        let dropout_p = opts.lora.map_or(0.0, |l| l.config.dropout);
+        let dropout_seed = (opts.dropout && dropout_p > 0.0).then(|| g.input("dropout_seed", &[1], DType::U32));
+
+        let mut rec = Recorder { g, model: self, lora: opts.lora, train: opts.train_lora, seed: dropout_seed };
+        let embed = rec.weight("model.embed_tokens.weight")?;
+        let mut h = rec.g.embedding(embed, ids)?;
+        if c.arch == Arch::Gemma {
+            // transformers scales by sqrt(hidden) rounded to the weights' dtype.
+            let s = Tensor::from_f32(&[1], &[(c.hidden_size as f32).sqrt()])?.to_dtype(dt)?.to_f32_vec()?[0];
+            h = rec.g.scale(h, s)?;
+        }
+        let unit = c.arch == Arch::Gemma;
+        let rope = RopeSpec { n_heads: c.num_heads, head_dim: c.head_dim, inv_freq: Arc::from(c.inv_freq()) };
+        let rope_k = RopeSpec { n_heads: c.num_kv_heads, ..rope.clone() };
+        let attn = AttentionSpec {
+            n_heads: c.num_heads,
+            n_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+            window: c.sliding_window,
+        };
+        for l in 0..c.num_layers {
+            let p = format!("model.layers.{l}");
+            let w = rec.weight(&format!("{p}.input_layernorm.weight"))?;
+            let x = rec.g.rms_norm(h, w, c.rms_norm_eps, unit)?;
+            let q = rec.linear(&format!("{p}.self_attn.q_proj"), x)?;
+            let k = rec.linear(&format!("{p}.self_attn.k_proj"), x)?;
+            let v = rec.linear(&format!("{p}.self_attn.v_proj"), x)?;
+            let q = rec.g.rope(q, positions, rope.clone())?;
+            let k = rec.g.rope(k, positions, rope_k.clone())?;
+            let a = rec.g.attention(q, k, v, segments, attn.clone())?;
+            let o = rec.linear(&format!("{p}.self_attn.o_proj"), a)?;
+            h = rec.g.add(h, o)?;
+
+            let w = rec.weight(&format!("{p}.post_attention_layernorm.weight"))?;
+            let x = rec.g.rms_norm(h, w, c.rms_norm_eps, unit)?;
+            let gate = rec.linear(&format!("{p}.mlp.gate_proj"), x)?;
+            let up = rec.linear(&format!("{p}.mlp.up_proj"), x)?;
+            let m = rec.g.gated_act(c.activation, gate, up)?;
+            let d = rec.linear(&format!("{p}.mlp.down_proj"), m)?;
+            h = rec.g.add(h, d)?;
+        }
+        let w = rec.weight("model.norm.weight")?;
+        let h = rec.g.rms_norm(h, w, c.rms_norm_eps, unit)?;
+        let head = if c.tie_word_embeddings { embed } else { rec.weight("lm_head.weight")? };
+        let logits = rec.g.linear(h, head, None)?;
+        let logits = rec.g.cast(logits, DType::F32)?;
+        let (labels, loss) = if opts.loss {
+            let labels = rec.g.input("labels", &[tokens], DType::I32);
+            (Some(labels), Some(rec.g.cross_entropy(logits, labels)?))
+        } else {
+            (None, None)
+        };
+        Ok(Recorded { graph: rec.g, tokens, ids, positions, segments, labels, dropout_seed, logits, loss })
+    }
+}
+
+/// Recording state: the graph being built and where parameters come from.
+struct Recorder<'a> {
+    g: Graph,
+    model: &'a CausalLm,
+    lora: Option<&'a Lora>,
+    train: bool,
+    seed: Option<ValueId>,
+}
+
+impl Recorder<'_> {
+    /// A frozen base weight, declared with its checkpoint name.
+    fn weight(&mut self, name: &str) -> Result<ValueId, ModelError> {
+        if let Some(v) = self.g.find_leaf(name) {
+            return Ok(v);
+        }
+        let t = self.model.weights.get(name).ok_or_else(|| ModelError::MissingTensor {
+            name: name.to_string(),
+            dir: self.model.dir.clone(),
+        })?;
+        Ok(self.g.param(name, t.shape(), t.dtype(), false))
+    }
+
+    /// A base linear (with bias when the config has one), plus the LoRA
+    /// fragment `s·B(A(dropout x))` when the module is adapted. The branch
+    /// runs in the adapter's f32, as PEFT casts to the adapter's dtype.
+    fn linear(&mut self, module: &str, x: ValueId) -> Result<ValueId, ModelError> {
+        let c = &self.model.config;
+        let w = self.weight(&format!("{module}.weight"))?;
+        let b = match c.has_bias(module) {
+            true => Some(self.weight(&format!("{module}.bias"))?),
+            false => None,
+        };
+        let y = self.g.linear(x, w, b)?;
+        let Some(m) = self.lora.and_then(|l| l.modules.iter().find(|m| m.path == module)) else {
+            return Ok(y);
+        };
+        let cfg = &self.lora.expect("found a module above").config;
+        let a = self.g.param(&m.key_a(), m.a.shape(), m.a.dtype(), self.train);
+        let bb = self.g.param(&m.key_b(), m.b.shape(), m.b.dtype(), self.train);
+        let mut xl = self.g.cast(x, m.a.dtype())?;
+        if let Some(seed) = self.seed {
+            xl = self.g.dropout(xl, seed, cfg.dropout)?;
+        }
+        let ax = self.g.linear(xl, a, None)?;
+        let bax = self.g.linear(ax, bb, None)?;
+        let s = self.g.scale(bax, cfg.scaling())?;
+        let s = self.g.cast(s, self.model.dtype)?;
+        Ok(self.g.add(y, s)?)
+    }
+}
+
+impl Recorded {
+    /// Binds the model's weights, the adapter and the batch to this graph.
+    pub fn feeds<'a>(
+        &self,
+        model: &'a CausalLm,
+        lora: Option<&'a Lora>,
+        batch: &'a Batch,
+    ) -> Result<Feeds<'a>, ModelError> {
+        if batch.tokens() != self.tokens {
+            return Err(ModelError::Input(format!(
+                "the batch has {} tokens but the graph was recorded for {}",
+                batch.tokens(),
+                self.tokens
+            )));
+        }
+        let mut feeds = Feeds::new();
+        feeds.bind(self.ids, &batch.ids).bind(self.positions, &batch.positions).bind(self.segments, &batch.segments);
+        if let Some(l) = self.labels {
+            feeds.bind(l, &batch.labels);
+        }
+        if let Some(s) = self.dropout_seed {
+            feeds.bind(s, &batch.seed);
+        }
+        let adapter: HashMap<String, &Tensor> = lora
+            .map(|l| l.modules.iter().flat_map(|m| [(m.key_a(), &m.a), (m.key_b(), &m.b)]).collect())
+            .unwrap_or_default();
+        for p in self.graph.params() {
+            let name = self.graph.leaf_name(p).expect("params are named");
+            let t = model
+                .weights
+                .get(name)
+                .or_else(|| adapter.get(name).copied())
+                .ok_or_else(|| ModelError::MissingTensor { name: name.to_string(), dir: model.dir.clone() })?;
+            feeds.bind(p, t);
+        }
+        Ok(feeds)
+    }
+}

@@ -1,0 +1,237 @@
+//! safetensors checkpoints: one file or shards listed in
+//! `model.safetensors.index.json`, memory-mapped, tensors handed out as
+//! zero-copy views where dtype and alignment allow.
+
+use crate::ModelError;
+use graft_engine::ir::DType;
+use graft_engine::Tensor;
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorInfo};
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Where one tensor lives in a parsed file.
+#[derive(Clone, Debug)]
+pub struct TensorEntry {
+    pub dtype: StDtype,
+    pub shape: Vec<usize>,
+    /// Byte range within the whole file.
+    pub range: Range<usize>,
+}
+
+/// Parses a safetensors buffer's header. Every failure is an error (never a
+/// panic), and nothing is allocated beyond the size of `bytes`: this is the
+/// fuzzed entry point.
+pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, TensorEntry>, ModelError> {
+    let bad = |msg: String| ModelError::Safetensors { path: path.to_path_buf(), msg };
+    if bytes.len() < 8 {
+        return Err(bad(format!("{} bytes is too short for a safetensors file (truncated?)", bytes.len())));
+    }
+    let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| bad(describe(&e)))?;
+    let data_start = 8 + header_len;
+    let tensors: HashMap<String, &TensorInfo> = meta.tensors();
+    Ok(tensors
+        .into_iter()
+        .map(|(name, info)| {
+            let (s, e) = info.data_offsets;
+            let entry = TensorEntry { dtype: info.dtype, shape: info.shape.clone(), range: data_start + s..data_start + e };
+            (name, entry)
+        })
+        .collect())
+}
+
+fn describe(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::MetadataIncompleteBuffer => "the header's offsets do not match the file size (truncated file?)".into(),
+        E::InvalidHeaderLength => "the header length runs past the end of the file (truncated file?)".into(),
+        E::InvalidOffset(name) => format!("the header gives tensor `{name}` offsets that are not contiguous"),
+        E::TensorInvalidInfo => "a tensor's byte range does not match its dtype and shape".into(),
+        other => format!("invalid safetensors header: {other}"),
+    }
+}
+
+/// The graft dtype of a safetensors dtype, for the dtypes weights may have.
+pub fn dtype_of(d: StDtype) -> Option<DType> {
+    Some(match d {
+        StDtype::F32 => DType::F32,
+        StDtype::BF16 => DType::BF16,
+        StDtype::F16 => DType::F16,
+        StDtype::I32 => DType::I32,
+        StDtype::U32 => DType::U32,
+        _ => return None,
+    })
+}
+
+struct MappedFile {
+    path: PathBuf,
+    map: Arc<Mmap>,
+    tensors: BTreeMap<String, TensorEntry>,
+}
+
+/// A checkpoint directory opened for reading.
+pub struct Checkpoint {
+    dir: PathBuf,
+    files: Vec<MappedFile>,
+    /// Tensor name -> index into `files`.
+    index: HashMap<String, usize>,
+}
+
+fn map_file(path: &Path) -> Result<MappedFile, ModelError> {
+    let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
+    if len < 8 {
+        return Err(ModelError::Safetensors {
+            path: path.to_path_buf(),
+            msg: format!("{len} bytes is too short for a safetensors file (truncated?)"),
+        });
+    }
+    // SAFETY: the mapping is read-only; a checkpoint rewritten underneath a
+    // running process is outside what we can defend against (as every mmap
+    // loader, transformers' included).
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
+    let tensors = parse_safetensors(&map, path)?;
+    Ok(MappedFile { path: path.to_path_buf(), map: Arc::new(map), tensors })
+}
+
+impl Checkpoint {
+    /// Opens `DIR/model.safetensors`, or the shards named by
+    /// `DIR/model.safetensors.index.json`.
+    pub fn open(dir: &Path) -> Result<Self, ModelError> {
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let names: Vec<String> = if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| ModelError::Config { path: index_path.clone(), msg: e.to_string() })?;
+            let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Config {
+                path: index_path.clone(),
+                msg: "key `weight_map` is missing or not an object".into(),
+            })?;
+            let mut files: Vec<String> = Vec::new();
+            for (tensor, file) in map {
+                let file = file.as_str().ok_or_else(|| ModelError::Config {
+                    path: index_path.clone(),
+                    msg: format!("key `weight_map.{tensor}` is not a file name"),
+                })?;
+                if file.contains('/') || file.contains('\\') || file == ".." {
+                    return Err(ModelError::Config {
+                        path: index_path.clone(),
+                        msg: format!("key `weight_map.{tensor}` names {file:?}, outside the checkpoint directory"),
+                    });
+                }
+                if !files.iter().any(|f| f == file) {
+                    files.push(file.to_string());
+                }
+            }
+            files
+        } else if single.exists() {
+            vec!["model.safetensors".into()]
+        } else {
+            return Err(ModelError::Io {
+                path: single,
+                msg: "not found (nor model.safetensors.index.json beside it)".into(),
+            });
+        };
+        Self::open_files(dir, &names)
+    }
+
+    /// Opens the given files of `dir` as one checkpoint.
+    pub fn open_files(dir: &Path, names: &[String]) -> Result<Self, ModelError> {
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        for name in names {
+            let f = map_file(&dir.join(name))?;
+            for t in f.tensors.keys() {
+                if let Some(prev) = index.insert(t.clone(), files.len()) {
+                    let prev: &MappedFile = &files[prev];
+                    return Err(ModelError::Safetensors {
+                        path: f.path.clone(),
+                        msg: format!("tensor `{t}` also appears in {}", prev.path.display()),
+                    });
+                }
+            }
+            files.push(f);
+        }
+        Ok(Checkpoint { dir: dir.to_path_buf(), files, index })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// The file holding `name` and its entry.
+    pub fn entry(&self, name: &str) -> Result<(&Path, &TensorEntry), ModelError> {
+        let &f = self
+            .index
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor { name: name.to_string(), dir: self.dir.clone() })?;
+        let file = &self.files[f];
+        Ok((&file.path, &file.tensors[name]))
+    }
+
+    /// Loads `name`, checking its shape against `want`, converted to `dtype`
+    /// (zero-copy when it is stored as `dtype` and aligned).
+    pub fn load(&self, name: &str, want: &[usize], dtype: DType) -> Result<Tensor, ModelError> {
+        let (path, e) = self.entry(name)?;
+        if e.shape != want {
+            return Err(ModelError::Shape {
+                path: path.to_path_buf(),
+                name: name.to_string(),
+                got: e.shape.clone(),
+                want: want.to_vec(),
+            });
+        }
+        let stored = dtype_of(e.dtype).filter(|d| d.is_float()).ok_or_else(|| ModelError::Safetensors {
+            path: path.to_path_buf(),
+            msg: format!("tensor `{name}` has dtype {:?}; weights must be F32, BF16 or F16", e.dtype),
+        })?;
+        let file = &self.files[self.index[name]];
+        let t = Tensor::mapped(file.map.clone(), e.range.clone(), &e.shape, stored)?;
+        Ok(t.to_dtype(dtype)?)
+    }
+}
+
+/// Writes tensors to a safetensors file atomically (a temporary file renamed
+/// into place), with optional string metadata.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, &Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<(), ModelError> {
+    struct View<'a>(&'a Tensor);
+    impl safetensors::View for View<'_> {
+        fn dtype(&self) -> StDtype {
+            match self.0.dtype() {
+                DType::F32 => StDtype::F32,
+                DType::BF16 => StDtype::BF16,
+                DType::F16 => StDtype::F16,
+                DType::I32 => StDtype::I32,
+                DType::U32 => StDtype::U32,
+            }
+        }
+        fn shape(&self) -> &[usize] {
+            self.0.shape()
+        }
+        fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+            std::borrow::Cow::Borrowed(self.0.bytes())
+        }
+        fn data_len(&self) -> usize {
+            self.0.bytes().len()
+        }
+    }
+    let views: Vec<(String, View)> = tensors.iter().map(|(n, t)| (n.clone(), View(t))).collect();
+    let bytes = safetensors::serialize(views, metadata)
+        .map_err(|e| ModelError::Safetensors { path: path.to_path_buf(), msg: e.to_string() })?;
+    crate::write_atomically(path, &bytes)
+}
