@@ -27,7 +27,12 @@ fn check(name: &str) {
     assert!(e < 1e-5, "{name}: base logits rel L2 {e:e}");
 
     // With the adapter: logits, loss and the gradient of every A and B.
-    let opts = RecordOptions { lora: Some(&lora), train_lora: true, loss: true, dropout: false };
+    let opts = RecordOptions {
+        lora: Some(&lora),
+        train_lora: true,
+        loss: true,
+        dropout: false,
+    };
     let rec = model.record(ids.len(), opts).unwrap();
     let feeds = rec.feeds(&model, Some(&lora), &batch).unwrap();
     let plan = compile_training(rec.graph.clone(), rec.loss.unwrap(), &[rec.logits]).unwrap();
@@ -49,7 +54,11 @@ fn check(name: &str) {
         worst = worst.max(e);
         checked += 1;
     }
-    let want = exp.names().iter().filter(|n| n.starts_with("grad.")).count();
+    let want = exp
+        .names()
+        .iter()
+        .filter(|n| n.starts_with("grad."))
+        .count();
     assert_eq!(checked, want, "{name}: every LoRA tensor has a gradient");
     assert_eq!(checked, 2 * lora.modules.len());
     eprintln!("{name}: worst LoRA gradient rel L2 {worst:e}");

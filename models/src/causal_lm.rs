@@ -101,7 +101,9 @@ impl CausalLm {
     /// presence and shape against the config, converting to `dtype`.
     pub fn load(dir: &Path, dtype: DType) -> Result<Self, ModelError> {
         if !dtype.is_float() {
-            return Err(ModelError::Input(format!("compute dtype must be a float, got {dtype}")));
+            return Err(ModelError::Input(format!(
+                "compute dtype must be a float, got {dtype}"
+            )));
         }
         let config = ModelConfig::load(dir)?;
         let ckpt = Checkpoint::open(dir)?;
@@ -110,7 +112,12 @@ impl CausalLm {
             let t = ckpt.load(&name, &shape, dtype)?;
             weights.insert(name, t);
         }
-        Ok(CausalLm { config, dir: dir.to_path_buf(), dtype, weights })
+        Ok(CausalLm {
+            config,
+            dir: dir.to_path_buf(),
+            dtype,
+            weights,
+        })
     }
 
     pub fn weight(&self, name: &str) -> Option<&Tensor> {
@@ -126,19 +133,35 @@ impl CausalLm {
         let positions = g.input("positions", &[tokens], DType::I32);
         let segments = g.input("segments", &[tokens], DType::I32);
         let dropout_p = opts.lora.map_or(0.0, |l| l.config.dropout);
-        let dropout_seed = (opts.dropout && dropout_p > 0.0).then(|| g.input("dropout_seed", &[1], DType::U32));
+        let dropout_seed =
+            (opts.dropout && dropout_p > 0.0).then(|| g.input("dropout_seed", &[1], DType::U32));
 
-        let mut rec = Recorder { g, model: self, lora: opts.lora, train: opts.train_lora, seed: dropout_seed };
+        let mut rec = Recorder {
+            g,
+            model: self,
+            lora: opts.lora,
+            train: opts.train_lora,
+            seed: dropout_seed,
+        };
         let embed = rec.weight("model.embed_tokens.weight")?;
         let mut h = rec.g.embedding(embed, ids)?;
         if c.arch == Arch::Gemma {
             // transformers scales by sqrt(hidden) rounded to the weights' dtype.
-            let s = Tensor::from_f32(&[1], &[(c.hidden_size as f32).sqrt()])?.to_dtype(dt)?.to_f32_vec()?[0];
+            let s = Tensor::from_f32(&[1], &[(c.hidden_size as f32).sqrt()])?
+                .to_dtype(dt)?
+                .to_f32_vec()?[0];
             h = rec.g.scale(h, s)?;
         }
         let unit = c.arch == Arch::Gemma;
-        let rope = RopeSpec { n_heads: c.num_heads, head_dim: c.head_dim, inv_freq: Arc::from(c.inv_freq()) };
-        let rope_k = RopeSpec { n_heads: c.num_kv_heads, ..rope.clone() };
+        let rope = RopeSpec {
+            n_heads: c.num_heads,
+            head_dim: c.head_dim,
+            inv_freq: Arc::from(c.inv_freq()),
+        };
+        let rope_k = RopeSpec {
+            n_heads: c.num_kv_heads,
+            ..rope.clone()
+        };
         let attn = AttentionSpec {
             n_heads: c.num_heads,
             n_kv_heads: c.num_kv_heads,
@@ -169,7 +192,11 @@ impl CausalLm {
         }
         let w = rec.weight("model.norm.weight")?;
         let h = rec.g.rms_norm(h, w, c.rms_norm_eps, unit)?;
-        let head = if c.tie_word_embeddings { embed } else { rec.weight("lm_head.weight")? };
+        let head = if c.tie_word_embeddings {
+            embed
+        } else {
+            rec.weight("lm_head.weight")?
+        };
         let logits = rec.g.linear(h, head, None)?;
         let logits = rec.g.cast(logits, DType::F32)?;
         let (labels, loss) = if opts.loss {
@@ -178,7 +205,17 @@ impl CausalLm {
         } else {
             (None, None)
         };
-        Ok(Recorded { graph: rec.g, tokens, ids, positions, segments, labels, dropout_seed, logits, loss })
+        Ok(Recorded {
+            graph: rec.g,
+            tokens,
+            ids,
+            positions,
+            segments,
+            labels,
+            dropout_seed,
+            logits,
+            loss,
+        })
     }
 }
 
@@ -197,10 +234,14 @@ impl Recorder<'_> {
         if let Some(v) = self.g.find_leaf(name) {
             return Ok(v);
         }
-        let t = self.model.weights.get(name).ok_or_else(|| ModelError::MissingTensor {
-            name: name.to_string(),
-            dir: self.model.dir.clone(),
-        })?;
+        let t = self
+            .model
+            .weights
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+                dir: self.model.dir.clone(),
+            })?;
         Ok(self.g.param(name, t.shape(), t.dtype(), false))
     }
 
@@ -215,12 +256,19 @@ impl Recorder<'_> {
             false => None,
         };
         let y = self.g.linear(x, w, b)?;
-        let Some(m) = self.lora.and_then(|l| l.modules.iter().find(|m| m.path == module)) else {
+        let Some(m) = self
+            .lora
+            .and_then(|l| l.modules.iter().find(|m| m.path == module))
+        else {
             return Ok(y);
         };
         let cfg = &self.lora.expect("found a module above").config;
-        let a = self.g.param(&m.key_a(), m.a.shape(), m.a.dtype(), self.train);
-        let bb = self.g.param(&m.key_b(), m.b.shape(), m.b.dtype(), self.train);
+        let a = self
+            .g
+            .param(&m.key_a(), m.a.shape(), m.a.dtype(), self.train);
+        let bb = self
+            .g
+            .param(&m.key_b(), m.b.shape(), m.b.dtype(), self.train);
         let mut xl = self.g.cast(x, m.a.dtype())?;
         if let Some(seed) = self.seed {
             xl = self.g.dropout(xl, seed, cfg.dropout)?;
@@ -249,7 +297,10 @@ impl Recorded {
             )));
         }
         let mut feeds = Feeds::new();
-        feeds.bind(self.ids, &batch.ids).bind(self.positions, &batch.positions).bind(self.segments, &batch.segments);
+        feeds
+            .bind(self.ids, &batch.ids)
+            .bind(self.positions, &batch.positions)
+            .bind(self.segments, &batch.segments);
         if let Some(l) = self.labels {
             feeds.bind(l, &batch.labels);
         }
@@ -257,7 +308,12 @@ impl Recorded {
             feeds.bind(s, &batch.seed);
         }
         let adapter: HashMap<String, &Tensor> = lora
-            .map(|l| l.modules.iter().flat_map(|m| [(m.key_a(), &m.a), (m.key_b(), &m.b)]).collect())
+            .map(|l| {
+                l.modules
+                    .iter()
+                    .flat_map(|m| [(m.key_a(), &m.a), (m.key_b(), &m.b)])
+                    .collect()
+            })
             .unwrap_or_default();
         for p in self.graph.params() {
             let name = self.graph.leaf_name(p).expect("params are named");
@@ -265,7 +321,10 @@ impl Recorded {
                 .weights
                 .get(name)
                 .or_else(|| adapter.get(name).copied())
-                .ok_or_else(|| ModelError::MissingTensor { name: name.to_string(), dir: model.dir.clone() })?;
+                .ok_or_else(|| ModelError::MissingTensor {
+                    name: name.to_string(),
+                    dir: model.dir.clone(),
+                })?;
             feeds.bind(p, t);
         }
         Ok(feeds)

@@ -24,10 +24,19 @@ pub struct TensorEntry {
 /// Parses a safetensors buffer's header. Every failure is an error (never a
 /// panic), and nothing is allocated beyond the size of `bytes`: this is the
 /// fuzzed entry point.
-pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, TensorEntry>, ModelError> {
-    let bad = |msg: String| ModelError::Safetensors { path: path.to_path_buf(), msg };
+pub fn parse_safetensors(
+    bytes: &[u8],
+    path: &Path,
+) -> Result<BTreeMap<String, TensorEntry>, ModelError> {
+    let bad = |msg: String| ModelError::Safetensors {
+        path: path.to_path_buf(),
+        msg,
+    };
     if bytes.len() < 8 {
-        return Err(bad(format!("{} bytes is too short for a safetensors file (truncated?)", bytes.len())));
+        return Err(bad(format!(
+            "{} bytes is too short for a safetensors file (truncated?)",
+            bytes.len()
+        )));
     }
     let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| bad(describe(&e)))?;
     let data_start = 8 + header_len;
@@ -36,7 +45,11 @@ pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, T
         .into_iter()
         .map(|(name, info)| {
             let (s, e) = info.data_offsets;
-            let entry = TensorEntry { dtype: info.dtype, shape: info.shape.clone(), range: data_start + s..data_start + e };
+            let entry = TensorEntry {
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                range: data_start + s..data_start + e,
+            };
             (name, entry)
         })
         .collect())
@@ -45,9 +58,15 @@ pub fn parse_safetensors(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, T
 fn describe(e: &safetensors::SafeTensorError) -> String {
     use safetensors::SafeTensorError as E;
     match e {
-        E::MetadataIncompleteBuffer => "the header's offsets do not match the file size (truncated file?)".into(),
-        E::InvalidHeaderLength => "the header length runs past the end of the file (truncated file?)".into(),
-        E::InvalidOffset(name) => format!("the header gives tensor `{name}` offsets that are not contiguous"),
+        E::MetadataIncompleteBuffer => {
+            "the header's offsets do not match the file size (truncated file?)".into()
+        }
+        E::InvalidHeaderLength => {
+            "the header length runs past the end of the file (truncated file?)".into()
+        }
+        E::InvalidOffset(name) => {
+            format!("the header gives tensor `{name}` offsets that are not contiguous")
+        }
         E::TensorInvalidInfo => "a tensor's byte range does not match its dtype and shape".into(),
         other => format!("invalid safetensors header: {other}"),
     }
@@ -93,7 +112,11 @@ fn map_file(path: &Path) -> Result<MappedFile, ModelError> {
     // loader, transformers' included).
     let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
     let tensors = parse_safetensors(&map, path)?;
-    Ok(MappedFile { path: path.to_path_buf(), map: Arc::new(map), tensors })
+    Ok(MappedFile {
+        path: path.to_path_buf(),
+        map: Arc::new(map),
+        tensors,
+    })
 }
 
 impl Checkpoint {
@@ -103,13 +126,20 @@ impl Checkpoint {
         let single = dir.join("model.safetensors");
         let index_path = dir.join("model.safetensors.index.json");
         let names: Vec<String> = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
-            let json: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| ModelError::Config { path: index_path.clone(), msg: e.to_string() })?;
-            let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Config {
-                path: index_path.clone(),
-                msg: "key `weight_map` is missing or not an object".into(),
-            })?;
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::Config {
+                    path: index_path.clone(),
+                    msg: e.to_string(),
+                })?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::Config {
+                    path: index_path.clone(),
+                    msg: "key `weight_map` is missing or not an object".into(),
+                })?;
             let mut files: Vec<String> = Vec::new();
             for (tensor, file) in map {
                 let file = file.as_str().ok_or_else(|| ModelError::Config {
@@ -155,7 +185,11 @@ impl Checkpoint {
             }
             files.push(f);
         }
-        Ok(Checkpoint { dir: dir.to_path_buf(), files, index })
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            files,
+            index,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -175,7 +209,10 @@ impl Checkpoint {
         let &f = self
             .index
             .get(name)
-            .ok_or_else(|| ModelError::MissingTensor { name: name.to_string(), dir: self.dir.clone() })?;
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+                dir: self.dir.clone(),
+            })?;
         let file = &self.files[f];
         Ok((&file.path, &file.tensors[name]))
     }
@@ -192,10 +229,16 @@ impl Checkpoint {
                 want: want.to_vec(),
             });
         }
-        let stored = dtype_of(e.dtype).filter(|d| d.is_float()).ok_or_else(|| ModelError::Safetensors {
-            path: path.to_path_buf(),
-            msg: format!("tensor `{name}` has dtype {:?}; weights must be F32, BF16 or F16", e.dtype),
-        })?;
+        let stored =
+            dtype_of(e.dtype)
+                .filter(|d| d.is_float())
+                .ok_or_else(|| ModelError::Safetensors {
+                    path: path.to_path_buf(),
+                    msg: format!(
+                        "tensor `{name}` has dtype {:?}; weights must be F32, BF16 or F16",
+                        e.dtype
+                    ),
+                })?;
         let file = &self.files[self.index[name]];
         let t = Tensor::mapped(file.map.clone(), e.range.clone(), &e.shape, stored)?;
         Ok(t.to_dtype(dtype)?)
@@ -231,7 +274,9 @@ pub fn write_safetensors(
         }
     }
     let views: Vec<(String, View)> = tensors.iter().map(|(n, t)| (n.clone(), View(t))).collect();
-    let bytes = safetensors::serialize(views, metadata)
-        .map_err(|e| ModelError::Safetensors { path: path.to_path_buf(), msg: e.to_string() })?;
+    let bytes = safetensors::serialize(views, metadata).map_err(|e| ModelError::Safetensors {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
     crate::write_atomically(path, &bytes)
 }

@@ -16,8 +16,12 @@ pub enum Arch {
 }
 
 impl Arch {
-    pub const SUPPORTED: [&'static str; 4] =
-        ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM"];
+    pub const SUPPORTED: [&'static str; 4] = [
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "GemmaForCausalLM",
+    ];
 
     fn from_name(name: &str) -> Option<Arch> {
         Some(match name {
@@ -99,7 +103,10 @@ impl ModelConfig {
 
     /// Parses config text; `path` names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ModelError> {
-        let err = |msg: String| ModelError::Config { path: path.to_path_buf(), msg };
+        let err = |msg: String| ModelError::Config {
+            path: path.to_path_buf(),
+            msg,
+        };
         let raw: Raw = serde_json::from_str(text).map_err(|e| err(e.to_string()))?;
         let arch_name = raw
             .architectures
@@ -127,9 +134,13 @@ impl ModelConfig {
                 raw.num_attention_heads
             )));
         }
-        let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / raw.num_attention_heads);
+        let head_dim = raw
+            .head_dim
+            .unwrap_or(raw.hidden_size / raw.num_attention_heads);
         if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(err(format!("key `head_dim` ({head_dim}) must be even and positive")));
+            return Err(err(format!(
+                "key `head_dim` ({head_dim}) must be even and positive"
+            )));
         }
 
         // transformers v5 keeps rope settings in `rope_parameters`; older
@@ -137,13 +148,25 @@ impl ModelConfig {
         let params = raw.rope_parameters.as_ref();
         let rope_theta = raw
             .rope_theta
-            .or_else(|| params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
+            .or_else(|| {
+                params
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(Value::as_f64)
+            })
             .unwrap_or(10000.0) as f32;
-        let scaling = raw.rope_scaling.as_ref().filter(|v| !v.is_null()).or(params);
+        let scaling = raw
+            .rope_scaling
+            .as_ref()
+            .filter(|v| !v.is_null())
+            .or(params);
         let rope_llama3 = match scaling {
             None => None,
             Some(s) => {
-                let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
+                let kind = s
+                    .get("rope_type")
+                    .or_else(|| s.get("type"))
+                    .and_then(Value::as_str)
+                    .unwrap_or("default");
                 match kind {
                     "default" => None,
                     "llama3" => {
@@ -171,19 +194,34 @@ impl ModelConfig {
         let sliding_window = match arch {
             Arch::Mistral => raw.sliding_window,
             Arch::Qwen2 if raw.use_sliding_window == Some(true) => {
-                return Err(err("key `use_sliding_window` = true is not supported for Qwen2 yet".into()))
+                return Err(err(
+                    "key `use_sliding_window` = true is not supported for Qwen2 yet".into(),
+                ))
             }
             _ => None,
         };
         let activation = match arch {
             // Gemma runs tanh-GELU (`hidden_activation` in older configs, `hidden_act` in v5).
-            Arch::Gemma => match raw.hidden_activation.or(raw.hidden_act).as_deref().unwrap_or("gelu_pytorch_tanh") {
+            Arch::Gemma => match raw
+                .hidden_activation
+                .or(raw.hidden_act)
+                .as_deref()
+                .unwrap_or("gelu_pytorch_tanh")
+            {
                 "gelu_pytorch_tanh" | "gelu_tanh" => graft_ir::Activation::GeluTanh,
-                other => return Err(err(format!("key `hidden_activation` = {other:?} is not supported"))),
+                other => {
+                    return Err(err(format!(
+                        "key `hidden_activation` = {other:?} is not supported"
+                    )))
+                }
             },
             _ => match raw.hidden_act.as_deref().unwrap_or("silu") {
                 "silu" | "swish" => graft_ir::Activation::Silu,
-                other => return Err(err(format!("key `hidden_act` = {other:?} is not supported (silu)"))),
+                other => {
+                    return Err(err(format!(
+                        "key `hidden_act` = {other:?} is not supported (silu)"
+                    )))
+                }
             },
         };
         let attention_bias = raw.attention_bias.unwrap_or(false);
@@ -216,7 +254,9 @@ impl ModelConfig {
         let base: Vec<f32> = (0..d / 2)
             .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f32 / d as f32))
             .collect();
-        let Some(s) = &self.rope_llama3 else { return base };
+        let Some(s) = &self.rope_llama3 else {
+            return base;
+        };
         let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
         let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
         base.into_iter()
@@ -261,7 +301,10 @@ impl ModelConfig {
     /// The linear modules of one decoder layer (path inside the layer, `[out, in]`).
     pub fn linear_shapes(&self) -> [(&'static str, [usize; 2]); 7] {
         let (h, i) = (self.hidden_size, self.intermediate_size);
-        let (q, kv) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
+        let (q, kv) = (
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        );
         [
             ("self_attn.q_proj", [q, h]),
             ("self_attn.k_proj", [kv, h]),
@@ -275,7 +318,10 @@ impl ModelConfig {
 
     /// Whether the linear at `module` (a path ending in its name) has a bias.
     pub fn has_bias(&self, module: &str) -> bool {
-        if ["q_proj", "k_proj", "v_proj"].iter().any(|m| module.ends_with(m)) {
+        if ["q_proj", "k_proj", "v_proj"]
+            .iter()
+            .any(|m| module.ends_with(m))
+        {
             self.qkv_bias
         } else if module.ends_with("o_proj") {
             self.o_bias

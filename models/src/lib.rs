@@ -27,7 +27,12 @@ pub enum ModelError {
     #[error("{}: tensor `{name}` is missing from the checkpoint", dir.display())]
     MissingTensor { name: String, dir: PathBuf },
     #[error("{}: tensor `{name}` has shape {got:?} but config.json implies {want:?}", path.display())]
-    Shape { path: PathBuf, name: String, got: Vec<usize>, want: Vec<usize> },
+    Shape {
+        path: PathBuf,
+        name: String,
+        got: Vec<usize>,
+        want: Vec<usize>,
+    },
     #[error("{}: {msg}", path.display())]
     Adapter { path: PathBuf, msg: String },
     #[error("{0}")]
@@ -40,7 +45,10 @@ pub enum ModelError {
 
 impl ModelError {
     pub(crate) fn io(path: &Path, e: std::io::Error) -> Self {
-        ModelError::Io { path: path.to_path_buf(), msg: e.to_string() }
+        ModelError::Io {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        }
     }
 }
 
@@ -48,7 +56,10 @@ impl ModelError {
 /// and a rename, so a reader never sees a partial file.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
     use std::io::Write;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;

@@ -75,7 +75,10 @@ pub struct Lora {
 
 /// The adapted modules for `targets`: `(path, [out, in])` in model order.
 /// Every list entry must match at least one module.
-pub fn resolve_targets(targets: &Targets, model: &ModelConfig) -> Result<Vec<(String, [usize; 2])>, String> {
+pub fn resolve_targets(
+    targets: &Targets,
+    model: &ModelConfig,
+) -> Result<Vec<(String, [usize; 2])>, String> {
     let mut all = Vec::new();
     for l in 0..model.num_layers {
         for (name, shape) in model.linear_shapes() {
@@ -97,24 +100,37 @@ pub fn resolve_targets(targets: &Targets, model: &ModelConfig) -> Result<Vec<(St
             } else {
                 " (valid: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, or \"all-linear\")"
             };
-            return Err(format!("target module {entry:?} matches no module of the model{hint}"));
+            return Err(format!(
+                "target module {entry:?} matches no module of the model{hint}"
+            ));
         }
     }
-    Ok(all.into_iter().filter(|(p, _)| entries.iter().any(|e| matches(p, e))).collect())
+    Ok(all
+        .into_iter()
+        .filter(|(p, _)| entries.iter().any(|e| matches(p, e)))
+        .collect())
 }
 
 impl Lora {
     /// A fresh adapter: A kaiming-uniform(a=√5) i.e. U(±1/√in), B zero.
     pub fn init(config: LoraConfig, model: &ModelConfig, seed: u64) -> Result<Lora, ModelError> {
-        check_config(&config).map_err(|msg| ModelError::Adapter { path: "[adapter]".into(), msg })?;
-        let targets = resolve_targets(&config.targets, model)
-            .map_err(|msg| ModelError::Adapter { path: "[adapter] target_modules".into(), msg })?;
+        check_config(&config).map_err(|msg| ModelError::Adapter {
+            path: "[adapter]".into(),
+            msg,
+        })?;
+        let targets =
+            resolve_targets(&config.targets, model).map_err(|msg| ModelError::Adapter {
+                path: "[adapter] target_modules".into(),
+                msg,
+            })?;
         let mut rng = Rng::new(seed);
         let modules = targets
             .into_iter()
             .map(|(path, [out, inp])| {
                 let bound = 1.0 / (inp as f32).sqrt();
-                let a: Vec<f32> = (0..config.r * inp).map(|_| rng.uniform(-bound, bound)).collect();
+                let a: Vec<f32> = (0..config.r * inp)
+                    .map(|_| rng.uniform(-bound, bound))
+                    .collect();
                 Ok(LoraModule {
                     path,
                     a: Tensor::from_f32(&[config.r, inp], &a)?,
@@ -129,10 +145,14 @@ impl Lora {
     pub fn load(dir: &Path, model: &ModelConfig) -> Result<Lora, ModelError> {
         let cfg_path = dir.join("adapter_config.json");
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
-        let bad = |msg: String| ModelError::Adapter { path: cfg_path.clone(), msg };
+        let bad = |msg: String| ModelError::Adapter {
+            path: cfg_path.clone(),
+            msg,
+        };
         let json: Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         let config = parse_config(&json).map_err(bad)?;
-        let targets = resolve_targets(&config.targets, model).map_err(|m| bad(format!("key `target_modules`: {m}")))?;
+        let targets = resolve_targets(&config.targets, model)
+            .map_err(|m| bad(format!("key `target_modules`: {m}")))?;
 
         let weights_path = dir.join("adapter_model.safetensors");
         if !weights_path.exists() {
@@ -158,7 +178,10 @@ impl Lora {
             extra.sort();
             return Err(ModelError::Adapter {
                 path: weights_path,
-                msg: format!("tensor `{}` belongs to no target module of adapter_config.json", extra[0]),
+                msg: format!(
+                    "tensor `{}` belongs to no target module of adapter_config.json",
+                    extra[0]
+                ),
             });
         }
         Ok(Lora { config, modules })
@@ -193,7 +216,9 @@ impl Lora {
             tensors.push((m.key_a(), &m.a));
             tensors.push((m.key_b(), &m.b));
         }
-        let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
+        let meta = [("format".to_string(), "pt".to_string())]
+            .into_iter()
+            .collect();
         write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, Some(meta))?;
         let text = serde_json::to_string_pretty(&config).expect("a json! value always serialises");
         crate::write_atomically(&dir.join("adapter_config.json"), text.as_bytes())
@@ -205,7 +230,10 @@ fn check_config(c: &LoraConfig) -> Result<(), String> {
         return Err("key `r` must be positive".into());
     }
     if !(0.0..1.0).contains(&c.dropout) {
-        return Err(format!("key `lora_dropout` must be in [0, 1), got {}", c.dropout));
+        return Err(format!(
+            "key `lora_dropout` must be in [0, 1), got {}",
+            c.dropout
+        ));
     }
     if !c.alpha.is_finite() {
         return Err("key `lora_alpha` must be finite".into());
@@ -218,7 +246,9 @@ fn parse_config(j: &Value) -> Result<LoraConfig, String> {
     let get = |k: &str| j.get(k).filter(|v| !v.is_null());
     if let Some(t) = get("peft_type").and_then(Value::as_str) {
         if t != "LORA" {
-            return Err(format!("key `peft_type` is {t:?}; only LORA adapters are supported"));
+            return Err(format!(
+                "key `peft_type` is {t:?}; only LORA adapters are supported"
+            ));
         }
     }
     if get("use_dora").and_then(Value::as_bool) == Some(true) {
@@ -233,7 +263,10 @@ fn parse_config(j: &Value) -> Result<LoraConfig, String> {
         }
     }
     for k in ["rank_pattern", "alpha_pattern"] {
-        if get(k).and_then(Value::as_object).is_some_and(|m| !m.is_empty()) {
+        if get(k)
+            .and_then(Value::as_object)
+            .is_some_and(|m| !m.is_empty())
+        {
             return Err(format!("key `{k}` is not supported (per-module ranks)"));
         }
     }
@@ -242,23 +275,39 @@ fn parse_config(j: &Value) -> Result<LoraConfig, String> {
             return Err(format!("key `{k}` is not supported"));
         }
     }
-    let r = get("r").and_then(Value::as_u64).ok_or("key `r` is missing or not an integer")? as usize;
-    let alpha = get("lora_alpha").and_then(Value::as_f64).ok_or("key `lora_alpha` is missing or not a number")? as f32;
+    let r = get("r")
+        .and_then(Value::as_u64)
+        .ok_or("key `r` is missing or not an integer")? as usize;
+    let alpha = get("lora_alpha")
+        .and_then(Value::as_f64)
+        .ok_or("key `lora_alpha` is missing or not a number")? as f32;
     let dropout = get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32;
     let use_rslora = get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
     let targets = match get("target_modules") {
         Some(Value::String(s)) if s == "all-linear" => Targets::AllLinear,
         Some(Value::String(s)) => {
-            return Err(format!("key `target_modules` is the regex {s:?}; give a list of module names instead"))
+            return Err(format!(
+                "key `target_modules` is the regex {s:?}; give a list of module names instead"
+            ))
         }
         Some(Value::Array(a)) => Targets::List(
             a.iter()
-                .map(|v| v.as_str().map(str::to_string).ok_or("key `target_modules` must list strings"))
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or("key `target_modules` must list strings")
+                })
                 .collect::<Result<_, _>>()?,
         ),
         _ => return Err("key `target_modules` is missing".into()),
     };
-    let config = LoraConfig { r, alpha, dropout, targets, use_rslora };
+    let config = LoraConfig {
+        r,
+        alpha,
+        dropout,
+        targets,
+        use_rslora,
+    };
     check_config(&config)?;
     Ok(config)
 }

@@ -1,0 +1,87 @@
+//! `trainer logits`: the logits of one sequence, for parity checks.
+
+use super::CliError;
+use graft_engine::ir::DType;
+use graft_engine::{compile, CpuExecutor};
+use graft_models::checkpoint::write_safetensors;
+use graft_models::{Batch, CausalLm, Lora, RecordOptions};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Hugging Face model directory (config.json + safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT LoRA adapter directory to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Comma-separated token ids, e.g. 1,2,3.
+    #[arg(long)]
+    input_ids: String,
+    /// Output safetensors file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Compute dtype.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    dtype: String,
+}
+
+fn parse_ids(text: &str) -> Result<Vec<i32>, CliError> {
+    let ids: Vec<i32> = text
+        .split(',')
+        .enumerate()
+        .map(|(i, s)| {
+            s.trim().parse::<i32>().map_err(|_| {
+                CliError::Usage(format!(
+                    "--input-ids: item {} ({:?}) is not a token id",
+                    i + 1,
+                    s.trim()
+                ))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    if ids.is_empty() {
+        return Err(CliError::Usage("--input-ids is empty".into()));
+    }
+    Ok(ids)
+}
+
+pub fn run(args: Args) -> Result<(), CliError> {
+    let ids = parse_ids(&args.input_ids)?;
+    let dtype = if args.dtype == "bf16" {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let model = CausalLm::load(&args.model, dtype)?;
+    let vocab = model.config.vocab_size;
+    if let Some((i, id)) = ids
+        .iter()
+        .enumerate()
+        .find(|(_, &id)| id < 0 || id as usize >= vocab)
+    {
+        return Err(CliError::Usage(format!(
+            "--input-ids: item {} ({id}) is outside the vocabulary of {} (vocab_size {vocab})",
+            i + 1,
+            args.model.join("config.json").display()
+        )));
+    }
+    let lora = args
+        .adapter
+        .as_deref()
+        .map(|dir| Lora::load(dir, &model.config))
+        .transpose()?;
+    let rec = model.record(
+        ids.len(),
+        RecordOptions {
+            lora: lora.as_ref(),
+            ..Default::default()
+        },
+    )?;
+    let batch = Batch::new(&[&ids], None, 0)?;
+    let feeds = rec.feeds(&model, lora.as_ref(), &batch)?;
+    let plan = compile(rec.graph.clone(), &[rec.logits])?;
+    let out = CpuExecutor::new().run(&plan, &feeds)?;
+    write_safetensors(&args.out, &[("logits".to_string(), &out[0])], None)?;
+    Ok(())
+}
