@@ -52,7 +52,9 @@ impl CpuExecutor {
         let g = plan.graph();
         for leaf in plan.leaves() {
             let name = g.leaf_name(leaf).unwrap_or("?");
-            let t = feeds.get(leaf).ok_or_else(|| EngineError::Unbound(name.to_string()))?;
+            let t = feeds
+                .get(leaf)
+                .ok_or_else(|| EngineError::Unbound(name.to_string()))?;
             let ty = g.ty(leaf);
             if t.shape() != ty.shape.as_slice() || t.dtype() != ty.dtype {
                 return Err(EngineError::Feed {
@@ -70,13 +72,22 @@ impl CpuExecutor {
         let slot = |v: ValueId| -> Slot {
             match g.value(v).source {
                 Source::Node { .. } => {
-                    let off = plan.memory().offset(v).expect("every computed value has an offset");
+                    let off = plan
+                        .memory()
+                        .offset(v)
+                        .expect("every computed value has an offset");
                     // SAFETY: the offset lies within the arena sized to the plan's peak.
-                    Slot { ptr: unsafe { base.add(off) }, len: g.ty(v).bytes() }
+                    Slot {
+                        ptr: unsafe { base.add(off) },
+                        len: g.ty(v).bytes(),
+                    }
                 }
                 _ => {
                     let b = feeds.get(v).expect("leaves checked above").bytes();
-                    Slot { ptr: b.as_ptr() as *mut u8, len: b.len() }
+                    Slot {
+                        ptr: b.as_ptr() as *mut u8,
+                        len: b.len(),
+                    }
                 }
             }
         };
@@ -107,12 +118,33 @@ impl CpuExecutor {
                 _ => g.dtype(node.inputs[0]),
             };
             let res = match main {
-                DType::F32 => exec::<f32>(&node.op, &ins, &mut outs, &in_shapes, g.dtype(node.outputs[0])),
-                DType::BF16 => exec::<bf16>(&node.op, &ins, &mut outs, &in_shapes, g.dtype(node.outputs[0])),
-                DType::F16 => exec::<f16>(&node.op, &ins, &mut outs, &in_shapes, g.dtype(node.outputs[0])),
+                DType::F32 => exec::<f32>(
+                    &node.op,
+                    &ins,
+                    &mut outs,
+                    &in_shapes,
+                    g.dtype(node.outputs[0]),
+                ),
+                DType::BF16 => exec::<bf16>(
+                    &node.op,
+                    &ins,
+                    &mut outs,
+                    &in_shapes,
+                    g.dtype(node.outputs[0]),
+                ),
+                DType::F16 => exec::<f16>(
+                    &node.op,
+                    &ins,
+                    &mut outs,
+                    &in_shapes,
+                    g.dtype(node.outputs[0]),
+                ),
                 other => Err(format!("no kernel takes {other} as its main operand")),
             };
-            res.map_err(|msg| EngineError::Kernel { op: node.op.name(), msg })?;
+            res.map_err(|msg| EngineError::Kernel {
+                op: node.op.name(),
+                msg,
+            })?;
         }
         plan.outputs()
             .iter()
@@ -177,7 +209,16 @@ fn exec<T: Elem + bytemuck::Pod>(
             let (a, b) = (shapes[0], shapes[1]);
             let (m, k) = if *ta { (a[1], a[0]) } else { (a[0], a[1]) };
             let n = if *tb { b[0] } else { b[1] };
-            matmul::matmul(f::<T>(ins[0]), f::<T>(ins[1]), fm::<T>(o0), m, k, n, *ta, *tb)
+            matmul::matmul(
+                f::<T>(ins[0]),
+                f::<T>(ins[1]),
+                fm::<T>(o0),
+                m,
+                k,
+                n,
+                *ta,
+                *tb,
+            )
         }
         Op::AddBias => ew::add_bias(f::<T>(ins[0]), f::<T>(ins[1]), fm::<T>(o0)),
         Op::SumRows => ew::sum_rows(f::<T>(ins[0]), fm::<T>(o0)),
@@ -186,14 +227,20 @@ fn exec<T: Elem + bytemuck::Pod>(
         Op::Scale(s) => ew::scale(f::<T>(ins[0]), *s, fm::<T>(o0)),
         Op::Cast(_) => cast_to(f::<T>(ins[0]), out_dtype, o0)?,
         Op::Embedding => {
-            embedding::embedding(f::<T>(ins[0]), f::<i32>(ins[1]), shapes[0][1], fm::<T>(o0)).map_err(e)?
+            embedding::embedding(f::<T>(ins[0]), f::<i32>(ins[1]), shapes[0][1], fm::<T>(o0))
+                .map_err(e)?
         }
         Op::EmbeddingGrad { .. } => {
-            embedding::embedding_grad(f::<T>(ins[0]), f::<i32>(ins[1]), shapes[0][1], fm::<T>(o0)).map_err(e)?
+            embedding::embedding_grad(f::<T>(ins[0]), f::<i32>(ins[1]), shapes[0][1], fm::<T>(o0))
+                .map_err(e)?
         }
-        Op::RmsNorm { eps, unit_offset } => {
-            norm::rms_norm(f::<T>(ins[0]), f::<T>(ins[1]), *eps, *unit_offset, fm::<T>(o0))
-        }
+        Op::RmsNorm { eps, unit_offset } => norm::rms_norm(
+            f::<T>(ins[0]),
+            f::<T>(ins[1]),
+            *eps,
+            *unit_offset,
+            fm::<T>(o0),
+        ),
         Op::RmsNormGradInput { eps, unit_offset } => norm::rms_norm_grad_input(
             f::<T>(ins[0]),
             f::<T>(ins[1]),
@@ -202,7 +249,9 @@ fn exec<T: Elem + bytemuck::Pod>(
             *unit_offset,
             fm::<T>(o0),
         ),
-        Op::RmsNormGradWeight { eps } => norm::rms_norm_grad_weight(f::<T>(ins[0]), f::<T>(ins[1]), *eps, fm::<T>(o0)),
+        Op::RmsNormGradWeight { eps } => {
+            norm::rms_norm_grad_weight(f::<T>(ins[0]), f::<T>(ins[1]), *eps, fm::<T>(o0))
+        }
         Op::Rope { spec, inverse } => rope::rope(
             f::<T>(ins[0]),
             f::<i32>(ins[1]),
@@ -236,7 +285,9 @@ fn exec<T: Elem + bytemuck::Pod>(
                 fm::<T>(dv[0]),
             )
         }
-        Op::GatedAct(a) => activation::gated_act(act(*a), f::<T>(ins[0]), f::<T>(ins[1]), fm::<T>(o0)),
+        Op::GatedAct(a) => {
+            activation::gated_act(act(*a), f::<T>(ins[0]), f::<T>(ins[1]), fm::<T>(o0))
+        }
         Op::GatedActGrad(a) => activation::gated_act_grad(
             act(*a),
             f::<T>(ins[0]),
@@ -246,13 +297,20 @@ fn exec<T: Elem + bytemuck::Pod>(
             fm::<T>(rest[0]),
         ),
         Op::CrossEntropy { ignore_index } => {
-            let l = loss::cross_entropy(f::<T>(ins[0]), f::<i32>(ins[1]), *ignore_index).map_err(e)?;
+            let l =
+                loss::cross_entropy(f::<T>(ins[0]), f::<i32>(ins[1]), *ignore_index).map_err(e)?;
             fm::<f32>(o0)[0] = l;
         }
         Op::CrossEntropyGrad { ignore_index } => {
             let dloss = f::<f32>(ins[2])[0];
-            loss::cross_entropy_grad(f::<T>(ins[0]), f::<i32>(ins[1]), *ignore_index, dloss, fm::<T>(o0))
-                .map_err(e)?
+            loss::cross_entropy_grad(
+                f::<T>(ins[0]),
+                f::<i32>(ins[1]),
+                *ignore_index,
+                dloss,
+                fm::<T>(o0),
+            )
+            .map_err(e)?
         }
         Op::Dropout { p } => ew::dropout(f::<T>(ins[0]), f::<u32>(ins[1])[0], *p, fm::<T>(o0)),
     }

@@ -54,7 +54,11 @@ pub enum EngineError {
     #[error("`{0}` is read by the plan but was not bound")]
     Unbound(String),
     #[error("`{name}` was bound to a {got} tensor but the graph declares {want}")]
-    Feed { name: String, want: String, got: String },
+    Feed {
+        name: String,
+        want: String,
+        got: String,
+    },
     #[error("{op}: {msg}")]
     Kernel { op: &'static str, msg: String },
 }

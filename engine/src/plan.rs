@@ -38,7 +38,10 @@ impl Plan {
     }
     /// The gradient output of a trainable parameter.
     pub fn grad_of(&self, param: ValueId) -> Option<ValueId> {
-        self.grads.iter().find(|(p, _)| *p == param).map(|(_, g)| *g)
+        self.grads
+            .iter()
+            .find(|(p, _)| *p == param)
+            .map(|(_, g)| *g)
     }
     /// The inputs and parameters the plan reads: each must be bound to run it.
     pub fn leaves(&self) -> Vec<ValueId> {
@@ -72,18 +75,31 @@ impl Plan {
 pub fn compile(graph: Graph, outputs: &[ValueId]) -> Result<Plan, EngineError> {
     for &o in outputs {
         if o.index() >= graph.values().len() {
-            return Err(EngineError::Compile(format!("output %{} is not in the graph", o.0)));
+            return Err(EngineError::Compile(format!(
+                "output %{} is not in the graph",
+                o.0
+            )));
         }
     }
     let schedule = live_schedule(&graph, outputs);
     let memory = plan_memory(&graph, &schedule, outputs);
-    Ok(Plan { graph, schedule, memory, outputs: outputs.to_vec(), grads: Vec::new() })
+    Ok(Plan {
+        graph,
+        schedule,
+        memory,
+        outputs: outputs.to_vec(),
+        grads: Vec::new(),
+    })
 }
 
 /// Compiles a training step: records the backward pass of `loss` toward the
 /// trainable parameters, then plans `loss`, the gradients and `extra` outputs.
 /// The plan's outputs are `[loss, extra.., gradients..]`.
-pub fn compile_training(mut graph: Graph, loss: ValueId, extra: &[ValueId]) -> Result<Plan, EngineError> {
+pub fn compile_training(
+    mut graph: Graph,
+    loss: ValueId,
+    extra: &[ValueId],
+) -> Result<Plan, EngineError> {
     let grads = backward(&mut graph, loss)?;
     if grads.params.is_empty() {
         return Err(EngineError::Compile(

@@ -27,7 +27,10 @@ pub struct Tensor {
 fn owned_from_bytes(bytes: &[u8]) -> Storage {
     let mut words = vec![0u64; bytes.len().div_ceil(8)];
     bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
-    Storage::Owned { words, len: bytes.len() }
+    Storage::Owned {
+        words,
+        len: bytes.len(),
+    }
 }
 
 impl Tensor {
@@ -44,19 +47,35 @@ impl Tensor {
     /// Copies `bytes` into a new owned tensor.
     pub fn from_bytes(shape: &[usize], dtype: DType, bytes: &[u8]) -> Result<Self, EngineError> {
         Self::check_len(shape, dtype, bytes.len())?;
-        Ok(Tensor { shape: shape.to_vec(), dtype, storage: owned_from_bytes(bytes) })
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            dtype,
+            storage: owned_from_bytes(bytes),
+        })
     }
 
     /// A view of `range` in `map`: zero-copy when the bytes are aligned for
     /// `dtype`, else copied.
-    pub fn mapped(map: Arc<Mmap>, range: Range<usize>, shape: &[usize], dtype: DType) -> Result<Self, EngineError> {
+    pub fn mapped(
+        map: Arc<Mmap>,
+        range: Range<usize>,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<Self, EngineError> {
         Self::check_len(shape, dtype, range.len())?;
         if range.end > map.len() {
-            return Err(EngineError::Tensor(format!("range {range:?} lies past the mapping ({} bytes)", map.len())));
+            return Err(EngineError::Tensor(format!(
+                "range {range:?} lies past the mapping ({} bytes)",
+                map.len()
+            )));
         }
         let aligned = (map.as_ptr() as usize + range.start) % dtype.size() == 0;
         if aligned {
-            Ok(Tensor { shape: shape.to_vec(), dtype, storage: Storage::Mapped { map, range } })
+            Ok(Tensor {
+                shape: shape.to_vec(),
+                dtype,
+                storage: Storage::Mapped { map, range },
+            })
         } else {
             Self::from_bytes(shape, dtype, &map[range])
         }
@@ -76,7 +95,14 @@ impl Tensor {
 
     pub fn zeros(shape: &[usize], dtype: DType) -> Self {
         let len = shape.iter().product::<usize>() * dtype.size();
-        Tensor { shape: shape.to_vec(), dtype, storage: Storage::Owned { words: vec![0; len.div_ceil(8)], len } }
+        Tensor {
+            shape: shape.to_vec(),
+            dtype,
+            storage: Storage::Owned {
+                words: vec![0; len.div_ceil(8)],
+                len,
+            },
+        }
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -131,7 +157,10 @@ impl Tensor {
 
     fn expect(&self, dtype: DType) -> Result<(), EngineError> {
         if self.dtype != dtype {
-            return Err(EngineError::Tensor(format!("expected a {dtype} tensor, got {}", self.dtype)));
+            return Err(EngineError::Tensor(format!(
+                "expected a {dtype} tensor, got {}",
+                self.dtype
+            )));
         }
         Ok(())
     }
@@ -141,9 +170,19 @@ impl Tensor {
         let b = self.bytes();
         Ok(match self.dtype {
             DType::F32 => bytemuck::cast_slice::<u8, f32>(b).to_vec(),
-            DType::BF16 => bytemuck::cast_slice::<u8, bf16>(b).iter().map(|x| x.to_f32()).collect(),
-            DType::F16 => bytemuck::cast_slice::<u8, f16>(b).iter().map(|x| x.to_f32()).collect(),
-            other => return Err(EngineError::Tensor(format!("cannot read a {other} tensor as f32"))),
+            DType::BF16 => bytemuck::cast_slice::<u8, bf16>(b)
+                .iter()
+                .map(|x| x.to_f32())
+                .collect(),
+            DType::F16 => bytemuck::cast_slice::<u8, f16>(b)
+                .iter()
+                .map(|x| x.to_f32())
+                .collect(),
+            other => {
+                return Err(EngineError::Tensor(format!(
+                    "cannot read a {other} tensor as f32"
+                )))
+            }
         })
     }
 
@@ -156,9 +195,19 @@ impl Tensor {
         let x = self.to_f32_vec()?;
         let bytes: Vec<u8> = match dtype {
             DType::F32 => bytemuck::cast_slice(&x).to_vec(),
-            DType::BF16 => bytemuck::cast_slice(&x.iter().map(|v| bf16::from_f32(*v)).collect::<Vec<_>>()).to_vec(),
-            DType::F16 => bytemuck::cast_slice(&x.iter().map(|v| f16::from_f32(*v)).collect::<Vec<_>>()).to_vec(),
-            other => return Err(EngineError::Tensor(format!("cannot convert floats to {other}"))),
+            DType::BF16 => {
+                bytemuck::cast_slice(&x.iter().map(|v| bf16::from_f32(*v)).collect::<Vec<_>>())
+                    .to_vec()
+            }
+            DType::F16 => {
+                bytemuck::cast_slice(&x.iter().map(|v| f16::from_f32(*v)).collect::<Vec<_>>())
+                    .to_vec()
+            }
+            other => {
+                return Err(EngineError::Tensor(format!(
+                    "cannot convert floats to {other}"
+                )))
+            }
         };
         Tensor::from_bytes(&self.shape, dtype, &bytes)
     }

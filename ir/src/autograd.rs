@@ -23,7 +23,10 @@ pub struct Gradients {
 
 impl Gradients {
     pub fn of(&self, param: ValueId) -> Option<ValueId> {
-        self.params.iter().find(|(p, _)| *p == param).map(|(_, g)| *g)
+        self.params
+            .iter()
+            .find(|(p, _)| *p == param)
+            .map(|(_, g)| *g)
     }
 }
 
@@ -67,6 +70,9 @@ fn differentiable_inputs(op: &Op) -> Vec<bool> {
 /// Records the gradient of the scalar `loss` (shape `[1]`) with respect to
 /// every trainable parameter it depends on.
 pub fn backward(g: &mut Graph, loss: ValueId) -> Result<Gradients, IrError> {
+    if loss.index() >= g.values().len() {
+        return Err(IrError::UnknownValue(loss));
+    }
     if g.shape(loss) != [1] || !g.dtype(loss).is_float() {
         return Err(IrError::Autograd(format!(
             "loss must be a float of shape [1], got {:?} {}",
@@ -86,7 +92,8 @@ pub fn backward(g: &mut Graph, loss: ValueId) -> Result<Gradients, IrError> {
 
     for n in (0..=last).rev() {
         let node = g.node(NodeId(n as u32)).clone();
-        let douts: Vec<Option<ValueId>> = node.outputs.iter().map(|o| grads.get(o).copied()).collect();
+        let douts: Vec<Option<ValueId>> =
+            node.outputs.iter().map(|o| grads.get(o).copied()).collect();
         if douts.iter().all(Option::is_none) {
             continue;
         }
@@ -101,7 +108,9 @@ pub fn backward(g: &mut Graph, loss: ValueId) -> Result<Gradients, IrError> {
         }
         let dins = vjp(g, &node.op, &node.inputs, &node.outputs, &douts, &wanted)?;
         for ((input, din), w) in node.inputs.iter().zip(dins).zip(wanted) {
-            let Some(din) = din.filter(|_| w) else { continue };
+            let Some(din) = din.filter(|_| w) else {
+                continue;
+            };
             out.contributions.push((din, *input));
             let total = match grads.get(input) {
                 Some(&prev) => g.add(prev, din)?,
@@ -180,7 +189,10 @@ fn vjp(
         }
         Op::RmsNorm { eps, unit_offset } => {
             if wanted[0] {
-                let op = Op::RmsNormGradInput { eps: *eps, unit_offset: *unit_offset };
+                let op = Op::RmsNormGradInput {
+                    eps: *eps,
+                    unit_offset: *unit_offset,
+                };
                 res[0] = Some(g.apply1(op, &[ins[0], ins[1], dy])?);
             }
             if wanted[1] {
@@ -188,7 +200,10 @@ fn vjp(
             }
         }
         Op::Rope { spec, inverse } => {
-            let op = Op::Rope { spec: spec.clone(), inverse: !inverse };
+            let op = Op::Rope {
+                spec: spec.clone(),
+                inverse: !inverse,
+            };
             res[0] = Some(g.apply1(op, &[dy, ins[1]])?);
         }
         Op::Attention(spec) => {
@@ -207,7 +222,9 @@ fn vjp(
         }
         Op::CrossEntropy { ignore_index } => {
             let dy = g.cast(dy, DType::F32)?;
-            let op = Op::CrossEntropyGrad { ignore_index: *ignore_index };
+            let op = Op::CrossEntropyGrad {
+                ignore_index: *ignore_index,
+            };
             res[0] = Some(g.apply1(op, &[ins[0], ins[1], dy])?);
         }
         Op::Dropout { p } => res[0] = Some(g.dropout(dy, ins[1], *p)?),

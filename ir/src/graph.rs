@@ -89,7 +89,13 @@ impl Graph {
     }
 
     pub fn is_trainable(&self, v: ValueId) -> bool {
-        matches!(self.values[v.index()].source, Source::Param { trainable: true, .. })
+        matches!(
+            self.values[v.index()].source,
+            Source::Param {
+                trainable: true,
+                ..
+            }
+        )
     }
 
     /// The name of an input or parameter.
@@ -122,18 +128,27 @@ impl Graph {
     }
 
     pub fn input(&mut self, name: &str, shape: &[usize], dtype: DType) -> ValueId {
-        let source = Source::Input { name: name.to_string() };
+        let source = Source::Input {
+            name: name.to_string(),
+        };
         self.push_value(TypeInfo::new(shape.to_vec(), dtype), source)
     }
 
     pub fn param(&mut self, name: &str, shape: &[usize], dtype: DType, trainable: bool) -> ValueId {
-        let source = Source::Param { name: name.to_string(), trainable };
+        let source = Source::Param {
+            name: name.to_string(),
+            trainable,
+        };
         self.push_value(TypeInfo::new(shape.to_vec(), dtype), source)
     }
 
     /// Marks a parameter trainable or frozen.
     pub fn set_trainable(&mut self, v: ValueId, trainable: bool) -> Result<(), IrError> {
-        match &mut self.values[v.index()].source {
+        let value = self
+            .values
+            .get_mut(v.index())
+            .ok_or(IrError::UnknownValue(v))?;
+        match &mut value.source {
             Source::Param { trainable: t, .. } => {
                 *t = trainable;
                 Ok(())
@@ -151,13 +166,24 @@ impl Graph {
         }
         let tys: Vec<&TypeInfo> = inputs.iter().map(|&i| self.ty(i)).collect();
         let out_tys = op.infer(&tys)?;
+        // Kernels walk rows; an empty dimension has no rows to walk and no use.
+        if let Some(t) = tys.iter().copied().chain(&out_tys).find(|t| t.numel() == 0) {
+            return Err(IrError::Shape {
+                op: op.name(),
+                msg: format!("empty tensor of shape {:?}", t.shape),
+            });
+        }
         let node = NodeId(self.nodes.len() as u32);
         let outputs = out_tys
             .into_iter()
             .enumerate()
             .map(|(index, ty)| self.push_value(ty, Source::Node { node, index }))
             .collect();
-        self.nodes.push(Node { op, inputs: inputs.to_vec(), outputs });
+        self.nodes.push(Node {
+            op,
+            inputs: inputs.to_vec(),
+            outputs,
+        });
         Ok(self.nodes[node.index()].outputs.clone())
     }
 
@@ -169,13 +195,31 @@ impl Graph {
     // Builders for the common ops: one line each, so recorders read like the math.
 
     pub fn fill(&mut self, value: f32, shape: &[usize], dtype: DType) -> Result<ValueId, IrError> {
-        self.apply1(Op::Fill { value, shape: shape.to_vec(), dtype }, &[])
+        self.apply1(
+            Op::Fill {
+                value,
+                shape: shape.to_vec(),
+                dtype,
+            },
+            &[],
+        )
     }
-    pub fn matmul(&mut self, a: ValueId, b: ValueId, ta: bool, tb: bool) -> Result<ValueId, IrError> {
+    pub fn matmul(
+        &mut self,
+        a: ValueId,
+        b: ValueId,
+        ta: bool,
+        tb: bool,
+    ) -> Result<ValueId, IrError> {
         self.apply1(Op::MatMul { ta, tb }, &[a, b])
     }
     /// `x·wᵀ (+ b)`: a linear layer with PyTorch's `[out, in]` weight layout.
-    pub fn linear(&mut self, x: ValueId, w: ValueId, b: Option<ValueId>) -> Result<ValueId, IrError> {
+    pub fn linear(
+        &mut self,
+        x: ValueId,
+        w: ValueId,
+        b: Option<ValueId>,
+    ) -> Result<ValueId, IrError> {
         let y = self.matmul(x, w, false, true)?;
         match b {
             Some(b) => self.apply1(Op::AddBias, &[y, b]),
@@ -201,11 +245,28 @@ impl Graph {
     pub fn embedding(&mut self, table: ValueId, ids: ValueId) -> Result<ValueId, IrError> {
         self.apply1(Op::Embedding, &[table, ids])
     }
-    pub fn rms_norm(&mut self, x: ValueId, w: ValueId, eps: f32, unit_offset: bool) -> Result<ValueId, IrError> {
+    pub fn rms_norm(
+        &mut self,
+        x: ValueId,
+        w: ValueId,
+        eps: f32,
+        unit_offset: bool,
+    ) -> Result<ValueId, IrError> {
         self.apply1(Op::RmsNorm { eps, unit_offset }, &[x, w])
     }
-    pub fn rope(&mut self, x: ValueId, positions: ValueId, spec: RopeSpec) -> Result<ValueId, IrError> {
-        self.apply1(Op::Rope { spec, inverse: false }, &[x, positions])
+    pub fn rope(
+        &mut self,
+        x: ValueId,
+        positions: ValueId,
+        spec: RopeSpec,
+    ) -> Result<ValueId, IrError> {
+        self.apply1(
+            Op::Rope {
+                spec,
+                inverse: false,
+            },
+            &[x, positions],
+        )
     }
     /// Returns the attention output (the log-sum-exp output is kept for backward).
     pub fn attention(
@@ -218,7 +279,12 @@ impl Graph {
     ) -> Result<ValueId, IrError> {
         Ok(self.apply(Op::Attention(spec), &[q, k, v, segments])?[0])
     }
-    pub fn gated_act(&mut self, act: Activation, gate: ValueId, up: ValueId) -> Result<ValueId, IrError> {
+    pub fn gated_act(
+        &mut self,
+        act: Activation,
+        gate: ValueId,
+        up: ValueId,
+    ) -> Result<ValueId, IrError> {
         self.apply1(Op::GatedAct(act), &[gate, up])
     }
     pub fn cross_entropy(&mut self, logits: ValueId, labels: ValueId) -> Result<ValueId, IrError> {
@@ -247,7 +313,13 @@ impl Graph {
                     None => format!("%{}", i.0),
                 })
                 .collect();
-            let _ = writeln!(s, "{} = {}({})", outs.join(", "), node.op.name(), ins.join(", "));
+            let _ = writeln!(
+                s,
+                "{} = {}({})",
+                outs.join(", "),
+                node.op.name(),
+                ins.join(", ")
+            );
         }
         s
     }

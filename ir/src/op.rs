@@ -44,10 +44,17 @@ pub struct RopeSpec {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
     /// A constant filled tensor (the seed of the backward pass).
-    Fill { value: f32, shape: Vec<usize>, dtype: DType },
+    Fill {
+        value: f32,
+        shape: Vec<usize>,
+        dtype: DType,
+    },
     /// `C[M,N] = op(A)·op(B)`, `op` transposing when the flag is set
     /// (`A` is `[M,K]` or `[K,M]`, `B` is `[K,N]` or `[N,K]`).
-    MatMul { ta: bool, tb: bool },
+    MatMul {
+        ta: bool,
+        tb: bool,
+    },
     /// `x[M,N] + b[N]` broadcast over rows.
     AddBias,
     /// `[M,N] -> [N]`: the sum over rows (gradient of a bias).
@@ -59,16 +66,29 @@ pub enum Op {
     /// `table[V,H]`, `ids[T]` -> `[T,H]`.
     Embedding,
     /// `dy[T,H]`, `ids[T]` -> `[vocab,H]`: scatter-add of rows.
-    EmbeddingGrad { vocab: usize },
+    EmbeddingGrad {
+        vocab: usize,
+    },
     /// `x[T,H]`, `w[H]`: `x·rsqrt(mean(x²)+eps)·w` in f32; Gemma uses `(1+w)`.
-    RmsNorm { eps: f32, unit_offset: bool },
+    RmsNorm {
+        eps: f32,
+        unit_offset: bool,
+    },
     /// `x`, `w`, `dy` -> `dx`.
-    RmsNormGradInput { eps: f32, unit_offset: bool },
+    RmsNormGradInput {
+        eps: f32,
+        unit_offset: bool,
+    },
     /// `x`, `dy` -> `dw` (`dw` does not depend on the offset).
-    RmsNormGradWeight { eps: f32 },
+    RmsNormGradWeight {
+        eps: f32,
+    },
     /// `x[T, n_heads*head_dim]`, `positions[T]` -> rotated x. `inverse`
     /// rotates by the negative angle (the VJP).
-    Rope { spec: RopeSpec, inverse: bool },
+    Rope {
+        spec: RopeSpec,
+        inverse: bool,
+    },
     /// `q`, `k`, `v`, `segments[T]` -> `out[T, n_heads*head_dim]`,
     /// `lse[T, n_heads]` (f32 log-sum-exp of the scores, kept for backward).
     /// Causal within a segment; never across segments.
@@ -81,12 +101,18 @@ pub enum Op {
     GatedActGrad(Activation),
     /// `logits[T,V]`, `labels[T]` (i32) -> f32 `[1]`: mean over labels that
     /// are not `ignore_index`.
-    CrossEntropy { ignore_index: i32 },
+    CrossEntropy {
+        ignore_index: i32,
+    },
     /// `logits`, `labels`, `dloss[1]` -> `dlogits`.
-    CrossEntropyGrad { ignore_index: i32 },
+    CrossEntropyGrad {
+        ignore_index: i32,
+    },
     /// `x`, `seed[1]` (u32) -> `x·mask/(1-p)`; the mask is a pure function of
     /// the seed and the element index, so the VJP is the same op on `dy`.
-    Dropout { p: f32 },
+    Dropout {
+        p: f32,
+    },
 }
 
 /// The shape and dtype of one value.
@@ -163,11 +189,7 @@ impl Op {
     /// or an error naming what disagrees.
     pub fn infer(&self, ins: &[&TypeInfo]) -> Result<Vec<TypeInfo>, IrError> {
         if ins.len() != self.arity() {
-            return Err(self.err(format!(
-                "takes {} inputs, got {}",
-                self.arity(),
-                ins.len()
-            )));
+            return Err(self.err(format!("takes {} inputs, got {}", self.arity(), ins.len())));
         }
         let same = |a: &TypeInfo, b: &TypeInfo| -> Result<(), IrError> {
             if a.shape != b.shape || a.dtype != b.dtype {
@@ -213,8 +235,16 @@ impl Op {
                 if a.dtype != b.dtype {
                     return Err(self.err(format!("dtypes differ: {} vs {}", a.dtype, b.dtype)));
                 }
-                let (m, k) = if *ta { (a.shape[1], a.shape[0]) } else { (a.shape[0], a.shape[1]) };
-                let (k2, n) = if *tb { (b.shape[1], b.shape[0]) } else { (b.shape[0], b.shape[1]) };
+                let (m, k) = if *ta {
+                    (a.shape[1], a.shape[0])
+                } else {
+                    (a.shape[0], a.shape[1])
+                };
+                let (k2, n) = if *tb {
+                    (b.shape[1], b.shape[0])
+                } else {
+                    (b.shape[0], b.shape[1])
+                };
                 if k != k2 {
                     return Err(self.err(format!(
                         "inner dimensions differ: A {:?} (ta={ta}) vs B {:?} (tb={tb})",
@@ -287,14 +317,19 @@ impl Op {
                 let (x, w, dy) = (ins[0], ins[1], ins[2]);
                 same(x, dy)?;
                 rank(x, 2, "x")?;
-                if w.shape != [x.shape[1]] {
-                    return Err(self.err(format!("weight shape {:?}", w.shape)));
+                float(x, "x")?;
+                if w.shape != [x.shape[1]] || w.dtype != x.dtype {
+                    return Err(self.err(format!(
+                        "weight must be {} [{}], got {} {:?}",
+                        x.dtype, x.shape[1], w.dtype, w.shape
+                    )));
                 }
                 out(x.shape.clone(), x.dtype)
             }
             Op::RmsNormGradWeight { .. } => {
                 same(ins[0], ins[1])?;
                 rank(ins[0], 2, "x")?;
+                float(ins[0], "x")?;
                 out(vec![ins[0].shape[1]], ins[0].dtype)
             }
             Op::Rope { spec, .. } => {
@@ -331,7 +366,9 @@ impl Op {
                 same(q, o)?;
                 same(q, dout)?;
                 if lse.shape != [q.shape[0], spec.n_heads] || lse.dtype != DType::F32 {
-                    return Err(self.err(format!("lse must be f32 [T, n_heads], got {:?}", lse.shape)));
+                    return Err(
+                        self.err(format!("lse must be f32 [T, n_heads], got {:?}", lse.shape))
+                    );
                 }
                 Ok(vec![
                     TypeInfo::new(q.shape.clone(), q.dtype),
@@ -347,6 +384,7 @@ impl Op {
             Op::GatedActGrad(_) => {
                 same(ins[0], ins[1])?;
                 same(ins[0], ins[2])?;
+                float(ins[0], "gate")?;
                 Ok(vec![ins[0].clone(), ins[0].clone()])
             }
             Op::CrossEntropy { .. } => {
@@ -364,6 +402,7 @@ impl Op {
             Op::CrossEntropyGrad { .. } => {
                 let (logits, labels, dloss) = (ins[0], ins[1], ins[2]);
                 rank(logits, 2, "logits")?;
+                float(logits, "logits")?;
                 if labels.dtype != DType::I32 || labels.shape != [logits.shape[0]] {
                     return Err(self.err("labels must be i32 [T]".into()));
                 }
@@ -386,7 +425,10 @@ impl Op {
     }
 
     fn err(&self, msg: String) -> IrError {
-        IrError::Shape { op: self.name(), msg }
+        IrError::Shape {
+            op: self.name(),
+            msg,
+        }
     }
 }
 

@@ -17,7 +17,10 @@ fn act(kind: Act, g: f32) -> (f32, f32) {
             let u = SQRT_2_OVER_PI * (g + GELU_C * g * g * g);
             let t = u.tanh();
             let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * g * g);
-            (0.5 * g * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * du)
+            (
+                0.5 * g * (1.0 + t),
+                0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * du,
+            )
         }
     }
 }
@@ -35,7 +38,14 @@ pub fn gated_act<T: Elem>(kind: Act, gate: &[T], up: &[T], y: &mut [T]) {
     }
 }
 
-pub fn gated_act_grad<T: Elem>(kind: Act, gate: &[T], up: &[T], dy: &[T], dgate: &mut [T], dup: &mut [T]) {
+pub fn gated_act_grad<T: Elem>(
+    kind: Act,
+    gate: &[T],
+    up: &[T],
+    dy: &[T],
+    dgate: &mut [T],
+    dup: &mut [T],
+) {
     for i in 0..gate.len() {
         let (a, da) = act(kind, gate[i].to_f32());
         let d = dy[i].to_f32();

@@ -45,7 +45,15 @@ fn dot<T: Elem>(a: &[f32], b: &[T]) -> f32 {
 }
 
 /// Forward: writes `out` and the f32 log-sum-exp of the scaled scores `lse[t, n_heads]`.
-pub fn attention<T: Elem>(q: &[T], k: &[T], v: &[T], seg: &[i32], s: AttnShape, out: &mut [T], lse: &mut [f32]) {
+pub fn attention<T: Elem>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    seg: &[i32],
+    s: AttnShape,
+    out: &mut [T],
+    lse: &mut [f32],
+) {
     let d = s.head_dim;
     let (qw, kw) = (s.n_heads * d, s.n_kv_heads * d);
     let starts = key_starts(seg, s.window);
@@ -58,7 +66,10 @@ pub fn attention<T: Elem>(q: &[T], k: &[T], v: &[T], seg: &[i32], s: AttnShape, 
             let mut acc = vec![0f32; d];
             for h in 0..s.n_heads {
                 let kh = h / s.group();
-                let qh: Vec<f32> = q[i * qw + h * d..i * qw + (h + 1) * d].iter().map(|x| x.to_f32()).collect();
+                let qh: Vec<f32> = q[i * qw + h * d..i * qw + (h + 1) * d]
+                    .iter()
+                    .map(|x| x.to_f32())
+                    .collect();
                 for (sc, j) in scores.iter_mut().zip(keys.clone()) {
                     *sc = s.scale * dot(&qh, &k[j * kw + kh * d..j * kw + (kh + 1) * d]);
                 }
@@ -67,7 +78,10 @@ pub fn attention<T: Elem>(q: &[T], k: &[T], v: &[T], seg: &[i32], s: AttnShape, 
                 acc.fill(0.0);
                 for (sc, j) in scores.iter().zip(keys.clone()) {
                     let p = (sc - m).exp() / sum;
-                    for (a, vv) in acc.iter_mut().zip(&v[j * kw + kh * d..j * kw + (kh + 1) * d]) {
+                    for (a, vv) in acc
+                        .iter_mut()
+                        .zip(&v[j * kw + kh * d..j * kw + (kh + 1) * d])
+                    {
                         *a += p * vv.to_f32();
                     }
                 }
@@ -98,7 +112,10 @@ pub fn attention_grad<T: Elem>(
     let (qw, kw) = (s.n_heads * d, s.n_kv_heads * d);
     let starts = key_starts(seg, s.window);
     let row = |x: &[T], width: usize, i: usize, h: usize| -> Vec<f32> {
-        x[i * width + h * d..i * width + (h + 1) * d].iter().map(|v| v.to_f32()).collect()
+        x[i * width + h * d..i * width + (h + 1) * d]
+            .iter()
+            .map(|v| v.to_f32())
+            .collect()
     };
     // One task per kv head: it owns dk/dv of that head and dq of its query
     // heads, so the accumulations never race.

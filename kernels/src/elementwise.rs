@@ -56,9 +56,11 @@ pub fn sum_rows<T: Elem>(x: &[T], y: &mut [T]) {
 
 /// Whether element `index` survives dropout with probability `p` under `seed`:
 /// a counter-based hash, so forward and backward agree without a stored mask.
+/// The seed fills the high 32 bits of the hashed word and the index the low
+/// ones, so every seed bit counts and (seed, index < 2^32) pairs never collide.
 #[inline]
 pub fn dropout_keep(seed: u32, index: usize, p: f32) -> bool {
-    let mut z = ((seed as u64) << 40) ^ (index as u64) ^ 0x9E37_79B9_7F4A_7C15;
+    let mut z = ((seed as u64) << 32) ^ (index as u64) ^ 0x9E37_79B9_7F4A_7C15;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^= z >> 31;

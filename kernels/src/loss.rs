@@ -9,7 +9,12 @@ fn check_labels(labels: &[i32], vocab: usize, ignore: i32) -> Result<usize, Inde
             continue;
         }
         if l < 0 || l as usize >= vocab {
-            return Err(IndexError { what: "label", position, value: l as i64, limit: vocab });
+            return Err(IndexError {
+                what: "label",
+                position,
+                value: l as i64,
+                limit: vocab,
+            });
         }
         counted += 1;
     }
@@ -17,13 +22,20 @@ fn check_labels(labels: &[i32], vocab: usize, ignore: i32) -> Result<usize, Inde
 }
 
 fn log_sum_exp<T: Elem>(row: &[T]) -> f32 {
-    let m = row.iter().map(|v| v.to_f32()).fold(f32::NEG_INFINITY, f32::max);
+    let m = row
+        .iter()
+        .map(|v| v.to_f32())
+        .fold(f32::NEG_INFINITY, f32::max);
     m + row.iter().map(|v| (v.to_f32() - m).exp()).sum::<f32>().ln()
 }
 
 /// Mean of `lse(logits[t]) − logits[t, labels[t]]` over counted rows. With no
 /// counted row the mean is 0/0 = NaN, as in PyTorch.
-pub fn cross_entropy<T: Elem>(logits: &[T], labels: &[i32], ignore: i32) -> Result<f32, IndexError> {
+pub fn cross_entropy<T: Elem>(
+    logits: &[T],
+    labels: &[i32],
+    ignore: i32,
+) -> Result<f32, IndexError> {
     let v = logits.len() / labels.len().max(1);
     let counted = check_labels(labels, v, ignore)?;
     let mut total = 0f64;

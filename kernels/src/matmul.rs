@@ -7,7 +7,16 @@ use rayon::prelude::*;
 /// or, when `ta`, the transpose of `a[k,m]`; likewise `op(b)` is `b[k,n]` or
 /// the transpose of `b[n,k]`.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul<T: Elem>(a: &[T], b: &[T], c: &mut [T], m: usize, k: usize, n: usize, ta: bool, tb: bool) {
+pub fn matmul<T: Elem>(
+    a: &[T],
+    b: &[T],
+    c: &mut [T],
+    m: usize,
+    k: usize,
+    n: usize,
+    ta: bool,
+    tb: bool,
+) {
     assert_eq!(a.len(), m * k, "matmul: a");
     assert_eq!(b.len(), k * n, "matmul: b");
     assert_eq!(c.len(), m * n, "matmul: c");

@@ -39,7 +39,14 @@ pub fn rms_norm<T: Elem>(x: &[T], w: &[T], eps: f32, unit_offset: bool, y: &mut 
 }
 
 /// `dx = r·(g⊙dy) − x·r³/h·Σ(g⊙dy⊙x)` per row.
-pub fn rms_norm_grad_input<T: Elem>(x: &[T], w: &[T], dy: &[T], eps: f32, unit_offset: bool, dx: &mut [T]) {
+pub fn rms_norm_grad_input<T: Elem>(
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    eps: f32,
+    unit_offset: bool,
+    dx: &mut [T],
+) {
     let h = w.len();
     rows(dx, h, |i, dx_row| {
         let x_row = &x[i * h..(i + 1) * h];

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 pub const FIXTURES: [&str; 4] = ["llama", "mistral", "qwen2", "gemma"];
 
 pub fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// The oracle's expected tensors of a fixture.
@@ -17,7 +19,10 @@ pub struct Expected(Checkpoint);
 impl Expected {
     pub fn load(name: &str) -> Expected {
         let dir = fixture_dir(name);
-        Expected(Checkpoint::open_files(&dir, &["expected.safetensors".to_string()]).expect("expected.safetensors"))
+        Expected(
+            Checkpoint::open_files(&dir, &["expected.safetensors".to_string()])
+                .expect("expected.safetensors"),
+        )
     }
     pub fn tensor(&self, name: &str) -> Tensor {
         let (_, e) = self.0.entry(name).unwrap_or_else(|e| panic!("{e}"));
@@ -52,7 +57,11 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     if a.len() != b.len() || a.iter().chain(b).any(|x| !x.is_finite()) {
         return f64::INFINITY;
     }
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((*x - *y) as f64).powi(2)).sum();
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| ((*x - *y) as f64).powi(2))
+        .sum();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num / den.max(1e-300)).sqrt()
 }

@@ -69,7 +69,11 @@ pub fn plan_memory(g: &Graph, schedule: &[NodeId], keep: &[ValueId]) -> MemoryPl
         }
     }
     let peak = top;
-    MemoryPlan { offsets, peak_bytes: peak, total_bytes: total }
+    MemoryPlan {
+        offsets,
+        peak_bytes: peak,
+        total_bytes: total,
+    }
 }
 
 /// Best-fit from the free list, else grow the arena.
