@@ -4,7 +4,7 @@
 use crate::plan::Plan;
 use crate::tensor::Tensor;
 use crate::EngineError;
-use graft_ir::{Activation, DType, Op, Source, ValueId};
+use graft_ir::{Activation, DType, Op, Source, TypeInfo, ValueId};
 use graft_kernels::activation::{self, Act};
 use graft_kernels::attention::{self, AttnShape};
 use graft_kernels::{bf16, elementwise as ew, embedding, f16, loss, matmul, norm, rope, Elem};
@@ -112,33 +112,21 @@ impl CpuExecutor {
                     unsafe { std::slice::from_raw_parts_mut(s.ptr, s.len) }
                 })
                 .collect();
-            let in_shapes: Vec<&[usize]> = node.inputs.iter().map(|&i| g.shape(i)).collect();
+            let in_tys: Vec<&TypeInfo> = node.inputs.iter().map(|&i| g.ty(i)).collect();
             let main = match &node.op {
                 Op::Fill { dtype, .. } => *dtype,
                 _ => g.dtype(node.inputs[0]),
             };
             let res = match main {
-                DType::F32 => exec::<f32>(
-                    &node.op,
-                    &ins,
-                    &mut outs,
-                    &in_shapes,
-                    g.dtype(node.outputs[0]),
-                ),
-                DType::BF16 => exec::<bf16>(
-                    &node.op,
-                    &ins,
-                    &mut outs,
-                    &in_shapes,
-                    g.dtype(node.outputs[0]),
-                ),
-                DType::F16 => exec::<f16>(
-                    &node.op,
-                    &ins,
-                    &mut outs,
-                    &in_shapes,
-                    g.dtype(node.outputs[0]),
-                ),
+                DType::F32 => {
+                    exec::<f32>(&node.op, &ins, &mut outs, &in_tys, g.dtype(node.outputs[0]))
+                }
+                DType::BF16 => {
+                    exec::<bf16>(&node.op, &ins, &mut outs, &in_tys, g.dtype(node.outputs[0]))
+                }
+                DType::F16 => {
+                    exec::<f16>(&node.op, &ins, &mut outs, &in_tys, g.dtype(node.outputs[0]))
+                }
                 other => Err(format!("no kernel takes {other} as its main operand")),
             };
             res.map_err(|msg| EngineError::Kernel {
@@ -198,9 +186,10 @@ fn exec<T: Elem + bytemuck::Pod>(
     op: &Op,
     ins: &[&[u8]],
     outs: &mut [&mut [u8]],
-    shapes: &[&[usize]],
+    tys: &[&TypeInfo],
     out_dtype: DType,
 ) -> Result<(), String> {
+    let shapes: Vec<&[usize]> = tys.iter().map(|t| t.shape.as_slice()).collect();
     let e = |err: graft_kernels::IndexError| err.to_string();
     let (o0, rest) = outs.split_first_mut().expect("every op has an output");
     match op {
@@ -218,6 +207,22 @@ fn exec<T: Elem + bytemuck::Pod>(
                 n,
                 *ta,
                 *tb,
+            )
+        }
+        Op::Nf4MatMul { tb, compute } => {
+            let DType::Nf4 { block } = tys[1].dtype else {
+                return Err(format!("weight is {}, not nf4", tys[1].dtype));
+            };
+            let w = crate::nf4::nf4_view(ins[1], &tys[1].shape, block as usize)
+                .map_err(|e| e.to_string())?;
+            let bf16_compute = *compute == DType::BF16;
+            graft_kernels::nf4::nf4_matmul(
+                f::<T>(ins[0]),
+                &w,
+                shapes[0][0],
+                *tb,
+                bf16_compute,
+                fm::<T>(o0),
             )
         }
         Op::AddBias => ew::add_bias(f::<T>(ins[0]), f::<T>(ins[1]), fm::<T>(o0)),

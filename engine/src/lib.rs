@@ -33,6 +33,7 @@
 //! ```
 
 mod executor;
+mod nf4;
 mod plan;
 pub mod rng;
 mod tensor;

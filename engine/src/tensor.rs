@@ -35,7 +35,7 @@ fn owned_from_bytes(bytes: &[u8]) -> Storage {
 
 impl Tensor {
     fn check_len(shape: &[usize], dtype: DType, len: usize) -> Result<(), EngineError> {
-        let want = shape.iter().product::<usize>() * dtype.size();
+        let want = dtype.bytes(shape.iter().product::<usize>());
         if want != len {
             return Err(EngineError::Tensor(format!(
                 "{len} bytes do not hold a {dtype} tensor of shape {shape:?} ({want} bytes)"
@@ -69,7 +69,7 @@ impl Tensor {
                 map.len()
             )));
         }
-        let aligned = (map.as_ptr() as usize + range.start) % dtype.size() == 0;
+        let aligned = (map.as_ptr() as usize + range.start) % dtype.align() == 0;
         if aligned {
             Ok(Tensor {
                 shape: shape.to_vec(),
@@ -94,7 +94,7 @@ impl Tensor {
     }
 
     pub fn zeros(shape: &[usize], dtype: DType) -> Self {
-        let len = shape.iter().product::<usize>() * dtype.size();
+        let len = dtype.bytes(shape.iter().product::<usize>());
         Tensor {
             shape: shape.to_vec(),
             dtype,
@@ -178,6 +178,11 @@ impl Tensor {
                 .iter()
                 .map(|x| x.to_f32())
                 .collect(),
+            DType::Nf4 { .. } => {
+                let mut out = vec![0f32; self.numel()];
+                self.nf4()?.dequantize_into(0, &mut out);
+                out
+            }
             other => {
                 return Err(EngineError::Tensor(format!(
                     "cannot read a {other} tensor as f32"

@@ -52,7 +52,7 @@ pub fn needs_grad(g: &Graph) -> Vec<bool> {
 /// nor the auxiliary inputs of gradient ops, which are never differentiated).
 fn differentiable_inputs(op: &Op) -> Vec<bool> {
     match op {
-        Op::Embedding => vec![true, false],
+        Op::Embedding | Op::Nf4MatMul { .. } => vec![true, false],
         Op::Rope { .. } | Op::Dropout { .. } | Op::CrossEntropy { .. } => vec![true, false],
         Op::Attention(_) => vec![true, true, true, false],
         Op::Fill { .. }
@@ -162,6 +162,14 @@ fn vjp(
                     (true, true) => g.matmul(dy, a, true, true)?,
                 });
             }
+        }
+        Op::Nf4MatMul { tb, compute } => {
+            // The weight is frozen by construction: only the input gradient.
+            let op = Op::Nf4MatMul {
+                tb: !tb,
+                compute: *compute,
+            };
+            res[0] = Some(g.apply1(op, &[dy, ins[1]])?);
         }
         Op::AddBias => {
             res[0] = Some(dy);

@@ -134,10 +134,11 @@ impl Graph {
         self.push_value(TypeInfo::new(shape.to_vec(), dtype), source)
     }
 
+    /// A weight; NF4 weights are always frozen, whatever `trainable` says.
     pub fn param(&mut self, name: &str, shape: &[usize], dtype: DType, trainable: bool) -> ValueId {
         let source = Source::Param {
             name: name.to_string(),
-            trainable,
+            trainable: trainable && !dtype.is_nf4(),
         };
         self.push_value(TypeInfo::new(shape.to_vec(), dtype), source)
     }
@@ -149,7 +150,12 @@ impl Graph {
             .get_mut(v.index())
             .ok_or(IrError::UnknownValue(v))?;
         match &mut value.source {
-            Source::Param { trainable: t, .. } => {
+            Source::Param { trainable: t, name } => {
+                if trainable && value.ty.dtype.is_nf4() {
+                    return Err(IrError::Autograd(format!(
+                        "`{name}` is an NF4 weight: quantized weights are frozen"
+                    )));
+                }
                 *t = trainable;
                 Ok(())
             }
@@ -213,14 +219,20 @@ impl Graph {
     ) -> Result<ValueId, IrError> {
         self.apply1(Op::MatMul { ta, tb }, &[a, b])
     }
-    /// `x·wᵀ (+ b)`: a linear layer with PyTorch's `[out, in]` weight layout.
+    /// `x·wᵀ (+ b)`: a linear layer with PyTorch's `[out, in]` weight
+    /// layout. An NF4 weight is multiplied in `x`'s dtype.
     pub fn linear(
         &mut self,
         x: ValueId,
         w: ValueId,
         b: Option<ValueId>,
     ) -> Result<ValueId, IrError> {
-        let y = self.matmul(x, w, false, true)?;
+        let y = if self.dtype(w).is_nf4() {
+            let compute = self.dtype(x);
+            self.apply1(Op::Nf4MatMul { tb: true, compute }, &[x, w])?
+        } else {
+            self.matmul(x, w, false, true)?
+        };
         match b {
             Some(b) => self.apply1(Op::AddBias, &[y, b]),
             None => Ok(y),

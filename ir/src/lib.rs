@@ -12,7 +12,7 @@ pub mod op;
 pub mod passes;
 
 pub use autograd::{backward, Gradients};
-pub use dtype::DType;
+pub use dtype::{DType, Nf4Layout, NF4_NESTED_BLOCK};
 pub use graph::{Graph, Node, NodeId, Source, Value, ValueId};
 pub use op::{Activation, AttentionSpec, Op, RopeSpec, TypeInfo};
 

@@ -55,6 +55,14 @@ pub enum Op {
         ta: bool,
         tb: bool,
     },
+    /// A product with a frozen NF4 weight `w[N,K]`, dequantized tile by tile:
+    /// `a[M,K]·wᵀ` when `tb`, else `a[M,N]·w` (the input gradient). Operands
+    /// are rounded to `compute` (f32 or bf16), accumulation is f32, and the
+    /// output has `a`'s dtype. No gradient ever flows into `w`.
+    Nf4MatMul {
+        tb: bool,
+        compute: DType,
+    },
     /// `x[M,N] + b[N]` broadcast over rows.
     AddBias,
     /// `[M,N] -> [N]`: the sum over rows (gradient of a bias).
@@ -130,7 +138,7 @@ impl TypeInfo {
         self.shape.iter().product()
     }
     pub fn bytes(&self) -> usize {
-        self.numel() * self.dtype.size()
+        self.dtype.bytes(self.numel())
     }
 }
 
@@ -140,6 +148,7 @@ impl Op {
         match self {
             Op::Fill { .. } => "fill",
             Op::MatMul { .. } => "matmul",
+            Op::Nf4MatMul { .. } => "nf4_matmul",
             Op::AddBias => "add_bias",
             Op::SumRows => "sum_rows",
             Op::Add => "add",
@@ -168,6 +177,7 @@ impl Op {
             Op::Fill { .. } => 0,
             Op::SumRows | Op::Scale(_) | Op::Cast(_) => 1,
             Op::MatMul { .. }
+            | Op::Nf4MatMul { .. }
             | Op::AddBias
             | Op::Add
             | Op::Mul
@@ -252,6 +262,31 @@ impl Op {
                     )));
                 }
                 out(vec![m, n], a.dtype)
+            }
+            Op::Nf4MatMul { tb, compute } => {
+                let (a, w) = (ins[0], ins[1]);
+                rank(a, 2, "a")?;
+                float(a, "a")?;
+                if !w.dtype.is_nf4() || w.shape.len() != 2 {
+                    return Err(self.err(format!(
+                        "w must be a 2-D nf4 weight, got {} {:?}",
+                        w.dtype, w.shape
+                    )));
+                }
+                if !matches!(compute, DType::F32 | DType::BF16) {
+                    return Err(
+                        self.err(format!("compute dtype must be f32 or bf16, got {compute}"))
+                    );
+                }
+                let (n, k) = (w.shape[0], w.shape[1]);
+                let (inner, outer) = if *tb { (k, n) } else { (n, k) };
+                if a.shape[1] != inner {
+                    return Err(self.err(format!(
+                        "a {:?} does not fit w {:?} (tb={tb})",
+                        a.shape, w.shape
+                    )));
+                }
+                out(vec![a.shape[0], outer], a.dtype)
             }
             Op::AddBias => {
                 let (x, b) = (ins[0], ins[1]);

@@ -261,6 +261,7 @@ pub fn write_safetensors(
                 DType::F16 => StDtype::F16,
                 DType::I32 => StDtype::I32,
                 DType::U32 => StDtype::U32,
+                DType::Nf4 { .. } => unreachable!("refused before serialising"),
             }
         }
         fn shape(&self) -> &[usize] {
@@ -272,6 +273,12 @@ pub fn write_safetensors(
         fn data_len(&self) -> usize {
             self.0.bytes().len()
         }
+    }
+    if let Some((name, _)) = tensors.iter().find(|(_, t)| t.dtype().is_nf4()) {
+        return Err(ModelError::Safetensors {
+            path: path.to_path_buf(),
+            msg: format!("tensor `{name}` is nf4: write its bitsandbytes parts instead"),
+        });
     }
     let views: Vec<(String, View)> = tensors.iter().map(|(n, t)| (n.clone(), View(t))).collect();
     let bytes = safetensors::serialize(views, metadata).map_err(|e| ModelError::Safetensors {

@@ -1,0 +1,151 @@
+//! NF4 dequantization and the tile-dequantizing products against
+//! dequantize-then-multiply in f64, on random shapes (ragged K against the
+//! block size, M = 1, partial nested blocks).
+
+mod common;
+
+use common::*;
+use graft_kernels::bf16;
+use graft_kernels::nf4::{dynamic_map_signed, nf4_matmul, Nf4, NF4_CODE};
+use proptest::prelude::*;
+
+/// Random NF4 parts (every code, absmax code and scale drawn at random).
+struct Parts {
+    rows: usize,
+    cols: usize,
+    block: usize,
+    packed: Vec<u8>,
+    absmax: Vec<u8>,
+    scales: Vec<f32>,
+    map: Vec<f32>,
+    offset: f32,
+}
+
+impl Parts {
+    fn random(rows: usize, cols: usize, block: usize, seed: u64) -> Parts {
+        let mut r = Gen::new(seed);
+        let n = rows * cols;
+        let blocks = n.div_ceil(block);
+        Parts {
+            rows,
+            cols,
+            block,
+            packed: (0..n.div_ceil(2)).map(|_| r.below(256) as u8).collect(),
+            absmax: (0..blocks).map(|_| r.below(256) as u8).collect(),
+            scales: (0..blocks.div_ceil(256))
+                .map(|_| r.uniform(0.01, 0.1))
+                .collect(),
+            map: dynamic_map_signed().to_vec(),
+            offset: r.uniform(0.05, 0.2),
+        }
+    }
+    fn view(&self) -> Nf4<'_> {
+        Nf4 {
+            rows: self.rows,
+            cols: self.cols,
+            block: self.block,
+            packed: &self.packed,
+            absmax: &self.absmax,
+            nested_scales: &self.scales,
+            nested_map: &self.map,
+            offset: self.offset,
+        }
+    }
+    /// The whole weight, written out from the format's definition.
+    fn dequantized(&self) -> Vec<f32> {
+        (0..self.rows * self.cols)
+            .map(|i| {
+                let q = if i % 2 == 0 {
+                    self.packed[i / 2] >> 4
+                } else {
+                    self.packed[i / 2] & 15
+                };
+                let b = i / self.block;
+                let absmax = self.map[self.absmax[b] as usize] * self.scales[b / 256] + self.offset;
+                NF4_CODE[q as usize] * absmax
+            })
+            .collect()
+    }
+}
+
+fn reference(a: &[f64], w: &[f64], m: usize, n: usize, k: usize, tb: bool) -> Vec<f64> {
+    let (inner, outer) = if tb { (k, n) } else { (n, k) };
+    let mut out = vec![0.0; m * outer];
+    for i in 0..m {
+        for j in 0..outer {
+            out[i * outer + j] = (0..inner)
+                .map(|p| a[i * inner + p] * if tb { w[j * k + p] } else { w[p * k + j] })
+                .sum();
+        }
+    }
+    out
+}
+
+fn block() -> impl Strategy<Value = usize> {
+    prop_oneof![Just(32usize), Just(64), Just(128)]
+}
+
+proptest! {
+    #![proptest_config(config(48))]
+
+    #[test]
+    fn dequantize_matches_the_definition(rows in 1usize..40, cols in 1usize..300, block in block(), seed in any::<u64>(), start in 0usize..1000) {
+        let p = Parts::random(rows, cols, block, seed);
+        let full = p.dequantized();
+        let start = start % full.len();
+        let mut got = vec![f32::NAN; full.len() - start];
+        p.view().dequantize_into(start, &mut got);
+        prop_assert_eq!(&got[..], &full[start..]);
+    }
+
+    #[test]
+    fn products_match_dequantize_then_multiply(m in 1usize..24, n in 1usize..48, k in 1usize..200, block in block(), seed in any::<u64>(), tb in any::<bool>()) {
+        let p = Parts::random(n, k, block, seed);
+        let w64: Vec<f64> = p.dequantized().iter().map(|&v| v as f64).collect();
+        let inner = if tb { k } else { n };
+        let a = Gen::new(seed ^ 1).vec(m * inner, -1.0, 1.0);
+        let want = reference(&to_f64(&a), &w64, m, n, k, tb);
+        let mut got = nan_buf::<f32>(want.len());
+        nf4_matmul(&a, &p.view(), m, tb, false, &mut got);
+        check("f32 compute", &got, &want, 1e-5)?;
+
+        // bf16 compute: the same product of bf16-rounded operands.
+        let round = |v: f64| bf16::from_f32(v as f32).to_f32() as f64;
+        let w16: Vec<f64> = w64.iter().map(|&v| round(v)).collect();
+        let a16: Vec<bf16> = to_elem(&a);
+        let want16 = reference(&to_f64(&a16), &w16, m, n, k, tb);
+        let mut got16 = nan_buf::<bf16>(want16.len());
+        nf4_matmul(&a16, &p.view(), m, tb, true, &mut got16);
+        // Only the output's own bf16 rounding separates the two.
+        check("bf16 compute", &got16, &want16, 5e-3)?;
+    }
+}
+
+#[test]
+fn large_shapes_cover_many_tiles_and_nested_blocks() {
+    // 4 nested blocks of 256 absmax values, K not a multiple of the block.
+    let (m, n, k) = (3, 70, 1000);
+    let p = Parts::random(n, k, 64, 7);
+    let w64: Vec<f64> = p.dequantized().iter().map(|&v| v as f64).collect();
+    for tb in [true, false] {
+        let inner = if tb { k } else { n };
+        let a = Gen::new(11).vec(m * inner, -1.0, 1.0);
+        let mut got = nan_buf::<f32>(m * if tb { n } else { k });
+        nf4_matmul(&a, &p.view(), m, tb, false, &mut got);
+        let want = reference(&to_f64(&a), &w64, m, n, k, tb);
+        assert!(
+            rel_l2(&got, &want) < 1e-5,
+            "tb={tb}: {}",
+            rel_l2(&got, &want)
+        );
+    }
+}
+
+#[test]
+fn the_dynamic_map_is_bitsandbytes_signed_map() {
+    let map = dynamic_map_signed();
+    assert!(map.windows(2).all(|w| w[0] <= w[1]), "sorted");
+    assert_eq!(map[255], 1.0);
+    assert!(map.contains(&0.0));
+    assert!((map[0] + 0.99297).abs() < 1e-5, "{}", map[0]);
+}
