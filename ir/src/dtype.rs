@@ -13,6 +13,8 @@ pub enum DType {
     F16,
     I32,
     U32,
+    /// Raw bytes (the parts of quantized checkpoints).
+    U8,
     /// bitsandbytes NF4 with double quantization, `block` values per absmax
     /// (see [`Nf4Layout`]). Only weights have it; only NF4 ops read it.
     Nf4 {
@@ -26,6 +28,7 @@ impl DType {
         match self {
             DType::F32 | DType::I32 | DType::U32 => 4 * numel,
             DType::BF16 | DType::F16 => 2 * numel,
+            DType::U8 => numel,
             DType::Nf4 { block } => Nf4Layout::new(numel, block as usize).total,
         }
     }
@@ -34,6 +37,7 @@ impl DType {
     pub fn align(self) -> usize {
         match self {
             DType::BF16 | DType::F16 => 2,
+            DType::U8 => 1,
             _ => 4,
         }
     }
@@ -53,6 +57,7 @@ impl DType {
             DType::F16 => "f16",
             DType::I32 => "i32",
             DType::U32 => "u32",
+            DType::U8 => "u8",
             DType::Nf4 { .. } => "nf4",
         }
     }

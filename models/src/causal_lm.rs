@@ -20,6 +20,16 @@ pub struct CausalLm {
     weights: HashMap<String, Tensor>,
 }
 
+/// How to load a model.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Storage and compute dtype of activations and unquantized weights.
+    pub dtype: DType,
+    /// Quantize the decoder's linear weights to NF4 with this block size
+    /// while loading (bitsandbytes' default is 64).
+    pub quantize: Option<usize>,
+}
+
 /// What to record.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RecordOptions<'a> {
@@ -100,6 +110,22 @@ impl CausalLm {
     /// Loads config.json and the checkpoint of `dir`, checking every tensor's
     /// presence and shape against the config, converting to `dtype`.
     pub fn load(dir: &Path, dtype: DType) -> Result<Self, ModelError> {
+        Self::load_with(
+            dir,
+            &LoadOptions {
+                dtype,
+                quantize: None,
+            },
+        )
+    }
+
+    /// [`CausalLm::load`] with options. Linear weights come out NF4 when the
+    /// checkpoint is a bitsandbytes 4-bit one (read as is, never requantized)
+    /// or when `quantize` asks for it: then each is quantized as it is read,
+    /// one tensor at a time, and its pages are released, so the resident set
+    /// stays near the quantized size plus one tensor.
+    pub fn load_with(dir: &Path, opts: &LoadOptions) -> Result<Self, ModelError> {
+        let dtype = opts.dtype;
         if !dtype.is_float() {
             return Err(ModelError::Input(format!(
                 "compute dtype must be a float, got {dtype}"
@@ -109,7 +135,21 @@ impl CausalLm {
         let ckpt = Checkpoint::open(dir)?;
         let mut weights = HashMap::new();
         for (name, shape) in config.expected_tensors() {
-            let t = ckpt.load(&name, &shape, dtype)?;
+            let linear = config.is_linear_weight(&name);
+            let t = match (linear, &config.quantization, opts.quantize) {
+                (true, Some(_), _) => crate::quantized::load_nf4(&ckpt, &name, &shape)?,
+                (true, None, Some(block)) => {
+                    let t = ckpt
+                        .load(&name, &shape, DType::F32)?
+                        .quantize_nf4(block)
+                        .map_err(|e| {
+                            ModelError::Input(format!("{}: tensor `{name}`: {e}", dir.display()))
+                        })?;
+                    ckpt.release(&name);
+                    t
+                }
+                _ => ckpt.load(&name, &shape, dtype)?,
+            };
             weights.insert(name, t);
         }
         Ok(CausalLm {

@@ -80,6 +80,7 @@ pub fn dtype_of(d: StDtype) -> Option<DType> {
         StDtype::F16 => DType::F16,
         StDtype::I32 => DType::I32,
         StDtype::U32 => DType::U32,
+        StDtype::U8 => DType::U8,
         _ => return None,
     })
 }
@@ -217,6 +218,33 @@ impl Checkpoint {
         Ok((&file.path, &file.tensors[name]))
     }
 
+    /// The stored bytes of `name`, with its file and entry.
+    pub fn raw(&self, name: &str) -> Result<(&Path, &TensorEntry, &[u8]), ModelError> {
+        let (path, e) = self.entry(name)?;
+        let file = &self.files[self.index[name]];
+        Ok((path, e, &file.map[e.range.clone()]))
+    }
+
+    /// Lets the OS drop `name`'s pages from this process's memory: a
+    /// streaming pass calls it once a tensor is converted, so the resident set
+    /// never holds the whole checkpoint. The bytes stay readable (re-read from
+    /// the file on the next access).
+    pub fn release(&self, name: &str) {
+        if let Some(&f) = self.index.get(name) {
+            let file = &self.files[f];
+            let range = &file.tensors[name].range;
+            // SAFETY: the mapping is read-only and never written, so dropping
+            // its pages loses nothing; later reads fault them back in.
+            let _ = unsafe {
+                file.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    range.start,
+                    range.len(),
+                )
+            };
+        }
+    }
+
     /// Loads `name`, checking its shape against `want`, converted to `dtype`
     /// (zero-copy when it is stored as `dtype` and aligned).
     pub fn load(&self, name: &str, want: &[usize], dtype: DType) -> Result<Tensor, ModelError> {
@@ -261,6 +289,7 @@ pub fn write_safetensors(
                 DType::F16 => StDtype::F16,
                 DType::I32 => StDtype::I32,
                 DType::U32 => StDtype::U32,
+                DType::U8 => StDtype::U8,
                 DType::Nf4 { .. } => unreachable!("refused before serialising"),
             }
         }

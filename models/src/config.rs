@@ -65,6 +65,8 @@ pub struct ModelConfig {
     pub activation: graft_ir::Activation,
     /// The dtype transformers saved the weights in, if stated.
     pub torch_dtype: Option<String>,
+    /// Set when the checkpoint's linear weights are bitsandbytes NF4.
+    pub quantization: Option<crate::quantized::Bnb4Bit>,
 }
 
 #[derive(Deserialize)]
@@ -91,6 +93,7 @@ struct Raw {
     hidden_activation: Option<String>,
     torch_dtype: Option<String>,
     dtype: Option<String>,
+    quantization_config: Option<Value>,
 }
 
 impl ModelConfig {
@@ -244,6 +247,10 @@ impl ModelConfig {
             mlp_bias: raw.mlp_bias.unwrap_or(false),
             activation,
             torch_dtype: raw.torch_dtype.or(raw.dtype),
+            quantization: crate::quantized::parse_quantization_config(
+                raw.quantization_config.as_ref(),
+                path,
+            )?,
         })
     }
 
@@ -314,6 +321,17 @@ impl ModelConfig {
             ("mlp.up_proj", [i, h]),
             ("mlp.down_proj", [h, i]),
         ]
+    }
+
+    /// Whether `name` is the weight of a decoder linear (what 4-bit
+    /// quantization applies to; never embeddings, norms or `lm_head`).
+    pub fn is_linear_weight(&self, name: &str) -> bool {
+        name.starts_with("model.layers.")
+            && name.ends_with(".weight")
+            && self
+                .linear_shapes()
+                .iter()
+                .any(|(m, _)| name.ends_with(&format!(".{m}.weight")))
     }
 
     /// Whether the linear at `module` (a path ending in its name) has a bias.

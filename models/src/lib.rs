@@ -6,8 +6,9 @@ pub mod causal_lm;
 pub mod checkpoint;
 pub mod config;
 pub mod lora;
+pub mod quantized;
 
-pub use causal_lm::{Batch, CausalLm, RecordOptions, Recorded};
+pub use causal_lm::{Batch, CausalLm, LoadOptions, RecordOptions, Recorded};
 pub use config::{Arch, ModelConfig};
 pub use lora::{Lora, LoraConfig, LoraModule, Targets};
 
