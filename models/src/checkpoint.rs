@@ -280,39 +280,63 @@ pub fn write_safetensors(
     tensors: &[(String, &Tensor)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<(), ModelError> {
-    struct View<'a>(&'a Tensor);
-    impl safetensors::View for View<'_> {
-        fn dtype(&self) -> StDtype {
-            match self.0.dtype() {
-                DType::F32 => StDtype::F32,
-                DType::BF16 => StDtype::BF16,
-                DType::F16 => StDtype::F16,
-                DType::I32 => StDtype::I32,
-                DType::U32 => StDtype::U32,
-                DType::U8 => StDtype::U8,
-                DType::Nf4 { .. } => unreachable!("refused before serialising"),
-            }
-        }
-        fn shape(&self) -> &[usize] {
-            self.0.shape()
-        }
-        fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-            std::borrow::Cow::Borrowed(self.0.bytes())
-        }
-        fn data_len(&self) -> usize {
-            self.0.bytes().len()
-        }
+    write_safetensors_streaming(path, tensors, metadata, &mut |_| {})
+}
+
+fn st_dtype(d: DType) -> Option<&'static str> {
+    Some(match d {
+        DType::F32 => "F32",
+        DType::BF16 => "BF16",
+        DType::F16 => "F16",
+        DType::I32 => "I32",
+        DType::U32 => "U32",
+        DType::U8 => "U8",
+        DType::Nf4 { .. } => return None,
+    })
+}
+
+/// [`write_safetensors`], calling `written(name)` once each tensor's bytes
+/// are out: a caller streaming from a memory-mapped checkpoint releases the
+/// source pages there. Tensors are laid out widest dtype first, so every
+/// tensor stays aligned for zero-copy reading.
+pub fn write_safetensors_streaming(
+    path: &Path,
+    tensors: &[(String, &Tensor)],
+    metadata: Option<HashMap<String, String>>,
+    written: &mut dyn FnMut(&str),
+) -> Result<(), ModelError> {
+    let mut order: Vec<&(String, &Tensor)> = tensors.iter().collect();
+    order.sort_by_key(|(_, t)| std::cmp::Reverse(t.dtype().align()));
+    let mut header = serde_json::Map::new();
+    if let Some(meta) = metadata {
+        header.insert("__metadata__".into(), serde_json::json!(meta));
     }
-    if let Some((name, _)) = tensors.iter().find(|(_, t)| t.dtype().is_nf4()) {
-        return Err(ModelError::Safetensors {
+    let mut offset = 0usize;
+    for (name, t) in &order {
+        let dtype = st_dtype(t.dtype()).ok_or_else(|| ModelError::Safetensors {
             path: path.to_path_buf(),
             msg: format!("tensor `{name}` is nf4: write its bitsandbytes parts instead"),
-        });
+        })?;
+        let len = t.bytes().len();
+        let entry = serde_json::json!({"dtype": dtype, "shape": t.shape(), "data_offsets": [offset, offset + len]});
+        if header.insert(name.clone(), entry).is_some() {
+            return Err(ModelError::Safetensors {
+                path: path.to_path_buf(),
+                msg: format!("tensor `{name}` given twice"),
+            });
+        }
+        offset += len;
     }
-    let views: Vec<(String, View)> = tensors.iter().map(|(n, t)| (n.clone(), View(t))).collect();
-    let bytes = safetensors::serialize(views, metadata).map_err(|e| ModelError::Safetensors {
-        path: path.to_path_buf(),
-        msg: e.to_string(),
-    })?;
-    crate::write_atomically(path, &bytes)
+    let mut head = serde_json::to_vec(&header).expect("a json map always serialises");
+    // Pad with spaces so the data starts 8-aligned.
+    head.resize(head.len().div_ceil(8) * 8, b' ');
+    crate::write_atomically_with(path, &mut |w| {
+        w.write_all(&(head.len() as u64).to_le_bytes())?;
+        w.write_all(&head)?;
+        for (name, t) in &order {
+            w.write_all(t.bytes())?;
+            written(name);
+        }
+        Ok(())
+    })
 }

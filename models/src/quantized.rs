@@ -183,6 +183,16 @@ pub fn load_nf4(ckpt: &Checkpoint, name: &str, want: &[usize]) -> Result<Tensor,
         offset,
         nested_map: f32s(part("nested_quant_map", DType::F32, 256)?),
     };
+    // The parts are copied into the tensor: let their source pages go.
+    for suffix in [
+        "",
+        ".absmax",
+        ".quant_map",
+        ".nested_absmax",
+        ".nested_quant_map",
+    ] {
+        ckpt.release(&format!("{name}{suffix}"));
+    }
     Ok(Tensor::from_nf4(want, &parts)?)
 }
 
@@ -228,4 +238,139 @@ pub fn write_parts(
             Tensor::from_bytes(&[state.len()], DType::U8, &state)?,
         ),
     ])
+}
+
+/// What [`quantize_checkpoint`] did.
+#[derive(Clone, Debug)]
+pub struct QuantizeReport {
+    pub quantized_tensors: usize,
+    pub kept_tensors: usize,
+    pub quantized_params: usize,
+    /// Bytes of the quantized weights' parts (packed, codes, scales, maps, states).
+    pub quantized_bytes: usize,
+    pub output_bytes: u64,
+}
+
+impl QuantizeReport {
+    /// Storage of the quantized weights in bits per parameter, all parts included.
+    pub fn bits_per_param(&self) -> f64 {
+        8.0 * self.quantized_bytes as f64 / self.quantized_params as f64
+    }
+}
+
+fn torch_dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    }
+}
+
+/// Turns the f32/bf16/f16 checkpoint in `src` into a bitsandbytes NF4
+/// checkpoint in `dst` that transformers loads: the decoder's linear weights
+/// quantized with block size `block` (double quantization), everything else
+/// kept as stored, config.json given its `quantization_config`, other files
+/// (tokenizer, generation config) copied. One weight is converted at a time
+/// and source pages are released once used, so the resident set stays near
+/// the quantized size plus one tensor.
+pub fn quantize_checkpoint(
+    src: &Path,
+    dst: &Path,
+    block: usize,
+) -> Result<QuantizeReport, ModelError> {
+    let config_path = src.join("config.json");
+    let text =
+        std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
+    let config = crate::ModelConfig::parse(&text, &config_path)?;
+    if config.quantization.is_some() {
+        return Err(ModelError::Config {
+            path: config_path,
+            msg: "key `quantization_config`: this checkpoint is already quantized".into(),
+        });
+    }
+    if src.canonicalize().ok() == dst.canonicalize().ok() {
+        return Err(ModelError::Input(format!(
+            "--out {} must differ from --model",
+            dst.display()
+        )));
+    }
+    let ckpt = Checkpoint::open(src)?;
+    std::fs::create_dir_all(dst).map_err(|e| ModelError::io(dst, e))?;
+
+    let mut out: Vec<(String, Tensor)> = Vec::new();
+    let mut report = QuantizeReport {
+        quantized_tensors: 0,
+        kept_tensors: 0,
+        quantized_params: 0,
+        quantized_bytes: 0,
+        output_bytes: 0,
+    };
+    let mut compute_dtype = "float32";
+    for (name, shape) in config.expected_tensors() {
+        let (path, entry) = ckpt.entry(&name)?;
+        let stored = crate::checkpoint::dtype_of(entry.dtype)
+            .filter(|d| d.is_float())
+            .ok_or_else(|| ModelError::Safetensors {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "tensor `{name}` has dtype {:?}; weights must be F32, BF16 or F16",
+                    entry.dtype
+                ),
+            })?;
+        if config.is_linear_weight(&name) {
+            let t = ckpt
+                .load(&name, &shape, DType::F32)?
+                .quantize_nf4(block)
+                .map_err(|e| {
+                    ModelError::Input(format!("{}: tensor `{name}`: {e}", path.display()))
+                })?;
+            ckpt.release(&name);
+            compute_dtype = torch_dtype_name(stored);
+            let parts = write_parts(&name, &t, compute_dtype)?;
+            report.quantized_tensors += 1;
+            report.quantized_params += t.numel();
+            report.quantized_bytes += parts.iter().map(|(_, p)| p.bytes().len()).sum::<usize>();
+            out.extend(parts);
+        } else {
+            report.kept_tensors += 1;
+            out.push((name.clone(), ckpt.load(&name, &shape, stored)?));
+        }
+    }
+    let refs: Vec<(String, &Tensor)> = out.iter().map(|(n, t)| (n.clone(), t)).collect();
+    let meta = [("format".to_string(), "pt".to_string())]
+        .into_iter()
+        .collect();
+    let weights = dst.join("model.safetensors");
+    crate::checkpoint::write_safetensors_streaming(&weights, &refs, Some(meta), &mut |name| {
+        ckpt.release(name)
+    })?;
+    report.output_bytes = std::fs::metadata(&weights)
+        .map_err(|e| ModelError::io(&weights, e))?
+        .len();
+
+    let mut json: Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        path: config_path.clone(),
+        msg: e.to_string(),
+    })?;
+    json["quantization_config"] = quantization_config(compute_dtype);
+    let pretty = serde_json::to_string_pretty(&json).expect("a json value always serialises");
+    crate::write_atomically(&dst.join("config.json"), pretty.as_bytes())?;
+    copy_side_files(src, dst)?;
+    Ok(report)
+}
+
+/// Copies what is not weights or config (tokenizer files, generation config).
+fn copy_side_files(src: &Path, dst: &Path) -> Result<(), ModelError> {
+    for entry in std::fs::read_dir(src).map_err(|e| ModelError::io(src, e))? {
+        let path = entry.map_err(|e| ModelError::io(src, e))?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let weights = name.ends_with(".safetensors") || name == "model.safetensors.index.json";
+        if path.is_file() && !weights && name != "config.json" {
+            std::fs::copy(&path, dst.join(&name)).map_err(|e| ModelError::io(&path, e))?;
+        }
+    }
+    Ok(())
 }

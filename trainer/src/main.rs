@@ -22,12 +22,17 @@ enum Command {
     /// file (tensor `logits`, f32 [tokens, vocab]), for parity checks against
     /// other frameworks.
     Logits(commands::logits::Args),
+    /// Quantize a Hugging Face checkpoint to bitsandbytes NF4 (double
+    /// quantization), streaming one tensor at a time; transformers loads the
+    /// result with its bitsandbytes integration.
+    Quantize(commands::quantize::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Logits(args) => commands::logits::run(args),
+        Command::Quantize(args) => commands::quantize::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

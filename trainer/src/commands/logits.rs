@@ -4,7 +4,7 @@ use super::CliError;
 use graft_engine::ir::DType;
 use graft_engine::{compile, CpuExecutor};
 use graft_models::checkpoint::write_safetensors;
-use graft_models::{Batch, CausalLm, Lora, RecordOptions};
+use graft_models::{Batch, CausalLm, LoadOptions, Lora, RecordOptions};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -24,6 +24,9 @@ pub struct Args {
     /// Compute dtype.
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     dtype: String,
+    /// Quantize the linear weights while loading (as `[model] quantize`).
+    #[arg(long, default_value = "none", value_parser = ["none", "nf4"])]
+    quantize: String,
 }
 
 fn parse_ids(text: &str) -> Result<Vec<i32>, CliError> {
@@ -53,7 +56,8 @@ pub fn run(args: Args) -> Result<(), CliError> {
     } else {
         DType::F32
     };
-    let model = CausalLm::load(&args.model, dtype)?;
+    let quantize = (args.quantize == "nf4").then_some(64);
+    let model = CausalLm::load_with(&args.model, &LoadOptions { dtype, quantize })?;
     let vocab = model.config.vocab_size;
     if let Some((i, id)) = ids
         .iter()

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod logits;
+pub mod quantize;
 
 /// A subcommand's failure: one line for the user.
 #[derive(Debug, thiserror::Error)]
