@@ -29,11 +29,20 @@ fn bench(c: &mut Criterion) {
         let mut y = vec![0f32; m * n];
         let mut dx = vec![0f32; m * k];
         let mut g = c.benchmark_group(format!("linear M={m} K={k} N={n}"));
-        g.sample_size(10).throughput(Throughput::Elements((2 * m * n * k) as u64));
-        g.bench_function("nf4 forward", |b| b.iter(|| nf4_matmul(&x, &view, m, true, false, &mut y)));
-        g.bench_function("f32 forward", |b| b.iter(|| matmul(&x, &w, &mut y, m, k, n, false, true)));
-        g.bench_function("nf4 input-grad", |b| b.iter(|| nf4_matmul(&dy, &view, m, false, false, &mut dx)));
-        g.bench_function("f32 input-grad", |b| b.iter(|| matmul(&dy, &w, &mut dx, m, n, k, false, false)));
+        g.sample_size(10)
+            .throughput(Throughput::Elements((2 * m * n * k) as u64));
+        g.bench_function("nf4 forward", |b| {
+            b.iter(|| nf4_matmul(&x, &view, m, true, false, &mut y))
+        });
+        g.bench_function("f32 forward", |b| {
+            b.iter(|| matmul(&x, &w, &mut y, m, k, n, false, true))
+        });
+        g.bench_function("nf4 input-grad", |b| {
+            b.iter(|| nf4_matmul(&dy, &view, m, false, false, &mut dx))
+        });
+        g.bench_function("f32 input-grad", |b| {
+            b.iter(|| matmul(&dy, &w, &mut dx, m, n, k, false, false))
+        });
         g.finish();
     }
 }

@@ -1,22 +1,10 @@
 //! `trainer logits` through the binary reproduces the oracle's logits.
 
+mod common;
+
+use common::{fixtures, read_f32, tmp, trainer};
 use safetensors::SafeTensors;
 use std::path::PathBuf;
-use std::process::Command;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn read_f32(bytes: &[u8], name: &str) -> Vec<f32> {
-    let st = SafeTensors::deserialize(bytes).unwrap();
-    let t = st.tensor(name).unwrap();
-    assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name} is f32");
-    t.data()
-        .chunks(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
 
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     if a.len() != b.len() || a.iter().chain(b).any(|x| !x.is_finite()) {
@@ -25,13 +13,6 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num / den).sqrt()
-}
-
-fn trainer(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_trainer"))
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 fn expected(name: &str) -> (Vec<u8>, String) {
@@ -47,10 +28,7 @@ fn expected(name: &str) -> (Vec<u8>, String) {
 }
 
 fn out_path(tag: &str) -> PathBuf {
-    std::env::temp_dir().join(format!(
-        "graft-logits-{tag}-{}.safetensors",
-        std::process::id()
-    ))
+    tmp(tag).with_extension("safetensors")
 }
 
 #[test]

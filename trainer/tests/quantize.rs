@@ -1,26 +1,11 @@
 //! `trainer quantize` writes a bitsandbytes NF4 checkpoint that Graft reads
 //! back to the same weights quantize-on-load gives.
 
+mod common;
+
+use common::{fixtures, tmp, trainer};
 use safetensors::SafeTensors;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn trainer(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_trainer"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("graft-quantize-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
+use std::path::Path;
 
 fn logits(model: &Path, extra: &[&str], tag: &str) -> Vec<u8> {
     let out = tmp(tag).with_extension("safetensors");
