@@ -8,6 +8,8 @@
 
 pub mod activation;
 pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod elementwise;
 pub mod embedding;
 pub mod loss;

@@ -1,0 +1,201 @@
+//! The NF4 GEMM on a GPU beside cuBLAS's bf16 GEMM on the same shapes
+//! (forward and input gradient), as criterion benches, then a short table of
+//! medians, TFLOP/s and the ratio to cuBLAS. Without a GPU it says so and
+//! exits.
+//!
+//! Run: `cargo bench --bench gpu` (scripts/gpu-check.sh runs it).
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use criterion::Criterion;
+    use cudarc::cublas::sys::cublasOperation_t;
+    use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
+    use cudarc::driver::CudaSlice;
+    use graft::engine::rng::Rng;
+    use graft::kernels::bf16;
+    use graft::kernels::cuda::{DeviceNf4, Gpu, Nf4Gemm};
+    use graft::kernels::nf4::{quantize, Nf4};
+    use std::time::{Duration, Instant};
+
+    const SHAPES: [(usize, usize, usize); 4] = [
+        (4096, 4096, 4096),
+        (4096, 4096, 11008),
+        (512, 4096, 4096),
+        (512, 4096, 11008),
+    ];
+
+    struct Case {
+        m: usize,
+        k: usize,
+        n: usize,
+        w: DeviceNf4,
+        x: CudaSlice<bf16>,
+        dy: CudaSlice<bf16>,
+        y: CudaSlice<bf16>,
+        dx: CudaSlice<bf16>,
+        wd: CudaSlice<bf16>,
+    }
+
+    fn random_bf16(rng: &mut Rng, n: usize, scale: f32) -> Vec<bf16> {
+        (0..n)
+            .map(|_| bf16::from_f32(rng.normal() * scale))
+            .collect()
+    }
+
+    fn case(gpu: &Gpu, m: usize, k: usize, n: usize) -> Case {
+        let mut rng = Rng::new((m * 31 + n) as u64);
+        let w: Vec<f32> = (0..n * k).map(|_| rng.normal() * 0.02).collect();
+        let p = quantize(&w, 64).unwrap();
+        let view = Nf4 {
+            rows: n,
+            cols: k,
+            block: 64,
+            packed: &p.packed,
+            absmax: &p.absmax,
+            nested_scales: &p.nested_scales,
+            nested_map: &p.nested_map,
+            offset: p.offset,
+        };
+        let s = gpu.stream();
+        let wd: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        Case {
+            m,
+            k,
+            n,
+            w: DeviceNf4::upload(gpu, &view).unwrap(),
+            x: s.clone_htod(&random_bf16(&mut rng, m * k, 1.0)).unwrap(),
+            dy: s.clone_htod(&random_bf16(&mut rng, m * n, 1.0)).unwrap(),
+            y: s.alloc_zeros(m * n).unwrap(),
+            dx: s.alloc_zeros(m * k).unwrap(),
+            wd: s.clone_htod(&wd).unwrap(),
+        }
+    }
+
+    /// Row-major `c[m,n] = a[m,k]·b[k,n]` through cuBLAS (column-major, so
+    /// it computes cᵀ = bᵀ·aᵀ).
+    fn cublas(
+        blas: &CudaBlas,
+        a: &CudaSlice<bf16>,
+        b: &CudaSlice<bf16>,
+        c: &mut CudaSlice<bf16>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_N,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha: bf16::ONE,
+            lda: n as i32,
+            ldb: k as i32,
+            beta: bf16::ZERO,
+            ldc: n as i32,
+        };
+        // SAFETY: the buffers hold k·n, m·k and m·n values.
+        unsafe { blas.gemm(cfg, b, a, c) }.unwrap();
+    }
+
+    /// The four timed operations of a case.
+    const OPS: [&str; 4] = [
+        "nf4 forward",
+        "cublas bf16 forward",
+        "nf4 input-grad",
+        "cublas bf16 input-grad",
+    ];
+
+    fn launch(op: usize, c: &mut Case, gemm: &Nf4Gemm, blas: &CudaBlas) {
+        let (m, k, n) = (c.m, c.k, c.n);
+        match op {
+            0 => gemm.run(&c.x, &c.w, m, true, &mut c.y).unwrap(),
+            // Same FLOPs and operand sizes as x·Wᵀ: [m,k]·[k,n].
+            1 => cublas(blas, &c.x, &c.wd, &mut c.y, m, k, n),
+            2 => gemm.run(&c.dy, &c.w, m, false, &mut c.dx).unwrap(),
+            _ => cublas(blas, &c.dy, &c.wd, &mut c.dx, m, n, k),
+        }
+    }
+
+    fn timed(gpu: &Gpu, iters: u64, mut f: impl FnMut()) -> Duration {
+        gpu.stream().synchronize().unwrap();
+        let t = Instant::now();
+        for _ in 0..iters {
+            f();
+        }
+        gpu.stream().synchronize().unwrap();
+        t.elapsed()
+    }
+
+    pub fn main() {
+        let gpu = match Gpu::open(0) {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("SKIPPED (no usable GPU): {e}");
+                return;
+            }
+        };
+        println!("GPU: {} ({})", gpu.name(), gpu.arch());
+        let gemm = Nf4Gemm::new(&gpu).unwrap();
+        let blas = CudaBlas::new(gpu.stream().clone()).unwrap();
+        let mut cases: Vec<Case> = SHAPES
+            .iter()
+            .map(|&(m, k, n)| case(&gpu, m, k, n))
+            .collect();
+
+        let mut crit = Criterion::default()
+            .sample_size(20)
+            .warm_up_time(Duration::from_millis(300))
+            .configure_from_args();
+        for c in cases.iter_mut() {
+            let mut g = crit.benchmark_group(format!("M={} K={} N={}", c.m, c.k, c.n));
+            for (op, name) in OPS.iter().enumerate() {
+                g.bench_function(*name, |b| {
+                    b.iter_custom(|iters| timed(&gpu, iters, || launch(op, c, &gemm, &blas)))
+                });
+            }
+            g.finish();
+        }
+        crit.final_summary();
+
+        // The table: median of 7 batches of 20 launches each, after warm-up.
+        println!("\n| M | K | N | op | ms | TFLOP/s | vs cuBLAS |");
+        println!("|---|---|---|---|---|---|---|");
+        for c in cases.iter_mut() {
+            let flops = 2.0 * (c.m * c.k * c.n) as f64;
+            let mut ms = [0f64; 4];
+            for (op, slot) in ms.iter_mut().enumerate() {
+                timed(&gpu, 5, || launch(op, c, &gemm, &blas));
+                let mut runs: Vec<f64> = (0..7)
+                    .map(|_| {
+                        timed(&gpu, 20, || launch(op, c, &gemm, &blas)).as_secs_f64() * 1e3 / 20.0
+                    })
+                    .collect();
+                runs.sort_by(f64::total_cmp);
+                *slot = runs[3];
+            }
+            for (op, name) in OPS.iter().enumerate() {
+                let ratio = if op % 2 == 0 {
+                    format!("{:.0}%", 100.0 * ms[op + 1] / ms[op])
+                } else {
+                    "-".into()
+                };
+                println!(
+                    "| {} | {} | {} | {name} | {:.3} | {:.0} | {ratio} |",
+                    c.m,
+                    c.k,
+                    c.n,
+                    ms[op],
+                    flops / (ms[op] * 1e-3) / 1e12
+                );
+            }
+        }
+    }
+}
+
+fn main() {
+    #[cfg(feature = "cuda")]
+    gpu::main();
+    #[cfg(not(feature = "cuda"))]
+    eprintln!("SKIPPED: built without the `cuda` feature");
+}

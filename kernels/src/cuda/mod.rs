@@ -1,0 +1,201 @@
+//! The GPU side of the kernels: CUDA C++ sources under `kernels/cuda/`,
+//! compiled at run time by NVRTC for the device's architecture and cached on
+//! disk, launched through cudarc. Nothing here panics when the driver or
+//! NVRTC is missing: every entry point returns a [`GpuError`] saying what is
+//! missing and how to proceed.
+
+mod nf4;
+
+pub use nf4::{DeviceNf4, Nf4Gemm};
+
+use cudarc::driver::{CudaContext, CudaModule, CudaStream};
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+/// The CUDA sources, by name. Every one is compiled in CI for [`ARCHS`].
+pub const SOURCES: [(&str, &str); 1] = [("nf4_gemm", include_str!("../../cuda/nf4_gemm.cu"))];
+
+/// Architectures the sources must compile for (Ampere and Hopper).
+pub const ARCHS: [&str; 2] = ["sm_80", "sm_90"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error("no CUDA driver (libcuda.so) could be loaded: run on the CPU (--device cpu) or install the NVIDIA driver")]
+    NoDriver,
+    #[error("NVRTC (libnvrtc.so) could not be loaded: install the CUDA toolkit or `pip install nvidia-cuda-nvrtc` and put its lib folder on LD_LIBRARY_PATH, or run on the CPU (--device cpu)")]
+    NoNvrtc,
+    #[error("GPU {name} is sm_{major}{minor}; Graft needs sm_80 or newer (use --device cpu)")]
+    TooOld {
+        name: String,
+        major: i32,
+        minor: i32,
+    },
+    #[error("NVRTC failed to compile `{source_name}` for {arch}:\n{log}")]
+    Compile {
+        source_name: String,
+        arch: String,
+        log: String,
+    },
+    #[error("CUDA: {0}")]
+    Driver(String),
+    #[error("{0}")]
+    Shape(String),
+}
+
+fn driver(e: cudarc::driver::DriverError) -> GpuError {
+    GpuError::Driver(e.to_string())
+}
+
+/// Runs a cudarc call that may panic when a library cannot be loaded.
+fn guarded<T>(missing: GpuError, f: impl FnOnce() -> T) -> Result<T, GpuError> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = catch_unwind(AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    r.map_err(|_| missing)
+}
+
+/// The NVRTC version, if NVRTC can be loaded.
+pub fn nvrtc_version() -> Result<(i32, i32), GpuError> {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: plain out-parameters.
+    let rc = guarded(GpuError::NoNvrtc, || unsafe {
+        cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor)
+    })?;
+    if rc != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(GpuError::NoNvrtc);
+    }
+    Ok((major, minor))
+}
+
+/// Compiles one source to PTX for `arch` (e.g. "sm_90"), without a GPU.
+pub fn compile_ptx(name: &str, src: &str, arch: &str) -> Result<String, GpuError> {
+    nvrtc_version()?;
+    let opts = cudarc::nvrtc::CompileOptions {
+        // Multiply-then-add as the CPU does, so dequantized weights are
+        // bit-identical on both sides.
+        fmad: Some(false),
+        options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()],
+        name: Some(format!("{name}.cu")),
+        ..Default::default()
+    };
+    match cudarc::nvrtc::compile_ptx_with_opts(src, opts) {
+        Ok(ptx) => Ok(ptx.to_src()),
+        Err(e) => Err(GpuError::Compile {
+            source_name: name.into(),
+            arch: arch.into(),
+            log: e.to_string(),
+        }),
+    }
+}
+
+/// A stable 64-bit FNV-1a hash, for cache keys that survive rebuilds.
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for &b in *p {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+        h = (h ^ 0xff).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Where compiled PTX is cached: `$GRAFT_CACHE_DIR`, else
+/// `$XDG_CACHE_HOME/graft/ptx`, else `~/.cache/graft/ptx`.
+fn cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("GRAFT_CACHE_DIR") {
+        return Some(PathBuf::from(d).join("ptx"));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("graft").join("ptx"))
+}
+
+/// One GPU: its context, a stream, and the modules compiled for it.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    arch: String,
+    modules: Mutex<HashMap<String, Arc<CudaModule>>>,
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal`, refusing GPUs older than sm_80.
+    pub fn open(ordinal: usize) -> Result<Gpu, GpuError> {
+        let ctx = guarded(GpuError::NoDriver, || CudaContext::new(ordinal))?.map_err(driver)?;
+        let (major, minor) = ctx.compute_capability().map_err(driver)?;
+        if major < 8 {
+            let name = ctx.name().unwrap_or_default();
+            return Err(GpuError::TooOld { name, major, minor });
+        }
+        let stream = ctx.default_stream();
+        Ok(Gpu {
+            ctx,
+            stream,
+            arch: format!("sm_{major}{minor}"),
+            modules: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn name(&self) -> String {
+        self.ctx.name().unwrap_or_default()
+    }
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The module of source `name`, compiled for this GPU (memory, then the
+    /// disk cache keyed by source hash, architecture and NVRTC version, then
+    /// NVRTC).
+    pub fn module(&self, name: &str) -> Result<Arc<CudaModule>, GpuError> {
+        if let Some(m) = self.modules.lock().expect("module cache lock").get(name) {
+            return Ok(m.clone());
+        }
+        let src = SOURCES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, s)| *s)
+            .ok_or_else(|| GpuError::Shape(format!("no CUDA source named `{name}`")))?;
+        let (vmaj, vmin) = nvrtc_version()?;
+        let key = fnv1a(&[
+            src.as_bytes(),
+            self.arch.as_bytes(),
+            format!("{vmaj}.{vmin}").as_bytes(),
+        ]);
+        let cached = cache_dir().map(|d| d.join(format!("{name}-{}-{key:016x}.ptx", self.arch)));
+        let ptx = match cached
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+        {
+            Some(ptx) => ptx,
+            None => {
+                let ptx = compile_ptx(name, src, &self.arch)?;
+                if let Some(p) = &cached {
+                    // A cache that cannot be written only costs a recompile.
+                    let _ = std::fs::create_dir_all(p.parent().expect("cache files have a folder"));
+                    let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+                    if std::fs::write(&tmp, &ptx).is_ok() {
+                        let _ = std::fs::rename(&tmp, p);
+                    }
+                }
+                ptx
+            }
+        };
+        let module = self
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+            .map_err(driver)?;
+        self.modules
+            .lock()
+            .expect("module cache lock")
+            .insert(name.to_string(), module.clone());
+        Ok(module)
+    }
+}

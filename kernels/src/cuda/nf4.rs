@@ -1,0 +1,113 @@
+//! The NF4 GEMM on tensor cores (kernels/cuda/nf4_gemm.cu): forward
+//! `x·dequant(W)ᵀ` and input gradient `dy·dequant(W)`, bf16 in and out, f32
+//! accumulation; the CPU twin is [`crate::nf4::nf4_matmul`] with bf16 compute.
+
+use super::{driver, Gpu, GpuError};
+use crate::bf16;
+use crate::nf4::Nf4;
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+/// An NF4 weight in device memory.
+pub struct DeviceNf4 {
+    pub rows: usize,
+    pub cols: usize,
+    packed: CudaSlice<u8>,
+    absmax: CudaSlice<u8>,
+    nested_scales: CudaSlice<f32>,
+    nested_map: CudaSlice<f32>,
+    offset: f32,
+}
+
+impl DeviceNf4 {
+    /// Uploads `w`. The kernel needs block 64 and a row length that is a
+    /// multiple of 64 (true of every Llama-family linear).
+    pub fn upload(gpu: &Gpu, w: &Nf4) -> Result<DeviceNf4, GpuError> {
+        if w.block != 64 || w.cols % 64 != 0 {
+            return Err(GpuError::Shape(format!(
+                "the GPU NF4 GEMM needs block 64 and in_features a multiple of 64; got block {} with {} columns",
+                w.block, w.cols
+            )));
+        }
+        let s = gpu.stream();
+        Ok(DeviceNf4 {
+            rows: w.rows,
+            cols: w.cols,
+            packed: s.clone_htod(w.packed).map_err(driver)?,
+            absmax: s.clone_htod(w.absmax).map_err(driver)?,
+            nested_scales: s.clone_htod(w.nested_scales).map_err(driver)?,
+            nested_map: s.clone_htod(w.nested_map).map_err(driver)?,
+            offset: w.offset,
+        })
+    }
+}
+
+/// The compiled NF4 GEMM kernels of one GPU.
+pub struct Nf4Gemm {
+    fwd: CudaFunction,
+    dgrad: CudaFunction,
+    stream: Arc<CudaStream>,
+}
+
+const TILE: usize = 128;
+
+impl Nf4Gemm {
+    pub fn new(gpu: &Gpu) -> Result<Nf4Gemm, GpuError> {
+        let m = gpu.module("nf4_gemm")?;
+        Ok(Nf4Gemm {
+            fwd: m.load_function("nf4_gemm_fwd").map_err(driver)?,
+            dgrad: m.load_function("nf4_gemm_dgrad").map_err(driver)?,
+            stream: gpu.stream().clone(),
+        })
+    }
+
+    /// `y[m, rows] = x[m, cols]·Wᵀ` when `tb`, else `y[m, cols] = x[m, rows]·W`.
+    /// Enqueued on the GPU's stream; does not wait.
+    pub fn run(
+        &self,
+        x: &CudaSlice<bf16>,
+        w: &DeviceNf4,
+        m: usize,
+        tb: bool,
+        y: &mut CudaSlice<bf16>,
+    ) -> Result<(), GpuError> {
+        let (inner, width) = if tb {
+            (w.cols, w.rows)
+        } else {
+            (w.rows, w.cols)
+        };
+        if x.len() != m * inner || y.len() != m * width {
+            return Err(GpuError::Shape(format!(
+                "nf4 gemm: x has {} values and y {}, but m={m} with W [{}, {}] (tb={tb}) needs {} and {}",
+                x.len(),
+                y.len(),
+                w.rows,
+                w.cols,
+                m * inner,
+                m * width
+            )));
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (width.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (mi, ni, ki) = (m as i32, w.rows as i32, w.cols as i32);
+        let f = if tb { &self.fwd } else { &self.dgrad };
+        let mut l = self.stream.launch_builder(f);
+        l.arg(x)
+            .arg(&w.packed)
+            .arg(&w.absmax)
+            .arg(&w.nested_scales)
+            .arg(&w.nested_map)
+            .arg(&w.offset)
+            .arg(y)
+            .arg(&mi)
+            .arg(&ni)
+            .arg(&ki);
+        // SAFETY: the argument list matches the kernel's signature, every
+        // buffer's length was checked above, and the grid covers y exactly.
+        unsafe { l.launch(cfg) }.map_err(driver)?;
+        Ok(())
+    }
+}

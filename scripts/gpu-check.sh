@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The one-shot GPU check: every GPU test against the CPU reference, then the
+# criterion GPU benches against cuBLAS, with the full log under OUTDIR and a
+# short table printed last.
+#
+#   scripts/gpu-check.sh OUTDIR
+#
+# Builds with cargo when the machine has it; otherwise runs the binaries that
+# scripts/gpu-build.sh left in .gpu-bin/ (GPU machines here have no Rust).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: scripts/gpu-check.sh OUTDIR}
+mkdir -p "$out"
+
+# NVRTC and cuBLAS from the CUDA toolkit, else from pip's nvidia-* wheels.
+for d in /usr/local/cuda/lib64 $(python3 -c 'import nvidia, os; print(os.path.join(os.path.dirname(nvidia.__path__[0]), "nvidia/cu13/lib"))' 2>/dev/null); do
+  [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+done
+export GRAFT_REQUIRE_NVRTC=1 GRAFT_CACHE_DIR="$out/cache"
+
+if command -v cargo >/dev/null; then
+  scripts/gpu-build.sh > "$out/build.log" 2>&1 || { echo "build failed: see $out/build.log"; exit 1; }
+fi
+[ -x .gpu-bin/cuda-tests ] && [ -x .gpu-bin/gpu-bench ] || { echo "no .gpu-bin/: run scripts/gpu-build.sh first"; exit 1; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
+cat "$out/gpu.txt"
+
+echo "== GPU tests"
+.gpu-bin/cuda-tests --test-threads=1 --nocapture > "$out/tests.log" 2>&1
+tests_rc=$?
+grep -E "rel L2|SKIPPED|test result|panicked|FAILED" "$out/tests.log"
+
+echo "== GPU benches (criterion)"
+.gpu-bin/gpu-bench --bench > "$out/bench.log" 2>&1
+bench_rc=$?
+grep -E "^GPU:|^\|" "$out/bench.log"
+
+echo "tests rc=$tests_rc bench rc=$bench_rc (logs in $out)"
+[ $tests_rc -eq 0 ] && [ $bench_rc -eq 0 ]
