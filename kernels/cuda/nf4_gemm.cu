@@ -64,6 +64,11 @@ __device__ void nf4_gemm(const bf16_t* __restrict__ x, Nf4 w, bf16_t* __restrict
     const int width = TRANS ? K : N;
     __shared__ __align__(16) bf16_t As[BM][BK + PAD];
     __shared__ __align__(16) bf16_t Bs[BN][BK + PAD];  // Bs[out column][inner index]
+    // The code book in shared memory: lanes look up different codes, which
+    // constant memory would serialise.
+    __shared__ float lut[16];
+    if (threadIdx.x < 16) lut[threadIdx.x] = NF4[threadIdx.x];
+    __syncthreads();
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp >> 2, wn = warp & 3;
@@ -76,11 +81,17 @@ __device__ void nf4_gemm(const bf16_t* __restrict__ x, Nf4 w, bf16_t* __restrict
             for (int r = 0; r < 4; r++) acc[i][j][r] = 0.f;
 
     for (int k0 = 0; k0 < inner; k0 += BK) {
-        // A tile: BM x BK of x (row stride `inner`), zero outside.
-        for (int e = tid; e < BM * BK; e += THREADS) {
-            int r = e / BK, c = e % BK;
+        // A tile: BM x BK of x (row stride `inner`), zero outside; 16-byte
+        // loads where the row allows them.
+        for (int e = tid; e < BM * BK / 8; e += THREADS) {
+            int r = e / (BK / 8), c = (e % (BK / 8)) * 8;
             int gm = m0 + r, gk = k0 + c;
-            As[r][c] = (gm < M && gk < inner) ? x[(long long)gm * inner + gk] : (bf16_t)0;
+            const bf16_t* src = x + (long long)gm * inner + gk;
+            if (gm < M && gk + 8 <= inner && (inner & 7) == 0) {
+                *(uint4*)&As[r][c] = *(const uint4*)src;
+            } else {
+                for (int i = 0; i < 8; i++) As[r][c + i] = (gm < M && gk + i < inner) ? src[i] : (bf16_t)0;
+            }
         }
         if (!TRANS) {
             // W rows c0..c0+BN, columns k0..k0+BK: one block per row. Each
@@ -91,10 +102,11 @@ __device__ void nf4_gemm(const bf16_t* __restrict__ x, Nf4 w, bf16_t* __restrict
                 long long flat = (long long)n * K + k0 + half * 32;
                 float a = block_absmax(w, flat >> 6);
                 const unsigned char* p = w.packed + (flat >> 1);
+                uint4 bytes = *(const uint4*)p;
+                const unsigned char* q = (const unsigned char*)&bytes;
                 for (int i = 0; i < 16; i++) {
-                    unsigned char byte = p[i];
-                    Bs[r][half * 32 + 2 * i] = f32_to_bf16(NF4[byte >> 4] * a);
-                    Bs[r][half * 32 + 2 * i + 1] = f32_to_bf16(NF4[byte & 15] * a);
+                    u32 lo = f32_to_bf16(lut[q[i] >> 4] * a), hi = f32_to_bf16(lut[q[i] & 15] * a);
+                    *(u32*)&Bs[r][half * 32 + 2 * i] = lo | (hi << 16);
                 }
             } else {
                 for (int i = 0; i < 32; i++) Bs[r][half * 32 + i] = 0;
@@ -109,10 +121,11 @@ __device__ void nf4_gemm(const bf16_t* __restrict__ x, Nf4 w, bf16_t* __restrict
                 long long flat = (long long)n * K + col;
                 float a = block_absmax(w, flat >> 6);
                 const unsigned char* p = w.packed + (flat >> 1);
+                uint4 bytes = *(const uint4*)p;
+                const unsigned char* q = (const unsigned char*)&bytes;
                 for (int i = 0; i < 16; i++) {
-                    unsigned char byte = p[i];
-                    Bs[quarter * 32 + 2 * i][r] = f32_to_bf16(NF4[byte >> 4] * a);
-                    Bs[quarter * 32 + 2 * i + 1][r] = f32_to_bf16(NF4[byte & 15] * a);
+                    Bs[quarter * 32 + 2 * i][r] = f32_to_bf16(lut[q[i] >> 4] * a);
+                    Bs[quarter * 32 + 2 * i + 1][r] = f32_to_bf16(lut[q[i] & 15] * a);
                 }
             } else {
                 for (int i = 0; i < 32; i++) Bs[quarter * 32 + i][r] = 0;
