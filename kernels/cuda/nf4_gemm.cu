@@ -54,8 +54,25 @@ __device__ __forceinline__ void mma_bf16(float* c, const u32* a, const u32* b) {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// Packs two floats as bf16x2, rounding to nearest even: `lo` in the low half.
+__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
+    u32 d;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+}
+
+// One thread's share of a tile, held in registers between the global loads
+// (issued before the current tile's math) and the shared-memory stores.
+struct Staged {
+    uint4 a[BM * BK / 8 / THREADS];  // 16-byte chunks of the activation tile
+    uint4 codes;                     // 32 packed NF4 codes of one 64-block
+    float absmax;
+    bool valid;
+};
+
 // Block tile: BM rows of X times BN output columns; 8 warps in a 2 x 4 grid,
-// each owning 64 x 32 outputs (4 x 4 mma tiles).
+// each owning 64 x 32 outputs (4 x 4 mma tiles). The next tile's global
+// loads are in flight while this tile's mma run.
 template <bool TRANS>
 __device__ void nf4_gemm(const bf16_t* __restrict__ x, Nf4 w, bf16_t* __restrict__ y,
                          int M, int N, int K) {
@@ -68,70 +85,69 @@ __device__ void nf4_gemm(const bf16_t* __restrict__ x, Nf4 w, bf16_t* __restrict
     // constant memory would serialise.
     __shared__ float lut[16];
     if (threadIdx.x < 16) lut[threadIdx.x] = NF4[threadIdx.x];
-    __syncthreads();
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp >> 2, wn = warp & 3;
     const int m0 = blockIdx.y * BM, c0 = blockIdx.x * BN;
     const int g = lane >> 2, t4 = lane & 3;
+    // This thread's W slice: a row and a 32-code run of it.
+    const int wr = TRANS ? tid >> 2 : tid >> 1;
+    const int wc = TRANS ? (tid & 3) * 32 : (tid & 1) * 32;
+
+    auto load = [&](Staged& st, int k0) {
+        for (int i = 0; i < BM * BK / 8 / THREADS; i++) {
+            int e = tid + i * THREADS;
+            int r = e / (BK / 8), c = (e % (BK / 8)) * 8;
+            int gm = m0 + r, gk = k0 + c;
+            const bf16_t* src = x + (long long)gm * inner + gk;
+            if (gm < M && gk + 8 <= inner && (inner & 7) == 0) {
+                st.a[i] = *(const uint4*)src;
+            } else {
+                bf16_t tmp[8];
+                for (int q = 0; q < 8; q++) tmp[q] = (gm < M && gk + q < inner) ? src[q] : (bf16_t)0;
+                st.a[i] = *(const uint4*)tmp;
+            }
+        }
+        // Forward: W row c0+wr, columns k0+wc... ; input grad: W row k0+wr,
+        // columns c0+wc... Either way 32 codes inside one 64-block.
+        int n = TRANS ? k0 + wr : c0 + wr;
+        int col = TRANS ? c0 + wc : k0 + wc;
+        st.valid = n < N && col < K;
+        if (st.valid) {
+            long long flat = (long long)n * K + col;
+            st.absmax = block_absmax(w, flat >> 6);
+            st.codes = *(const uint4*)(w.packed + (flat >> 1));
+        }
+    };
+    auto store = [&](const Staged& st) {
+        for (int i = 0; i < BM * BK / 8 / THREADS; i++) {
+            int e = tid + i * THREADS;
+            *(uint4*)&As[e / (BK / 8)][(e % (BK / 8)) * 8] = st.a[i];
+        }
+        const unsigned char* q = (const unsigned char*)&st.codes;
+        for (int i = 0; i < 16; i++) {
+            u32 pair = st.valid ? pack_bf16x2(lut[q[i] >> 4] * st.absmax, lut[q[i] & 15] * st.absmax) : 0u;
+            if (!TRANS) {
+                *(u32*)&Bs[wr][wc + 2 * i] = pair;
+            } else {
+                Bs[wc + 2 * i][wr] = (bf16_t)(pair & 0xffffu);
+                Bs[wc + 2 * i + 1][wr] = (bf16_t)(pair >> 16);
+            }
+        }
+    };
 
     float acc[4][4][4];
     for (int i = 0; i < 4; i++)
         for (int j = 0; j < 4; j++)
             for (int r = 0; r < 4; r++) acc[i][j][r] = 0.f;
 
+    Staged st;
+    load(st, 0);
+    __syncthreads();  // the code book is in place
     for (int k0 = 0; k0 < inner; k0 += BK) {
-        // A tile: BM x BK of x (row stride `inner`), zero outside; 16-byte
-        // loads where the row allows them.
-        for (int e = tid; e < BM * BK / 8; e += THREADS) {
-            int r = e / (BK / 8), c = (e % (BK / 8)) * 8;
-            int gm = m0 + r, gk = k0 + c;
-            const bf16_t* src = x + (long long)gm * inner + gk;
-            if (gm < M && gk + 8 <= inner && (inner & 7) == 0) {
-                *(uint4*)&As[r][c] = *(const uint4*)src;
-            } else {
-                for (int i = 0; i < 8; i++) As[r][c + i] = (gm < M && gk + i < inner) ? src[i] : (bf16_t)0;
-            }
-        }
-        if (!TRANS) {
-            // W rows c0..c0+BN, columns k0..k0+BK: one block per row. Each
-            // thread dequantizes 32 codes (16 bytes) of one row.
-            int r = tid >> 1, half = tid & 1;
-            int n = c0 + r;
-            if (n < N) {
-                long long flat = (long long)n * K + k0 + half * 32;
-                float a = block_absmax(w, flat >> 6);
-                const unsigned char* p = w.packed + (flat >> 1);
-                uint4 bytes = *(const uint4*)p;
-                const unsigned char* q = (const unsigned char*)&bytes;
-                for (int i = 0; i < 16; i++) {
-                    u32 lo = f32_to_bf16(lut[q[i] >> 4] * a), hi = f32_to_bf16(lut[q[i] & 15] * a);
-                    *(u32*)&Bs[r][half * 32 + 2 * i] = lo | (hi << 16);
-                }
-            } else {
-                for (int i = 0; i < 32; i++) Bs[r][half * 32 + i] = 0;
-            }
-        } else {
-            // W rows k0..k0+BK (inner), columns c0..c0+BN (output), stored
-            // transposed: Bs[column][row]. Each thread takes 32 codes of one row.
-            int r = tid >> 2, quarter = tid & 3;
-            int n = k0 + r;
-            int col = c0 + quarter * 32;
-            if (n < N && col < K) {
-                long long flat = (long long)n * K + col;
-                float a = block_absmax(w, flat >> 6);
-                const unsigned char* p = w.packed + (flat >> 1);
-                uint4 bytes = *(const uint4*)p;
-                const unsigned char* q = (const unsigned char*)&bytes;
-                for (int i = 0; i < 16; i++) {
-                    Bs[quarter * 32 + 2 * i][r] = f32_to_bf16(lut[q[i] >> 4] * a);
-                    Bs[quarter * 32 + 2 * i + 1][r] = f32_to_bf16(lut[q[i] & 15] * a);
-                }
-            } else {
-                for (int i = 0; i < 32; i++) Bs[quarter * 32 + i][r] = 0;
-            }
-        }
+        store(st);
         __syncthreads();
+        if (k0 + BK < inner) load(st, k0 + BK);
 
         for (int kk = 0; kk < BK; kk += 16) {
             u32 a[4][4], b[4][2];
@@ -166,7 +182,7 @@ __device__ void nf4_gemm(const bf16_t* __restrict__ x, Nf4 w, bf16_t* __restrict
             }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS)
+extern "C" __global__ void __launch_bounds__(THREADS, 2)
 nf4_gemm_fwd(const bf16_t* x, const unsigned char* packed, const unsigned char* absmax,
              const float* nested_scales, const float* nested_map, float offset,
              bf16_t* y, int M, int N, int K) {
@@ -174,7 +190,7 @@ nf4_gemm_fwd(const bf16_t* x, const unsigned char* packed, const unsigned char* 
     nf4_gemm<false>(x, w, y, M, N, K);
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS)
+extern "C" __global__ void __launch_bounds__(THREADS, 2)
 nf4_gemm_dgrad(const bf16_t* dy, const unsigned char* packed, const unsigned char* absmax,
                const float* nested_scales, const float* nested_map, float offset,
                bf16_t* dx, int M, int N, int K) {
