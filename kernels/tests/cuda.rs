@@ -20,7 +20,11 @@ fn every_source_compiles_for_every_arch_with_tensor_cores() {
                     assert!(ptx.contains(&format!(".target {arch}")), "{name} {arch}");
                     // scripts/cuda-resources.sh reads the PTX from here.
                     if let Some(dir) = std::env::var_os("GRAFT_PTX_DIR") {
-                        std::fs::write(std::path::Path::new(&dir).join(format!("{name}.{arch}.ptx")), &ptx).unwrap();
+                        std::fs::write(
+                            std::path::Path::new(&dir).join(format!("{name}.{arch}.ptx")),
+                            &ptx,
+                        )
+                        .unwrap();
                     }
                     if name == "nf4_gemm" {
                         assert!(
