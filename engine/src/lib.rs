@@ -34,6 +34,7 @@
 
 mod executor;
 mod nf4;
+pub mod optim;
 mod plan;
 pub mod rng;
 mod tensor;

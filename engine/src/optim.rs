@@ -1,0 +1,166 @@
+//! Optimizers that run after a plan, on its gradient outputs, updating f32
+//! parameters in place. The arithmetic follows PyTorch's single-tensor
+//! implementations operation by operation (f32 tensors, f64 scalars), so a
+//! run can be checked against `torch.optim` step for step.
+
+use crate::EngineError;
+
+/// AdamW hyperparameters (PyTorch's defaults but the learning rate).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
+
+/// AdamW with decoupled weight decay and one f32 state pair per parameter.
+#[derive(Clone, Debug)]
+pub struct AdamW {
+    pub config: AdamWConfig,
+    /// Steps taken (the bias corrections' exponent).
+    pub step: u64,
+    /// First and second moments, one pair per parameter, in parameter order.
+    pub moments: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+/// `a + w·(b − a)` as ATen's CPU `lerp` computes it in f32.
+#[inline]
+fn lerp(a: f32, b: f32, w: f32) -> f32 {
+    if w.abs() < 0.5 {
+        a + w * (b - a)
+    } else {
+        b - (b - a) * (1.0 - w)
+    }
+}
+
+fn check_lengths(
+    params: &[&mut [f32]],
+    grads: &[&[f32]],
+    sizes: &[usize],
+) -> Result<(), EngineError> {
+    if params.len() != grads.len() || params.len() != sizes.len() {
+        return Err(EngineError::Tensor(format!(
+            "optimizer: {} parameters, {} gradients, {} states",
+            params.len(),
+            grads.len(),
+            sizes.len()
+        )));
+    }
+    for (i, ((p, g), n)) in params.iter().zip(grads).zip(sizes).enumerate() {
+        if p.len() != g.len() || p.len() != *n {
+            return Err(EngineError::Tensor(format!(
+                "optimizer: parameter {i} has {} values, its gradient {}, its state {n}",
+                p.len(),
+                g.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl AdamW {
+    /// State for parameters of the given sizes.
+    pub fn new(config: AdamWConfig, sizes: &[usize]) -> AdamW {
+        AdamW {
+            config,
+            step: 0,
+            moments: sizes
+                .iter()
+                .map(|&n| (vec![0.0; n], vec![0.0; n]))
+                .collect(),
+        }
+    }
+
+    /// One step at learning rate `lr` (schedules set it per step).
+    pub fn step(
+        &mut self,
+        params: &mut [&mut [f32]],
+        grads: &[&[f32]],
+        lr: f64,
+    ) -> Result<(), EngineError> {
+        let sizes: Vec<usize> = self.moments.iter().map(|(m, _)| m.len()).collect();
+        check_lengths(params, grads, &sizes)?;
+        let c = self.config;
+        self.step += 1;
+        let t = self.step as i32;
+        let decay = (1.0 - lr * c.weight_decay) as f32;
+        let w1 = (1.0 - c.beta1) as f32;
+        let (b2, w2) = (c.beta2 as f32, (1.0 - c.beta2) as f32);
+        let step_size = lr / (1.0 - c.beta1.powi(t));
+        let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt() as f32;
+        let (eps, neg_step) = (c.eps as f32, (-step_size) as f32);
+        for ((p, g), (m, v)) in params.iter_mut().zip(grads).zip(&mut self.moments) {
+            for i in 0..p.len() {
+                let gi = g[i];
+                p[i] *= decay;
+                m[i] = lerp(m[i], gi, w1);
+                v[i] = v[i] * b2 + w2 * (gi * gi);
+                let denom = v[i].sqrt() / bc2_sqrt + eps;
+                p[i] += neg_step * (m[i] / denom);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// SGD with optional momentum and (coupled) weight decay, as `torch.optim.SGD`
+/// with dampening 0 and no Nesterov.
+#[derive(Clone, Debug)]
+pub struct Sgd {
+    pub momentum: f64,
+    pub weight_decay: f64,
+    /// Momentum buffers, created at the first step (as PyTorch's).
+    pub buffers: Option<Vec<Vec<f32>>>,
+    sizes: Vec<usize>,
+}
+
+impl Sgd {
+    pub fn new(momentum: f64, weight_decay: f64, sizes: &[usize]) -> Sgd {
+        Sgd {
+            momentum,
+            weight_decay,
+            buffers: None,
+            sizes: sizes.to_vec(),
+        }
+    }
+
+    pub fn step(
+        &mut self,
+        params: &mut [&mut [f32]],
+        grads: &[&[f32]],
+        lr: f64,
+    ) -> Result<(), EngineError> {
+        check_lengths(params, grads, &self.sizes)?;
+        let (wd, mu, neg_lr) = (self.weight_decay as f32, self.momentum as f32, (-lr) as f32);
+        let first = self.buffers.is_none();
+        let buffers = self
+            .buffers
+            .get_or_insert_with(|| self.sizes.iter().map(|&n| vec![0.0; n]).collect());
+        for ((p, g), buf) in params.iter_mut().zip(grads).zip(buffers) {
+            for i in 0..p.len() {
+                let mut d = g[i];
+                if wd != 0.0 {
+                    d += wd * p[i];
+                }
+                if mu != 0.0 {
+                    buf[i] = if first { d } else { buf[i] * mu + d };
+                    d = buf[i];
+                }
+                p[i] += neg_lr * d;
+            }
+        }
+        Ok(())
+    }
+}
