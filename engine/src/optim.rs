@@ -1,7 +1,9 @@
 //! Optimizers that run after a plan, on its gradient outputs, updating f32
-//! parameters in place. The arithmetic follows PyTorch's single-tensor
-//! implementations operation by operation (f32 tensors, f64 scalars), so a
-//! run can be checked against `torch.optim` step for step.
+//! parameters in place. The arithmetic follows PyTorch's single-tensor CPU
+//! implementations operation by operation (f32 tensors, f64 scalars, fused
+//! multiply-adds where ATen's vectorised kernels fuse), so a run reproduces
+//! `torch.optim` bit for bit (tests/optim_torch.rs; the spec is
+//! tests/oracle/make_optim_fixtures.py).
 
 use crate::EngineError;
 
@@ -35,13 +37,14 @@ pub struct AdamW {
     pub moments: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
-/// `a + w·(b − a)` as ATen's CPU `lerp` computes it in f32.
+/// `a + w·(b − a)` as ATen's vectorised CPU `lerp` computes it in f32 (one
+/// fused multiply-add, anchored at the nearer end).
 #[inline]
 fn lerp(a: f32, b: f32, w: f32) -> f32 {
     if w.abs() < 0.5 {
-        a + w * (b - a)
+        (b - a).mul_add(w, a)
     } else {
-        b - (b - a) * (1.0 - w)
+        (b - a).mul_add(w - 1.0, b)
     }
 }
 
@@ -106,9 +109,11 @@ impl AdamW {
                 let gi = g[i];
                 p[i] *= decay;
                 m[i] = lerp(m[i], gi, w1);
-                v[i] = v[i] * b2 + w2 * (gi * gi);
+                // addcmul: `value·t1` rounded, then fused with `t2` and the sum.
+                v[i] = (w2 * gi).mul_add(gi, v[i] * b2);
                 let denom = v[i].sqrt() / bc2_sqrt + eps;
-                p[i] += neg_step * (m[i] / denom);
+                // addcdiv: `(value·t1)/t2`, then the sum, each rounded.
+                p[i] += (neg_step * m[i]) / denom;
             }
         }
         Ok(())
@@ -150,15 +155,16 @@ impl Sgd {
             .get_or_insert_with(|| self.sizes.iter().map(|&n| vec![0.0; n]).collect());
         for ((p, g), buf) in params.iter_mut().zip(grads).zip(buffers) {
             for i in 0..p.len() {
+                // `add(.., alpha)` is one fused multiply-add in ATen.
                 let mut d = g[i];
                 if wd != 0.0 {
-                    d += wd * p[i];
+                    d = p[i].mul_add(wd, d);
                 }
                 if mu != 0.0 {
                     buf[i] = if first { d } else { buf[i] * mu + d };
                     d = buf[i];
                 }
-                p[i] += neg_lr * d;
+                p[i] = d.mul_add(neg_lr, p[i]);
             }
         }
         Ok(())
