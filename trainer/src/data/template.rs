@@ -1,0 +1,166 @@
+//! Chat templates: an example rendered to text, with the byte spans the loss
+//! is computed on (each response and the end-of-turn token after it). The
+//! renderings follow the official Jinja templates (tests compare them with
+//! transformers' `apply_chat_template`).
+
+use super::format::{Example, Role};
+use super::DataError;
+use std::ops::Range;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Template {
+    Llama2,
+    Llama3,
+    ChatMl,
+    Alpaca,
+}
+
+impl Template {
+    pub const NAMES: [&'static str; 4] = ["llama-2", "llama-3", "chatml", "alpaca"];
+
+    pub fn parse(s: &str) -> Option<Template> {
+        Some(match s {
+            "llama-2" => Template::Llama2,
+            "llama-3" => Template::Llama3,
+            "chatml" => Template::ChatMl,
+            "alpaca" => Template::Alpaca,
+            _ => return None,
+        })
+    }
+}
+
+/// The tokenizer's own begin and end tokens (used by the alpaca template and
+/// plain text; the chat templates name theirs).
+#[derive(Clone, Debug)]
+pub struct Specials {
+    pub bos: Option<String>,
+    pub eos: String,
+}
+
+/// Rendered text and the byte ranges that carry loss.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rendered {
+    pub text: String,
+    pub trainable: Vec<Range<usize>>,
+}
+
+impl Rendered {
+    fn push(&mut self, s: &str, trainable: bool) {
+        let start = self.text.len();
+        self.text.push_str(s);
+        if trainable && !s.is_empty() {
+            match self.trainable.last_mut() {
+                Some(r) if r.end == start => r.end = self.text.len(),
+                _ => self.trainable.push(start..self.text.len()),
+            }
+        }
+    }
+}
+
+const ALPACA_PREAMBLE: &str =
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n";
+const ALPACA_PREAMBLE_INPUT: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n";
+
+/// Renders `ex` with `t`. Plain text ignores the template (BOS, the text,
+/// EOS; all of it trained).
+pub fn render(t: Template, ex: &Example, sp: &Specials) -> Result<Rendered, DataError> {
+    let mut r = Rendered {
+        text: String::new(),
+        trainable: Vec::new(),
+    };
+    let turns: Vec<(Role, String)> = match ex {
+        Example::Text(s) => {
+            r.push(sp.bos.as_deref().unwrap_or(""), false);
+            r.push(s, true);
+            r.push(&sp.eos, true);
+            return Ok(r);
+        }
+        Example::Alpaca {
+            instruction,
+            input,
+            output,
+        } if t == Template::Alpaca => {
+            r.push(sp.bos.as_deref().unwrap_or(""), false);
+            if input.is_empty() {
+                r.push(
+                    &format!("{ALPACA_PREAMBLE}### Instruction:\n{instruction}\n\n### Response:\n"),
+                    false,
+                );
+            } else {
+                r.push(
+                    &format!("{ALPACA_PREAMBLE_INPUT}### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"),
+                    false,
+                );
+            }
+            r.push(output, true);
+            r.push(&sp.eos, true);
+            return Ok(r);
+        }
+        Example::Alpaca {
+            instruction,
+            input,
+            output,
+        } => {
+            let user = if input.is_empty() {
+                instruction.clone()
+            } else {
+                format!("{instruction}\n\n{input}")
+            };
+            vec![(Role::User, user), (Role::Assistant, output.clone())]
+        }
+        Example::Chat(turns) => turns.clone(),
+    };
+    match t {
+        Template::Alpaca => return Err(DataError::Template(
+            "the alpaca template takes alpaca records; use llama-2, llama-3 or chatml for messages"
+                .into(),
+        )),
+        Template::Llama3 => {
+            r.push("<|begin_of_text|>", false);
+            for (role, content) in &turns {
+                r.push(
+                    &format!("<|start_header_id|>{}<|end_header_id|>\n\n", role.name()),
+                    false,
+                );
+                let train = *role == Role::Assistant;
+                r.push(content.trim(), train);
+                r.push("<|eot_id|>", train);
+            }
+        }
+        Template::ChatMl => {
+            for (role, content) in &turns {
+                r.push(&format!("<|im_start|>{}\n", role.name()), false);
+                let train = *role == Role::Assistant;
+                r.push(content, train);
+                r.push("<|im_end|>", train);
+                r.push("\n", false);
+            }
+        }
+        Template::Llama2 => {
+            let (system, rest) = match turns.first() {
+                Some((Role::System, s)) => (Some(s.as_str()), &turns[1..]),
+                _ => (None, &turns[..]),
+            };
+            for (i, (role, content)) in rest.iter().enumerate() {
+                let content = match (i, system) {
+                    (0, Some(s)) => format!("<<SYS>>\n{s}\n<</SYS>>\n\n{content}"),
+                    _ => content.clone(),
+                };
+                match role {
+                    Role::User => r.push(&format!("<s>[INST] {} [/INST]", content.trim()), false),
+                    Role::Assistant => {
+                        r.push(" ", false);
+                        r.push(content.trim(), true);
+                        r.push(" </s>", true);
+                    }
+                    Role::System => {
+                        return Err(DataError::Template(
+                            "llama-2 allows a system message only first".into(),
+                        ))
+                    }
+                }
+            }
+        }
+    }
+    Ok(r)
+}

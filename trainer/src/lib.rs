@@ -1,0 +1,4 @@
+//! graft-trainer: what the `trainer` binary is made of, as a library so each
+//! piece is tested on its own.
+
+pub mod data;

@@ -1,0 +1,213 @@
+//! Datasets against the oracle (tests/oracle/make_data_fixtures.py): the
+//! tokenizer gives the HF tokenizers ids, the chat templates render what
+//! transformers' apply_chat_template renders with the same loss spans, and
+//! tokenization labels exactly the tokens of the responses.
+
+mod common;
+
+use common::fixtures;
+use graft_trainer::data::format::{read_jsonl, Example, Format, Role};
+use graft_trainer::data::load_tokenizer;
+use graft_trainer::data::template::{render, Specials, Template};
+use graft_trainer::data::tokenize::{tokenize, IGNORE};
+use serde_json::Value;
+
+fn data_dir() -> std::path::PathBuf {
+    fixtures().join("data")
+}
+
+fn json(name: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(data_dir().join(name)).unwrap()).unwrap()
+}
+
+fn ints(v: &Value) -> Vec<i32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap() as i32)
+        .collect()
+}
+
+fn spans(v: &Value) -> Vec<std::ops::Range<usize>> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s[0].as_u64().unwrap() as usize..s[1].as_u64().unwrap() as usize)
+        .collect()
+}
+
+#[test]
+fn tokenizer_matches_hf_tokenizers() {
+    let (tok, sp) = load_tokenizer(&data_dir()).unwrap();
+    assert_eq!(sp.eos, "<|eot_id|>");
+    assert_eq!(sp.bos.as_deref(), Some("<|begin_of_text|>"));
+    let enc = json("encodings.json");
+    let cases = enc["encodings"].as_array().unwrap();
+    assert!(cases.len() >= 15);
+    for c in cases {
+        let text = c["text"].as_str().unwrap();
+        let ids: Vec<i32> = tok
+            .encode(text, false)
+            .unwrap()
+            .get_ids()
+            .iter()
+            .map(|&i| i as i32)
+            .collect();
+        assert_eq!(ids, ints(&c["ids"]), "{text:?}");
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        assert_eq!(
+            tok.decode(&ids, false).unwrap(),
+            c["decoded"].as_str().unwrap(),
+            "{text:?}"
+        );
+    }
+}
+
+#[test]
+fn chat_templates_match_transformers_with_their_loss_spans() {
+    let (tok, sp) = load_tokenizer(&data_dir()).unwrap();
+    let t = json("templates.json");
+    let mut checked = 0;
+    for (name, template) in [
+        ("llama-3", Template::Llama3),
+        ("llama-2", Template::Llama2),
+        ("chatml", Template::ChatMl),
+    ] {
+        for r in t["templates"][name]["renderings"].as_array().unwrap() {
+            if r["add_generation_prompt"].as_bool().unwrap() {
+                continue; // generation prompts are for `trainer generate`
+            }
+            let turns = r["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| {
+                    let role = match m["role"].as_str().unwrap() {
+                        "system" => Role::System,
+                        "user" => Role::User,
+                        _ => Role::Assistant,
+                    };
+                    (role, m["content"].as_str().unwrap().to_string())
+                })
+                .collect();
+            let got = render(template, &Example::Chat(turns), &sp).unwrap();
+            let what = format!("{name} {}", r["name"]);
+            assert_eq!(got.text, r["text"].as_str().unwrap(), "{what}");
+            assert_eq!(got.trainable, spans(&r["spans_byte"]), "{what}");
+            let tk = tokenize(&tok, &got, false).unwrap();
+            assert_eq!(tk.ids, ints(&r["ids"]), "{what}");
+            assert_eq!(tk.labels, ints(&r["labels"]), "{what}");
+            assert!(
+                tk.labels.iter().any(|&l| l != IGNORE) && tk.labels.contains(&IGNORE),
+                "{what}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 12, "{checked} renderings checked");
+}
+
+#[test]
+fn alpaca_template_matches_with_bos_and_eos() {
+    let (tok, sp) = load_tokenizer(&data_dir()).unwrap();
+    let t = json("templates.json");
+    let renderings = t["templates"]["alpaca"]["renderings"].as_array().unwrap();
+    for r in renderings {
+        let ex = Example::Alpaca {
+            instruction: r["instruction"].as_str().unwrap().into(),
+            input: r["input"].as_str().unwrap().into(),
+            output: r["output"].as_str().unwrap().into(),
+        };
+        let want = &r["with_bos_eos"];
+        let got = render(Template::Alpaca, &ex, &sp).unwrap();
+        assert_eq!(got.text, want["text"].as_str().unwrap());
+        assert_eq!(got.trainable, spans(&want["spans_byte"]));
+        let tk = tokenize(&tok, &got, false).unwrap();
+        assert_eq!(tk.ids, ints(&want["ids"]));
+        assert_eq!(tk.labels, ints(&want["labels"]));
+        // train_on_inputs: every token counts.
+        assert_eq!(tokenize(&tok, &got, true).unwrap().labels, tk.ids);
+    }
+    assert!(renderings.len() >= 3);
+}
+
+#[test]
+fn jsonl_formats_read_and_bad_lines_name_file_and_line() {
+    let d = data_dir();
+    let alpaca = read_jsonl(&d.join("alpaca.jsonl"), Format::Alpaca).unwrap();
+    assert_eq!(alpaca.len(), 5);
+    assert!(matches!(&alpaca[3], Example::Alpaca { input, .. } if input.is_empty()));
+    let chats = read_jsonl(&d.join("messages.jsonl"), Format::Messages).unwrap();
+    assert_eq!(chats.len(), 4);
+    assert_eq!(
+        read_jsonl(&d.join("text.jsonl"), Format::Text)
+            .unwrap()
+            .len(),
+        4
+    );
+
+    let e = read_jsonl(&d.join("bad.jsonl"), Format::Alpaca)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bad.jsonl:3: not valid JSON"), "{e}");
+    let e = read_jsonl(&d.join("text.jsonl"), Format::Alpaca)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("text.jsonl:1: key `instruction` is missing"),
+        "{e}"
+    );
+    let e = read_jsonl(&d.join("alpaca.jsonl"), Format::Messages)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("alpaca.jsonl:1: key `messages`"), "{e}");
+}
+
+#[test]
+fn plain_text_is_trained_whole_and_alpaca_records_fit_chat_templates() {
+    let (tok, sp) = load_tokenizer(&data_dir()).unwrap();
+    let r = render(Template::ChatMl, &Example::Text("hello world".into()), &sp).unwrap();
+    assert_eq!(r.text, "<|begin_of_text|>hello world<|eot_id|>");
+    let tk = tokenize(&tok, &r, false).unwrap();
+    assert_eq!(tk.labels[0], IGNORE, "BOS carries no loss");
+    assert!(tk.labels[1..].iter().zip(&tk.ids[1..]).all(|(l, i)| l == i));
+
+    let ex = Example::Alpaca {
+        instruction: "Add.".into(),
+        input: "3 4".into(),
+        output: "7".into(),
+    };
+    let r = render(Template::Llama3, &ex, &sp).unwrap();
+    assert!(
+        r.text
+            .contains("<|start_header_id|>user<|end_header_id|>\n\nAdd.\n\n3 4<|eot_id|>"),
+        "{}",
+        r.text
+    );
+    assert_eq!(&r.text[r.trainable[0].clone()], "7<|eot_id|>");
+
+    let chat = Example::Chat(vec![
+        (Role::User, "hi".into()),
+        (Role::Assistant, "yo".into()),
+    ]);
+    let e = render(
+        Template::Alpaca,
+        &chat,
+        &Specials {
+            bos: None,
+            eos: "</s>".into(),
+        },
+    )
+    .unwrap_err();
+    assert!(e
+        .to_string()
+        .contains("alpaca template takes alpaca records"));
+}
+
+#[test]
+fn a_missing_tokenizer_names_the_file() {
+    let e = load_tokenizer(&fixtures().join("llama/model"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("llama/model/tokenizer.json"), "{e}");
+}
