@@ -1,5 +1,6 @@
 //! Datasets: JSONL formats, chat templates, tokenization with label masks.
 
+pub mod batch;
 pub mod format;
 pub mod template;
 pub mod tokenize;
