@@ -1,4 +1,5 @@
 //! graft-trainer: what the `trainer` binary is made of, as a library so each
 //! piece is tested on its own.
 
+pub mod config;
 pub mod data;

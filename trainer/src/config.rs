@@ -1,0 +1,316 @@
+//! The run configuration: TOML with fixed section and key names. Every key
+//! and its default live in `defaults.toml` (also what `--help` prints); a
+//! config file and `--set section.key=value` overrides are merged over it.
+//! An unknown key is an error naming it and the nearest valid key; a wrong
+//! type names the key and what it should be.
+
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use toml::{Table, Value};
+
+/// Every key with its default and a comment: the reference users read.
+pub const DEFAULTS: &str = include_str!("defaults.toml");
+
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}: {msg}")]
+pub struct ConfigError {
+    /// The file, or `--set`.
+    pub origin: String,
+    pub msg: String,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelSection,
+    pub adapter: AdapterSection,
+    pub data: DataSection,
+    pub train: TrainSection,
+    pub output: OutputSection,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub path: PathBuf,
+    pub quantize: Quantize,
+    pub compute_dtype: ComputeDtype,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantize {
+    Nf4,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDtype {
+    Bf16,
+    F32,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterSection {
+    pub method: Method,
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: TargetModules,
+    pub use_rslora: bool,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    Lora,
+    Full,
+}
+
+/// A list of module names, or one string ("all-linear").
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum TargetModules {
+    List(Vec<String>),
+    One(String),
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    pub train: PathBuf,
+    pub eval: PathBuf,
+    pub format: DataFormat,
+    pub template: TemplateName,
+    pub max_seq_len: usize,
+    pub packing: bool,
+    pub train_on_inputs: bool,
+    pub overflow: OverflowName,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFormat {
+    Alpaca,
+    Messages,
+    Text,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+pub enum TemplateName {
+    #[serde(rename = "alpaca")]
+    Alpaca,
+    #[serde(rename = "llama-2")]
+    Llama2,
+    #[serde(rename = "llama-3")]
+    Llama3,
+    #[serde(rename = "chatml")]
+    ChatMl,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OverflowName {
+    Truncate,
+    Drop,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    pub optimizer: OptimizerName,
+    pub lr: f64,
+    pub scheduler: Scheduler,
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub epochs: usize,
+    pub max_steps: usize,
+    pub micro_batch_size: usize,
+    pub grad_accum: usize,
+    pub seed: u64,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerName {
+    Adamw,
+    Sgd,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduler {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    pub dir: PathBuf,
+    pub log_steps: usize,
+    pub eval_steps: usize,
+    pub save_steps: usize,
+    pub save_total_limit: usize,
+}
+
+fn defaults() -> Table {
+    DEFAULTS
+        .parse::<Table>()
+        .expect("defaults.toml is valid TOML")
+}
+
+/// Edit distance, for "did you mean".
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + (ca != cb) as usize)
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+fn nearest<'a>(word: &str, candidates: impl Iterator<Item = &'a String>) -> String {
+    candidates
+        .min_by_key(|c| distance(word, c))
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Checks that every key of `user` exists in `base`, then sets it there.
+fn merge(base: &mut Table, user: Table, origin: &str) -> Result<(), ConfigError> {
+    let err = |msg: String| ConfigError {
+        origin: origin.to_string(),
+        msg,
+    };
+    for (section, value) in user {
+        let Some(Value::Table(known)) = base.get_mut(&section) else {
+            let suggestion = nearest(&section, defaults().keys());
+            return Err(err(format!(
+                "unknown section [{section}]; did you mean [{suggestion}]?"
+            )));
+        };
+        let Value::Table(keys) = value else {
+            return Err(err(format!(
+                "`{section}` must be a section ([{section}]), not a value"
+            )));
+        };
+        for (key, v) in keys {
+            if !known.contains_key(&key) {
+                let suggestion = nearest(&key, known.keys());
+                return Err(err(format!(
+                    "unknown key `{section}.{key}`; did you mean `{section}.{suggestion}`?"
+                )));
+            }
+            known.insert(key, v);
+        }
+    }
+    Ok(())
+}
+
+impl Config {
+    /// The defaults, then `file` (if any), then each `section.key=value`.
+    pub fn load(file: Option<&Path>, sets: &[String]) -> Result<Config, ConfigError> {
+        let mut table = defaults();
+        if let Some(path) = file {
+            let origin = path.display().to_string();
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+                origin: origin.clone(),
+                msg: e.to_string(),
+            })?;
+            let user: Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
+                origin: origin.clone(),
+                msg: e.to_string(),
+            })?;
+            merge(&mut table, user, &origin)?;
+        }
+        for s in sets {
+            let bad = |msg: String| ConfigError {
+                origin: "--set".into(),
+                msg,
+            };
+            let (key, value) = s
+                .split_once('=')
+                .ok_or_else(|| bad(format!("{s:?} is not section.key=value")))?;
+            let (section, name) = key
+                .trim()
+                .split_once('.')
+                .ok_or_else(|| bad(format!("{key:?} is not section.key")))?;
+            // A TOML value if it parses as one, else the raw text as a string.
+            let value = format!("v = {}", value.trim())
+                .parse::<Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| Value::String(value.trim().to_string()));
+            let mut user = Table::new();
+            user.insert(
+                section.to_string(),
+                Value::Table([(name.to_string(), value)].into_iter().collect()),
+            );
+            merge(&mut table, user, "--set")?;
+        }
+        let origin = file.map_or("configuration".to_string(), |p| p.display().to_string());
+        let config: Config = Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError {
+                origin,
+                msg: e
+                    .to_string()
+                    .trim()
+                    .lines()
+                    .map(str::trim)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let err = |key: &str, msg: &str| {
+            Err(ConfigError {
+                origin: "configuration".into(),
+                msg: format!("key `{key}` {msg}"),
+            })
+        };
+        if self.adapter.r == 0 {
+            return err("adapter.r", "must be positive");
+        }
+        if !(0.0..1.0).contains(&self.adapter.dropout) {
+            return err("adapter.dropout", "must be in [0, 1)");
+        }
+        if let TargetModules::One(s) = &self.adapter.target_modules {
+            if s != "all-linear" {
+                return err(
+                    "adapter.target_modules",
+                    "must be a list of module names or \"all-linear\"",
+                );
+            }
+        }
+        for (key, v) in [
+            ("data.max_seq_len", self.data.max_seq_len),
+            ("train.micro_batch_size", self.train.micro_batch_size),
+            ("train.grad_accum", self.train.grad_accum),
+        ] {
+            if v == 0 {
+                return err(key, "must be positive");
+            }
+        }
+        if !(self.train.lr > 0.0 && self.train.lr.is_finite()) {
+            return err("train.lr", "must be a positive number");
+        }
+        Ok(())
+    }
+}
