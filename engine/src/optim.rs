@@ -170,3 +170,23 @@ impl Sgd {
         Ok(())
     }
 }
+
+/// Scales gradients so their global L2 norm is at most `max_norm`, as
+/// `torch.nn.utils.clip_grad_norm_`: the factor is
+/// `min(1, max_norm / (norm + 1e-6))`. Returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f64) -> f64 {
+    let norm = grads
+        .iter()
+        .flat_map(|g| g.iter())
+        .map(|&x| (x as f64) * (x as f64))
+        .sum::<f64>()
+        .sqrt();
+    let coef = (max_norm / (norm + 1e-6)).min(1.0) as f32;
+    if coef < 1.0 {
+        grads
+            .iter_mut()
+            .flat_map(|g| g.iter_mut())
+            .for_each(|x| *x *= coef);
+    }
+    norm
+}
