@@ -15,7 +15,10 @@ fn file(tag: &str, text: &str) -> std::path::PathBuf {
 }
 
 fn err(file_text: Option<&str>, sets: &[&str]) -> String {
-    let path = file_text.map(|t| file("err", t));
+    // Tests run in parallel: one file per call.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = file_text.map(|t| file(&format!("err{n}"), t));
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
     let e = Config::load(path.as_deref(), &sets)
         .unwrap_err()
