@@ -14,7 +14,7 @@ mod gpu {
     use graft::engine::rng::Rng;
     use graft::kernels::bf16;
     use graft::kernels::cuda::{DeviceNf4, Gpu, Nf4Gemm};
-    use graft::kernels::nf4::{quantize, Nf4};
+    use graft::kernels::nf4::quantize;
     use std::time::{Duration, Instant};
 
     const SHAPES: [(usize, usize, usize); 4] = [
@@ -46,16 +46,7 @@ mod gpu {
         let mut rng = Rng::new((m * 31 + n) as u64);
         let w: Vec<f32> = (0..n * k).map(|_| rng.normal() * 0.02).collect();
         let p = quantize(&w, 64).unwrap();
-        let view = Nf4 {
-            rows: n,
-            cols: k,
-            block: 64,
-            packed: &p.packed,
-            absmax: &p.absmax,
-            nested_scales: &p.nested_scales,
-            nested_map: &p.nested_map,
-            offset: p.offset,
-        };
+        let view = p.view(n, k);
         let s = gpu.stream();
         let wd: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
         Case {

@@ -6,7 +6,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use graft::engine::rng::Rng;
 use graft::kernels::matmul::matmul;
-use graft::kernels::nf4::{nf4_matmul, quantize, Nf4};
+use graft::kernels::nf4::{nf4_matmul, quantize};
 
 fn bench(c: &mut Criterion) {
     let m = 512;
@@ -14,16 +14,7 @@ fn bench(c: &mut Criterion) {
     for (n, k) in [(4096, 4096), (11008, 4096)] {
         let w: Vec<f32> = (0..n * k).map(|_| rng.normal() * 0.02).collect();
         let p = quantize(&w, 64).unwrap();
-        let view = Nf4 {
-            rows: n,
-            cols: k,
-            block: 64,
-            packed: &p.packed,
-            absmax: &p.absmax,
-            nested_scales: &p.nested_scales,
-            nested_map: &p.nested_map,
-            offset: p.offset,
-        };
+        let view = p.view(n, k);
         let x: Vec<f32> = (0..m * k).map(|_| rng.uniform(-1.0, 1.0)).collect();
         let dy: Vec<f32> = (0..m * n).map(|_| rng.uniform(-1.0, 1.0)).collect();
         let mut y = vec![0f32; m * n];

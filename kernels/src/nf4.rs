@@ -79,6 +79,22 @@ pub struct Nf4Parts {
     pub nested_map: Vec<f32>,
 }
 
+impl Nf4Parts {
+    /// The kernel view of these parts as a `rows × cols` weight.
+    pub fn view(&self, rows: usize, cols: usize) -> Nf4<'_> {
+        Nf4 {
+            rows,
+            cols,
+            block: self.block,
+            packed: &self.packed,
+            absmax: &self.absmax,
+            nested_scales: &self.nested_scales,
+            nested_map: &self.nested_map,
+            offset: self.offset,
+        }
+    }
+}
+
 /// Why a tensor cannot be quantized.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum QuantizeError {

@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use graft_kernels::bf16;
 use graft_kernels::cuda::{compile_ptx, DeviceNf4, Gpu, GpuError, Nf4Gemm, ARCHS, SOURCES};
-use graft_kernels::nf4::{nf4_matmul, quantize, Nf4, Nf4Parts};
+use graft_kernels::nf4::{nf4_matmul, quantize};
 
 #[test]
 fn every_source_compiles_for_every_arch_with_tensor_cores() {
@@ -53,19 +53,6 @@ fn gpu() -> Option<Gpu> {
     }
 }
 
-fn view<'a>(p: &'a Nf4Parts, rows: usize, cols: usize) -> Nf4<'a> {
-    Nf4 {
-        rows,
-        cols,
-        block: p.block,
-        packed: &p.packed,
-        absmax: &p.absmax,
-        nested_scales: &p.nested_scales,
-        nested_map: &p.nested_map,
-        offset: p.offset,
-    }
-}
-
 #[test]
 fn nf4_gemm_matches_the_cpu_reference() {
     let Some(gpu) = gpu() else { return };
@@ -82,7 +69,7 @@ fn nf4_gemm_matches_the_cpu_reference() {
     ] {
         let w: Vec<f32> = (0..n * k).map(|_| r.uniform(-0.05, 0.05)).collect();
         let p = quantize(&w, 64).unwrap();
-        let wv = view(&p, n, k);
+        let wv = p.view(n, k);
         let dw = DeviceNf4::upload(&gpu, &wv).unwrap();
         for tb in [true, false] {
             let (inner, width) = if tb { (k, n) } else { (n, k) };
@@ -107,7 +94,7 @@ fn nf4_gemm_matches_the_cpu_reference() {
 fn unsupported_weights_are_refused_clearly() {
     let Some(gpu) = gpu() else { return };
     let p = quantize(&vec![0.5; 4 * 96], 32).unwrap();
-    let e = DeviceNf4::upload(&gpu, &view(&p, 4, 96))
+    let e = DeviceNf4::upload(&gpu, &p.view(4, 96))
         .err()
         .unwrap()
         .to_string();

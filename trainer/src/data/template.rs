@@ -68,34 +68,33 @@ pub fn render(t: Template, ex: &Example, sp: &Specials) -> Result<Rendered, Data
         text: String::new(),
         trainable: Vec::new(),
     };
-    let turns: Vec<(Role, String)> = match ex {
-        Example::Text(s) => {
-            r.push(sp.bos.as_deref().unwrap_or(""), false);
-            r.push(s, true);
-            r.push(&sp.eos, true);
-            return Ok(r);
-        }
+    // Plain text and alpaca records under the alpaca template: BOS, an
+    // untrained prompt, then the trained text and EOS.
+    let single = match ex {
+        Example::Text(s) => Some((String::new(), s)),
         Example::Alpaca {
             instruction,
             input,
             output,
-        } if t == Template::Alpaca => {
-            r.push(sp.bos.as_deref().unwrap_or(""), false);
+        } if t == Template::Alpaca => Some((
             if input.is_empty() {
-                r.push(
-                    &format!("{ALPACA_PREAMBLE}### Instruction:\n{instruction}\n\n### Response:\n"),
-                    false,
-                );
+                format!("{ALPACA_PREAMBLE}### Instruction:\n{instruction}\n\n### Response:\n")
             } else {
-                r.push(
-                    &format!("{ALPACA_PREAMBLE_INPUT}### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"),
-                    false,
-                );
-            }
-            r.push(output, true);
-            r.push(&sp.eos, true);
-            return Ok(r);
-        }
+                format!("{ALPACA_PREAMBLE_INPUT}### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+            },
+            output,
+        )),
+        _ => None,
+    };
+    if let Some((prompt, target)) = single {
+        r.push(sp.bos.as_deref().unwrap_or(""), false);
+        r.push(&prompt, false);
+        r.push(target, true);
+        r.push(&sp.eos, true);
+        return Ok(r);
+    }
+    let turns: Vec<(Role, String)> = match ex {
+        Example::Text(_) => unreachable!("rendered above"),
         Example::Alpaca {
             instruction,
             input,
