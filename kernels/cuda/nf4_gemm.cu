@@ -8,15 +8,57 @@
 // slice of a row is one block. Tiles of W are dequantized to bf16 in shared
 // memory, never in global memory. bf16 is handled as raw 16-bit words so the
 // source needs no CUDA headers (NVRTC compiles it as is).
+//
+// v4. Block tile BM x BN = 256 x 128 (X rows x output columns), BK = 32 of
+// the reduction per step; 8 warps in a 4 x 2 grid, each owning 64 x 64
+// outputs (4 x 8 mma tiles, 128 f32 accumulators per thread); one block
+// per SM (launch bounds 256, 1: up to 255 registers, no spills).
+//   - The X tile and the packed NF4 codes go global -> shared with cp.async
+//     (16 bytes, zero-filled out of range), STAGES = 4 deep.
+//   - Each W tile is dequantized once per block into bf16 shared memory
+//     and serves all 256 rows of X (v3b: 128), halving dequantization per
+//     flop. Two buffers: tile kt+2 is dequantized while tile kt's second k
+//     slice is multiplied.
+//   - Fragments come from ldmatrix.x4 (.trans for the input-gradient W tile,
+//     which is stored in its natural [inner][out] order), from XOR-swizzled
+//     layouts in which ldmatrix, cp.async and the dequantized 16-byte stores
+//     are all free of bank conflicts (derivations at each layout below).
+//   - One barrier per k tile, between the tile's two k slices: the second
+//     slice's fragments are in registers before it, so after it every warp
+//     has 32 mma ready while the next fragments load (see "Pipeline").
+//   - absmax codes and scales are fetched one iteration ahead and finished
+//     from a shared copy of nested_map, so no global load is waited on in
+//     the loop.
+// Dynamic shared memory: SMEM_BYTES (91200) — the launch must pass exactly
+// that (the kernel traps if given less) and raise the function's
+// MAX_DYNAMIC_SHARED_SIZE_BYTES to it. It fits every sm_80+ part (sm_86/89/
+// 120 allow 99 KB per block). nested_map must have 256 entries.
+//
+// Numerics are those of v1-v3b: each weight is NF4[code] * absmax in f32
+// (absmax = nested_map[q] * nested_scale + offset, no fused multiply-add),
+// rounded to bf16 (nearest even); products accumulate in f32 on the tensor
+// cores; the output is rounded to bf16 (nearest even).
 
 typedef unsigned short bf16_t;
 typedef unsigned int u32;
 
-#define BM 128
+#define BM 256
 #define BN 128
-#define BK 64
-#define PAD 8
+#define BK 32
+#define STAGES 4
 #define THREADS 256
+
+// Shared memory map (bytes from the 1024-aligned dynamic base).
+#define A_STAGE (BM * BK * 2)                  // 16384: X tile, bf16
+#define B_BUF (BN * BK * 2)                    //  8192: dequantized W tile, bf16
+#define B_BUFS 2                               // W tiles: one read, one written
+#define C_STAGE (BN * BK / 2)                  //  2048: packed codes of one W tile
+#define OFF_A 0                                // STAGES X tiles
+#define OFF_B (OFF_A + STAGES * A_STAGE)       // 65536: B_BUFS W buffers
+#define OFF_C (OFF_B + B_BUFS * B_BUF)         // 81920: STAGES code tiles
+#define OFF_NM (OFF_C + STAGES * C_STAGE)      // 90112: nested_map, 256 f32
+#define OFF_LUT (OFF_NM + 1024)                // 91136: NF4 code book, 16 f32
+#define SMEM_BYTES (OFF_LUT + 64)              // 91200
 
 __device__ __forceinline__ float bf16_to_f32(bf16_t h) { return __uint_as_float(((u32)h) << 16); }
 
@@ -42,16 +84,43 @@ struct Nf4 {
     float offset;
 };
 
-__device__ __forceinline__ float block_absmax(const Nf4& w, long long b) {
-    return w.nested_map[w.absmax[b]] * w.nested_scales[b >> 8] + w.offset;
-}
+// ---------------------------------------------------------------- PTX helpers
 
-__device__ __forceinline__ void mma_bf16(float* c, const u32* a, const u32* b) {
+__device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ldmatrix: lane l gives the shared address of row l%8 of 8x8 matrix l/8
+// (16 contiguous bytes); register i of lane l receives matrix i's elements
+// (row l/4, columns 2(l%4), 2(l%4)+1) — with .trans, (rows 2(l%4), 2(l%4)+1,
+// column l/4) — lower column (row) in the low half.
+__device__ __forceinline__ void ldsm_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr)
+                 : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_trans(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr)
+                 : "memory");
+}
+
+// 16 bytes global -> shared, bypassing L1; the bytes past src_bytes (all 16
+// when src_bytes is 0, and then nothing is read) are zero-filled.
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, u32 src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // Packs two floats as bf16x2, rounding to nearest even: `lo` in the low half.
@@ -61,128 +130,383 @@ __device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
     return d;
 }
 
-// One thread's share of a tile, held in registers between the global loads
-// (issued before the current tile's math) and the shared-memory stores.
-struct Staged {
-    uint4 a[BM * BK / 8 / THREADS];  // 16-byte chunks of the activation tile
-    uint4 codes;                     // 32 packed NF4 codes of one 64-block
-    float absmax;
-    bool valid;
-};
+// ------------------------------------------------------------ shared layouts
+//
+// Bank model: 32 banks of 4 bytes, so a 16-byte chunk's bank group is
+// (byte address / 16) % 8. ldmatrix serves each 8x8 matrix (8 rows of 16
+// bytes) in one pass when its 8 row addresses fall in 8 distinct bank groups;
+// 16-byte stores and cp.async are served a quarter warp (8 consecutive
+// lanes) at a time with the same condition. (Checked with Nsight Compute on
+// an H200: the shared loads show no bank conflicts. It does count about 1.5
+// extra wavefronts per 16-byte dequantized store, which neither this model
+// nor a whole-warp one explains; they are under 5% of shared wavefronts.)
+//
+// "K32" layout: a tile of R rows x 32 bf16 (64-byte rows, 4 chunks c = 0..3
+// of 8 elements) used for the X tile [256 m][32 k] and the forward W tile
+// [128 n][32 k]. Rows 2p and 2p+1 share the 128-byte line p: slot
+// s = 4(r&1) + c, stored at slot s ^ (p & 3) of line p.
+//   ldmatrix: the 8 rows r0..r0+7 (r0 % 8 == 0) of one matrix at one chunk c
+//     lie in lines p0..p0+3 (p0 % 4 == 0), so p & 3 takes all 4 values: the
+//     low 2 bits c ^ (p&3) are distinct across the lines and bit 2 (= r&1)
+//     tells the two rows of a line apart -> 8 distinct groups.
+//   stores: see the callers.
+__device__ __forceinline__ u32 k32_off(int r, int c) {
+    const int p = r >> 1;
+    return (u32)(p * 128 + (((((r & 1) << 2) | c) ^ (p & 3)) << 4));
+}
+// "N128" layout: the input-gradient W tile [32 k][128 n] in W's own order
+// (256-byte rows, 16 chunks c = 0..15): chunk c of row r is stored at chunk
+// c ^ ((r ^ (c >> 3)) & 7) of the row (only the low 3 bits change).
+//   ldmatrix.trans: 8 consecutive rows r0..r0+7 (r0 % 8 == 0) at one chunk c:
+//     the XOR value (r & 7) ^ (c >> 3) is distinct per row -> 8 groups.
+//   stores: a quarter warp writes the 8 chunks 2u + j (u = 0..7, j fixed) of
+//     one row r. Chunks below 8 ({j, j+2, j+4, j+6}) are XORed with r & 7,
+//     those above with (r & 7) ^ 1: the two sets of 4 have opposite parity
+//     -> 8 distinct groups.
+__device__ __forceinline__ u32 n128_off(int r, int c) {
+    return (u32)(r * 256 + ((c ^ ((r ^ (c >> 3)) & 7)) << 4));
+}
 
-// Block tile: BM rows of X times BN output columns; 8 warps in a 2 x 4 grid,
-// each owning 64 x 32 outputs (4 x 4 mma tiles). The next tile's global
-// loads are in flight while this tile's mma run.
+// ------------------------------------------------------------------- kernel
+//
+// Thread roles (tid = 0..255):
+//   X tile loads: rows (tid >> 2) + 64i (i = 0..3), chunk tid & 3 — a quarter
+//     warp writes rows 2q, 2q+1 (one K32 line) x chunks 0..3 = all 8 slots of
+//     the line (XOR permutes them): conflict-free.
+//   Code loads (tid < 128): 16 bytes = 32 codes, chunk tid of the code tile
+//     (codes tile stored as 128 consecutive chunks):
+//       forward: W row c0 + tid, columns k0 .. k0+31;
+//       input grad: W row k0 + (tid >> 2), columns c0 + 32 (tid & 3) .. +31.
+//   Dequantization: 16 codes = bytes 8 tid .. 8 tid + 7 of the code tile
+//     (half h = tid & 1 of chunk tid >> 1):
+//       forward: W row c0 + (tid >> 1) = tile row n, columns k0 + 16h .. +15
+//         = K32 chunks 2h, 2h+1 of row n;
+//       input grad: W row k0 + (tid >> 3) = tile row k, columns
+//         c0 + 32((tid >> 1) & 3) + 16h = c0 + 16 (tid & 7) .. +15
+//         = N128 chunks 2 (tid & 7), +1 of row k.
+//     Each 16-element run lies inside one 64-block (K % 64 == 0, and the
+//     run starts at a multiple of 16), so one absmax per thread per tile.
+//   MMA: warp w owns rows wm*64 .. +63 (wm = w >> 1) and output columns
+//     wn*64 .. +63 (wn = w & 1) of the block tile.
 template <bool TRANS>
-__device__ void nf4_gemm(const bf16_t* __restrict__ x, Nf4 w, bf16_t* __restrict__ y,
-                         int M, int N, int K) {
+__device__ __forceinline__ void nf4_gemm(const bf16_t* __restrict__ x, const Nf4& w,
+                                         bf16_t* __restrict__ y, int M, int N, int K) {
+    extern __shared__ __align__(1024) unsigned char smem[];
     // Inner (reduction) length and output width.
     const int inner = TRANS ? N : K;
     const int width = TRANS ? K : N;
-    __shared__ __align__(16) bf16_t As[BM][BK + PAD];
-    __shared__ __align__(16) bf16_t Bs[BN][BK + PAD];  // Bs[out column][inner index]
-    // The code book in shared memory: lanes look up different codes, which
-    // constant memory would serialise.
-    __shared__ float lut[16];
-    if (threadIdx.x < 16) lut[threadIdx.x] = NF4[threadIdx.x];
-
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int wm = warp >> 2, wn = warp & 3;
+    const int wm = warp >> 1, wn = warp & 1;
     const int m0 = blockIdx.y * BM, c0 = blockIdx.x * BN;
-    const int g = lane >> 2, t4 = lane & 3;
-    // This thread's W slice: a row and a 32-code run of it.
-    const int wr = TRANS ? tid >> 2 : tid >> 1;
-    const int wc = TRANS ? (tid & 3) * 32 : (tid & 1) * 32;
+    const int T = (inner + BK - 1) / BK;  // k tiles
+    const u32 sbase = (u32)__cvta_generic_to_shared(smem);
+    const float* lut = (const float*)(smem + OFF_LUT);
 
-    auto load = [&](Staged& st, int k0) {
-        for (int i = 0; i < BM * BK / 8 / THREADS; i++) {
-            int e = tid + i * THREADS;
-            int r = e / (BK / 8), c = (e % (BK / 8)) * 8;
-            int gm = m0 + r, gk = k0 + c;
-            const bf16_t* src = x + (long long)gm * inner + gk;
-            if (gm < M && gk + 8 <= inner && (inner & 7) == 0) {
-                st.a[i] = *(const uint4*)src;
-            } else {
-                bf16_t tmp[8];
-                for (int q = 0; q < 8; q++) tmp[q] = (gm < M && gk + q < inner) ? src[q] : (bf16_t)0;
-                st.a[i] = *(const uint4*)tmp;
+    {
+        u32 dsz;
+        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dsz));
+        if (dsz < SMEM_BYTES) __trap();  // launched with too little shared memory
+    }
+    if (tid < 16) ((float*)(smem + OFF_LUT))[tid] = NF4[tid];
+    // nested_map in shared memory: the absmax of each tile is finished from
+    // it, so no global load stands between a warp and its mma.
+    const float* nmap = (const float*)(smem + OFF_NM);
+    ((float*)(smem + OFF_NM))[tid] = w.nested_map[tid];  // THREADS == 256 entries
+
+    // X rows are 16-byte aligned when inner % 8 == 0: always in the forward
+    // (inner = K, a multiple of 64, which DeviceNf4::upload enforces);
+    // otherwise the X tile is loaded element by element.
+    const bool vec_ok = TRANS ? (N & 7) == 0 : true;
+    const int a_row = tid >> 2, a_ch = tid & 3;
+    // Rows a_row + 64i are 32 lines apart: same swizzle, 4096 bytes apart.
+    const u32 a_soff = k32_off(a_row, a_ch);
+
+    // X tile g -> stage g % STAGES. Row validity and the row pointers are
+    // fixed per thread; only the k offset moves.
+    const bf16_t* xp = x + (long long)(m0 + a_row) * inner + a_ch * 8;
+    const long long x_rs = 64LL * inner;  // 64 rows
+    u32 row_ok = 0;
+#pragma unroll
+    for (int i = 0; i < 4; i++) row_ok |= (m0 + a_row + 64 * i < M) ? 1u << i : 0u;
+    auto load_x = [&](int g) {
+        const int k0 = g * BK;
+        const u32 dst = sbase + OFF_A + (g % STAGES) * A_STAGE + a_soff;
+        const bool k_ok = k0 + a_ch * 8 < inner;
+        if (vec_ok) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                // inner % 8 == 0: a chunk is wholly inside (k_ok) or out.
+                const bool ok = ((row_ok >> i) & 1u) && k_ok;
+                const bf16_t* src = ok ? xp + i * x_rs + k0 : x;
+                cp_async16(dst + i * 4096, src, ok ? 16u : 0u);
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const bool r_ok = (row_ok >> i) & 1u;
+                const bf16_t* src = xp + i * x_rs + k0;
+                const int e0 = k0 + a_ch * 8;
+                u32 v[4];
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    const int e = e0 + 2 * q;
+                    const u32 lo = (r_ok && e < inner) ? (u32)src[2 * q] : 0u;
+                    const u32 hi = (r_ok && e + 1 < inner) ? (u32)src[2 * q + 1] : 0u;
+                    v[q] = lo | (hi << 16);
+                }
+                *(uint4*)(smem + (dst - sbase) + i * 4096) = make_uint4(v[0], v[1], v[2], v[3]);
             }
         }
-        // Forward: W row c0+wr, columns k0+wc... ; input grad: W row k0+wr,
-        // columns c0+wc... Either way 32 codes inside one 64-block.
-        int n = TRANS ? k0 + wr : c0 + wr;
-        int col = TRANS ? c0 + wc : k0 + wc;
-        st.valid = n < N && col < K;
-        if (st.valid) {
-            long long flat = (long long)n * K + col;
-            st.absmax = block_absmax(w, flat >> 6);
-            st.codes = *(const uint4*)(w.packed + (flat >> 1));
-        }
     };
-    auto store = [&](const Staged& st) {
-        for (int i = 0; i < BM * BK / 8 / THREADS; i++) {
-            int e = tid + i * THREADS;
-            *(uint4*)&As[e / (BK / 8)][(e % (BK / 8)) * 8] = st.a[i];
-        }
-        const unsigned char* q = (const unsigned char*)&st.codes;
-        for (int i = 0; i < 16; i++) {
-            u32 pair = st.valid ? pack_bf16x2(lut[q[i] >> 4] * st.absmax, lut[q[i] & 15] * st.absmax) : 0u;
-            if (!TRANS) {
-                *(u32*)&Bs[wr][wc + 2 * i] = pair;
-            } else {
-                Bs[wc + 2 * i][wr] = (bf16_t)(pair & 0xffffu);
-                Bs[wc + 2 * i + 1][wr] = (bf16_t)(pair >> 16);
-            }
-        }
+    // Packed codes of W tile g -> code stage g % STAGES (threads 0..127, one
+    // 16-byte chunk each). Rows past N (and, in the input gradient, columns
+    // past K) are not loaded: their weights are dequantized with absmax 0
+    // (see absmax_at).
+    //   forward: W row c0 + tid, columns k0 .. k0+31 -> byte (row K + k0) / 2;
+    //   input grad: W row k0 + (tid >> 2), columns c0 + 32 (tid & 3) ..
+    const int c_row0 = TRANS ? tid >> 2 : c0 + tid;       // + k0 in the input gradient
+    const int c_col0 = TRANS ? c0 + 32 * (tid & 3) : 0;   // + k0 in the forward
+    const unsigned char* cp = w.packed + (((long long)c_row0 * K + c_col0) >> 1);
+    auto load_codes = [&](int g) {
+        const int k0 = g * BK;
+        const bool ok = tid < 128 && (TRANS ? k0 + c_row0 < N && c_col0 < K : c_row0 < N);
+        if (ok)
+            cp_async16(sbase + OFF_C + (g % STAGES) * C_STAGE + tid * 16,
+                       cp + (TRANS ? (long long)k0 * (K >> 1) : (long long)(k0 >> 1)), 16u);
+    };
+    // Group g = {X tile g, codes of W tile g+1}; always committed (maybe
+    // empty) so that group counting is uniform.
+    auto load_group = [&](int g) {
+        if (g < T) load_x(g);
+        if (g + 1 < T) load_codes(g + 1);
+        cp_async_commit();
+    };
+    // This thread's 64-block of W tile g, or false when the tile or the
+    // thread's run is out of range.
+    const int dq_r = TRANS ? tid >> 3 : tid >> 1;
+    auto block_of = [&](int g, long long& blk) -> bool {
+        const int k0 = g * BK;
+        const int row = TRANS ? k0 + dq_r : c0 + dq_r;
+        const int col = TRANS ? c0 + 16 * (tid & 7) : k0;
+        blk = ((long long)row * K + col) >> 6;
+        return g < T && row < N && col < K;
+    };
+    // absmax = nested_map[absmax[b]] * nested_scales[b >> 8] + offset, as v1-v3b
+    // and the CPU (multiply, then add). Out of range: 0, so the tile's
+    // weights dequantize to ±0 whatever stale codes the buffer holds.
+    auto absmax_at = [&](int g) -> float {
+        long long b;
+        if (!block_of(g, b)) return 0.f;
+        return w.nested_map[w.absmax[b]] * w.nested_scales[b >> 8] + w.offset;
     };
 
-    float acc[4][4][4];
+    // Dequantizes 8 codes (one 32-bit word of the code tile: byte i holds
+    // element 2i in the high nibble, 2i+1 in the low one) into one 16-byte
+    // chunk of W tile buffer `buf`, chunk j (0, 1) of this thread's run.
+    // Out-of-range runs have absmax 0, so they store zeros (±0).
+    const u32 dq_off0 = TRANS ? n128_off(dq_r, 2 * (tid & 7)) : k32_off(dq_r, 2 * (tid & 1));
+    const u32 dq_off1 = TRANS ? n128_off(dq_r, 2 * (tid & 7) + 1) : k32_off(dq_r, 2 * (tid & 1) + 1);
+    auto dequant8 = [&](u32 word, float am, int buf, int j) {
+        // Byte offsets into the code book: 4 * code, one per byte lane.
+        const u32 hi4 = (word >> 2) & 0x3c3c3c3cu;  // high nibbles (even elements)
+        const u32 lo4 = (word << 2) & 0x3c3c3c3cu;  // low nibbles (odd elements)
+        const unsigned char* lb = (const unsigned char*)lut;
+        u32 p[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const u32 sel = 0x4440u + i;  // byte i, zero above
+            const float e0 = *(const float*)(lb + __byte_perm(hi4, 0, sel));
+            const float e1 = *(const float*)(lb + __byte_perm(lo4, 0, sel));
+            p[i] = pack_bf16x2(e0 * am, e1 * am);
+        }
+        const u32 off = OFF_B + buf * B_BUF + (j ? dq_off1 : dq_off0);
+        *(uint4*)(smem + off) = make_uint4(p[0], p[1], p[2], p[3]);
+    };
+    auto codes_of = [&](int g) -> uint2 {
+        return *(const uint2*)(smem + OFF_C + (g % STAGES) * C_STAGE + tid * 8);
+    };
+
+    // Per-lane ldmatrix offsets (bytes within a stage / buffer).
+    //   A (X tile, K32): matrices 0..3 = (rows 0-7, k 0-7), (rows 8-15, k 0-7),
+    //     (rows 0-7, k 8-15), (rows 8-15, k 8-15) of a 16x16 block, which are
+    //     the mma A registers a0..a3 (a0: row g, k 2t..; a1: row g+8; a2: k+8;
+    //     a3: both; g = lane/4, t = lane%4). Lane l addresses row l & 15,
+    //     chunk 2kk + (l >> 4). Block i (rows +16i = +8 lines, same p & 3) is
+    //     +1024 bytes; kk = 1 (chunks +2) flips bit 1 of the slot: XOR 32.
+    const u32 a_ld = k32_off(wm * 64 + (lane & 15), lane >> 4);
+    //   B, forward (W tile [n][k], K32): non-transposed; matrices 0..3 =
+    //     (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
+    //     of a 16(n) x 16(k) block = b0, b1 of n-tile 2jp and b0, b1 of n-tile
+    //     2jp+1 (b0: k 2t.., n g; b1: k 2t+8.., n g). Lane l addresses row
+    //     n = (l & 7) + 8 (l >> 4), chunk 2kk + ((l >> 3) & 1). Pair jp is
+    //     +1024 bytes; kk = 1: XOR 32.
+    //   B, input grad (W tile [k][n], N128): transposed; matrices 0..3 =
+    //     (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15);
+    //     .trans hands lane l (k 2t, 2t+1; n g) = b0 of n-tile 2jp, etc. Lane
+    //     l addresses row k = 16kk + (l & 15), chunk 8wn + 2jp + (l >> 4).
+    //     kk = 1 is +16 rows = +4096 bytes (same swizzle); pair jp XORs the
+    //     chunk with 2jp (c >> 3 = wn fixed): XOR 32 jp on the byte offset.
+    const u32 b_ld = TRANS ? n128_off(lane & 15, 8 * wn + (lane >> 4))
+                           : k32_off(wn * 64 + (lane & 7) + 8 * (lane >> 4), (lane >> 3) & 1);
+
+    float acc[4][8][4];
+#pragma unroll
     for (int i = 0; i < 4; i++)
-        for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
             for (int r = 0; r < 4; r++) acc[i][j][r] = 0.f;
 
-    Staged st;
-    load(st, 0);
-    __syncthreads();  // the code book is in place
-    for (int k0 = 0; k0 < inner; k0 += BK) {
-        store(st);
-        __syncthreads();
-        if (k0 + BK < inner) load(st, k0 + BK);
-
-        for (int kk = 0; kk < BK; kk += 16) {
-            u32 a[4][4], b[4][2];
-            for (int i = 0; i < 4; i++) {
-                int r = wm * 64 + i * 16 + g;
-                int c = kk + t4 * 2;
-                a[i][0] = *(const u32*)&As[r][c];
-                a[i][1] = *(const u32*)&As[r + 8][c];
-                a[i][2] = *(const u32*)&As[r][c + 8];
-                a[i][3] = *(const u32*)&As[r + 8][c + 8];
-            }
-            for (int j = 0; j < 4; j++) {
-                int n = wn * 32 + j * 8 + g;
-                int c = kk + t4 * 2;
-                b[j][0] = *(const u32*)&Bs[n][c];
-                b[j][1] = *(const u32*)&Bs[n][c + 8];
-            }
-            for (int i = 0; i < 4; i++)
-                for (int j = 0; j < 4; j++) mma_bf16(acc[i][j], a[i], b[j]);
+    // Fragments of one 16-wide k slice: A (4 m16 tiles), B (8 n8 tiles).
+    struct Frags {
+        u32 a[4][4], b[8][2];
+    };
+    auto load_frags = [&](Frags& f, int g, int kk) {
+        const u32 a_st = OFF_A + (g % STAGES) * A_STAGE + a_ld;
+        const u32 b_st = OFF_B + (g % B_BUFS) * B_BUF + b_ld;
+        // Stage and buffer offsets are multiples of 8192, so the XORs (bits
+        // 5 and 6) act on the in-tile offsets only.
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            ldsm_x4(sbase + ((a_st + i * 1024) ^ (kk * 32)), f.a[i][0], f.a[i][1], f.a[i][2], f.a[i][3]);
+#pragma unroll
+        for (int jp = 0; jp < 4; jp++) {
+            if (TRANS)
+                ldsm_x4_trans(sbase + ((b_st + kk * 4096) ^ (jp * 32)), f.b[2 * jp][0], f.b[2 * jp][1],
+                              f.b[2 * jp + 1][0], f.b[2 * jp + 1][1]);
+            else
+                ldsm_x4(sbase + ((b_st + jp * 1024) ^ (kk * 32)), f.b[2 * jp][0], f.b[2 * jp][1],
+                        f.b[2 * jp + 1][0], f.b[2 * jp + 1][1]);
         }
-        __syncthreads();
+    };
+    auto mma_row = [&](const Frags& f, int i) {
+#pragma unroll
+        for (int j = 0; j < 8; j++) mma_bf16(acc[i][j], f.a[i], f.b[j][0], f.b[j][1]);
+    };
+
+    // Pipeline. Group g = {X tile g, codes of W tile g+1} (group "-1" =
+    // codes of tile 0). Iteration kt multiplies tile kt in two k slices,
+    // F0 (kk = 0) and F1 (kk = 1), and dequantizes tile kt+2:
+    //
+    //   F1 <- ldmatrix(tile kt, kk = 1)
+    //   mma(F0)
+    //   wait for group kt+1; barrier
+    //   F0 <- ldmatrix(tile kt+1, kk = 0)
+    //   mma(F1), interleaved with: issue group kt+STAGES (X stage kt % S,
+    //     codes stage (kt+1) % S) and dequantize tile kt+2 (codes stage
+    //     (kt+2) % S, from group kt+1) into W buffer kt % 2
+    //
+    // Only ldmatrix and mma stand between two barriers' critical paths; the
+    // dequantization overlaps the mma after the barrier. Hazards, all
+    // separated by barrier kt:
+    //   X stage kt % S: both slices of tile kt are read before it; group
+    //     kt+STAGES overwrites it after.
+    //   code stage (kt+1) % S: read (tile kt+1's dequantization) in
+    //     iteration kt-1, after barrier kt-1; overwritten after barrier kt.
+    //     Code stage (kt+2) % S (read now) is no pending group's target:
+    //     those hold codes of tiles kt+3 .. kt+STAGES+1.
+    //   W buffer kt % 2 holds tile kt, whose slices are both in registers
+    //     before barrier kt (F1 is loaded just before it); tile kt+2 is
+    //     written there after barrier kt and first read after barrier kt+1.
+    //   W buffer (kt+1) % 2 (tile kt+1) was written after barrier kt-1 and
+    //     is read after barrier kt (F0) and before barrier kt+1 (F1).
+    auto mma_row_dequant = [&](const Frags& f, int i, uint2 cw, float am, int buf) {
+        // The i-th quarter of mma(f) with a share of the dequantization.
+        mma_row(f, i);
+        if (i == 0) dequant8(cw.x, am, buf, 0);
+        if (i == 2) dequant8(cw.y, am, buf, 1);
+    };
+
+    // Prologue: codes of tile 0, then groups 0 .. STAGES-2.
+    load_codes(0);
+    cp_async_commit();
+#pragma unroll
+    for (int g = 0; g < STAGES - 1; g++) load_group(g);
+
+    // absmax pipeline: iteration kt loads the absmax code and nested scale
+    // of tile kt+3 into registers (aq, as_) and iteration kt+1 finishes the
+    // absmax from shared memory, just before dequantizing that tile. A load
+    // is thus consumed one iteration (one barrier and 64 mma per warp) after
+    // it is issued, and no value is copied between registers in between (a
+    // copy would wait for the load).
+    const float am0 = absmax_at(0), am1 = absmax_at(1);
+    long long pb;
+    u32 aq = 0;
+    float as_ = 0.f;
+    if (block_of(2, pb)) {  // tile 2, finished in iteration 0
+        aq = w.absmax[pb];
+        as_ = w.nested_scales[pb >> 8];
     }
 
+    cp_async_wait<STAGES - 2>();  // groups -1 and 0: codes of tiles 0, 1, X tile 0
+    __syncthreads();              // everyone's, the code book and nested_map
+    {
+        const uint2 c0w = codes_of(0), c1w = codes_of(1);
+        dequant8(c0w.x, am0, 0, 0);
+        dequant8(c0w.y, am0, 0, 1);
+        dequant8(c1w.x, am1, 1, 0);  // tile 1 == T: stale codes, absmax 0
+        dequant8(c1w.y, am1, 1, 1);
+    }
+    __syncthreads();         // W buffers 0 and 1
+    load_group(STAGES - 1);  // its codes go to stage 0 (tile 0's, consumed)
+    Frags f0, f1;
+    load_frags(f0, 0, 0);
+
+    for (int kt = 0; kt < T; kt++) {
+        load_frags(f1, kt, 1);
+#pragma unroll
+        for (int i = 0; i < 4; i++) mma_row(f0, i);
+
+        // Committed: groups -1 .. kt+STAGES-1; group kt+1 must be complete.
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        if (kt + 1 < T) load_frags(f0, kt + 1, 0);
+
+        // absmax pipeline (see above): finish tile kt+2's, fetch tile kt+3's.
+        long long pb2;
+        const float am2 = block_of(kt + 2, pb2) ? nmap[aq] * as_ + w.offset : 0.f;
+        if (block_of(kt + 3, pb)) {
+            aq = w.absmax[pb];
+            as_ = w.nested_scales[pb >> 8];
+        }
+        const uint2 cw = codes_of(kt + 2);
+        const int buf = (kt + 2) % B_BUFS;
+
+        // Tile kt+2 >= T: stale codes, absmax 0, a buffer nobody reads.
+        mma_row_dequant(f1, 0, cw, am2, buf);
+        load_group(kt + STAGES);
+#pragma unroll
+        for (int i = 1; i < 4; i++) mma_row_dequant(f1, i, cw, am2, buf);
+    }
+    cp_async_wait<0>();  // only empty groups can be left; keep it tidy
+
+    // Epilogue: acc[i][j] is the 16x8 tile at rows wm*64 + 16i, columns
+    // wn*64 + 8j; c0, c1 at (row g, columns 2t, 2t+1), c2, c3 at row g+8.
+    const int g = lane >> 2, t4 = lane & 3;
+    const bool pairs = (width & 1) == 0;  // (m*width + n) even: 4-byte aligned
+#pragma unroll
     for (int i = 0; i < 4; i++)
-        for (int j = 0; j < 4; j++)
-            for (int h = 0; h < 2; h++) {
-                int m = m0 + wm * 64 + i * 16 + g + h * 8;
-                int n = c0 + wn * 32 + j * 8 + t4 * 2;
-                if (m >= M) continue;
-                if (n < width) y[(long long)m * width + n] = f32_to_bf16(acc[i][j][2 * h]);
-                if (n + 1 < width) y[(long long)m * width + n + 1] = f32_to_bf16(acc[i][j][2 * h + 1]);
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int m = m0 + wm * 64 + i * 16 + g + h * 8;
+            if (m >= M) continue;
+            bf16_t* yr = y + (long long)m * width;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const int n = c0 + wn * 64 + j * 8 + t4 * 2;
+                const bf16_t lo = f32_to_bf16(acc[i][j][2 * h]);
+                const bf16_t hi = f32_to_bf16(acc[i][j][2 * h + 1]);
+                if (pairs && n + 1 < width) {
+                    *(u32*)(yr + n) = (u32)lo | ((u32)hi << 16);
+                } else {
+                    if (n < width) yr[n] = lo;
+                    if (n + 1 < width) yr[n + 1] = hi;
+                }
             }
+        }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS, 2)
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
 nf4_gemm_fwd(const bf16_t* x, const unsigned char* packed, const unsigned char* absmax,
              const float* nested_scales, const float* nested_map, float offset,
              bf16_t* y, int M, int N, int K) {
@@ -190,7 +514,7 @@ nf4_gemm_fwd(const bf16_t* x, const unsigned char* packed, const unsigned char* 
     nf4_gemm<false>(x, w, y, M, N, K);
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS, 2)
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
 nf4_gemm_dgrad(const bf16_t* dy, const unsigned char* packed, const unsigned char* absmax,
                const float* nested_scales, const float* nested_map, float offset,
                bf16_t* dx, int M, int N, int K) {

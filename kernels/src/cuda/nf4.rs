@@ -5,6 +5,7 @@
 use super::{driver, Gpu, GpuError};
 use crate::bf16;
 use crate::nf4::Nf4;
+use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
@@ -20,13 +21,21 @@ pub struct DeviceNf4 {
 }
 
 impl DeviceNf4 {
-    /// Uploads `w`. The kernel needs block 64 and a row length that is a
-    /// multiple of 64 (true of every Llama-family linear).
+    /// Uploads `w`. The kernel needs block 64, a row length that is a
+    /// multiple of 64 (true of every Llama-family linear) and the 256-entry
+    /// nested map of double quantization (it copies all of it to shared
+    /// memory).
     pub fn upload(gpu: &Gpu, w: &Nf4) -> Result<DeviceNf4, GpuError> {
         if w.block != 64 || w.cols % 64 != 0 {
             return Err(GpuError::Shape(format!(
                 "the GPU NF4 GEMM needs block 64 and in_features a multiple of 64; got block {} with {} columns",
                 w.block, w.cols
+            )));
+        }
+        if w.nested_map.len() != 256 {
+            return Err(GpuError::Shape(format!(
+                "the GPU NF4 GEMM needs a 256-entry nested quant map; got {}",
+                w.nested_map.len()
             )));
         }
         let s = gpu.stream();
@@ -49,14 +58,29 @@ pub struct Nf4Gemm {
     stream: Arc<CudaStream>,
 }
 
-const TILE: usize = 128;
+/// The kernel's block tile (BM x BN in nf4_gemm.cu): rows of x, output columns.
+const TILE_M: usize = 256;
+const TILE_N: usize = 128;
+/// The kernel's dynamic shared memory (SMEM_BYTES in nf4_gemm.cu; it traps
+/// when launched with less). Over the 48 KiB default, so each function's
+/// limit is raised once; it fits every sm_80+ GPU (99 KiB and up per block).
+const SMEM_BYTES: u32 = 91200;
 
 impl Nf4Gemm {
     pub fn new(gpu: &Gpu) -> Result<Nf4Gemm, GpuError> {
         let m = gpu.module("nf4_gemm")?;
+        let fwd = m.load_function("nf4_gemm_fwd").map_err(driver)?;
+        let dgrad = m.load_function("nf4_gemm_dgrad").map_err(driver)?;
+        for f in [&fwd, &dgrad] {
+            f.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                SMEM_BYTES as i32,
+            )
+            .map_err(driver)?;
+        }
         Ok(Nf4Gemm {
-            fwd: m.load_function("nf4_gemm_fwd").map_err(driver)?,
-            dgrad: m.load_function("nf4_gemm_dgrad").map_err(driver)?,
+            fwd,
+            dgrad,
             stream: gpu.stream().clone(),
         })
     }
@@ -88,9 +112,9 @@ impl Nf4Gemm {
             )));
         }
         let cfg = LaunchConfig {
-            grid_dim: (width.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, 1),
+            grid_dim: (width.div_ceil(TILE_N) as u32, m.div_ceil(TILE_M) as u32, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: SMEM_BYTES,
         };
         let (mi, ni, ki) = (m as i32, w.rows as i32, w.cols as i32);
         let f = if tb { &self.fwd } else { &self.dgrad };
