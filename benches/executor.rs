@@ -23,6 +23,7 @@ fn lora_step(c: &mut Criterion) {
         train_lora: true,
         loss: true,
         dropout: false,
+        ..Default::default()
     };
     let rec = model.record(batch.tokens(), opts).unwrap();
     let plan = compile_training(rec.graph.clone(), rec.loss.unwrap(), &[]).unwrap();

@@ -209,4 +209,18 @@ fn adapter_with_unknown_target_or_stray_tensor_is_an_error() {
         e.contains("adapter_config.json") && e.contains("qq_proj"),
         "{e}"
     );
+    // PEFT options Graft would get wrong are refused by name.
+    cfg["target_modules"] = serde_json::json!("all-linear");
+    for (key, value) in [
+        ("lora_bias", serde_json::json!(true)),
+        ("exclude_modules", serde_json::json!(["q_proj"])),
+        ("use_dora", serde_json::json!(true)),
+        ("layers_to_transform", serde_json::json!([0])),
+    ] {
+        let mut c = cfg.clone();
+        c[key] = value;
+        std::fs::write(&p, c.to_string()).unwrap();
+        let e = Lora::load(&dir, &model.config).unwrap_err().to_string();
+        assert!(e.contains(&format!("key `{key}`")), "{key}: {e}");
+    }
 }

@@ -21,6 +21,7 @@ fn lora_plan_has_no_gradient_work_for_frozen_weights() {
         train_lora: true,
         loss: true,
         dropout: false,
+        ..Default::default()
     };
     let rec = model.record(16, opts).unwrap();
 
@@ -104,6 +105,7 @@ fn dropout_touches_only_the_adapter_branch() {
         train_lora: true,
         loss: true,
         dropout: true,
+        ..Default::default()
     };
     let rec = model.record(8, opts).unwrap();
     let g = &rec.graph;

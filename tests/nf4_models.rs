@@ -101,6 +101,7 @@ fn quantize_on_load_equals_dense_on_the_dequantized_weights_forward_and_backward
             train_lora: true,
             loss: true,
             dropout: false,
+            ..Default::default()
         };
         let rec = model.record(ids.len(), opts).unwrap();
         let plan = compile_training(rec.graph.clone(), rec.loss.unwrap(), &[rec.logits]).unwrap();

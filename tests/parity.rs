@@ -32,6 +32,7 @@ fn check(name: &str) {
         train_lora: true,
         loss: true,
         dropout: false,
+        ..Default::default()
     };
     let rec = model.record(ids.len(), opts).unwrap();
     let feeds = rec.feeds(&model, Some(&lora), &batch).unwrap();

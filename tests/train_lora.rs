@@ -37,6 +37,7 @@ fn train(quantize: Option<usize>, steps: usize) -> Vec<f32> {
         train_lora: true,
         loss: true,
         dropout: true,
+        ..Default::default()
     };
     let rec = model.record(48, opts).unwrap();
     let plan = compile_training(rec.graph.clone(), rec.loss.unwrap(), &[]).unwrap();

@@ -274,6 +274,26 @@ fn exec<T: Elem + bytemuck::Pod>(
             fm::<T>(o0),
             fm::<f32>(rest[0]),
         ),
+        Op::AttentionCached(spec) => {
+            let start = f::<i32>(ins[5])[0];
+            let rows = shapes[3][0];
+            if start < 0 || start as usize + shapes[0][0] > rows {
+                return Err(format!(
+                    "start {start} + {} new tokens exceed the cache of {rows} rows",
+                    shapes[0][0]
+                ));
+            }
+            attention::attention_cached(
+                f::<T>(ins[0]),
+                f::<T>(ins[1]),
+                f::<T>(ins[2]),
+                f::<T>(ins[3]),
+                f::<T>(ins[4]),
+                start as usize,
+                attn_shape(spec, shapes[0][0]),
+                fm::<T>(o0),
+            )
+        }
         Op::AttentionGrad(spec) => {
             let (dk, dv) = rest.split_at_mut(1);
             attention::attention_grad(

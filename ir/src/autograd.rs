@@ -238,7 +238,7 @@ fn vjp(
         Op::Dropout { p } => res[0] = Some(g.dropout(dy, ins[1], *p)?),
         other => {
             return Err(IrError::Autograd(format!(
-                "op `{}` has no VJP (it is itself a gradient op)",
+                "op `{}` has no VJP (a gradient op, or inference only)",
                 other.name()
             )))
         }

@@ -291,6 +291,23 @@ impl Graph {
     ) -> Result<ValueId, IrError> {
         Ok(self.apply(Op::Attention(spec), &[q, k, v, segments])?[0])
     }
+    /// Attention of new tokens against a key/value cache (generation).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_cached(
+        &mut self,
+        q: ValueId,
+        k: ValueId,
+        v: ValueId,
+        k_cache: ValueId,
+        v_cache: ValueId,
+        start: ValueId,
+        spec: AttentionSpec,
+    ) -> Result<ValueId, IrError> {
+        self.apply1(
+            Op::AttentionCached(spec),
+            &[q, k, v, k_cache, v_cache, start],
+        )
+    }
     pub fn gated_act(
         &mut self,
         act: Activation,

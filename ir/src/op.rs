@@ -103,6 +103,11 @@ pub enum Op {
     Attention(AttentionSpec),
     /// `q`, `k`, `v`, `segments`, `out`, `lse`, `dout` -> `dq`, `dk`, `dv`.
     AttentionGrad(AttentionSpec),
+    /// Generation with a key/value cache: `q`, `k`, `v` of `T` new tokens,
+    /// `k_cache`, `v_cache` `[C, n_kv_heads*head_dim]`, `start` (i32 `[1]`,
+    /// the cached rows, i.e. the position of the first new token) ->
+    /// `out[T, n_heads*head_dim]`. Inference only (no VJP).
+    AttentionCached(AttentionSpec),
     /// `gate`, `up` -> `act(gate)*up`.
     GatedAct(Activation),
     /// `gate`, `up`, `dy` -> `dgate`, `dup`.
@@ -163,6 +168,7 @@ impl Op {
             Op::Rope { .. } => "rope",
             Op::Attention(_) => "attention",
             Op::AttentionGrad(_) => "attention_grad",
+            Op::AttentionCached(_) => "attention_cached",
             Op::GatedAct(_) => "gated_act",
             Op::GatedActGrad(_) => "gated_act_grad",
             Op::CrossEntropy { .. } => "cross_entropy",
@@ -191,6 +197,7 @@ impl Op {
             | Op::Dropout { .. } => 2,
             Op::RmsNormGradInput { .. } | Op::GatedActGrad(_) | Op::CrossEntropyGrad { .. } => 3,
             Op::Attention(_) => 4,
+            Op::AttentionCached(_) => 6,
             Op::AttentionGrad(_) => 7,
         }
     }
@@ -379,16 +386,35 @@ impl Op {
             }
             Op::Attention(spec) => {
                 let (q, k, v, seg) = (ins[0], ins[1], ins[2], ins[3]);
-                spec.check(self, q, k, v, seg)?;
+                spec.check(self, q, k, v, Some(seg))?;
                 Ok(vec![
                     TypeInfo::new(q.shape.clone(), q.dtype),
                     TypeInfo::new(vec![q.shape[0], spec.n_heads], DType::F32),
                 ])
             }
+            Op::AttentionCached(spec) => {
+                let (q, k, v, kc, vc, start) = (ins[0], ins[1], ins[2], ins[3], ins[4], ins[5]);
+                spec.check(self, q, k, v, None)?;
+                let rows = kc.shape.first().copied().unwrap_or(0);
+                if kc.shape != [rows, k.shape[1]]
+                    || vc.shape != kc.shape
+                    || kc.dtype != k.dtype
+                    || vc.dtype != k.dtype
+                {
+                    return Err(self.err(format!(
+                        "caches k {:?} v {:?} must be {} [C, {}]",
+                        kc.shape, vc.shape, k.dtype, k.shape[1]
+                    )));
+                }
+                if start.shape != [1] || start.dtype != DType::I32 {
+                    return Err(self.err("start must be i32 [1]".into()));
+                }
+                out(q.shape.clone(), q.dtype)
+            }
             Op::AttentionGrad(spec) => {
                 let (q, k, v, seg, o, lse, dout) =
                     (ins[0], ins[1], ins[2], ins[3], ins[4], ins[5], ins[6]);
-                spec.check(self, q, k, v, seg)?;
+                spec.check(self, q, k, v, Some(seg))?;
                 same(q, o)?;
                 same(q, dout)?;
                 if lse.shape != [q.shape[0], spec.n_heads] || lse.dtype != DType::F32 {
@@ -465,7 +491,7 @@ impl AttentionSpec {
         q: &TypeInfo,
         k: &TypeInfo,
         v: &TypeInfo,
-        seg: &TypeInfo,
+        seg: Option<&TypeInfo>,
     ) -> Result<(), IrError> {
         let t = q.shape.first().copied().unwrap_or(0);
         let ok = q.shape == [t, self.n_heads * self.head_dim]
@@ -483,7 +509,9 @@ impl AttentionSpec {
                 q.shape, k.shape, v.shape, self.n_heads, self.n_kv_heads, self.head_dim
             )));
         }
-        if !matches!(seg.dtype, DType::I32 | DType::U32) || seg.shape != [t] {
+        if let Some(seg) =
+            seg.filter(|s| !matches!(s.dtype, DType::I32 | DType::U32) || s.shape != [t])
+        {
             return Err(op.err(format!("segments must be i32 [{t}], got {:?}", seg.shape)));
         }
         Ok(())

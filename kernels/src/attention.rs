@@ -168,3 +168,62 @@ pub fn attention_grad<T: Elem>(
         }
     }
 }
+
+/// Attention of `t` new tokens against a key/value cache, for generation:
+/// new token `i` sits at position `start + i` and sees cache rows
+/// `0..start` and new rows `0..=i` (within the window). `k_cache`/`v_cache`
+/// hold at least `start` rows laid out like `k`/`v`. The result equals
+/// [`attention`] over the whole sequence, restricted to the new rows.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_cached<T: Elem>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    k_cache: &[T],
+    v_cache: &[T],
+    start: usize,
+    s: AttnShape,
+    out: &mut [T],
+) {
+    let d = s.head_dim;
+    let (qw, kw) = (s.n_heads * d, s.n_kv_heads * d);
+    assert!(
+        k_cache.len() >= start * kw,
+        "attention_cached: cache too short"
+    );
+    // Row `j` of the whole sequence: from the cache, then the new rows.
+    let row = |src_cache: &'_ [T], src_new: &'_ [T], j: usize, kh: usize| -> Vec<f32> {
+        let (src, r) = if j < start {
+            (src_cache, j)
+        } else {
+            (src_new, j - start)
+        };
+        src[r * kw + kh * d..r * kw + (kh + 1) * d]
+            .iter()
+            .map(|x| x.to_f32())
+            .collect()
+    };
+    out.par_chunks_mut(qw).enumerate().for_each(|(i, out_row)| {
+        let p = start + i;
+        let first = s.window.map_or(0, |w| (p + 1).saturating_sub(w));
+        for h in 0..s.n_heads {
+            let kh = h / s.group();
+            let qh = &q[i * qw + h * d..i * qw + (h + 1) * d];
+            let scores: Vec<f32> = (first..=p)
+                .map(|j| s.scale * dot(&row(k_cache, k, j, kh), qh))
+                .collect();
+            let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = scores.iter().map(|x| (x - m).exp()).sum();
+            let mut acc = vec![0f32; d];
+            for (sc, j) in scores.iter().zip(first..=p) {
+                let w = (sc - m).exp() / sum;
+                for (a, vv) in acc.iter_mut().zip(row(v_cache, v, j, kh)) {
+                    *a += w * vv;
+                }
+            }
+            for (o, a) in out_row[h * d..(h + 1) * d].iter_mut().zip(&acc) {
+                *o = T::from_f32(*a);
+            }
+        }
+    });
+}

@@ -8,6 +8,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod cache;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod elementwise;

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use graft_kernels::attention::{attention, attention_grad, AttnShape};
+use graft_kernels::attention::{attention, attention_cached, attention_grad, AttnShape};
 use proptest::prelude::*;
 
 /// Query `i` sees key `j` iff same segment, `j <= i` and, with a window, `i - j < w`.
@@ -177,6 +177,29 @@ fn forward(c: &Case) -> (Vec<f32>, Vec<f32>) {
 
 proptest! {
     #![proptest_config(config(64))]
+
+    /// Generation's cached attention: the last `new` tokens of a sequence
+    /// against a cache holding the keys and values of the ones before (plus
+    /// unused rows), equal to whole-sequence attention on those rows — bit
+    /// for bit, as both sum in the same order — and to the f64 reference.
+    #[test]
+    fn cached_matches_whole_sequence(tokens in dim(48), split in 0.0f64..1.0, spare in 0usize..4, heads in heads(), head_dim in dim(16), window in window(), seed: u64) {
+        let mut c = case(tokens, heads, head_dim, window, seed);
+        c.seg = vec![0; tokens];
+        let start = ((tokens - 1) as f64 * split) as usize;
+        let (qw, kw) = (c.s.n_heads * head_dim, c.s.n_kv_heads * head_dim);
+        let (whole, _) = forward(&c);
+        let mut k_cache = c.k[..start * kw].to_vec();
+        let mut v_cache = c.v[..start * kw].to_vec();
+        k_cache.extend(vec![f32::NAN; spare * kw]);
+        v_cache.extend(vec![f32::NAN; spare * kw]);
+        let s = AttnShape { tokens: tokens - start, ..c.s };
+        let mut out = nan_buf::<f32>((tokens - start) * qw);
+        attention_cached(&c.q[start * qw..], &c.k[start * kw..], &c.v[start * kw..], &k_cache, &v_cache, start, s, &mut out);
+        prop_assert_eq!(&out[..], &whole[start * qw..]);
+        let (want, _) = attention_ref(&to_f64(&c.q), &to_f64(&c.k), &to_f64(&c.v), &c.seg, &c.s);
+        check("out", &out, &want[start * qw..], 1e-6)?;
+    }
 
     #[test]
     fn forward_matches_reference(tokens in dim(64), heads in heads(), head_dim in dim(16), window in window(), seed: u64) {

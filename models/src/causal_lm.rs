@@ -41,6 +41,21 @@ pub struct RecordOptions<'a> {
     pub loss: bool,
     /// Apply the adapter's dropout (training only).
     pub dropout: bool,
+    /// Mark every unquantized base weight trainable (full fine-tuning).
+    pub train_base: bool,
+    /// Record for generation with a key/value cache of this many rows per
+    /// layer: attention reads the cache for earlier positions (inference only).
+    pub kv_cache: Option<usize>,
+}
+
+/// The cache handles of a graph recorded with [`RecordOptions::kv_cache`].
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    /// i32 `[1]`: rows already cached (the position of the first new token).
+    pub start: ValueId,
+    /// Per layer: the cache inputs `(k, v)` and the new rows `(k, v)` the
+    /// graph outputs, to append after the run.
+    pub layers: Vec<[ValueId; 4]>,
 }
 
 /// A recorded graph and the handles of its inputs and outputs.
@@ -55,6 +70,7 @@ pub struct Recorded {
     /// f32 `[tokens, vocab]`.
     pub logits: ValueId,
     pub loss: Option<ValueId>,
+    pub kv_cache: Option<KvCache>,
 }
 
 /// A batch of sequences flattened into one token axis: positions restart and
@@ -164,6 +180,16 @@ impl CausalLm {
         self.weights.get(name)
     }
 
+    /// Every base weight by checkpoint name.
+    pub fn weights(&self) -> &HashMap<String, Tensor> {
+        &self.weights
+    }
+
+    /// Mutable base weights (full fine-tuning, merging adapters).
+    pub fn weights_mut(&mut self) -> &mut HashMap<String, Tensor> {
+        &mut self.weights
+    }
+
     /// Records the forward pass (and the loss if asked) over `tokens` tokens.
     pub fn record(&self, tokens: usize, opts: RecordOptions) -> Result<Recorded, ModelError> {
         let c = &self.config;
@@ -175,12 +201,17 @@ impl CausalLm {
         let dropout_p = opts.lora.map_or(0.0, |l| l.config.dropout);
         let dropout_seed =
             (opts.dropout && dropout_p > 0.0).then(|| g.input("dropout_seed", &[1], DType::U32));
+        let mut kv_cache = opts.kv_cache.map(|_| KvCache {
+            start: g.input("cache_start", &[1], DType::I32),
+            layers: Vec::new(),
+        });
 
         let mut rec = Recorder {
             g,
             model: self,
             lora: opts.lora,
             train: opts.train_lora,
+            train_base: opts.train_base,
             seed: dropout_seed,
         };
         let embed = rec.weight("model.embed_tokens.weight")?;
@@ -218,7 +249,17 @@ impl CausalLm {
             let v = rec.linear(&format!("{p}.self_attn.v_proj"), x)?;
             let q = rec.g.rope(q, positions, rope.clone())?;
             let k = rec.g.rope(k, positions, rope_k.clone())?;
-            let a = rec.g.attention(q, k, v, segments, attn.clone())?;
+            let a = match (&mut kv_cache, opts.kv_cache) {
+                (Some(cache), Some(rows)) => {
+                    let kv = c.num_kv_heads * c.head_dim;
+                    let kc = rec.g.input(&format!("{p}.k_cache"), &[rows, kv], dt);
+                    let vc = rec.g.input(&format!("{p}.v_cache"), &[rows, kv], dt);
+                    cache.layers.push([kc, vc, k, v]);
+                    rec.g
+                        .attention_cached(q, k, v, kc, vc, cache.start, attn.clone())?
+                }
+                _ => rec.g.attention(q, k, v, segments, attn.clone())?,
+            };
             let o = rec.linear(&format!("{p}.self_attn.o_proj"), a)?;
             h = rec.g.add(h, o)?;
 
@@ -255,6 +296,7 @@ impl CausalLm {
             dropout_seed,
             logits,
             loss,
+            kv_cache,
         })
     }
 }
@@ -265,11 +307,13 @@ struct Recorder<'a> {
     model: &'a CausalLm,
     lora: Option<&'a Lora>,
     train: bool,
+    train_base: bool,
     seed: Option<ValueId>,
 }
 
 impl Recorder<'_> {
-    /// A frozen base weight, declared with its checkpoint name.
+    /// A base weight, declared with its checkpoint name; frozen unless
+    /// training the base (NF4 weights are always frozen).
     fn weight(&mut self, name: &str) -> Result<ValueId, ModelError> {
         if let Some(v) = self.g.find_leaf(name) {
             return Ok(v);
@@ -282,7 +326,8 @@ impl Recorder<'_> {
                 name: name.to_string(),
                 dir: self.model.dir.clone(),
             })?;
-        Ok(self.g.param(name, t.shape(), t.dtype(), false))
+        let trainable = self.train_base && !matches!(t.dtype(), DType::Nf4 { .. });
+        Ok(self.g.param(name, t.shape(), t.dtype(), trainable))
     }
 
     /// A base linear (with bias when the config has one), plus the LoRA

@@ -5,10 +5,11 @@
 pub mod causal_lm;
 pub mod checkpoint;
 pub mod config;
+mod export;
 pub mod lora;
 pub mod quantized;
 
-pub use causal_lm::{Batch, CausalLm, LoadOptions, RecordOptions, Recorded};
+pub use causal_lm::{Batch, CausalLm, KvCache, LoadOptions, RecordOptions, Recorded};
 pub use config::{Arch, ModelConfig};
 pub use lora::{Lora, LoraConfig, LoraModule, Targets};
 

@@ -254,6 +254,16 @@ fn parse_config(j: &Value) -> Result<LoraConfig, String> {
     if get("use_dora").and_then(Value::as_bool) == Some(true) {
         return Err("key `use_dora` is true; DoRA adapters are not supported yet".into());
     }
+    if get("lora_bias").and_then(Value::as_bool) == Some(true) {
+        return Err(
+            "key `lora_bias` is true; adapters with a bias on lora_B are not supported".into(),
+        );
+    }
+    if get("exclude_modules").is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
+        return Err(
+            "key `exclude_modules` is not supported; list the target modules instead".into(),
+        );
+    }
     if get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {
         return Err("key `fan_in_fan_out` is true; Llama-family linears are not Conv1D".into());
     }

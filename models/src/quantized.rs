@@ -360,7 +360,7 @@ pub fn quantize_checkpoint(
 }
 
 /// Copies what is not weights or config (tokenizer files, generation config).
-fn copy_side_files(src: &Path, dst: &Path) -> Result<(), ModelError> {
+pub(crate) fn copy_side_files(src: &Path, dst: &Path) -> Result<(), ModelError> {
     for entry in std::fs::read_dir(src).map_err(|e| ModelError::io(src, e))? {
         let path = entry.map_err(|e| ModelError::io(src, e))?.path();
         let name = path

@@ -92,27 +92,9 @@ pub fn compile_ptx(name: &str, src: &str, arch: &str) -> Result<String, GpuError
 }
 
 /// A stable 64-bit FNV-1a hash, for cache keys that survive rebuilds.
-fn fnv1a(parts: &[&[u8]]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for p in parts {
-        for &b in *p {
-            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-        }
-        h = (h ^ 0xff).wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
-/// Where compiled PTX is cached: `$GRAFT_CACHE_DIR`, else
-/// `$XDG_CACHE_HOME/graft/ptx`, else `~/.cache/graft/ptx`.
+/// Where compiled PTX is cached.
 fn cache_dir() -> Option<PathBuf> {
-    if let Some(d) = std::env::var_os("GRAFT_CACHE_DIR") {
-        return Some(PathBuf::from(d).join("ptx"));
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-    Some(base.join("graft").join("ptx"))
+    Some(crate::cache::cache_root()?.join("ptx"))
 }
 
 /// One GPU: its context, a stream, and the modules compiled for it.
@@ -164,7 +146,7 @@ impl Gpu {
             .map(|(_, s)| *s)
             .ok_or_else(|| GpuError::Shape(format!("no CUDA source named `{name}`")))?;
         let (vmaj, vmin) = nvrtc_version()?;
-        let key = fnv1a(&[
+        let key = crate::cache::fnv1a(&[
             src.as_bytes(),
             self.arch.as_bytes(),
             format!("{vmaj}.{vmin}").as_bytes(),

@@ -1,0 +1,107 @@
+//! Writing a model back out as a Hugging Face checkpoint: after full
+//! fine-tuning, and after merging an adapter into the base weights (NF4
+//! weights are dequantized on the way).
+
+use crate::checkpoint::write_safetensors_streaming;
+use crate::lora::Lora;
+use crate::{CausalLm, ModelError};
+use graft_engine::ir::DType;
+use graft_engine::Tensor;
+use serde_json::Value;
+use std::path::Path;
+
+fn torch_name(d: DType) -> &'static str {
+    match d {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    }
+}
+
+impl CausalLm {
+    /// Writes `dir` as a plain (unquantized) HF checkpoint in `dtype`:
+    /// model.safetensors, config.json (the source's, without
+    /// `quantization_config`) and the source's tokenizer and generation files.
+    pub fn save(&self, dir: &Path, dtype: DType) -> Result<(), ModelError> {
+        if !dtype.is_float() {
+            return Err(ModelError::Input(format!(
+                "a checkpoint is saved in a float dtype, not {dtype}"
+            )));
+        }
+        if self.dir.canonicalize().ok() == dir.canonicalize().ok() {
+            return Err(ModelError::Input(format!(
+                "{}: refusing to overwrite the model being read",
+                dir.display()
+            )));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+        let config_path = self.dir.join("config.json");
+        let text =
+            std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
+        let mut json: Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+            path: config_path.clone(),
+            msg: e.to_string(),
+        })?;
+        if let Some(o) = json.as_object_mut() {
+            o.remove("quantization_config");
+            o.insert("torch_dtype".into(), torch_name(dtype).into());
+            o.insert("dtype".into(), torch_name(dtype).into());
+        }
+        // Converted one tensor at a time, in checkpoint order.
+        let mut names: Vec<&String> = self.weights().keys().collect();
+        names.sort();
+        let converted: Vec<(String, Tensor)> = names
+            .into_iter()
+            .map(|n| Ok((n.clone(), self.weights()[n].to_dtype(dtype)?)))
+            .collect::<Result<_, ModelError>>()?;
+        let refs: Vec<(String, &Tensor)> = converted.iter().map(|(n, t)| (n.clone(), t)).collect();
+        let meta = [("format".to_string(), "pt".to_string())]
+            .into_iter()
+            .collect();
+        write_safetensors_streaming(
+            &dir.join("model.safetensors"),
+            &refs,
+            Some(meta),
+            &mut |_| {},
+        )?;
+        let pretty = serde_json::to_string_pretty(&json).expect("a json value always serialises");
+        crate::write_atomically(&dir.join("config.json"), pretty.as_bytes())?;
+        crate::quantized::copy_side_files(&self.dir, dir)
+    }
+}
+
+impl Lora {
+    /// Folds the adapter into the base: `W ← W + s·B·A` for every adapted
+    /// module, in f32 (an NF4 weight is dequantized first and stays f32).
+    pub fn merge_into(&self, model: &mut CausalLm) -> Result<(), ModelError> {
+        let s = self.config.scaling();
+        for m in &self.modules {
+            let name = format!("{}.weight", m.path);
+            let dir = model.dir.clone();
+            let w =
+                model
+                    .weights_mut()
+                    .get_mut(&name)
+                    .ok_or_else(|| ModelError::MissingTensor {
+                        name: name.clone(),
+                        dir,
+                    })?;
+            let (out, inp) = (w.shape()[0], w.shape()[1]);
+            let mut merged = w.to_f32_vec()?;
+            let (a, b) = (m.a.as_f32()?, m.b.as_f32()?);
+            let r = m.a.shape()[0];
+            for (o, row) in merged.chunks_mut(inp).enumerate().take(out) {
+                for k in 0..r {
+                    let sb = s * b[o * r + k];
+                    if sb != 0.0 {
+                        for (x, &ak) in row.iter_mut().zip(&a[k * inp..(k + 1) * inp]) {
+                            *x += sb * ak;
+                        }
+                    }
+                }
+            }
+            *w = Tensor::from_f32(&[out, inp], &merged)?;
+        }
+        Ok(())
+    }
+}
