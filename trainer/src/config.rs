@@ -4,7 +4,7 @@
 //! An unknown key is an error naming it and the nearest valid key; a wrong
 //! type names the key and what it should be.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use toml::{Table, Value};
 
@@ -19,7 +19,7 @@ pub struct ConfigError {
     pub msg: String,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub model: ModelSection,
@@ -29,7 +29,7 @@ pub struct Config {
     pub output: OutputSection,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
     pub path: PathBuf,
@@ -37,21 +37,21 @@ pub struct ModelSection {
     pub compute_dtype: ComputeDtype,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Quantize {
     Nf4,
     None,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ComputeDtype {
     Bf16,
     F32,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AdapterSection {
     pub method: Method,
@@ -62,7 +62,7 @@ pub struct AdapterSection {
     pub use_rslora: bool,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     Lora,
@@ -70,14 +70,14 @@ pub enum Method {
 }
 
 /// A list of module names, or one string ("all-linear").
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum TargetModules {
     List(Vec<String>),
     One(String),
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
     pub train: PathBuf,
@@ -90,7 +90,7 @@ pub struct DataSection {
     pub overflow: OverflowName,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum DataFormat {
     Alpaca,
@@ -98,7 +98,7 @@ pub enum DataFormat {
     Text,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 pub enum TemplateName {
     #[serde(rename = "alpaca")]
     Alpaca,
@@ -110,14 +110,14 @@ pub enum TemplateName {
     ChatMl,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum OverflowName {
     Truncate,
     Drop,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TrainSection {
     pub optimizer: OptimizerName,
@@ -126,6 +126,10 @@ pub struct TrainSection {
     pub warmup_steps: usize,
     pub weight_decay: f64,
     pub max_grad_norm: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub momentum: f64,
     pub epochs: usize,
     pub max_steps: usize,
     pub micro_batch_size: usize,
@@ -133,14 +137,14 @@ pub struct TrainSection {
     pub seed: u64,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerName {
     Adamw,
     Sgd,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Scheduler {
     Constant,
@@ -148,12 +152,13 @@ pub enum Scheduler {
     Cosine,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct OutputSection {
     pub dir: PathBuf,
     pub log_steps: usize,
     pub eval_steps: usize,
+    pub eval_accuracy: bool,
     pub save_steps: usize,
     pub save_total_limit: usize,
 }
@@ -223,18 +228,27 @@ fn merge(base: &mut Table, user: Table, origin: &str) -> Result<(), ConfigError>
 impl Config {
     /// The defaults, then `file` (if any), then each `section.key=value`.
     pub fn load(file: Option<&Path>, sets: &[String]) -> Result<Config, ConfigError> {
+        match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+                    origin: path.display().to_string(),
+                    msg: e.to_string(),
+                })?;
+                Self::from_text(Some((&text, &path.display().to_string())), sets)
+            }
+            None => Self::from_text(None, sets),
+        }
+    }
+
+    /// [`Config::load`] with the file's text and its name for errors.
+    pub fn from_text(file: Option<(&str, &str)>, sets: &[String]) -> Result<Config, ConfigError> {
         let mut table = defaults();
-        if let Some(path) = file {
-            let origin = path.display().to_string();
-            let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-                origin: origin.clone(),
-                msg: e.to_string(),
-            })?;
+        if let Some((text, origin)) = file {
             let user: Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
-                origin: origin.clone(),
+                origin: origin.to_string(),
                 msg: e.to_string(),
             })?;
-            merge(&mut table, user, &origin)?;
+            merge(&mut table, user, origin)?;
         }
         for s in sets {
             let bad = |msg: String| ConfigError {
@@ -261,7 +275,7 @@ impl Config {
             );
             merge(&mut table, user, "--set")?;
         }
-        let origin = file.map_or("configuration".to_string(), |p| p.display().to_string());
+        let origin = file.map_or("configuration".to_string(), |(_, o)| o.to_string());
         let config: Config = Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError {
@@ -310,6 +324,29 @@ impl Config {
         }
         if !(self.train.lr > 0.0 && self.train.lr.is_finite()) {
             return err("train.lr", "must be a positive number");
+        }
+        for (key, b) in [
+            ("train.adam_beta1", self.train.adam_beta1),
+            ("train.adam_beta2", self.train.adam_beta2),
+            ("train.momentum", self.train.momentum),
+        ] {
+            if !(0.0..1.0).contains(&b) {
+                return err(key, "must be in [0, 1)");
+            }
+        }
+        if self.adapter.method == Method::Full {
+            if self.model.quantize == Quantize::Nf4 {
+                return err(
+                    "adapter.method",
+                    "= \"full\" trains the base weights, which cannot be 4-bit: set model.quantize = \"none\"",
+                );
+            }
+            if self.model.compute_dtype != ComputeDtype::F32 {
+                return err(
+                    "adapter.method",
+                    "= \"full\" updates the weights in f32: set model.compute_dtype = \"f32\"",
+                );
+            }
         }
         Ok(())
     }

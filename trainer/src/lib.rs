@@ -3,4 +3,8 @@
 
 pub mod config;
 pub mod data;
+pub mod embedded;
+pub mod generate;
+pub mod run;
 pub mod schedule;
+pub mod synthetic;

@@ -18,6 +18,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train: QLoRA / LoRA / full fine-tuning from a TOML configuration.
+    /// Without --config it runs the embedded default (a tiny Llama
+    /// instruction-tuned in minutes, with held-out accuracy before and after).
+    /// `trainer run --help` lists every configuration key with its default.
+    Run(commands::run::Args),
+    /// Generate text from a prompt (greedy or sampled) with a key/value cache.
+    Generate(commands::generate::Args),
+    /// Eval loss, and exact-match accuracy of greedy answers, on a
+    /// configuration's eval set.
+    Eval(commands::eval::Args),
+    /// Merge a LoRA adapter into its base and write a plain HF checkpoint.
+    Merge(commands::merge::Args),
     /// Compute the logits of a token sequence and write them to a safetensors
     /// file (tensor `logits`, f32 [tokens, vocab]), for parity checks against
     /// other frameworks.
@@ -26,6 +38,9 @@ enum Command {
     /// quantization), streaming one tensor at a time; transformers loads the
     /// result with its bitsandbytes integration.
     Quantize(commands::quantize::Args),
+    /// Regenerate the embedded default (world, tokenizer, pretrained tiny
+    /// Llama, instruction data) from nothing.
+    MakeDefault(commands::make_default::Args),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +48,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Logits(args) => commands::logits::run(args),
         Command::Quantize(args) => commands::quantize::run(args),
+        Command::Run(args) => commands::run::run(args),
+        Command::Generate(args) => commands::generate::run(args),
+        Command::Eval(args) => commands::eval::run(args),
+        Command::Merge(args) => commands::merge::run(args),
+        Command::MakeDefault(args) => commands::make_default::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,7 +8,7 @@ use common::fixtures;
 use graft_engine::ir::DType;
 use graft_engine::{compile, CpuExecutor};
 use graft_models::{Batch, CausalLm, RecordOptions};
-use graft_trainer::data::batch::{batches, fit, Overflow};
+use graft_trainer::data::batch::{batches, fit, Overflow, Packed};
 use graft_trainer::data::tokenize::{Tokenized, IGNORE};
 
 /// An example of `n` tokens whose last `answer` tokens carry loss.
@@ -42,12 +42,16 @@ fn batches_have_fixed_shapes_restarted_positions_and_shifted_labels() {
         let out = batches(&docs, 2, 16, packing, 255);
         // Unpacked: three rows -> two batches of 2 rows; packed: 5+9 | 7 -> one batch.
         assert_eq!(out.len(), if packing { 1 } else { 2 });
-        for (b, counted) in &out {
+        for Packed {
+            batch: b, counted, ..
+        } in &out
+        {
             assert_eq!(b.tokens(), 32, "rows x row_len tokens");
             let labels = b.labels.as_i32().unwrap();
             assert_eq!(*counted, labels.iter().filter(|&&l| l != IGNORE).count());
         }
-        let (b, _) = &out[0];
+        assert_eq!(out.iter().map(|p| p.tokens).sum::<usize>(), 5 + 9 + 7);
+        let b = &out[0].batch;
         let (pos, seg, lab, ids) = (
             b.positions.as_i32().unwrap(),
             b.segments.as_i32().unwrap(),
@@ -72,7 +76,7 @@ fn batches_have_fixed_shapes_restarted_positions_and_shifted_labels() {
         .sum();
     let packed: usize = batches(&docs, 2, 16, true, 255)
         .iter()
-        .map(|(_, c)| c)
+        .map(|p| p.counted)
         .sum();
     assert_eq!(packed, total, "packing loses no target");
 }
@@ -81,7 +85,7 @@ fn batches_have_fixed_shapes_restarted_positions_and_shifted_labels() {
 fn packed_examples_do_not_see_each_other() {
     let model = CausalLm::load(&fixtures().join("llama/model"), DType::F32).unwrap();
     let docs = vec![doc(5, 2, 1), doc(9, 4, 2), doc(7, 7, 3)];
-    let (packed, _) = batches(&docs, 1, 24, true, 0).remove(0);
+    let packed = batches(&docs, 1, 24, true, 0).remove(0).batch;
     let logits = |batch: &Batch| -> Vec<f32> {
         let rec = model
             .record(batch.tokens(), RecordOptions::default())

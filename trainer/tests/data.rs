@@ -196,6 +196,7 @@ fn plain_text_is_trained_whole_and_alpaca_records_fit_chat_templates() {
         &Specials {
             bos: None,
             eos: "</s>".into(),
+            pad: None,
         },
     )
     .unwrap_err();

@@ -51,16 +51,25 @@ pub fn fit(docs: Vec<Tokenized>, max_len: usize, overflow: Overflow) -> Fitted {
     out
 }
 
+/// One fixed-shape batch and what it holds.
+#[derive(Clone, Debug)]
+pub struct Packed {
+    pub batch: Batch,
+    /// Tokens whose next-token loss counts.
+    pub counted: usize,
+    /// Tokens of examples (the rest is padding).
+    pub tokens: usize,
+}
+
 /// Lays `docs` (each at most `row_len` long) into batches of `rows` rows of
-/// `row_len` tokens. Returns the batches and, per batch, the number of
-/// counted (loss-carrying) tokens.
+/// `row_len` tokens.
 pub fn batches(
     docs: &[Tokenized],
     rows: usize,
     row_len: usize,
     packing: bool,
     pad_id: i32,
-) -> Vec<(Batch, usize)> {
+) -> Vec<Packed> {
     // Rows as lists of example indices.
     let mut layout: Vec<Vec<usize>> = Vec::new();
     let mut fill: Vec<usize> = Vec::new();
@@ -88,7 +97,7 @@ pub fn batches(
             let (mut ids, mut pos, mut seg, mut tgt) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             let mut segment = 0;
-            let mut counted = 0;
+            let (mut counted, mut tokens) = (0, 0);
             let mut emit_run = |toks: &[i32], labels: Option<&[i32]>| {
                 for (t, &id) in toks.iter().enumerate() {
                     ids.push(id);
@@ -107,6 +116,7 @@ pub fn batches(
                     let n = d.ids.len().min(row_len);
                     emit_run(&d.ids[..n], Some(&d.labels[..n]));
                     used += n;
+                    tokens += n;
                 }
                 if used < row_len {
                     emit_run(&vec![pad_id; row_len - used], None);
@@ -121,7 +131,11 @@ pub fn batches(
                 labels: t(&tgt),
                 seed: graft_engine::Tensor::from_u32(&[1], &[0]).expect("one value"),
             };
-            (batch, counted)
+            Packed {
+                batch,
+                counted,
+                tokens,
+            }
         })
         .collect()
 }

@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod format;
+pub mod prepare;
 pub mod template;
 pub mod tokenize;
 
@@ -61,11 +62,13 @@ pub fn load_tokenizer(dir: &Path) -> Result<(Tokenizer, Specials), DataError> {
             msg: format!("key `eos_token`: {eos:?} is not in tokenizer.json"),
         });
     }
+    let pad = token_string(cfg.get("pad_token")).filter(|p| *p != eos);
     Ok((
         tok,
         Specials {
             bos: token_string(cfg.get("bos_token")),
             eos,
+            pad,
         },
     ))
 }

@@ -35,6 +35,9 @@ impl Template {
 pub struct Specials {
     pub bos: Option<String>,
     pub eos: String,
+    /// Filler of unused batch positions (never attended to, never trained
+    /// on); tokenizer_config.json's `pad_token` when it is not EOS.
+    pub pad: Option<String>,
 }
 
 /// Rendered text and the byte ranges that carry loss.

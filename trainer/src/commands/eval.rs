@@ -1,0 +1,51 @@
+//! `trainer eval`: eval loss and exact-match accuracy of a model (with an
+//! adapter) on a configuration's eval set.
+
+use super::CliError;
+use graft_engine::CpuExecutor;
+use graft_trainer::generate::{exact_match, stop_tokens};
+use graft_trainer::run::session::Session;
+use graft_trainer::run::{EvalPlan, RunError};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+#[command(after_long_help = graft_trainer::config::DEFAULTS)]
+pub struct Args {
+    /// TOML configuration (model and data sections; without one, the
+    /// embedded default's).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override one key, e.g. `--set data.eval=eval.jsonl` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    sets: Vec<String>,
+    /// PEFT LoRA adapter to evaluate (without one: the base model).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> Result<(), CliError> {
+    let cfg = super::run::load_config(args.config.as_deref(), &args.sets)?;
+    let s = Session::open(&cfg, args.adapter.as_deref())?;
+    let path = s.eval_path().ok_or_else(|| {
+        RunError::Invalid("key `data.eval` is empty: give the eval JSONL file".into())
+    })?;
+    let data = s.prepare(&path)?;
+    println!("eval data: {}", data.summary());
+    let loss = EvalPlan::new(&s, &data.docs)?.loss(&s, &mut CpuExecutor::new())?;
+    println!("eval loss {loss:.4}");
+    if !data.references.is_empty() {
+        let stop = stop_tokens(&s.tokenizer, &s.specials.eos);
+        let (ok, n) = exact_match(
+            &s.model,
+            s.lora.as_ref(),
+            &s.tokenizer,
+            &stop,
+            &data.references,
+        )?;
+        println!(
+            "exact match {ok}/{n} ({:.1}%)",
+            100.0 * ok as f64 / n as f64
+        );
+    }
+    Ok(())
+}

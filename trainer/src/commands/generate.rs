@@ -1,0 +1,113 @@
+//! `trainer generate`: continue a prompt with a key/value cache.
+
+use super::CliError;
+use graft_engine::ir::DType;
+use graft_models::{CausalLm, LoadOptions, Lora};
+use graft_trainer::data::format::Example;
+use graft_trainer::data::load_tokenizer;
+use graft_trainer::data::template::{render, Template};
+use graft_trainer::generate::{stop_tokens, Generator, Sampling};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Hugging Face model directory (default: the embedded default model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// PEFT LoRA adapter directory to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user turn of this chat template (alpaca,
+    /// llama-2, llama-3, chatml) and generate the assistant's answer;
+    /// without it the prompt is plain text after BOS.
+    #[arg(long)]
+    template: Option<String>,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// 0: greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Compute dtype.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    dtype: String,
+    /// Quantize the linear weights while loading.
+    #[arg(long, default_value = "none", value_parser = ["none", "nf4"])]
+    quantize: String,
+}
+
+pub fn run(args: Args) -> Result<(), CliError> {
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) || args.temperature < 0.0 {
+        return Err(CliError::Usage(
+            "--top-p must be in (0, 1] and --temperature at least 0".into(),
+        ));
+    }
+    let dir = match args.model {
+        Some(d) => d,
+        None => graft_trainer::embedded::model_dir()?,
+    };
+    let dtype = if args.dtype == "bf16" {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let quantize = (args.quantize == "nf4").then_some(64);
+    let model = CausalLm::load_with(&dir, &LoadOptions { dtype, quantize })?;
+    let lora = args
+        .adapter
+        .as_deref()
+        .map(|a| Lora::load(a, &model.config))
+        .transpose()?;
+    let (tok, sp) = load_tokenizer(&dir)?;
+    let text = match args.template.as_deref() {
+        Some(name) => {
+            let t = Template::parse(name).ok_or_else(|| {
+                CliError::Usage(format!(
+                    "--template {name:?}: not one of {}",
+                    Template::NAMES.join(", ")
+                ))
+            })?;
+            let ex = Example::Alpaca {
+                instruction: args.prompt.clone(),
+                input: String::new(),
+                output: String::new(),
+            };
+            let r = render(t, &ex, &sp)?;
+            // The prompt: everything before the (empty) answer.
+            let end = r.trainable.first().map_or(r.text.len(), |s| s.start);
+            r.text[..end].to_string()
+        }
+        None => format!("{}{}", sp.bos.as_deref().unwrap_or(""), args.prompt),
+    };
+    let ids: Vec<i32> = tok
+        .encode(text.as_str(), false)
+        .map_err(|e| CliError::Usage(format!("tokenizer: {e}")))?
+        .get_ids()
+        .iter()
+        .map(|&i| i as i32)
+        .collect();
+    let mut g = Generator::new(&model, lora.as_ref(), ids.len() + args.max_new_tokens);
+    let sampling = Sampling {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    let out = g.generate(
+        &ids,
+        args.max_new_tokens,
+        &stop_tokens(&tok, &sp.eos),
+        &sampling,
+    )?;
+    let out: Vec<u32> = out.iter().map(|&i| i as u32).collect();
+    let text = tok
+        .decode(&out, true)
+        .map_err(|e| CliError::Usage(format!("tokenizer: {e}")))?;
+    println!("{text}");
+    Ok(())
+}

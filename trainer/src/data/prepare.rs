@@ -1,0 +1,106 @@
+//! A dataset file end to end: read, render with the template, tokenize with
+//! labels, fit to the maximum length. Also keeps, per example, the prompt
+//! and the reference answer that evaluation decodes against.
+
+use super::batch::{fit, Overflow};
+use super::format::{read_jsonl, Example, Format, Role};
+use super::template::{render, Specials, Template};
+use super::tokenize::{tokenize, Tokenized};
+use super::DataError;
+use std::path::Path;
+use tokenizers::Tokenizer;
+
+/// How examples become token sequences.
+#[derive(Clone, Copy, Debug)]
+pub struct PrepareOptions {
+    pub format: Format,
+    pub template: Template,
+    pub max_len: usize,
+    pub overflow: Overflow,
+    pub train_on_inputs: bool,
+}
+
+/// A prompt to complete and the answer expected (alpaca output, last
+/// assistant turn).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reference {
+    pub prompt: Vec<i32>,
+    pub answer: String,
+}
+
+/// A prepared dataset and what fitting did to it.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    pub docs: Vec<Tokenized>,
+    /// Examples read from the file.
+    pub read: usize,
+    pub truncated: usize,
+    pub dropped: usize,
+    pub no_target: usize,
+    /// One per example with an answer (not plain text), in file order.
+    pub references: Vec<Reference>,
+}
+
+impl Prepared {
+    /// One line for the log: what was read and what fitting did.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} examples ({} truncated, {} dropped as longer than max_seq_len, {} without a trained token)",
+            self.read, self.truncated, self.dropped, self.no_target
+        )
+    }
+}
+
+/// The expected answer of `ex`, if it has one.
+fn answer(ex: &Example) -> Option<&str> {
+    match ex {
+        Example::Alpaca { output, .. } => Some(output),
+        Example::Chat(turns) => turns
+            .iter()
+            .rev()
+            .find(|(r, _)| *r == Role::Assistant)
+            .map(|(_, c)| c.as_str()),
+        Example::Text(_) => None,
+    }
+}
+
+/// Reads and prepares `path`. An empty result is an error naming the file.
+pub fn prepare(
+    path: &Path,
+    opts: &PrepareOptions,
+    tok: &Tokenizer,
+    sp: &Specials,
+) -> Result<Prepared, DataError> {
+    let examples = read_jsonl(path, opts.format)?;
+    let mut docs = Vec::with_capacity(examples.len());
+    let mut references = Vec::new();
+    for ex in &examples {
+        let r = render(opts.template, ex, sp)?;
+        if let (Some(ans), Some(last)) = (answer(ex), r.trainable.last()) {
+            let prompt = tok
+                .encode(&r.text[..last.start], false)
+                .map_err(|e| DataError::Tokenizer(e.to_string()))?;
+            references.push(Reference {
+                prompt: prompt.get_ids().iter().map(|&i| i as i32).collect(),
+                answer: ans.to_string(),
+            });
+        }
+        docs.push(tokenize(tok, &r, opts.train_on_inputs)?);
+    }
+    let fitted = fit(docs, opts.max_len, opts.overflow);
+    let out = Prepared {
+        docs: fitted.docs,
+        read: examples.len(),
+        truncated: fitted.truncated,
+        dropped: fitted.dropped,
+        no_target: fitted.no_target,
+        references,
+    };
+    if out.docs.is_empty() {
+        return Err(DataError::Io {
+            path: path.into(),
+            msg: format!("no example left to train on: {}", out.summary()),
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,241 @@
+//! Text generation with a key/value cache: the prompt runs once through a
+//! plan recorded for its length (prefill), then one plan for a single token
+//! runs per new token, attending to the cached keys and values of every
+//! earlier position. Greedy, or temperature with nucleus (top-p) sampling.
+
+use crate::data::prepare::Reference;
+use crate::run::RunError;
+use graft_engine::rng::Rng;
+use graft_engine::{compile, CpuExecutor, Plan, Tensor};
+use graft_models::{Batch, CausalLm, Lora, RecordOptions, Recorded};
+use std::collections::HashMap;
+use tokenizers::Tokenizer;
+
+/// How the next token is chosen.
+#[derive(Clone, Copy, Debug)]
+pub struct Sampling {
+    /// 0: greedy (the most likely token).
+    pub temperature: f32,
+    /// Sample from the smallest set of tokens whose probability reaches this.
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+impl Sampling {
+    pub const GREEDY: Sampling = Sampling {
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+    };
+}
+
+pub struct Generator<'a> {
+    model: &'a CausalLm,
+    lora: Option<&'a Lora>,
+    capacity: usize,
+    /// Plans by number of new tokens.
+    plans: HashMap<usize, (Recorded, Plan)>,
+    /// Per layer, the cached keys and values (`capacity` rows).
+    caches: Vec<(Tensor, Tensor)>,
+    exec: CpuExecutor,
+}
+
+/// Tokens that end a response: EOS and the chat templates' end-of-turn tokens.
+pub fn stop_tokens(tok: &Tokenizer, eos: &str) -> Vec<i32> {
+    [eos, "<|im_end|>", "<|eot_id|>", "</s>"]
+        .iter()
+        .filter_map(|t| tok.token_to_id(t))
+        .map(|i| i as i32)
+        .collect()
+}
+
+impl<'a> Generator<'a> {
+    /// A generator for sequences of at most `capacity` tokens.
+    pub fn new(model: &'a CausalLm, lora: Option<&'a Lora>, capacity: usize) -> Self {
+        let kv = model.config.num_kv_heads * model.config.head_dim;
+        let caches = (0..model.config.num_layers)
+            .map(|_| {
+                (
+                    Tensor::zeros(&[capacity, kv], model.dtype),
+                    Tensor::zeros(&[capacity, kv], model.dtype),
+                )
+            })
+            .collect();
+        Generator {
+            model,
+            lora,
+            capacity,
+            plans: HashMap::new(),
+            caches,
+            exec: CpuExecutor::new(),
+        }
+    }
+
+    /// Runs `ids` at positions `start..`, appends their keys and values to
+    /// the cache and returns the logits of the last one.
+    fn forward(&mut self, ids: &[i32], start: usize) -> Result<Vec<f32>, RunError> {
+        let n = ids.len();
+        if start + n > self.capacity {
+            return Err(RunError::Invalid(format!(
+                "generation needs {} positions but the cache holds {}",
+                start + n,
+                self.capacity
+            )));
+        }
+        if !self.plans.contains_key(&n) {
+            let rec = self.model.record(
+                n,
+                RecordOptions {
+                    lora: self.lora,
+                    kv_cache: Some(self.capacity),
+                    ..Default::default()
+                },
+            )?;
+            let cache = rec.kv_cache.as_ref().expect("recorded with a cache");
+            let mut outs = vec![rec.logits];
+            outs.extend(cache.layers.iter().flat_map(|l| [l[2], l[3]]));
+            let plan = compile(rec.graph.clone(), &outs)?;
+            self.plans.insert(n, (rec, plan));
+        }
+        let (rec, plan) = &self.plans[&n];
+        let pos: Vec<i32> = (start..start + n).map(|p| p as i32).collect();
+        let batch = Batch {
+            ids: Tensor::from_i32(&[n], ids)?,
+            positions: Tensor::from_i32(&[n], &pos)?,
+            segments: Tensor::from_i32(&[n], &vec![0; n])?,
+            labels: Tensor::from_i32(&[n], &vec![-100; n])?,
+            seed: Tensor::from_u32(&[1], &[0])?,
+        };
+        let start_t = Tensor::from_i32(&[1], &[start as i32])?;
+        let cache = rec.kv_cache.as_ref().expect("recorded with a cache");
+        let out = {
+            let mut feeds = rec.feeds(self.model, self.lora, &batch)?;
+            feeds.bind(cache.start, &start_t);
+            for (l, (kc, vc)) in cache.layers.iter().zip(&self.caches) {
+                feeds.bind(l[0], kc).bind(l[1], vc);
+            }
+            self.exec.run(plan, &feeds)?
+        };
+        for (i, (kc, vc)) in self.caches.iter_mut().enumerate() {
+            for (cache, new) in [(kc, &out[1 + 2 * i]), (vc, &out[2 + 2 * i])] {
+                let row = new.bytes().len() / n;
+                cache.bytes_mut()[start * row..(start + n) * row].copy_from_slice(new.bytes());
+            }
+        }
+        let vocab = self.model.config.vocab_size;
+        let logits = out[0].as_f32()?;
+        Ok(logits[(n - 1) * vocab..].to_vec())
+    }
+
+    /// Continues `prompt` by up to `max_new` tokens, stopping after a token
+    /// of `stop` (which is not returned).
+    pub fn generate(
+        &mut self,
+        prompt: &[i32],
+        max_new: usize,
+        stop: &[i32],
+        sampling: &Sampling,
+    ) -> Result<Vec<i32>, RunError> {
+        if prompt.is_empty() {
+            return Err(RunError::Invalid("the prompt has no tokens".into()));
+        }
+        let mut rng = Rng::new(sampling.seed);
+        let mut logits = self.forward(prompt, 0)?;
+        let mut out = Vec::new();
+        for _ in 0..max_new {
+            let next = pick(&logits, sampling, &mut rng);
+            if stop.contains(&next) {
+                break;
+            }
+            out.push(next);
+            if out.len() == max_new {
+                break;
+            }
+            logits = self.forward(&[next], prompt.len() + out.len() - 1)?;
+        }
+        Ok(out)
+    }
+}
+
+/// The next token from `logits`.
+fn pick(logits: &[f32], s: &Sampling, rng: &mut Rng) -> i32 {
+    let argmax = || {
+        logits
+            .iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |best, (i, &x)| {
+                if x > best.1 {
+                    (i, x)
+                } else {
+                    best
+                }
+            })
+            .0 as i32
+    };
+    if s.temperature <= 0.0 {
+        return argmax();
+    }
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut probs: Vec<(usize, f32)> = logits
+        .iter()
+        .map(|&x| ((x - m) / s.temperature).exp())
+        .enumerate()
+        .collect();
+    let total: f32 = probs.iter().map(|p| p.1).sum();
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    // The nucleus: the most likely tokens until their mass reaches top_p.
+    let mut mass = 0.0;
+    let mut keep = 0;
+    for p in &probs {
+        mass += p.1 / total;
+        keep += 1;
+        if mass >= s.top_p {
+            break;
+        }
+    }
+    let probs = &probs[..keep];
+    let kept: f32 = probs.iter().map(|p| p.1).sum();
+    let mut u = rng.next_f32() * kept;
+    for p in probs {
+        u -= p.1;
+        if u <= 0.0 {
+            return p.0 as i32;
+        }
+    }
+    probs[keep - 1].0 as i32
+}
+
+/// Text compared for exact match: trimmed, whitespace runs collapsed.
+fn normalize(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Exact-match accuracy of greedy answers to `refs`: (correct, total).
+pub fn exact_match(
+    model: &CausalLm,
+    lora: Option<&Lora>,
+    tok: &Tokenizer,
+    stop: &[i32],
+    refs: &[Reference],
+) -> Result<(usize, usize), RunError> {
+    let answer_len = |r: &Reference| {
+        tok.encode(r.answer.as_str(), false)
+            .map(|e| e.get_ids().len())
+            .unwrap_or(0)
+    };
+    // Room for the longest answer and one token more (a wrong, longer
+    // answer must not pass by being cut).
+    let max_new = refs.iter().map(answer_len).max().unwrap_or(0) + 2;
+    let capacity = refs.iter().map(|r| r.prompt.len()).max().unwrap_or(0) + max_new;
+    let mut g = Generator::new(model, lora, capacity);
+    let mut correct = 0;
+    for r in refs {
+        let ids = g.generate(&r.prompt, max_new, stop, &Sampling::GREEDY)?;
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        let text = tok
+            .decode(&ids, true)
+            .map_err(|e| RunError::Invalid(format!("tokenizer: {e}")))?;
+        correct += (normalize(&text) == normalize(&r.answer)) as usize;
+    }
+    Ok((correct, refs.len()))
+}

@@ -1,0 +1,123 @@
+//! Training checkpoints: `OUT/checkpoint-N/` holds the trained weights (a
+//! PEFT adapter, or the whole model for full fine-tuning), the optimizer
+//! state, and `trainer_state.json` (step, data position, the configuration).
+//! Each is written into a temporary directory and renamed into place, so a
+//! kill at any moment leaves every `checkpoint-N` complete.
+
+use super::RunError;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Where the run is: enough to continue it exactly.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub step: usize,
+    /// Data position: the epoch and the next micro-batch in it.
+    pub epoch: usize,
+    pub micro: usize,
+    /// Micro-batches done over the whole run (dropout seeds derive from it).
+    pub micro_step: u64,
+    /// The optimizer's own step count (AdamW's bias correction).
+    pub optimizer_steps: u64,
+    /// Loss of the last step.
+    pub loss: f32,
+    /// The configuration, as TOML, that the run must be resumed with.
+    pub config: String,
+}
+
+pub const STATE: &str = "trainer_state.json";
+pub const OPTIMIZER: &str = "optimizer.safetensors";
+
+fn io(path: &Path, e: std::io::Error) -> RunError {
+    RunError::Io(format!("{}: {e}", path.display()))
+}
+
+/// `OUT/checkpoint-N` directories, oldest first.
+pub fn list(out: &Path) -> Result<Vec<(usize, PathBuf)>, RunError> {
+    let mut found = Vec::new();
+    let entries = match std::fs::read_dir(out) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+        Err(e) => return Err(io(out, e)),
+    };
+    for entry in entries {
+        let path = entry.map_err(|e| io(out, e))?.path();
+        let step = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("checkpoint-"))
+            .and_then(|n| n.parse::<usize>().ok());
+        if let Some(step) = step {
+            if path.join(STATE).is_file() {
+                found.push((step, path));
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Removes what a killed save left behind (`.checkpoint-*` temporaries).
+pub fn remove_partial(out: &Path) {
+    for entry in std::fs::read_dir(out).into_iter().flatten().flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".checkpoint-")
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+pub fn read_state(dir: &Path) -> Result<TrainerState, RunError> {
+    let path = dir.join(STATE);
+    let text = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
+    serde_json::from_str(&text).map_err(|e| RunError::Io(format!("{}: {e}", path.display())))
+}
+
+/// Writes checkpoint `state.step` under `out`: `fill` writes the weights and
+/// optimizer files into the directory it is given, then the state goes last
+/// and the directory is renamed into place. Keeps the newest `keep` (0: all).
+pub fn save(
+    out: &Path,
+    state: &TrainerState,
+    keep: usize,
+    fill: &mut dyn FnMut(&Path) -> Result<(), RunError>,
+) -> Result<PathBuf, RunError> {
+    let tmp = out.join(format!(
+        ".checkpoint-{}.tmp{}",
+        state.step,
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    fill(&tmp)?;
+    let text = serde_json::to_string_pretty(state).expect("the state always serialises");
+    graft_models::write_atomically(&tmp.join(STATE), text.as_bytes())?;
+    let dst = out.join(format!("checkpoint-{}", state.step));
+    if dst.exists() {
+        // Same step saved again (a resumed run): move the old one aside first.
+        let old = out.join(format!(
+            ".checkpoint-{}.old{}",
+            state.step,
+            std::process::id()
+        ));
+        std::fs::rename(&dst, &old).map_err(|e| io(&dst, e))?;
+        std::fs::rename(&tmp, &dst).map_err(|e| io(&dst, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(&tmp, &dst).map_err(|e| io(&dst, e))?;
+    }
+    if let Ok(d) = std::fs::File::open(out) {
+        let _ = d.sync_all();
+    }
+    if keep > 0 {
+        let all = list(out)?;
+        for (_, old) in &all[..all.len().saturating_sub(keep)] {
+            let _ = std::fs::remove_dir_all(old);
+        }
+    }
+    Ok(dst)
+}

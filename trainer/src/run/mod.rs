@@ -1,0 +1,504 @@
+//! `trainer run`: the training loop. One compiled plan per run; each
+//! optimizer step accumulates `grad_accum` micro-batches with weights
+//! `n_i / N` (counted tokens), so the step's loss and gradient are those of
+//! the mean over every counted token of the whole accumulated batch.
+
+pub mod checkpoint;
+pub mod metrics;
+mod optimizer;
+pub mod session;
+
+use crate::config::{Config, ConfigError, Method};
+use crate::data::batch::{batches, Packed};
+use crate::data::DataError;
+use crate::schedule::lr_at;
+use checkpoint::TrainerState;
+use graft_engine::optim::clip_grad_norm;
+use graft_engine::rng::Rng;
+use graft_engine::{compile, compile_training, CpuExecutor, Plan, Tensor};
+use graft_models::{CausalLm, Lora, ModelError, RecordOptions, Recorded};
+use optimizer::Optimizer;
+use serde_json::json;
+use session::Session;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Engine(#[from] graft_engine::EngineError),
+    #[error("{0}")]
+    Io(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("step {step}: the loss is {value}; stopping. {kept}")]
+    Diverged {
+        step: usize,
+        value: String,
+        kept: String,
+    },
+}
+
+/// How to run (what is not part of the configuration).
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Continue from the newest checkpoint in the output directory.
+    pub resume: bool,
+    /// Stop (as if killed) after this many steps of this process, without
+    /// the final save: for tests of resuming.
+    pub stop_after: Option<usize>,
+    /// Draw a progress bar (when stderr is a terminal).
+    pub progress: bool,
+}
+
+/// What a finished run produced.
+#[derive(Clone, Debug)]
+pub struct RunReport {
+    pub steps: usize,
+    pub loss: f32,
+    pub eval_loss: Option<f32>,
+    /// Held-out exact match (correct, total) before and after training,
+    /// when `output.eval_accuracy` is set.
+    pub accuracy_before: Option<(usize, usize)>,
+    pub accuracy_after: Option<(usize, usize)>,
+    /// The trained adapter (or, for full fine-tuning, the model) directory.
+    pub output: PathBuf,
+}
+
+/// One step's micro-batches: a slice of an epoch's batches.
+struct Epoch {
+    index: usize,
+    micro: Vec<Packed>,
+}
+
+/// The seed of micro-batch `micro_step`'s dropout masks.
+fn dropout_seed(seed: u64, micro_step: u64) -> u32 {
+    Rng::new(seed ^ micro_step.wrapping_mul(0x9E37_79B9_7F4A_7C15)).next_u64() as u32
+}
+
+/// The trained tensors in `names` order, borrowed mutably.
+fn trained<'a>(
+    model: &'a mut CausalLm,
+    lora: Option<&'a mut Lora>,
+    names: &[String],
+) -> Result<Vec<&'a mut [f32]>, RunError> {
+    let mut by_name: HashMap<String, &'a mut Tensor> = match lora {
+        Some(l) => l
+            .modules
+            .iter_mut()
+            .flat_map(|m| {
+                let (ka, kb) = (m.key_a(), m.key_b());
+                [(ka, &mut m.a), (kb, &mut m.b)]
+            })
+            .collect(),
+        None => model
+            .weights_mut()
+            .iter_mut()
+            .map(|(k, v)| (k.clone(), v))
+            .collect(),
+    };
+    names
+        .iter()
+        .map(|n| {
+            let t = by_name
+                .remove(n)
+                .ok_or_else(|| RunError::Invalid(format!("trained tensor `{n}` not found")))?;
+            Ok(t.as_f32_mut()?)
+        })
+        .collect()
+}
+
+/// A forward plan with the loss, for evaluation.
+pub struct EvalPlan {
+    rec: Recorded,
+    plan: Plan,
+    batches: Vec<Packed>,
+}
+
+impl EvalPlan {
+    pub fn new(s: &Session, docs: &[crate::data::tokenize::Tokenized]) -> Result<Self, RunError> {
+        let rows = s.cfg.train.micro_batch_size;
+        let row_len = s.row_len(docs);
+        let batches = batches(docs, rows, row_len, s.cfg.data.packing, s.pad_id);
+        let rec = s.model.record(
+            rows * row_len,
+            RecordOptions {
+                lora: s.lora.as_ref(),
+                loss: true,
+                ..Default::default()
+            },
+        )?;
+        let plan = compile(
+            rec.graph.clone(),
+            &[rec.loss.expect("recorded with a loss")],
+        )?;
+        Ok(EvalPlan { rec, plan, batches })
+    }
+
+    /// The mean loss over every counted token.
+    pub fn loss(&self, s: &Session, exec: &mut CpuExecutor) -> Result<f32, RunError> {
+        let (mut sum, mut n) = (0f64, 0usize);
+        for p in &self.batches {
+            let out = exec.run(
+                &self.plan,
+                &self.rec.feeds(&s.model, s.lora.as_ref(), &p.batch)?,
+            )?;
+            sum += out[0].as_f32()?[0] as f64 * p.counted as f64;
+            n += p.counted;
+        }
+        Ok((sum / n.max(1) as f64) as f32)
+    }
+}
+
+/// The run's schedule: steps per epoch and in all.
+fn total_steps(cfg: &Config, batches_per_epoch: usize) -> usize {
+    let per_epoch = batches_per_epoch.div_ceil(cfg.train.grad_accum);
+    if cfg.train.max_steps > 0 {
+        cfg.train.max_steps
+    } else {
+        cfg.train.epochs * per_epoch
+    }
+}
+
+/// Trains as `cfg` says; see the module documentation.
+pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
+    let out_dir = cfg.output.dir.clone();
+    checkpoint::remove_partial(&out_dir);
+    let existing = checkpoint::list(&out_dir)?;
+    let resume_from = match (opts.resume, existing.last()) {
+        (true, Some((_, dir))) => Some(dir.clone()),
+        (true, None) => {
+            return Err(RunError::Invalid(format!(
+                "--resume: {} holds no checkpoint to resume from",
+                out_dir.display()
+            )))
+        }
+        (false, Some((_, dir))) => {
+            return Err(RunError::Invalid(format!(
+                "{} already holds a run ({}); pass --resume to continue it, or set output.dir to another directory",
+                out_dir.display(),
+                dir.display()
+            )))
+        }
+        (false, None) => None,
+    };
+    let state0 = match &resume_from {
+        Some(dir) => {
+            let st = checkpoint::read_state(dir)?;
+            session::check_same_config(cfg, &st.config, dir)?;
+            Some(st)
+        }
+        None => None,
+    };
+
+    let mut s = Session::open(cfg, resume_from.as_deref())?;
+    let train_data = s.prepare(&s.train_path()?)?;
+    println!("train data: {}", train_data.summary());
+    let (eval_plan, refs) = match s.eval_path() {
+        Some(p) => {
+            let d = s.prepare(&p)?;
+            println!("eval data: {}", d.summary());
+            (Some(EvalPlan::new(&s, &d.docs)?), d.references)
+        }
+        None => (None, Vec::new()),
+    };
+    let accuracy = |s: &Session| -> Result<Option<(usize, usize)>, RunError> {
+        if !cfg.output.eval_accuracy || refs.is_empty() {
+            return Ok(None);
+        }
+        let stop = crate::generate::stop_tokens(&s.tokenizer, &s.specials.eos);
+        crate::generate::exact_match(&s.model, s.lora.as_ref(), &s.tokenizer, &stop, &refs)
+            .map(Some)
+    };
+    let show = |when: &str, a: (usize, usize)| {
+        println!(
+            "held-out exact match {when} training: {}/{} ({:.1}%)",
+            a.0,
+            a.1,
+            100.0 * a.0 as f64 / a.1 as f64
+        )
+    };
+
+    let rows = cfg.train.micro_batch_size;
+    let row_len = s.row_len(&train_data.docs);
+    let epoch_batches = |epoch: usize| -> Vec<Packed> {
+        // A fresh order every epoch, from the seed alone (so resuming
+        // rebuilds it exactly).
+        let mut order: Vec<usize> = (0..train_data.docs.len()).collect();
+        let mut rng =
+            Rng::new(cfg.train.seed ^ (epoch as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+        for i in (1..order.len()).rev() {
+            order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+        }
+        let docs: Vec<_> = order.iter().map(|&i| train_data.docs[i].clone()).collect();
+        batches(&docs, rows, row_len, cfg.data.packing, s.pad_id)
+    };
+    let mut epoch = Epoch {
+        index: state0.as_ref().map_or(0, |st| st.epoch),
+        micro: Vec::new(),
+    };
+    epoch.micro = epoch_batches(epoch.index);
+    // Packing can change the batch count from one epoch's order to the
+    // next: the schedule counts the first epoch's.
+    let total = total_steps(cfg, epoch_batches(0).len());
+
+    let full = cfg.adapter.method == Method::Full;
+    let rec = s.model.record(
+        rows * row_len,
+        RecordOptions {
+            lora: s.lora.as_ref(),
+            train_lora: !full,
+            train_base: full,
+            loss: true,
+            dropout: true,
+            ..Default::default()
+        },
+    )?;
+    let plan = compile_training(
+        rec.graph.clone(),
+        rec.loss.expect("recorded with a loss"),
+        &[],
+    )?;
+    let names: Vec<String> = plan
+        .grads()
+        .iter()
+        .map(|(p, _)| {
+            plan.graph()
+                .leaf_name(*p)
+                .expect("params are named")
+                .to_string()
+        })
+        .collect();
+    if names.is_empty() {
+        return Err(RunError::Invalid(
+            "nothing to train: the plan has no trainable tensor".into(),
+        ));
+    }
+    let sizes: Vec<usize> = names
+        .iter()
+        .map(|n| {
+            let v = plan.graph().find_leaf(n).expect("named");
+            plan.graph().shape(v).iter().product()
+        })
+        .collect();
+    let mut opt = Optimizer::new(&cfg.train, &sizes);
+    let mut st = TrainerState {
+        config: session::config_text(cfg),
+        ..Default::default()
+    };
+    if let (Some(dir), Some(saved)) = (&resume_from, &state0) {
+        let ckpt = graft_models::checkpoint::Checkpoint::open_files(
+            dir,
+            &[checkpoint::OPTIMIZER.to_string()],
+        )?;
+        opt.restore(&ckpt, &names, saved.optimizer_steps)?;
+        st = saved.clone();
+        println!("resumed from {} (step {})", dir.display(), st.step);
+    }
+    println!(
+        "training {} tensors ({} values) for {total} steps: {} micro-batches of {rows} x {row_len} tokens per epoch, plan peak {:.1} MB",
+        names.len(),
+        sizes.iter().sum::<usize>(),
+        epoch.micro.len(),
+        plan.peak_bytes() as f64 / 1e6
+    );
+
+    std::fs::create_dir_all(&out_dir)
+        .map_err(|e| RunError::Io(format!("{}: {e}", out_dir.display())))?;
+    let mut metrics = metrics::Metrics::open(&out_dir, resume_from.is_some().then_some(st.step))?;
+    let accuracy_before = if st.step == 0 { accuracy(&s)? } else { None };
+    if let Some(a) = accuracy_before {
+        show("before", a);
+        metrics.log(json!({"step": 0, "accuracy": a.0 as f64 / a.1 as f64}))?;
+    }
+    let mut exec = CpuExecutor::new();
+    let bar = progress_bar(opts.progress, total, st.step);
+    let say = |line: String| match &bar {
+        Some(b) => b.println(line),
+        None => println!("{line}"),
+    };
+    let mut acc: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
+    let mut eval_loss = None;
+    let mut steps_here = 0;
+    let started = Instant::now();
+    let mut last_checkpoint = resume_from.clone();
+    while st.step < total {
+        if st.micro >= epoch.micro.len() {
+            st.epoch += 1;
+            st.micro = 0;
+            epoch = Epoch {
+                index: st.epoch,
+                micro: epoch_batches(st.epoch),
+            };
+        }
+        debug_assert_eq!(epoch.index, st.epoch);
+        let t0 = Instant::now();
+        let end = (st.micro + cfg.train.grad_accum).min(epoch.micro.len());
+        let group = &mut epoch.micro[st.micro..end];
+        let n_total: usize = group.iter().map(|p| p.counted).sum();
+        let tokens: usize = group.iter().map(|p| p.tokens).sum();
+        let mut loss = 0f64;
+        for (i, p) in group.iter_mut().enumerate() {
+            p.batch.seed = Tensor::from_u32(&[1], &[dropout_seed(cfg.train.seed, st.micro_step)])?;
+            let out = exec.run(&plan, &rec.feeds(&s.model, s.lora.as_ref(), &p.batch)?)?;
+            st.micro_step += 1;
+            let l = out[0].as_f32()?[0];
+            let w = p.counted as f32 / n_total as f32;
+            loss += l as f64 * p.counted as f64 / n_total as f64;
+            for (j, a) in acc.iter_mut().enumerate() {
+                let g = out[1 + j].as_f32()?;
+                if i == 0 {
+                    a.iter_mut().zip(g).for_each(|(a, &g)| *a = w * g);
+                } else {
+                    a.iter_mut().zip(g).for_each(|(a, &g)| *a += w * g);
+                }
+            }
+        }
+        let loss = loss as f32;
+        let mut grads: Vec<&mut [f32]> = acc.iter_mut().map(Vec::as_mut_slice).collect();
+        let norm = if cfg.train.max_grad_norm > 0.0 {
+            clip_grad_norm(&mut grads, cfg.train.max_grad_norm)
+        } else {
+            clip_grad_norm(&mut grads, f64::INFINITY)
+        };
+        if !loss.is_finite() || !norm.is_finite() {
+            let value = if loss.is_finite() {
+                format!("{loss} but the gradient norm is {norm}")
+            } else {
+                loss.to_string()
+            };
+            let kept = match &last_checkpoint {
+                Some(d) => format!(
+                    "The last good checkpoint is {}; lower train.lr (or raise train.warmup_steps) and continue with --resume.",
+                    d.display()
+                ),
+                None => "No checkpoint was saved yet; lower train.lr (or raise train.warmup_steps) and start again.".into(),
+            };
+            return Err(RunError::Diverged {
+                step: st.step + 1,
+                value,
+                kept,
+            });
+        }
+        let lr = lr_at(
+            cfg.train.scheduler,
+            cfg.train.lr,
+            st.step,
+            cfg.train.warmup_steps,
+            total,
+        );
+        {
+            let grads: Vec<&[f32]> = acc.iter().map(Vec::as_slice).collect();
+            let mut params = trained(&mut s.model, s.lora.as_mut(), &names)?;
+            opt.step(&mut params, &grads, lr)?;
+        }
+        st.micro = end;
+        st.step += 1;
+        st.loss = loss;
+        st.optimizer_steps = opt.steps();
+        steps_here += 1;
+        let dt = t0.elapsed().as_secs_f64();
+        metrics.log(json!({
+            "step": st.step, "epoch": st.epoch, "loss": loss, "lr": lr, "grad_norm": norm,
+            "tokens": tokens, "tokens_per_s": tokens as f64 / dt,
+            "elapsed_s": started.elapsed().as_secs_f64(),
+        }))?;
+        if let Some(b) = &bar {
+            b.set_position(st.step as u64);
+            b.set_message(format!(
+                "loss {loss:.4}  lr {lr:.2e}  {:.0} tok/s",
+                tokens as f64 / dt
+            ));
+        }
+        let last = st.step == total;
+        if cfg.output.log_steps > 0 && (st.step % cfg.output.log_steps == 0 || last) {
+            say(format!(
+                "step {}/{total}  loss {loss:.4}  lr {lr:.3e}  grad_norm {norm:.3}  {:.0} tok/s",
+                st.step,
+                tokens as f64 / dt
+            ));
+        }
+        if let Some(ev) = &eval_plan {
+            if (cfg.output.eval_steps > 0 && st.step % cfg.output.eval_steps == 0) || last {
+                let l = ev.loss(&s, &mut exec)?;
+                eval_loss = Some(l);
+                metrics.log(json!({"step": st.step, "eval_loss": l}))?;
+                say(format!("step {}/{total}  eval loss {l:.4}", st.step));
+            }
+        }
+        if opts.stop_after == Some(steps_here) && !last {
+            if let Some(b) = &bar {
+                b.abandon();
+            }
+            return Err(RunError::Invalid(format!(
+                "stopped after {steps_here} steps (--stop-after)"
+            )));
+        }
+        if (cfg.output.save_steps > 0 && st.step % cfg.output.save_steps == 0) || last {
+            let dir = checkpoint::save(
+                &out_dir,
+                &st,
+                cfg.output.save_total_limit,
+                &mut |d: &Path| {
+                    s.save_trained(d)?;
+                    let state = opt.state(&names)?;
+                    let refs: Vec<(String, &Tensor)> =
+                        state.iter().map(|(n, t)| (n.clone(), t)).collect();
+                    graft_models::checkpoint::write_safetensors(
+                        &d.join(checkpoint::OPTIMIZER),
+                        &refs,
+                        None,
+                    )?;
+                    Ok(())
+                },
+            )?;
+            last_checkpoint = Some(dir);
+        }
+    }
+    if let Some(b) = &bar {
+        b.finish();
+    }
+    let records = metrics::read(metrics.path())?;
+    graft_models::write_atomically(
+        &out_dir.join("loss.svg"),
+        metrics::loss_svg(&records).as_bytes(),
+    )?;
+    let output = out_dir.join(if full { "model" } else { "adapter" });
+    s.check_trained()?;
+    s.save_trained(&output)?;
+    let accuracy_after = accuracy(&s)?;
+    if let Some(a) = accuracy_after {
+        show("after", a);
+        metrics.log(json!({"step": st.step, "accuracy": a.0 as f64 / a.1 as f64}))?;
+    }
+    Ok(RunReport {
+        steps: st.step,
+        loss: st.loss,
+        eval_loss,
+        accuracy_before,
+        accuracy_after,
+        output,
+    })
+}
+
+fn progress_bar(show: bool, total: usize, at: usize) -> Option<indicatif::ProgressBar> {
+    if !show || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(total as u64);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} step {pos}/{len}  {msg}  [{elapsed_precise} < {eta_precise}]",
+        )
+        .expect("a valid template"),
+    );
+    b.set_position(at as u64);
+    Some(b)
+}

@@ -1,0 +1,283 @@
+//! `trainer run` end to end on the embedded default model: a short real run,
+//! exact resumption (stopped, or killed at a random moment), gradient
+//! accumulation normalised over the whole batch, divergence stopping with a
+//! loadable checkpoint, and the bad-input cases.
+
+mod common;
+
+use common::{tmp, trainer};
+use graft_models::{CausalLm, Lora};
+use graft_trainer::config::Config;
+use graft_trainer::run::{checkpoint, train, RunOptions};
+use serde_json::Value;
+use std::path::Path;
+use std::process::Output;
+
+/// `--set` arguments for a short run of the default into `out`.
+fn short(out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut sets = vec![
+        format!("output.dir={}", out.display()),
+        "output.eval_accuracy=false".into(),
+        "output.log_steps=1".into(),
+        "train.max_steps=6".into(),
+        "train.warmup_steps=0".into(),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    sets
+}
+
+fn run_cli(out: &Path, extra: &[&str], flags: &[&str]) -> Output {
+    let mut args = vec!["run".to_string()];
+    for s in short(out, extra) {
+        args.push("--set".into());
+        args.push(s);
+    }
+    args.extend(flags.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    trainer(&refs)
+}
+
+fn ok(o: &Output) -> String {
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "failed:\n{stdout}\n{stderr}");
+    stdout.into_owned()
+}
+
+fn err(o: &Output) -> String {
+    assert!(!o.status.success(), "should fail");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The train-loss records of a run, as written (so equal text is equal bits).
+fn losses(out: &Path) -> Vec<(u64, String)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r.get("loss").is_some())
+        .map(|r| (r["step"].as_u64().unwrap(), r["loss"].to_string()))
+        .collect()
+}
+
+fn adapter_bytes(out: &Path) -> Vec<u8> {
+    std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap()
+}
+
+#[test]
+fn a_short_run_writes_a_peft_adapter_metrics_and_a_plot() {
+    let out = tmp("run-short");
+    let stdout = ok(&run_cli(&out, &[], &[]));
+    assert!(stdout.contains("step 6/6"), "{stdout}");
+    let l = losses(&out);
+    assert_eq!(
+        l.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5, 6]
+    );
+    let first: f64 = l[0].1.parse().unwrap();
+    let last: f64 = l[5].1.parse().unwrap();
+    assert!(first.is_finite() && last < first, "loss {first} -> {last}");
+    // The adapter: PEFT's files and keys, loadable, not all zero.
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 16);
+    let model_dir = graft_trainer::embedded::model_dir().unwrap();
+    let model = CausalLm::load(&model_dir, graft_engine::ir::DType::F32).unwrap();
+    let lora = Lora::load(&out.join("adapter"), &model.config).unwrap();
+    assert_eq!(lora.modules.len(), 7 * model.config.num_layers);
+    assert!(lora.modules[0]
+        .key_a()
+        .starts_with("base_model.model.model.layers.0."));
+    assert!(lora
+        .modules
+        .iter()
+        .any(|m| m.b.as_f32().unwrap().iter().any(|&x| x != 0.0)));
+    let svg = std::fs::read_to_string(out.join("loss.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("polyline"));
+    // Checkpoints: every 50 steps and the last one.
+    let cps = checkpoint::list(&out).unwrap();
+    assert_eq!(cps.iter().map(|c| c.0).collect::<Vec<_>>(), [6]);
+    // Running again into the same directory is refused, naming --resume.
+    let e = err(&run_cli(&out, &[], &[]));
+    assert!(e.contains("--resume"), "{e}");
+}
+
+#[test]
+fn a_stopped_run_resumes_to_the_same_bits() {
+    let (a, b) = (tmp("run-whole"), tmp("run-resumed"));
+    let extra = ["output.save_steps=2", "train.grad_accum=2"];
+    ok(&run_cli(&a, &extra, &[]));
+    let stopped = err(&run_cli(&b, &extra, &["--stop-after", "3"]));
+    assert!(stopped.contains("stopped after 3 steps"), "{stopped}");
+    assert_eq!(checkpoint::list(&b).unwrap().last().unwrap().0, 2);
+    assert_eq!(losses(&b).len(), 3, "the stopped run logged 3 steps");
+    ok(&run_cli(&b, &extra, &["--resume"]));
+    assert_eq!(losses(&a), losses(&b), "loss curves differ");
+    assert_eq!(adapter_bytes(&a), adapter_bytes(&b), "adapters differ");
+    // A resumed run must keep the configuration.
+    let e = err(&run_cli(
+        &b,
+        &["output.save_steps=2", "train.grad_accum=2", "train.lr=0.5"],
+        &["--resume"],
+    ));
+    assert!(e.contains("train.lr"), "{e}");
+}
+
+#[test]
+fn a_killed_run_leaves_loadable_checkpoints_and_resumes_exactly() {
+    let (a, b) = (tmp("kill-whole"), tmp("kill-resumed"));
+    let extra = ["output.save_steps=1", "output.save_total_limit=0"];
+    ok(&run_cli(&a, &extra, &[]));
+    let mut args = vec!["run".to_string()];
+    for s in short(&b, &extra) {
+        args.push("--set".into());
+        args.push(s);
+    }
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once the second checkpoint exists (mid-way through the run,
+    // possibly in the middle of writing the third).
+    let t0 = std::time::Instant::now();
+    while checkpoint::list(&b).unwrap().len() < 2 && t0.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let model_dir = graft_trainer::embedded::model_dir().unwrap();
+    let config = graft_models::ModelConfig::load(&model_dir).unwrap();
+    let cps = checkpoint::list(&b).unwrap();
+    assert!(cps.len() >= 2, "{cps:?}");
+    for (_, dir) in &cps {
+        Lora::load(dir, &config).unwrap();
+        checkpoint::read_state(dir).unwrap();
+        graft_models::checkpoint::Checkpoint::open_files(dir, &[checkpoint::OPTIMIZER.into()])
+            .unwrap();
+    }
+    eprintln!(
+        "killed with checkpoints {:?}",
+        cps.iter().map(|c| c.0).collect::<Vec<_>>()
+    );
+    if cps.last().unwrap().0 < 6 {
+        ok(&run_cli(&b, &extra, &["--resume"]));
+    }
+    assert_eq!(losses(&a), losses(&b), "loss curves differ");
+    assert_eq!(adapter_bytes(&a), adapter_bytes(&b), "adapters differ");
+}
+
+/// One step over two sequences: as one micro-batch of two rows, or as two
+/// accumulated micro-batches of one row, the loss and the update are those of
+/// the mean over all counted tokens.
+#[test]
+fn gradient_accumulation_weights_micro_batches_by_counted_tokens() {
+    let mut finals = Vec::new();
+    for (rows, accum) in [(2, 1), (1, 2)] {
+        let out = tmp(&format!("accum-{rows}"));
+        let sets = short(
+            &out,
+            &[
+                "train.max_steps=1",
+                "data.packing=false",
+                "adapter.dropout=0.0",
+                "model.compute_dtype=\"f32\"",
+                "model.quantize=\"none\"",
+                &format!("train.micro_batch_size={rows}"),
+                &format!("train.grad_accum={accum}"),
+                "train.optimizer=\"sgd\"",
+                "train.max_grad_norm=0.0",
+                "train.lr=1.0",
+            ],
+        );
+        let cfg = Config::from_text(
+            Some((graft_trainer::embedded::run_config(), "default")),
+            &sets,
+        )
+        .unwrap();
+        let r = train(&cfg, &RunOptions::default()).unwrap();
+        let model_dir = graft_trainer::embedded::model_dir().unwrap();
+        let config = graft_models::ModelConfig::load(&model_dir).unwrap();
+        let lora = Lora::load(&r.output, &config).unwrap();
+        let b: Vec<f32> = lora
+            .modules
+            .iter()
+            .flat_map(|m| m.b.as_f32().unwrap().to_vec())
+            .collect();
+        finals.push((r.loss, b));
+    }
+    let (l1, b1) = &finals[0];
+    let (l2, b2) = &finals[1];
+    assert!((l1 - l2).abs() <= 1e-5 * l1.abs(), "loss {l1} vs {l2}");
+    let num: f64 = b1
+        .iter()
+        .zip(b2)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum();
+    let den: f64 = b1.iter().map(|x| (*x as f64).powi(2)).sum();
+    let rel = (num / den).sqrt();
+    assert!(den > 0.0 && rel < 1e-4, "update rel L2 {rel:e}");
+}
+
+#[test]
+fn a_diverging_run_stops_and_keeps_its_last_good_checkpoint() {
+    let out = tmp("diverge");
+    let e = err(&run_cli(
+        &out,
+        &[
+            "train.optimizer=\"sgd\"",
+            "train.lr=1e30",
+            "train.max_grad_norm=0.0",
+            "output.save_steps=1",
+        ],
+        &[],
+    ));
+    assert!(
+        e.contains("the loss is") || e.contains("gradient norm"),
+        "{e}"
+    );
+    assert!(
+        e.contains("last good checkpoint") || e.contains("No checkpoint"),
+        "{e}"
+    );
+    let config =
+        graft_models::ModelConfig::load(&graft_trainer::embedded::model_dir().unwrap()).unwrap();
+    for (_, dir) in checkpoint::list(&out).unwrap() {
+        Lora::load(&dir, &config).unwrap();
+    }
+}
+
+#[test]
+fn bad_input_is_one_clear_error() {
+    let out = tmp("bad-run");
+    let data = tmp("bad-data.jsonl");
+    std::fs::write(
+        &data,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n",
+    )
+    .unwrap();
+    let train_set = format!("data.train={}", data.display());
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["adapter.target_modules=[\"nope_proj\"]"], "nope_proj"),
+        (vec![&train_set], ":1: key `messages` has no assistant turn"),
+        (vec!["train.lrr=1"], "did you mean `train.lr`"),
+        (vec!["adapter.method=\"full\""], "model.quantize"),
+        (
+            vec!["data.max_seq_len=3", "data.overflow=\"drop\""],
+            "no example left to train on",
+        ),
+    ];
+    for (extra, want) in cases {
+        let e = err(&run_cli(&out, &extra, &[]));
+        assert!(e.contains(want), "{extra:?}: {e}");
+        assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
+    }
+    let e = err(&run_cli(&tmp("bad-resume"), &[], &["--resume"]));
+    assert!(e.contains("no checkpoint to resume from"), "{e}");
+}
