@@ -1,37 +1,77 @@
-//! The CPU executor on real plans: a LoRA training step of the llama fixture
-//! (forward + backward through every op) and a plain matmul plan.
+//! The CPU executor on real plans: LoRA and DoRA training steps (forward +
+//! backward through every op) on the llama fixture and on the embedded
+//! default model (NF4, bf16), and a plain matmul plan.
 //!
 //! Run: `cargo bench --bench executor`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use graft::engine::{compile, compile_training, CpuExecutor, Feeds, Tensor};
 use graft::ir::{DType, Graph};
-use graft::models::{Batch, CausalLm, Lora, RecordOptions};
+use graft::models::{Batch, CausalLm, LoadOptions, Lora, LoraConfig, RecordOptions, Targets};
 use std::path::PathBuf;
 
-fn lora_step(c: &mut Criterion) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama");
-    let model = CausalLm::load(&dir.join("model"), DType::F32).unwrap();
-    let lora = Lora::load(&dir.join("adapter"), &model.config).unwrap();
-    let seqs: Vec<Vec<i32>> = (0..4)
-        .map(|s| (0..64).map(|t| (s * 7 + t * 13) % 256).collect())
-        .collect();
-    let refs: Vec<&[i32]> = seqs.iter().map(Vec::as_slice).collect();
-    let batch = Batch::new(&refs, None, 0).unwrap();
-    let opts = RecordOptions {
-        lora: Some(&lora),
-        train_lora: true,
-        loss: true,
-        dropout: false,
-        ..Default::default()
-    };
-    let rec = model.record(batch.tokens(), opts).unwrap();
-    let plan = compile_training(rec.graph.clone(), rec.loss.unwrap(), &[]).unwrap();
-    let feeds = rec.feeds(&model, Some(&lora), &batch).unwrap();
-    let mut exec = CpuExecutor::new();
-    c.bench_function("llama fixture LoRA train step, 4x64 tokens", |b| {
-        b.iter(|| exec.run(&plan, &feeds).unwrap())
-    });
+/// A training step with a LoRA or a DoRA adapter (r=16 on every linear, B
+/// non-zero) on the same model and batch: DoRA's cost over LoRA's.
+fn adapter_steps(c: &mut Criterion) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let models = [
+        (
+            "llama fixture f32",
+            root.join("tests/fixtures/llama/model"),
+            DType::F32,
+            None,
+        ),
+        (
+            "default model NF4 bf16",
+            root.join("trainer/assets/default/model"),
+            DType::BF16,
+            Some(64),
+        ),
+    ];
+    for (name, dir, dtype, quantize) in models {
+        let model = CausalLm::load_with(&dir, &LoadOptions { dtype, quantize }).unwrap();
+        let vocab = model.config.vocab_size as i32;
+        let seqs: Vec<Vec<i32>> = (0..4)
+            .map(|s| (0..64).map(|t| (s * 7 + t * 13) % vocab).collect())
+            .collect();
+        let refs: Vec<&[i32]> = seqs.iter().map(Vec::as_slice).collect();
+        let batch = Batch::new(&refs, None, 0).unwrap();
+        for use_dora in [false, true] {
+            let cfg = LoraConfig {
+                r: 16,
+                alpha: 32.0,
+                dropout: 0.0,
+                targets: Targets::AllLinear,
+                use_rslora: false,
+                use_dora,
+            };
+            let mut lora = Lora::init(cfg, &model.config, 1).unwrap();
+            for m in &mut lora.modules {
+                m.b.as_f32_mut()
+                    .unwrap()
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(i, x)| *x = 0.01 * ((i % 7) as f32 - 3.0));
+            }
+            if use_dora {
+                lora.init_magnitudes(&model).unwrap();
+            }
+            let opts = RecordOptions {
+                lora: Some(&lora),
+                train_lora: true,
+                loss: true,
+                ..Default::default()
+            };
+            let rec = model.record(batch.tokens(), opts).unwrap();
+            let plan = compile_training(rec.graph.clone(), rec.loss.unwrap(), &[]).unwrap();
+            let feeds = rec.feeds(&model, Some(&lora), &batch).unwrap();
+            let mut exec = CpuExecutor::new();
+            let kind = if use_dora { "DoRA" } else { "LoRA" };
+            c.bench_function(&format!("{name}: {kind} train step, 4x64 tokens"), |b| {
+                b.iter(|| exec.run(&plan, &feeds).unwrap())
+            });
+        }
+    }
 }
 
 fn matmul(c: &mut Criterion) {
@@ -54,6 +94,6 @@ fn matmul(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(10);
-    targets = lora_step, matmul
+    targets = adapter_steps, matmul
 }
 criterion_main!(benches);

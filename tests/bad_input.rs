@@ -170,6 +170,7 @@ fn target_module_matching_nothing_is_an_error() {
             dropout: 0.0,
             targets: Targets::List(targets.iter().map(|s| s.to_string()).collect()),
             use_rslora: false,
+            use_dora: false,
         };
         match Lora::init(cfg, &model.config, 0) {
             Err(e @ ModelError::Adapter { .. }) => {
@@ -214,7 +215,6 @@ fn adapter_with_unknown_target_or_stray_tensor_is_an_error() {
     for (key, value) in [
         ("lora_bias", serde_json::json!(true)),
         ("exclude_modules", serde_json::json!(["q_proj"])),
-        ("use_dora", serde_json::json!(true)),
         ("layers_to_transform", serde_json::json!([0])),
     ] {
         let mut c = cfg.clone();

@@ -98,6 +98,7 @@ fn dropout_touches_only_the_adapter_branch() {
         dropout: 0.1,
         targets: Targets::AllLinear,
         use_rslora: false,
+        use_dora: false,
     };
     let lora = Lora::init(cfg, &model.config, 7).unwrap();
     let opts = RecordOptions {
@@ -139,6 +140,7 @@ fn lora_init_follows_peft() {
         dropout: 0.0,
         targets: Targets::AllLinear,
         use_rslora: false,
+        use_dora: false,
     };
     assert_eq!(cfg.scaling(), 2.0);
     assert_eq!(

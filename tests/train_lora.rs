@@ -26,6 +26,7 @@ fn train(quantize: Option<usize>, steps: usize) -> Vec<f32> {
         dropout: 0.05,
         targets: Targets::AllLinear,
         use_rslora: false,
+        use_dora: false,
     };
     let mut lora = Lora::init(cfg, &model.config, 42).unwrap();
     let seqs: Vec<Vec<i32>> = (0..2)

@@ -7,7 +7,9 @@ use crate::EngineError;
 use graft_ir::{Activation, DType, Op, Source, TypeInfo, ValueId};
 use graft_kernels::activation::{self, Act};
 use graft_kernels::attention::{self, AttnShape};
-use graft_kernels::{bf16, elementwise as ew, embedding, f16, loss, matmul, norm, rope, Elem};
+use graft_kernels::{
+    bf16, dora, elementwise as ew, embedding, f16, loss, matmul, norm, rope, Elem,
+};
 use std::collections::HashMap;
 
 /// The inputs and parameters bound for one run, by value id.
@@ -227,6 +229,58 @@ fn exec<T: Elem + bytemuck::Pod>(
         }
         Op::AddBias => ew::add_bias(f::<T>(ins[0]), f::<T>(ins[1]), fm::<T>(o0)),
         Op::SumRows => ew::sum_rows(f::<T>(ins[0]), fm::<T>(o0)),
+        Op::MulCols => ew::mul_cols(f::<T>(ins[0]), f::<T>(ins[1]), fm::<T>(o0)),
+        Op::DoraInvNorm { scaling } => {
+            let (r, inp) = (shapes[0][0], shapes[0][1]);
+            let (a, b, y) = (f::<f32>(ins[0]), f::<f32>(ins[1]), fm::<f32>(o0));
+            let dense = |o: usize, buf: &mut [f32], w: &dyn Fn(usize) -> f32| {
+                for (i, x) in buf.iter_mut().enumerate() {
+                    *x = w(o * inp + i);
+                }
+            };
+            match tys[2].dtype {
+                DType::F32 => {
+                    let w = f::<f32>(ins[2]);
+                    dora::dora_norms(|o, buf| dense(o, buf, &|i| w[i]), a, b, r, *scaling, y)
+                }
+                DType::BF16 => {
+                    let w = f::<bf16>(ins[2]);
+                    dora::dora_norms(
+                        |o, buf| dense(o, buf, &|i| w[i].to_f32()),
+                        a,
+                        b,
+                        r,
+                        *scaling,
+                        y,
+                    )
+                }
+                DType::F16 => {
+                    let w = f::<f16>(ins[2]);
+                    dora::dora_norms(
+                        |o, buf| dense(o, buf, &|i| w[i].to_f32()),
+                        a,
+                        b,
+                        r,
+                        *scaling,
+                        y,
+                    )
+                }
+                DType::Nf4 { block } => {
+                    let w = crate::nf4::nf4_view(ins[2], &tys[2].shape, block as usize)
+                        .map_err(|e| e.to_string())?;
+                    dora::dora_norms(
+                        |o, buf| w.dequantize_into(o * inp, buf),
+                        a,
+                        b,
+                        r,
+                        *scaling,
+                        y,
+                    )
+                }
+                other => return Err(format!("weight is {other}")),
+            }
+            y.iter_mut().for_each(|n| *n = 1.0 / *n);
+        }
         Op::Add => ew::add(f::<T>(ins[0]), f::<T>(ins[1]), fm::<T>(o0)),
         Op::Mul => ew::mul(f::<T>(ins[0]), f::<T>(ins[1]), fm::<T>(o0)),
         Op::Scale(s) => ew::scale(f::<T>(ins[0]), *s, fm::<T>(o0)),

@@ -237,6 +237,38 @@ fn add_bias() {
 }
 
 #[test]
+fn mul_cols() {
+    each_case("mul_cols", |c| {
+        let (m, n) = (c.rng.range(1, 5), c.rng.range(1, 5));
+        let x = c.param("x", &[m, n], 1.0);
+        let v = c.param("v", &[n], 1.0);
+        let y = c.g.mul_cols(x, v).unwrap();
+        c.head(y)
+    });
+}
+
+/// DoRA's scale `m ⊙ (1/‖W + s·BA‖)`: gradients reach the magnitude and
+/// the input. A and B are frozen here: the norm is a constant to autograd,
+/// which finite differences of the loss would not honour.
+#[test]
+fn dora_scale_gradients_reach_the_magnitude() {
+    each_case("dora scale", |c| {
+        let (t, k, n, r) = (c.rng.range(1, 4), c.rng.range(1, 5), c.rng.range(1, 5), 2);
+        let x = c.param("x", &[t, k], 1.0);
+        let w = c.frozen("w", &[n, k], 1.0);
+        let a = c.frozen("a", &[r, k], 0.5);
+        let b = c.frozen("b", &[n, r], 0.5);
+        let m = c.param("m", &[n], 1.0);
+        let g = &mut c.g;
+        let inv = g.dora_inv_norm(a, b, w, 2.0).unwrap();
+        let scale = g.mul(m, inv).unwrap();
+        let wx = g.linear(x, w, None).unwrap();
+        let y = g.mul_cols(wx, scale).unwrap();
+        c.head(y)
+    });
+}
+
+#[test]
 fn add_mul_scale() {
     each_case("add", |c| {
         let (m, n) = (c.rng.range(1, 5), c.rng.range(1, 5));

@@ -56,6 +56,7 @@ fn differentiable_inputs(op: &Op) -> Vec<bool> {
         Op::Rope { .. } | Op::Dropout { .. } | Op::CrossEntropy { .. } => vec![true, false],
         Op::Attention(_) => vec![true, true, true, false],
         Op::Fill { .. }
+        | Op::DoraInvNorm { .. }
         | Op::SumRows
         | Op::EmbeddingGrad { .. }
         | Op::RmsNormGradInput { .. }
@@ -180,6 +181,16 @@ fn vjp(
         Op::Add => {
             res[0] = Some(dy);
             res[1] = Some(dy);
+        }
+        Op::MulCols => {
+            let (x, v) = (ins[0], ins[1]);
+            if wanted[0] {
+                res[0] = Some(g.apply1(Op::MulCols, &[dy, v])?);
+            }
+            if wanted[1] {
+                let p = g.mul(dy, x)?;
+                res[1] = Some(g.apply1(Op::SumRows, &[p])?);
+            }
         }
         Op::Mul => {
             if wanted[0] {

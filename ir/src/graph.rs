@@ -238,6 +238,20 @@ impl Graph {
             None => Ok(y),
         }
     }
+    /// `x[M,N]` scaled per column by `v[N]`.
+    pub fn mul_cols(&mut self, x: ValueId, v: ValueId) -> Result<ValueId, IrError> {
+        self.apply1(Op::MulCols, &[x, v])
+    }
+    /// DoRA's detached `1/‖w + scaling·b·a‖` per output row.
+    pub fn dora_inv_norm(
+        &mut self,
+        a: ValueId,
+        b: ValueId,
+        w: ValueId,
+        scaling: f32,
+    ) -> Result<ValueId, IrError> {
+        self.apply1(Op::DoraInvNorm { scaling }, &[a, b, w])
+    }
     pub fn add(&mut self, a: ValueId, b: ValueId) -> Result<ValueId, IrError> {
         self.apply1(Op::Add, &[a, b])
     }

@@ -65,6 +65,14 @@ pub enum Op {
     },
     /// `x[M,N] + b[N]` broadcast over rows.
     AddBias,
+    /// `x[M,N]`, `v[N]` -> `x·v` per column (same dtype).
+    MulCols,
+    /// DoRA's detached weight norm: `a[r,in]` f32, `b[out,r]` f32, `w[out,in]`
+    /// (float or NF4) -> f32 `[out]` = `1/‖w_o + scaling·(b·a)_o‖`. No VJP:
+    /// the norm is a constant to autograd, as in the DoRA paper (§4.3).
+    DoraInvNorm {
+        scaling: f32,
+    },
     /// `[M,N] -> [N]`: the sum over rows (gradient of a bias).
     SumRows,
     Add,
@@ -155,6 +163,8 @@ impl Op {
             Op::MatMul { .. } => "matmul",
             Op::Nf4MatMul { .. } => "nf4_matmul",
             Op::AddBias => "add_bias",
+            Op::MulCols => "mul_cols",
+            Op::DoraInvNorm { .. } => "dora_inv_norm",
             Op::SumRows => "sum_rows",
             Op::Add => "add",
             Op::Mul => "mul",
@@ -185,6 +195,7 @@ impl Op {
             Op::MatMul { .. }
             | Op::Nf4MatMul { .. }
             | Op::AddBias
+            | Op::MulCols
             | Op::Add
             | Op::Mul
             | Op::Embedding
@@ -195,7 +206,10 @@ impl Op {
             | Op::GatedAct(_)
             | Op::CrossEntropy { .. }
             | Op::Dropout { .. } => 2,
-            Op::RmsNormGradInput { .. } | Op::GatedActGrad(_) | Op::CrossEntropyGrad { .. } => 3,
+            Op::RmsNormGradInput { .. }
+            | Op::GatedActGrad(_)
+            | Op::CrossEntropyGrad { .. }
+            | Op::DoraInvNorm { .. } => 3,
             Op::Attention(_) => 4,
             Op::AttentionCached(_) => 6,
             Op::AttentionGrad(_) => 7,
@@ -294,6 +308,36 @@ impl Op {
                     )));
                 }
                 out(vec![a.shape[0], outer], a.dtype)
+            }
+            Op::MulCols => {
+                let (x, v) = (ins[0], ins[1]);
+                rank(x, 2, "x")?;
+                float(x, "x")?;
+                if v.shape != [x.shape[1]] || v.dtype != x.dtype {
+                    return Err(self.err(format!(
+                        "v must be {} [{}], got {} {:?}",
+                        x.dtype, x.shape[1], v.dtype, v.shape
+                    )));
+                }
+                out(x.shape.clone(), x.dtype)
+            }
+            Op::DoraInvNorm { .. } => {
+                let (a, b, w) = (ins[0], ins[1], ins[2]);
+                let ok = a.shape.len() == 2
+                    && b.shape.len() == 2
+                    && w.shape.len() == 2
+                    && a.dtype == DType::F32
+                    && b.dtype == DType::F32
+                    && (w.dtype.is_float() || w.dtype.is_nf4())
+                    && b.shape[1] == a.shape[0]
+                    && w.shape == [b.shape[0], a.shape[1]];
+                if !ok {
+                    return Err(self.err(format!(
+                        "a {} {:?}, b {} {:?}, w {} {:?} are not f32 [r,in], f32 [out,r], [out,in]",
+                        a.dtype, a.shape, b.dtype, b.shape, w.dtype, w.shape
+                    )));
+                }
+                out(vec![w.shape[0]], DType::F32)
             }
             Op::AddBias => {
                 let (x, b) = (ins[0], ins[1]);

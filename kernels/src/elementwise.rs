@@ -40,6 +40,17 @@ pub fn add_bias<T: Elem>(x: &[T], b: &[T], y: &mut [T]) {
     }
 }
 
+/// `y[m,n] = x[m,n] · v[n]`: a per-column scale (DoRA's magnitude over
+/// norm on the base output).
+pub fn mul_cols<T: Elem>(x: &[T], v: &[T], y: &mut [T]) {
+    let n = v.len();
+    for (y_row, x_row) in y.chunks_mut(n).zip(x.chunks(n)) {
+        for ((y, x), v) in y_row.iter_mut().zip(x_row).zip(v) {
+            *y = T::from_f32(x.to_f32() * v.to_f32());
+        }
+    }
+}
+
 /// `y[n] = sum over rows of x[m,n]`.
 pub fn sum_rows<T: Elem>(x: &[T], y: &mut [T]) {
     let n = y.len();

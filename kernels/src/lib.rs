@@ -11,6 +11,7 @@ pub mod attention;
 pub mod cache;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod dora;
 pub mod elementwise;
 pub mod embedding;
 pub mod loss;

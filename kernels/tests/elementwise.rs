@@ -228,3 +228,21 @@ fn dropout_extremes() {
     // p = 1 drops everything.
     assert!(run_dropout(&x, 7, 1.0).iter().all(|&v| v == 0.0));
 }
+
+proptest! {
+    #![proptest_config(config(64))]
+
+    /// A per-column scale rounds the exact product once.
+    #[test]
+    fn mul_cols(m in dim(64), n in dim(300), seed: u64) {
+        let mut rng = Gen::new(seed);
+        let (x, v) = (rng.vec(m * n, -3.0, 3.0), rng.vec(n, -3.0, 3.0));
+        let mut y = nan_buf::<f32>(m * n);
+        ew::mul_cols(&x, &v, &mut y);
+        let want: Vec<f64> = to_f64(&x)
+            .chunks(n)
+            .flat_map(|row| row.iter().zip(&v).map(|(x, v)| x * *v as f64).collect::<Vec<_>>())
+            .collect();
+        check("y", &y, &want, ROUNDED_TOL)?;
+    }
+}

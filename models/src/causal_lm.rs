@@ -331,8 +331,9 @@ impl Recorder<'_> {
     }
 
     /// A base linear (with bias when the config has one), plus the LoRA
-    /// fragment `s·B(A(dropout x))` when the module is adapted. The branch
-    /// runs in the adapter's f32, as PEFT casts to the adapter's dtype.
+    /// fragment `s·B(A(dropout x))` when the module is adapted, or DoRA's
+    /// `(m/‖W + s·B·A‖) ⊙ (W x + s·B A x)`. The branch runs in the adapter's
+    /// f32, as PEFT casts to the adapter's dtype.
     fn linear(&mut self, module: &str, x: ValueId) -> Result<ValueId, ModelError> {
         let c = &self.model.config;
         let w = self.weight(&format!("{module}.weight"))?;
@@ -340,29 +341,64 @@ impl Recorder<'_> {
             true => Some(self.weight(&format!("{module}.bias"))?),
             false => None,
         };
-        let y = self.g.linear(x, w, b)?;
         let Some(m) = self
             .lora
             .and_then(|l| l.modules.iter().find(|m| m.path == module))
         else {
-            return Ok(y);
+            return Ok(self.g.linear(x, w, b)?);
         };
         let cfg = &self.lora.expect("found a module above").config;
+        let dt = self.model.dtype;
         let a = self
             .g
             .param(&m.key_a(), m.a.shape(), m.a.dtype(), self.train);
         let bb = self
             .g
             .param(&m.key_b(), m.b.shape(), m.b.dtype(), self.train);
-        let mut xl = self.g.cast(x, m.a.dtype())?;
-        if let Some(seed) = self.seed {
-            xl = self.g.dropout(xl, seed, cfg.dropout)?;
-        }
-        let ax = self.g.linear(xl, a, None)?;
+        let xl = self.g.cast(x, m.a.dtype())?;
+        let xd = match self.seed {
+            Some(seed) => Some(self.g.dropout(xl, seed, cfg.dropout)?),
+            None => None,
+        };
+        let ax = self.g.linear(xd.unwrap_or(xl), a, None)?;
         let bax = self.g.linear(ax, bb, None)?;
-        let s = self.g.scale(bax, cfg.scaling())?;
-        let s = self.g.cast(s, self.model.dtype)?;
-        Ok(self.g.add(y, s)?)
+        let lora = self.g.scale(bax, cfg.scaling())?;
+        let Some(mag) = &m.magnitude else {
+            let y = self.g.linear(x, w, b)?;
+            let l = self.g.cast(lora, dt)?;
+            return Ok(self.g.add(y, l)?);
+        };
+        // DoRA. g = m/‖W + s·B·A‖ per output row, the norm a constant to autograd.
+        let mv = self
+            .g
+            .param(&m.key_m(), mag.shape(), mag.dtype(), self.train);
+        let inv = self.g.dora_inv_norm(a, bb, w, cfg.scaling())?;
+        let scale = self.g.mul(mv, inv)?;
+        let wx = self.g.linear(x, w, None)?;
+        let wx = self.g.cast(wx, DType::F32)?;
+        let out = match xd {
+            // Without dropout: g ⊙ (W x + s·B A x).
+            None => {
+                let sum = self.g.add(wx, lora)?;
+                self.g.mul_cols(sum, scale)?
+            }
+            // PEFT with dropout: W x + (g - 1) ⊙ W x_d + g ⊙ s·B A x_d.
+            Some(xd) => {
+                let xd = self.g.cast(xd, dt)?;
+                let wxd = self.g.linear(xd, w, None)?;
+                let wxd = self.g.cast(wxd, DType::F32)?;
+                let sum = self.g.add(wxd, lora)?;
+                let scaled = self.g.mul_cols(sum, scale)?;
+                let minus = self.g.scale(wxd, -1.0)?;
+                let delta = self.g.add(scaled, minus)?;
+                self.g.add(wx, delta)?
+            }
+        };
+        let out = self.g.cast(out, dt)?;
+        Ok(match b {
+            Some(b) => self.g.apply1(graft_engine::ir::Op::AddBias, &[out, b])?,
+            None => out,
+        })
     }
 }
 
@@ -393,12 +429,7 @@ impl Recorded {
             feeds.bind(s, &batch.seed);
         }
         let adapter: HashMap<String, &Tensor> = lora
-            .map(|l| {
-                l.modules
-                    .iter()
-                    .flat_map(|m| [(m.key_a(), &m.a), (m.key_b(), &m.b)])
-                    .collect()
-            })
+            .map(|l| l.modules.iter().flat_map(|m| m.tensors()).collect())
             .unwrap_or_default();
         for p in self.graph.params() {
             let name = self.graph.leaf_name(p).expect("params are named");

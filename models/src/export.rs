@@ -72,7 +72,8 @@ impl CausalLm {
 
 impl Lora {
     /// Folds the adapter into the base: `W ← W + s·B·A` for every adapted
-    /// module, in f32 (an NF4 weight is dequantized first and stays f32).
+    /// module (DoRA: then each row scaled by `m / ‖W + s·B·A‖_row`), in f32
+    /// (an NF4 weight is dequantized first and stays f32).
     pub fn merge_into(&self, model: &mut CausalLm) -> Result<(), ModelError> {
         let s = self.config.scaling();
         for m in &self.modules {
@@ -98,6 +99,13 @@ impl Lora {
                             *x += sb * ak;
                         }
                     }
+                }
+            }
+            if let Some(mag) = &m.magnitude {
+                let norms = crate::dora::row_norms(w, a, b, r, s)?;
+                for ((row, m), n) in merged.chunks_mut(inp).zip(mag.as_f32()?).zip(norms) {
+                    let g = m / n;
+                    row.iter_mut().for_each(|x| *x *= g);
                 }
             }
             *w = Tensor::from_f32(&[out, inp], &merged)?;

@@ -5,6 +5,7 @@
 pub mod causal_lm;
 pub mod checkpoint;
 pub mod config;
+pub mod dora;
 mod export;
 pub mod lora;
 pub mod quantized;

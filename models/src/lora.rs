@@ -1,8 +1,11 @@
-//! LoRA adapters with PEFT's semantics and file format.
+//! LoRA and DoRA adapters with PEFT's semantics and file format.
 //!
 //! `y = W x + s · B(A(dropout(x)))`, `A [r, in]` kaiming-uniform(a=√5),
-//! `B [out, r]` zero, `s = alpha/r` (rsLoRA: `alpha/√r`). Saved as
-//! `adapter_config.json` + `adapter_model.safetensors` with PEFT's keys.
+//! `B [out, r]` zero, `s = alpha/r` (rsLoRA: `alpha/√r`). DoRA adds a
+//! magnitude `m [out]` (initialised to the row norms of W):
+//! `y = bias + (m / ‖W + s·B·A‖_row) ⊙ (W x + s·B A x)`, the norm detached.
+//! Saved as `adapter_config.json` + `adapter_model.safetensors` with PEFT's
+//! keys.
 
 use crate::checkpoint::{write_safetensors, Checkpoint};
 use crate::config::ModelConfig;
@@ -30,6 +33,8 @@ pub struct LoraConfig {
     pub dropout: f32,
     pub targets: Targets,
     pub use_rslora: bool,
+    /// DoRA: a trained magnitude per output row on top of LoRA.
+    pub use_dora: bool,
 }
 
 impl LoraConfig {
@@ -50,6 +55,8 @@ pub struct LoraModule {
     pub path: String,
     pub a: Tensor,
     pub b: Tensor,
+    /// DoRA's magnitude, f32 `[out]`.
+    pub magnitude: Option<Tensor>,
 }
 
 impl LoraModule {
@@ -59,6 +66,27 @@ impl LoraModule {
     }
     pub fn key_b(&self) -> String {
         key(&self.path, "lora_B")
+    }
+    /// PEFT's key of the DoRA magnitude.
+    pub fn key_m(&self) -> String {
+        format!("base_model.model.{}.lora_magnitude_vector", self.path)
+    }
+    /// Every trained tensor of the module with its PEFT key.
+    pub fn tensors(&self) -> Vec<(String, &Tensor)> {
+        let mut t = vec![(self.key_a(), &self.a), (self.key_b(), &self.b)];
+        if let Some(m) = &self.magnitude {
+            t.push((self.key_m(), m));
+        }
+        t
+    }
+    /// [`LoraModule::tensors`], mutable.
+    pub fn tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let (ka, kb, km) = (self.key_a(), self.key_b(), self.key_m());
+        let mut t = vec![(ka, &mut self.a), (kb, &mut self.b)];
+        if let Some(m) = &mut self.magnitude {
+            t.push((km, m));
+        }
+        t
     }
 }
 
@@ -135,6 +163,7 @@ impl Lora {
                     path,
                     a: Tensor::from_f32(&[config.r, inp], &a)?,
                     b: Tensor::zeros(&[out, config.r], DType::F32),
+                    magnitude: None,
                 })
             })
             .collect::<Result<_, ModelError>>()?;
@@ -168,12 +197,26 @@ impl Lora {
             let a = ckpt.load(&key(&path, "lora_A"), &[config.r, inp], DType::F32)?;
             let b = ckpt.load(&key(&path, "lora_B"), &[out, config.r], DType::F32)?;
             used += 2;
-            modules.push(LoraModule { path, a, b });
+            let mut m = LoraModule {
+                path,
+                a,
+                b,
+                magnitude: None,
+            };
+            if config.use_dora {
+                m.magnitude = Some(ckpt.load(&m.key_m(), &[out], DType::F32)?);
+                used += 1;
+            }
+            modules.push(m);
         }
         if used != ckpt.names().count() {
             let mut extra: Vec<&str> = ckpt
                 .names()
-                .filter(|n| !modules.iter().any(|m| m.key_a() == *n || m.key_b() == *n))
+                .filter(|n| {
+                    !modules
+                        .iter()
+                        .any(|m| m.tensors().iter().any(|(k, _)| k == n))
+                })
                 .collect();
             extra.sort();
             return Err(ModelError::Adapter {
@@ -204,18 +247,15 @@ impl Lora {
             "lora_dropout": c.dropout,
             "target_modules": targets,
             "use_rslora": c.use_rslora,
-            "use_dora": false,
+            "use_dora": c.use_dora,
             "bias": "none",
             "fan_in_fan_out": false,
             "init_lora_weights": true,
             "inference_mode": true,
             "modules_to_save": null,
         });
-        let mut tensors = Vec::new();
-        for m in &self.modules {
-            tensors.push((m.key_a(), &m.a));
-            tensors.push((m.key_b(), &m.b));
-        }
+        let tensors: Vec<(String, &Tensor)> =
+            self.modules.iter().flat_map(|m| m.tensors()).collect();
         let meta = [("format".to_string(), "pt".to_string())]
             .into_iter()
             .collect();
@@ -250,9 +290,6 @@ fn parse_config(j: &Value) -> Result<LoraConfig, String> {
                 "key `peft_type` is {t:?}; only LORA adapters are supported"
             ));
         }
-    }
-    if get("use_dora").and_then(Value::as_bool) == Some(true) {
-        return Err("key `use_dora` is true; DoRA adapters are not supported yet".into());
     }
     if get("lora_bias").and_then(Value::as_bool) == Some(true) {
         return Err(
@@ -293,6 +330,7 @@ fn parse_config(j: &Value) -> Result<LoraConfig, String> {
         .ok_or("key `lora_alpha` is missing or not a number")? as f32;
     let dropout = get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32;
     let use_rslora = get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
+    let use_dora = get("use_dora").and_then(Value::as_bool).unwrap_or(false);
     let targets = match get("target_modules") {
         Some(Value::String(s)) if s == "all-linear" => Targets::AllLinear,
         Some(Value::String(s)) => {
@@ -317,6 +355,7 @@ fn parse_config(j: &Value) -> Result<LoraConfig, String> {
         dropout,
         targets,
         use_rslora,
+        use_dora,
     };
     check_config(&config)?;
     Ok(config)

@@ -18,11 +18,12 @@ pub struct Expected(Checkpoint);
 
 impl Expected {
     pub fn load(name: &str) -> Expected {
+        Self::open(name, "expected.safetensors")
+    }
+    /// Another file of expected tensors in the fixture's directory.
+    pub fn open(name: &str, file: &str) -> Expected {
         let dir = fixture_dir(name);
-        Expected(
-            Checkpoint::open_files(&dir, &["expected.safetensors".to_string()])
-                .expect("expected.safetensors"),
-        )
+        Expected(Checkpoint::open_files(&dir, &[file.to_string()]).expect(file))
     }
     pub fn tensor(&self, name: &str) -> Tensor {
         let (_, e) = self.0.entry(name).unwrap_or_else(|e| panic!("{e}"));
@@ -36,8 +37,8 @@ impl Expected {
     }
     fn ints(&self, name: &str, shape: &[usize], dtype: graft::ir::DType) -> Tensor {
         // Integer tensors are read raw from the file.
-        let path = self.0.dir().join("expected.safetensors");
-        let bytes = std::fs::read(&path).unwrap();
+        let (path, _) = self.0.entry(name).unwrap();
+        let bytes = std::fs::read(path).unwrap();
         let (_, e) = self.0.entry(name).unwrap();
         Tensor::from_bytes(shape, dtype, &bytes[e.range.clone()]).unwrap()
     }

@@ -66,6 +66,7 @@ pub struct AdapterSection {
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     Lora,
+    Dora,
     Full,
 }
 

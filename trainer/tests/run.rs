@@ -281,3 +281,139 @@ fn bad_input_is_one_clear_error() {
     let e = err(&run_cli(&tmp("bad-resume"), &[], &["--resume"]));
     assert!(e.contains("no checkpoint to resume from"), "{e}");
 }
+
+/// The other subcommands on a freshly trained adapter: eval, generate,
+/// merge; and `--help` carrying every configuration key.
+#[test]
+fn eval_generate_merge_and_help_work_on_a_trained_adapter() {
+    let out = tmp("cli-tools");
+    ok(&run_cli(
+        &out,
+        &["train.max_steps=20", "train.lr=5e-3"],
+        &[],
+    ));
+    let adapter = out.join("adapter");
+    let a = adapter.to_str().unwrap();
+    let stdout = ok(&trainer(&["eval", "--adapter", a]));
+    assert!(
+        stdout.contains("eval loss") && stdout.contains("exact match"),
+        "{stdout}"
+    );
+
+    let gen = ok(&trainer(&[
+        "generate",
+        "--adapter",
+        a,
+        "--template",
+        "chatml",
+        "--prompt",
+        "What is the opposite of hot ?",
+        "--max-new-tokens",
+        "4",
+    ]));
+    assert!(!gen.trim().is_empty(), "generated nothing");
+    let e = err(&trainer(&[
+        "generate",
+        "--prompt",
+        "x",
+        "--template",
+        "nope",
+    ]));
+    assert!(e.contains("--template"), "{e}");
+
+    let merged = tmp("cli-merged");
+    let model = graft_trainer::embedded::model_dir().unwrap();
+    let m = model.to_str().unwrap();
+    ok(&trainer(&[
+        "merge",
+        "--model",
+        m,
+        "--adapter",
+        a,
+        "--out",
+        merged.to_str().unwrap(),
+        "--dtype",
+        "f32",
+    ]));
+    // The merged model alone gives the logits of base + adapter.
+    let ids = "2,10,20,30,40,50";
+    let (l1, l2) = (tmp("cli-l1.safetensors"), tmp("cli-l2.safetensors"));
+    ok(&trainer(&[
+        "logits",
+        "--model",
+        m,
+        "--adapter",
+        a,
+        "--input-ids",
+        ids,
+        "--out",
+        l1.to_str().unwrap(),
+    ]));
+    ok(&trainer(&[
+        "logits",
+        "--model",
+        merged.to_str().unwrap(),
+        "--input-ids",
+        ids,
+        "--out",
+        l2.to_str().unwrap(),
+    ]));
+    let (x, y) = (
+        common::read_f32(&std::fs::read(&l1).unwrap(), "logits"),
+        common::read_f32(&std::fs::read(&l2).unwrap(), "logits"),
+    );
+    let num: f64 = x
+        .iter()
+        .zip(&y)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
+    let den: f64 = x.iter().map(|a| (*a as f64).powi(2)).sum();
+    assert!((num / den).sqrt() < 1e-5, "merged vs adapter logits");
+
+    let help = ok(&trainer(&["run", "--help"]));
+    for key in [
+        "max_grad_norm = 0.3",
+        "grad_accum = 1",
+        "save_total_limit = 2",
+        "[adapter]",
+    ] {
+        assert!(help.contains(key), "--help lacks {key}");
+    }
+}
+
+/// `adapter.method = "dora"` on the NF4 base: PEFT's DoRA format, a
+/// magnitude per output row that training moves, and a falling loss.
+#[test]
+fn a_dora_run_writes_a_peft_dora_adapter() {
+    let out = tmp("run-dora");
+    ok(&run_cli(&out, &["adapter.method=\"dora\""], &[]));
+    let l = losses(&out);
+    let (first, last): (f64, f64) = (l[0].1.parse().unwrap(), l[5].1.parse().unwrap());
+    assert!(last < first, "loss {first} -> {last}");
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["use_dora"], true);
+    let model_dir = graft_trainer::embedded::model_dir().unwrap();
+    let base = CausalLm::load_with(
+        &model_dir,
+        &graft_models::LoadOptions {
+            dtype: graft_engine::ir::DType::F32,
+            quantize: Some(64),
+        },
+    )
+    .unwrap();
+    let lora = Lora::load(&out.join("adapter"), &base.config).unwrap();
+    // The magnitude started at the NF4 weight's row norms and was trained.
+    let mut fresh = lora.clone();
+    for m in &mut fresh.modules {
+        m.b = graft_engine::Tensor::zeros(m.b.shape(), graft_engine::ir::DType::F32);
+    }
+    fresh.init_magnitudes(&base).unwrap();
+    let moved = lora.modules.iter().zip(&fresh.modules).any(|(t, f)| {
+        let (t, f) = (t.magnitude.as_ref().unwrap(), f.magnitude.as_ref().unwrap());
+        t.as_f32().unwrap() != f.as_f32().unwrap()
+    });
+    assert!(moved, "training left every magnitude at its initial value");
+}

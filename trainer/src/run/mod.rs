@@ -90,14 +90,7 @@ fn trained<'a>(
     names: &[String],
 ) -> Result<Vec<&'a mut [f32]>, RunError> {
     let mut by_name: HashMap<String, &'a mut Tensor> = match lora {
-        Some(l) => l
-            .modules
-            .iter_mut()
-            .flat_map(|m| {
-                let (ka, kb) = (m.key_a(), m.key_b());
-                [(ka, &mut m.a), (kb, &mut m.b)]
-            })
-            .collect(),
+        Some(l) => l.modules.iter_mut().flat_map(|m| m.tensors_mut()).collect(),
         None => model
             .weights_mut()
             .iter_mut()

@@ -103,8 +103,13 @@ impl Session {
                     dropout: a.dropout as f32,
                     targets,
                     use_rslora: a.use_rslora,
+                    use_dora: a.method == Method::Dora,
                 };
-                Some(Lora::init(lc, &model.config, cfg.train.seed)?)
+                let mut lora = Lora::init(lc, &model.config, cfg.train.seed)?;
+                if lora.config.use_dora {
+                    lora.init_magnitudes(&model)?;
+                }
+                Some(lora)
             }
         };
         let (tokenizer, specials) = crate::data::load_tokenizer(&model_dir)?;

@@ -1,0 +1,42 @@
+//! DoRA's row norms `‖W_o + s·(B·A)_o‖` against an f64 reference, with W
+//! read through a row callback (as the executor does for dense and NF4).
+
+mod common;
+
+use common::*;
+use graft_kernels::dora::dora_norms;
+use proptest::prelude::*;
+
+fn reference(w: &[f64], a: &[f64], b: &[f64], r: usize, s: f64, out: usize) -> Vec<f64> {
+    let inp = w.len() / out;
+    (0..out)
+        .map(|o| {
+            (0..inp)
+                .map(|i| {
+                    let ba: f64 = (0..r).map(|k| b[o * r + k] * a[k * inp + i]).sum();
+                    let v = w[o * inp + i] + s * ba;
+                    v * v
+                })
+                .sum::<f64>()
+                .sqrt()
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(config(64))]
+
+    #[test]
+    fn row_norms_match_reference(out in dim(40), inp in dim(300), r in 1usize..9, s in -4.0f32..4.0, seed: u64) {
+        let mut rng = Gen::new(seed);
+        let w = rng.vec(out * inp, -1.0, 1.0);
+        let a = rng.vec(r * inp, -0.5, 0.5);
+        let b = rng.vec(out * r, -0.5, 0.5);
+        let mut y = nan_buf::<f32>(out);
+        dora_norms(|o, buf| buf.copy_from_slice(&w[o * inp..(o + 1) * inp]), &a, &b, r, s, &mut y);
+        let want = reference(&to_f64(&w), &to_f64(&a), &to_f64(&b), r, s as f64, out);
+        // A sum of `inp` squares in f32: relative error within ~inp·2^-24.
+        check("norms", &y, &want, 1e-5)?;
+        prop_assert!(y.iter().all(|x| x.is_finite()));
+    }
+}
