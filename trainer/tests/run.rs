@@ -272,6 +272,11 @@ fn bad_input_is_one_clear_error() {
             vec!["data.max_seq_len=3", "data.overflow=\"drop\""],
             "no example left to train on",
         ),
+        // One step inside the warm-up: the learning rate is 0, nothing moves.
+        (
+            vec!["train.max_steps=1", "train.warmup_steps=5"],
+            "adapter is all zero",
+        ),
     ];
     for (extra, want) in cases {
         let e = err(&run_cli(&out, &extra, &[]));
