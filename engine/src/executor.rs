@@ -8,14 +8,27 @@ use graft_ir::{Activation, DType, Op, Source, TypeInfo, ValueId};
 use graft_kernels::activation::{self, Act};
 use graft_kernels::attention::{self, AttnShape};
 use graft_kernels::{
-    bf16, dora, elementwise as ew, embedding, f16, loss, matmul, norm, rope, Elem,
+    bf16, dora, elementwise as ew, embedding, f16, loss, matmul, norm, rope, update, Elem,
 };
 use std::collections::HashMap;
 
 /// The inputs and parameters bound for one run, by value id.
 #[derive(Default)]
 pub struct Feeds<'a> {
-    map: HashMap<ValueId, &'a Tensor>,
+    map: HashMap<ValueId, Bound<'a>>,
+}
+
+/// A bound tensor: read only, or lent exclusively so that the plan may
+/// update it in place (LOMO's fused updates).
+enum Bound<'a> {
+    Shared(&'a Tensor),
+    Exclusive {
+        ptr: *mut u8,
+        len: usize,
+        shape: Vec<usize>,
+        dtype: DType,
+        _lent: std::marker::PhantomData<&'a mut Tensor>,
+    },
 }
 
 impl<'a> Feeds<'a> {
@@ -23,11 +36,49 @@ impl<'a> Feeds<'a> {
         Feeds::default()
     }
     pub fn bind(&mut self, v: ValueId, t: &'a Tensor) -> &mut Self {
-        self.map.insert(v, t);
+        self.map.insert(v, Bound::Shared(t));
         self
     }
+    /// Binds `t` for the plan to update in place (a mapped tensor is copied
+    /// into owned memory first).
+    pub fn bind_mut(&mut self, v: ValueId, t: &'a mut Tensor) -> &mut Self {
+        let (shape, dtype) = (t.shape().to_vec(), t.dtype());
+        let b = t.bytes_mut();
+        self.map.insert(
+            v,
+            Bound::Exclusive {
+                ptr: b.as_mut_ptr(),
+                len: b.len(),
+                shape,
+                dtype,
+                _lent: std::marker::PhantomData,
+            },
+        );
+        self
+    }
+    /// A tensor bound read-only.
     pub fn get(&self, v: ValueId) -> Option<&'a Tensor> {
-        self.map.get(&v).copied()
+        match self.map.get(&v)? {
+            Bound::Shared(t) => Some(*t),
+            Bound::Exclusive { .. } => None,
+        }
+    }
+    /// Shape, dtype and bytes of whatever is bound to `v`, and whether it
+    /// may be written.
+    fn view(&self, v: ValueId) -> Option<(&[usize], DType, *mut u8, usize, bool)> {
+        Some(match self.map.get(&v)? {
+            Bound::Shared(t) => {
+                let b = t.bytes();
+                (t.shape(), t.dtype(), b.as_ptr() as *mut u8, b.len(), false)
+            }
+            Bound::Exclusive {
+                ptr,
+                len,
+                shape,
+                dtype,
+                ..
+            } => (shape.as_slice(), *dtype, *ptr, *len, true),
+        })
     }
 }
 
@@ -54,16 +105,29 @@ impl CpuExecutor {
         let g = plan.graph();
         for leaf in plan.leaves() {
             let name = g.leaf_name(leaf).unwrap_or("?");
-            let t = feeds
-                .get(leaf)
+            let (shape, dtype, ..) = feeds
+                .view(leaf)
                 .ok_or_else(|| EngineError::Unbound(name.to_string()))?;
             let ty = g.ty(leaf);
-            if t.shape() != ty.shape.as_slice() || t.dtype() != ty.dtype {
+            if shape != ty.shape.as_slice() || dtype != ty.dtype {
                 return Err(EngineError::Feed {
                     name: name.to_string(),
                     want: format!("{} {:?}", ty.dtype, ty.shape),
-                    got: format!("{} {:?}", t.dtype(), t.shape()),
+                    got: format!("{dtype} {shape:?}"),
                 });
+            }
+        }
+        for &n in plan.schedule() {
+            let node = g.node(n);
+            if node.op.updates_in_place() {
+                let target = node.inputs[0];
+                if !feeds.view(target).is_some_and(|v| v.4) {
+                    return Err(EngineError::Compile(format!(
+                        "`{}` is updated in place by the plan ({}): bind it with Feeds::bind_mut",
+                        g.leaf_name(target).unwrap_or("?"),
+                        node.op.name()
+                    )));
+                }
             }
         }
         let words = plan.peak_bytes().div_ceil(8);
@@ -85,16 +149,40 @@ impl CpuExecutor {
                     }
                 }
                 _ => {
-                    let b = feeds.get(v).expect("leaves checked above").bytes();
-                    Slot {
-                        ptr: b.as_ptr() as *mut u8,
-                        len: b.len(),
-                    }
+                    let (_, _, ptr, len, _) = feeds.view(v).expect("leaves checked above");
+                    Slot { ptr, len }
                 }
             }
         };
         for &n in plan.schedule() {
             let node = g.node(n);
+            if let Op::SgdUpdate {
+                weight_decay,
+                clip_value,
+            } = &node.op
+            {
+                let read = |v: ValueId| {
+                    let s = slot(v);
+                    // SAFETY: as below; these are read only during this node.
+                    unsafe { std::slice::from_raw_parts(s.ptr as *const u8, s.len) }
+                };
+                let (p, out) = (slot(node.inputs[0]), slot(node.outputs[0]));
+                // SAFETY: the parameter is bound exclusively (checked above)
+                // and no other slice of it exists during this node.
+                let p = unsafe { std::slice::from_raw_parts_mut(p.ptr, p.len) };
+                let sq = update::sgd_update(
+                    fm::<f32>(p),
+                    f::<f32>(read(node.inputs[1])),
+                    f::<f32>(read(node.inputs[2]))[0],
+                    f::<f32>(read(node.inputs[3]))[0],
+                    *weight_decay,
+                    *clip_value,
+                );
+                // SAFETY: the output's arena range, as for any node.
+                let out = unsafe { std::slice::from_raw_parts_mut(out.ptr, out.len) };
+                fm::<f32>(out)[0] = sq as f32;
+                continue;
+            }
             // SAFETY: the memory plan never overlaps a node's outputs with any
             // value live at that node (its inputs included), and leaves are
             // only read. Slices are re-derived per node from the raw base.
@@ -230,6 +318,7 @@ fn exec<T: Elem + bytemuck::Pod>(
         Op::AddBias => ew::add_bias(f::<T>(ins[0]), f::<T>(ins[1]), fm::<T>(o0)),
         Op::SumRows => ew::sum_rows(f::<T>(ins[0]), fm::<T>(o0)),
         Op::MulCols => ew::mul_cols(f::<T>(ins[0]), f::<T>(ins[1]), fm::<T>(o0)),
+        Op::SgdUpdate { .. } => return Err("runs in place, before dispatch".into()),
         Op::DoraInvNorm { scaling } => {
             let (r, inp) = (shapes[0][0], shapes[0][1]);
             let (a, b, y) = (f::<f32>(ins[0]), f::<f32>(ins[1]), fm::<f32>(o0));

@@ -42,7 +42,7 @@ mod tensor;
 pub use executor::{CpuExecutor, Feeds};
 pub use graft_ir as ir;
 pub use graft_kernels as kernels;
-pub use plan::{compile, compile_training, Plan};
+pub use plan::{compile, compile_fused_sgd, compile_training, Plan};
 pub use tensor::{Storage, Tensor};
 
 #[derive(Debug, thiserror::Error)]

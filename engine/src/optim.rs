@@ -149,20 +149,26 @@ impl Sgd {
     ) -> Result<(), EngineError> {
         check_lengths(params, grads, &self.sizes)?;
         let (wd, mu, neg_lr) = (self.weight_decay as f32, self.momentum as f32, (-lr) as f32);
+        // Momentum buffers exist only with momentum (PyTorch keeps none without).
         let first = self.buffers.is_none();
-        let buffers = self
-            .buffers
-            .get_or_insert_with(|| self.sizes.iter().map(|&n| vec![0.0; n]).collect());
-        for ((p, g), buf) in params.iter_mut().zip(grads).zip(buffers) {
+        let mut buffers = match mu != 0.0 {
+            true => Some(
+                self.buffers
+                    .get_or_insert_with(|| self.sizes.iter().map(|&n| vec![0.0; n]).collect()),
+            ),
+            false => None,
+        };
+        for (j, (p, g)) in params.iter_mut().zip(grads).enumerate() {
             for i in 0..p.len() {
                 // `add(.., alpha)` is one fused multiply-add in ATen.
                 let mut d = g[i];
                 if wd != 0.0 {
                     d = p[i].mul_add(wd, d);
                 }
-                if mu != 0.0 {
-                    buf[i] = if first { d } else { buf[i] * mu + d };
-                    d = buf[i];
+                if let Some(bufs) = buffers.as_mut() {
+                    let b = &mut bufs[j][i];
+                    *b = if first { d } else { *b * mu + d };
+                    d = *b;
                 }
                 p[i] = d.mul_add(neg_lr, p[i]);
             }

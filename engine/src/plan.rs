@@ -1,8 +1,8 @@
 //! The compile pipeline: record -> autograd -> passes -> an executable plan.
 
 use crate::EngineError;
-use graft_ir::passes::{live_schedule, plan_memory, MemoryPlan};
-use graft_ir::{backward, Graph, NodeId, Source, ValueId};
+use graft_ir::passes::{live_schedule, place_in_place, plan_memory, MemoryPlan};
+use graft_ir::{backward, DType, Graph, NodeId, Op, Source, ValueId};
 
 /// A compiled graph: the live nodes in execution order and the memory plan
 /// that places every intermediate value in one arena.
@@ -14,6 +14,9 @@ pub struct Plan {
     outputs: Vec<ValueId>,
     /// Gradient of each trainable parameter: `(param, gradient output)`.
     grads: Vec<(ValueId, ValueId)>,
+    /// Parameters the plan updates in place (fused updates), in the order of
+    /// their squared-gradient-norm outputs.
+    updated: Vec<ValueId>,
 }
 
 impl Plan {
@@ -35,6 +38,10 @@ impl Plan {
     }
     pub fn grads(&self) -> &[(ValueId, ValueId)] {
         &self.grads
+    }
+    /// Parameters updated in place by the plan (see [`compile_fused_sgd`]).
+    pub fn updated(&self) -> &[ValueId] {
+        &self.updated
     }
     /// The gradient output of a trainable parameter.
     pub fn grad_of(&self, param: ValueId) -> Option<ValueId> {
@@ -81,7 +88,17 @@ pub fn compile(graph: Graph, outputs: &[ValueId]) -> Result<Plan, EngineError> {
             )));
         }
     }
-    let schedule = live_schedule(&graph, outputs);
+    let schedule = place_in_place(&graph, &live_schedule(&graph, outputs));
+    for &n in &schedule {
+        let node = graph.node(n);
+        if node.op.updates_in_place() && !graph.is_trainable(node.inputs[0]) {
+            return Err(EngineError::Compile(format!(
+                "{} writes %{} in place: only a trainable parameter can be updated",
+                node.op.name(),
+                node.inputs[0].0
+            )));
+        }
+    }
     let memory = plan_memory(&graph, &schedule, outputs);
     Ok(Plan {
         graph,
@@ -89,6 +106,7 @@ pub fn compile(graph: Graph, outputs: &[ValueId]) -> Result<Plan, EngineError> {
         memory,
         outputs: outputs.to_vec(),
         grads: Vec::new(),
+        updated: Vec::new(),
     })
 }
 
@@ -112,4 +130,40 @@ pub fn compile_training(
     let mut plan = compile(graph, &outputs)?;
     plan.grads = grads.params;
     Ok(plan)
+}
+
+/// A training step with the update fused into the backward pass (LOMO):
+/// every trainable parameter gets an in-place SGD update scheduled as soon
+/// as its gradient is complete and nothing else reads the parameter, so the
+/// gradient's buffer is freed at once and no two gradients need to be alive
+/// together beyond what the backward pass itself holds. Returns the plan
+/// (outputs: `[loss, ‖grad‖² per updated parameter..]`) and its two scalar
+/// inputs, the learning rate and the gradient factor (LOMO's clipping; 1
+/// without). Run it with lr = 0 for the first pass of two-pass clipping: it
+/// only measures the norms.
+pub fn compile_fused_sgd(
+    mut graph: Graph,
+    loss: ValueId,
+    weight_decay: f32,
+    clip_value: f32,
+) -> Result<(Plan, ValueId, ValueId), EngineError> {
+    let grads = backward(&mut graph, loss)?;
+    if grads.params.is_empty() {
+        return Err(EngineError::Compile(
+            "nothing to train: no trainable parameter reaches the loss".into(),
+        ));
+    }
+    let lr = graph.input("fused_update.lr", &[1], DType::F32);
+    let coef = graph.input("fused_update.coef", &[1], DType::F32);
+    let mut outputs = vec![loss];
+    for &(p, g) in &grads.params {
+        let op = Op::SgdUpdate {
+            weight_decay,
+            clip_value,
+        };
+        outputs.push(graph.apply1(op, &[p, g, lr, coef])?);
+    }
+    let mut plan = compile(graph, &outputs)?;
+    plan.updated = grads.params.iter().map(|(p, _)| *p).collect();
+    Ok((plan, lr, coef))
 }

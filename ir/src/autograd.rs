@@ -57,6 +57,7 @@ fn differentiable_inputs(op: &Op) -> Vec<bool> {
         Op::Attention(_) => vec![true, true, true, false],
         Op::Fill { .. }
         | Op::DoraInvNorm { .. }
+        | Op::SgdUpdate { .. }
         | Op::SumRows
         | Op::EmbeddingGrad { .. }
         | Op::RmsNormGradInput { .. }

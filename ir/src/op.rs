@@ -67,6 +67,16 @@ pub enum Op {
     AddBias,
     /// `x[M,N]`, `v[N]` -> `x·v` per column (same dtype).
     MulCols,
+    /// LOMO's fused SGD step, in place: `param`, `grad`, `lr` (f32 [1]),
+    /// `coef` (f32 [1], the gradient's factor: LOMO's clipping) -> f32 [1],
+    /// the squared L2 norm of `grad`. Writes `param ← param − lr·(coef·grad
+    /// (clamped to ±clip_value when it is positive) + weight_decay·param)`:
+    /// its first input is updated in place, so the schedule runs it after
+    /// every other reader of that parameter (passes::place_in_place).
+    SgdUpdate {
+        weight_decay: f32,
+        clip_value: f32,
+    },
     /// DoRA's detached weight norm: `a[r,in]` f32, `b[out,r]` f32, `w[out,in]`
     /// (float or NF4) -> f32 `[out]` = `1/‖w_o + scaling·(b·a)_o‖`. No VJP:
     /// the norm is a constant to autograd, as in the DoRA paper (§4.3).
@@ -164,6 +174,7 @@ impl Op {
             Op::Nf4MatMul { .. } => "nf4_matmul",
             Op::AddBias => "add_bias",
             Op::MulCols => "mul_cols",
+            Op::SgdUpdate { .. } => "sgd_update",
             Op::DoraInvNorm { .. } => "dora_inv_norm",
             Op::SumRows => "sum_rows",
             Op::Add => "add",
@@ -210,7 +221,7 @@ impl Op {
             | Op::GatedActGrad(_)
             | Op::CrossEntropyGrad { .. }
             | Op::DoraInvNorm { .. } => 3,
-            Op::Attention(_) => 4,
+            Op::Attention(_) | Op::SgdUpdate { .. } => 4,
             Op::AttentionCached(_) => 6,
             Op::AttentionGrad(_) => 7,
         }
@@ -308,6 +319,21 @@ impl Op {
                     )));
                 }
                 out(vec![a.shape[0], outer], a.dtype)
+            }
+            Op::SgdUpdate { .. } => {
+                let (p, g, lr, coef) = (ins[0], ins[1], ins[2], ins[3]);
+                if p.dtype != DType::F32 || g.dtype != DType::F32 || p.shape != g.shape {
+                    return Err(self.err(format!(
+                        "param {} {:?} and grad {} {:?} must be f32 of one shape",
+                        p.dtype, p.shape, g.dtype, g.shape
+                    )));
+                }
+                for (t, what) in [(lr, "lr"), (coef, "coef")] {
+                    if t.shape != [1] || t.dtype != DType::F32 {
+                        return Err(self.err(format!("{what} must be f32 [1]")));
+                    }
+                }
+                out(vec![1], DType::F32)
             }
             Op::MulCols => {
                 let (x, v) = (ins[0], ins[1]);
@@ -518,6 +544,11 @@ impl Op {
                 out(ins[0].shape.clone(), ins[0].dtype)
             }
         }
+    }
+
+    /// Whether the op writes its first input in place.
+    pub fn updates_in_place(&self) -> bool {
+        matches!(self, Op::SgdUpdate { .. })
     }
 
     fn err(&self, msg: String) -> IrError {

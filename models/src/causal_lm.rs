@@ -403,13 +403,34 @@ impl Recorder<'_> {
 }
 
 impl Recorded {
-    /// Binds the model's weights, the adapter and the batch to this graph.
-    pub fn feeds<'a>(
+    /// Binds the batch and the model's weights for a plan that updates the
+    /// trainable ones in place (full fine-tuning with fused updates): those
+    /// are lent mutably, the rest read only.
+    pub fn feeds_mut<'a>(
         &self,
-        model: &'a CausalLm,
-        lora: Option<&'a Lora>,
+        model: &'a mut CausalLm,
         batch: &'a Batch,
     ) -> Result<Feeds<'a>, ModelError> {
+        let mut feeds = self.batch_feeds(batch)?;
+        let by_name: HashMap<&str, ValueId> = self
+            .graph
+            .params()
+            .map(|p| (self.graph.leaf_name(p).expect("params are named"), p))
+            .collect();
+        for (name, t) in model.weights.iter_mut() {
+            if let Some(&p) = by_name.get(name.as_str()) {
+                if self.graph.is_trainable(p) {
+                    feeds.bind_mut(p, t);
+                } else {
+                    feeds.bind(p, t);
+                }
+            }
+        }
+        Ok(feeds)
+    }
+
+    /// The batch's inputs (ids, positions, segments, labels, dropout seed).
+    fn batch_feeds<'a>(&self, batch: &'a Batch) -> Result<Feeds<'a>, ModelError> {
         if batch.tokens() != self.tokens {
             return Err(ModelError::Input(format!(
                 "the batch has {} tokens but the graph was recorded for {}",
@@ -428,6 +449,17 @@ impl Recorded {
         if let Some(s) = self.dropout_seed {
             feeds.bind(s, &batch.seed);
         }
+        Ok(feeds)
+    }
+
+    /// Binds the model's weights, the adapter and the batch to this graph.
+    pub fn feeds<'a>(
+        &self,
+        model: &'a CausalLm,
+        lora: Option<&'a Lora>,
+        batch: &'a Batch,
+    ) -> Result<Feeds<'a>, ModelError> {
+        let mut feeds = self.batch_feeds(batch)?;
         let adapter: HashMap<String, &Tensor> = lora
             .map(|l| l.modules.iter().flat_map(|m| m.tensors()).collect())
             .unwrap_or_default();

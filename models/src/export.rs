@@ -28,7 +28,11 @@ impl CausalLm {
                 "a checkpoint is saved in a float dtype, not {dtype}"
             )));
         }
-        if self.dir.canonicalize().ok() == dir.canonicalize().ok() {
+        let same = match (self.dir.canonicalize(), dir.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        if same {
             return Err(ModelError::Input(format!(
                 "{}: refusing to overwrite the model being read",
                 dir.display()
@@ -47,14 +51,22 @@ impl CausalLm {
             o.insert("torch_dtype".into(), torch_name(dtype).into());
             o.insert("dtype".into(), torch_name(dtype).into());
         }
-        // Converted one tensor at a time, in checkpoint order.
+        // Only tensors in another dtype are converted (copied); the rest are
+        // written from where they are.
         let mut names: Vec<&String> = self.weights().keys().collect();
         names.sort();
-        let converted: Vec<(String, Tensor)> = names
-            .into_iter()
-            .map(|n| Ok((n.clone(), self.weights()[n].to_dtype(dtype)?)))
-            .collect::<Result<_, ModelError>>()?;
-        let refs: Vec<(String, &Tensor)> = converted.iter().map(|(n, t)| (n.clone(), t)).collect();
+        let converted: Vec<Option<Tensor>> = names
+            .iter()
+            .map(|n| {
+                let t = &self.weights()[*n];
+                (t.dtype() != dtype).then(|| t.to_dtype(dtype)).transpose()
+            })
+            .collect::<Result<_, _>>()?;
+        let refs: Vec<(String, &Tensor)> = names
+            .iter()
+            .zip(&converted)
+            .map(|(n, c)| ((*n).clone(), c.as_ref().unwrap_or(&self.weights()[*n])))
+            .collect();
         let meta = [("format".to_string(), "pt".to_string())]
             .into_iter()
             .collect();

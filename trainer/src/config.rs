@@ -127,6 +127,7 @@ pub struct TrainSection {
     pub warmup_steps: usize,
     pub weight_decay: f64,
     pub max_grad_norm: f64,
+    pub max_grad_value: f64,
     pub adam_beta1: f64,
     pub adam_beta2: f64,
     pub adam_epsilon: f64,
@@ -143,6 +144,7 @@ pub struct TrainSection {
 pub enum OptimizerName {
     Adamw,
     Sgd,
+    Lomo,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -334,6 +336,32 @@ impl Config {
             if !(0.0..1.0).contains(&b) {
                 return err(key, "must be in [0, 1)");
             }
+        }
+        if self.train.optimizer == OptimizerName::Lomo {
+            if self.adapter.method != Method::Full {
+                return err(
+                    "train.optimizer",
+                    "= \"lomo\" updates every weight inside the backward pass: it needs adapter.method = \"full\"",
+                );
+            }
+            if self.train.grad_accum != 1 {
+                return err(
+                    "train.optimizer",
+                    "= \"lomo\" applies each gradient as soon as it is computed: train.grad_accum must be 1",
+                );
+            }
+            if self.train.momentum != 0.0 {
+                return err(
+                    "train.optimizer",
+                    "= \"lomo\" is SGD without optimizer state: train.momentum must be 0",
+                );
+            }
+        }
+        if self.train.max_grad_value < 0.0 || self.train.max_grad_norm < 0.0 {
+            return err(
+                "train.max_grad_norm",
+                "and train.max_grad_value must be at least 0",
+            );
         }
         if self.adapter.method == Method::Full {
             if self.model.quantize == Quantize::Nf4 {

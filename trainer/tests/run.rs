@@ -272,6 +272,20 @@ fn bad_input_is_one_clear_error() {
             vec!["data.max_seq_len=3", "data.overflow=\"drop\""],
             "no example left to train on",
         ),
+        (
+            vec!["train.optimizer=\"lomo\""],
+            "it needs adapter.method = \"full\"",
+        ),
+        (
+            vec![
+                "train.optimizer=\"lomo\"",
+                "adapter.method=\"full\"",
+                "model.quantize=\"none\"",
+                "model.compute_dtype=\"f32\"",
+                "train.grad_accum=2",
+            ],
+            "train.grad_accum must be 1",
+        ),
         // One step inside the warm-up: the learning rate is 0, nothing moves.
         (
             vec!["train.max_steps=1", "train.warmup_steps=5"],
@@ -421,4 +435,31 @@ fn a_dora_run_writes_a_peft_dora_adapter() {
         t.as_f32().unwrap() != f.as_f32().unwrap()
     });
     assert!(moved, "training left every magnitude at its initial value");
+}
+
+/// Full fine-tuning with LOMO (two-pass clipping): the loss falls, the model
+/// is written as a plain HF checkpoint, and a stopped run resumes to the
+/// same bits.
+#[test]
+fn lomo_full_fine_tuning_trains_and_resumes_exactly() {
+    let (a, b) = (tmp("lomo-whole"), tmp("lomo-resumed"));
+    let extra = [
+        "adapter.method=\"full\"",
+        "model.quantize=\"none\"",
+        "model.compute_dtype=\"f32\"",
+        "train.optimizer=\"lomo\"",
+        "train.lr=0.05",
+        "train.max_grad_norm=1.0",
+        "output.save_steps=2",
+    ];
+    ok(&run_cli(&a, &extra, &[]));
+    let l = losses(&a);
+    let (first, last): (f64, f64) = (l[0].1.parse().unwrap(), l[5].1.parse().unwrap());
+    assert!(last < first, "loss {first} -> {last}");
+    err(&run_cli(&b, &extra, &["--stop-after", "3"]));
+    ok(&run_cli(&b, &extra, &["--resume"]));
+    assert_eq!(losses(&a), losses(&b), "loss curves differ");
+    let weights = |d: &Path| std::fs::read(d.join("model/model.safetensors")).unwrap();
+    assert_eq!(weights(&a), weights(&b), "models differ");
+    CausalLm::load(&a.join("model"), graft_engine::ir::DType::F32).unwrap();
 }

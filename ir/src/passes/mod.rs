@@ -2,7 +2,9 @@
 //! schedule or a plan; none changes the values a graph computes.
 
 mod dce;
+mod inplace;
 mod memory;
 
 pub use dce::live_schedule;
+pub use inplace::{is_leaf, place_in_place};
 pub use memory::{plan_memory, MemoryPlan};

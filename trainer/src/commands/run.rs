@@ -12,7 +12,8 @@ pub struct Args {
     /// TOML configuration (every key and its default: `trainer run --help`).
     /// Without one, the embedded default runs: a tiny Llama instruction-tuned
     /// with QLoRA on a synthetic dataset, with held-out accuracy before and
-    /// after.
+    /// after (its settings: trainer/assets/default/run.toml). Without one but
+    /// with `--set model.path=DIR`, the defaults below and the sets apply.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Override one key, e.g. `--set train.lr=1e-4` (repeatable).
@@ -27,10 +28,17 @@ pub struct Args {
     stop_after: Option<usize>,
 }
 
-/// The configuration: the file's, or the embedded default's.
+/// The configuration: the file's; without one, the embedded default's, unless
+/// `--set model.path=...` names a model (then defaults.toml and the sets).
 pub fn load_config(file: Option<&std::path::Path>, sets: &[String]) -> Result<Config, CliError> {
+    let names_a_model = sets.iter().any(|s| {
+        s.split_once('=').is_some_and(|(k, v)| {
+            k.trim() == "model.path" && !v.trim().trim_matches('"').is_empty()
+        })
+    });
     Ok(match file {
         Some(path) => Config::load(Some(path), sets)?,
+        None if names_a_model => Config::load(None, sets)?,
         None => Config::from_text(
             Some((
                 graft_trainer::embedded::run_config(),

@@ -7,15 +7,15 @@ pub mod checkpoint;
 pub mod metrics;
 mod optimizer;
 pub mod session;
+mod step;
 
-use crate::config::{Config, ConfigError, Method};
+use crate::config::{Config, ConfigError, Method, OptimizerName};
 use crate::data::batch::{batches, Packed};
 use crate::data::DataError;
 use crate::schedule::lr_at;
 use checkpoint::TrainerState;
-use graft_engine::optim::clip_grad_norm;
 use graft_engine::rng::Rng;
-use graft_engine::{compile, compile_training, CpuExecutor, Plan, Tensor};
+use graft_engine::{compile, compile_fused_sgd, compile_training, CpuExecutor, Plan, Tensor};
 use graft_models::{CausalLm, Lora, ModelError, RecordOptions, Recorded};
 use optimizer::Optimizer;
 use serde_json::json;
@@ -23,6 +23,7 @@ use session::Session;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use step::Stepper;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -221,6 +222,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
 
     let rows = cfg.train.micro_batch_size;
     let row_len = s.row_len(&train_data.docs);
+    let pad_id = s.pad_id;
     let epoch_batches = |epoch: usize| -> Vec<Packed> {
         // A fresh order every epoch, from the seed alone (so resuming
         // rebuilds it exactly).
@@ -231,7 +233,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
             order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
         }
         let docs: Vec<_> = order.iter().map(|&i| train_data.docs[i].clone()).collect();
-        batches(&docs, rows, row_len, cfg.data.packing, s.pad_id)
+        batches(&docs, rows, row_len, cfg.data.packing, pad_id)
     };
     let mut epoch = Epoch {
         index: state0.as_ref().map_or(0, |st| st.epoch),
@@ -254,21 +256,24 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
             ..Default::default()
         },
     )?;
-    let plan = compile_training(
-        rec.graph.clone(),
-        rec.loss.expect("recorded with a loss"),
-        &[],
-    )?;
-    let names: Vec<String> = plan
-        .grads()
-        .iter()
-        .map(|(p, _)| {
-            plan.graph()
-                .leaf_name(*p)
-                .expect("params are named")
-                .to_string()
-        })
-        .collect();
+    let loss_v = rec.loss.expect("recorded with a loss");
+    let mut stepper = if cfg.train.optimizer == OptimizerName::Lomo {
+        let (plan, lr, coef) = compile_fused_sgd(
+            rec.graph.clone(),
+            loss_v,
+            cfg.train.weight_decay as f32,
+            cfg.train.max_grad_value as f32,
+        )?;
+        Stepper::Fused { plan, lr, coef }
+    } else {
+        let plan = compile_training(rec.graph.clone(), loss_v, &[])?;
+        Stepper::Separate {
+            plan,
+            opt: Optimizer::new(&cfg.train, &[])?,
+            acc: Vec::new(),
+        }
+    };
+    let names = stepper.names();
     if names.is_empty() {
         return Err(RunError::Invalid(
             "nothing to train: the plan has no trainable tensor".into(),
@@ -277,21 +282,26 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
     let sizes: Vec<usize> = names
         .iter()
         .map(|n| {
-            let v = plan.graph().find_leaf(n).expect("named");
-            plan.graph().shape(v).iter().product()
+            let g = stepper.plan().graph();
+            g.shape(g.find_leaf(n).expect("named")).iter().product()
         })
         .collect();
-    let mut opt = Optimizer::new(&cfg.train, &sizes);
+    if let Stepper::Separate { opt, acc, .. } = &mut stepper {
+        *opt = Optimizer::new(&cfg.train, &sizes)?;
+        *acc = sizes.iter().map(|&n| vec![0.0; n]).collect();
+    }
     let mut st = TrainerState {
         config: session::config_text(cfg),
         ..Default::default()
     };
     if let (Some(dir), Some(saved)) = (&resume_from, &state0) {
-        let ckpt = graft_models::checkpoint::Checkpoint::open_files(
-            dir,
-            &[checkpoint::OPTIMIZER.to_string()],
-        )?;
-        opt.restore(&ckpt, &names, saved.optimizer_steps)?;
+        if let Stepper::Separate { opt, .. } = &mut stepper {
+            let ckpt = graft_models::checkpoint::Checkpoint::open_files(
+                dir,
+                &[checkpoint::OPTIMIZER.to_string()],
+            )?;
+            opt.restore(&ckpt, &names, saved.optimizer_steps)?;
+        }
         st = saved.clone();
         println!("resumed from {} (step {})", dir.display(), st.step);
     }
@@ -300,7 +310,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
         names.len(),
         sizes.iter().sum::<usize>(),
         epoch.micro.len(),
-        plan.peak_bytes() as f64 / 1e6
+        stepper.plan().peak_bytes() as f64 / 1e6
     );
 
     std::fs::create_dir_all(&out_dir)
@@ -317,7 +327,6 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
         Some(b) => b.println(line),
         None => println!("{line}"),
     };
-    let mut acc: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
     let mut eval_loss = None;
     let mut steps_here = 0;
     let started = Instant::now();
@@ -335,32 +344,20 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
         let t0 = Instant::now();
         let end = (st.micro + cfg.train.grad_accum).min(epoch.micro.len());
         let group = &mut epoch.micro[st.micro..end];
-        let n_total: usize = group.iter().map(|p| p.counted).sum();
         let tokens: usize = group.iter().map(|p| p.tokens).sum();
-        let mut loss = 0f64;
-        for (i, p) in group.iter_mut().enumerate() {
+        for p in group.iter_mut() {
             p.batch.seed = Tensor::from_u32(&[1], &[dropout_seed(cfg.train.seed, st.micro_step)])?;
-            let out = exec.run(&plan, &rec.feeds(&s.model, s.lora.as_ref(), &p.batch)?)?;
             st.micro_step += 1;
-            let l = out[0].as_f32()?[0];
-            let w = p.counted as f32 / n_total as f32;
-            loss += l as f64 * p.counted as f64 / n_total as f64;
-            for (j, a) in acc.iter_mut().enumerate() {
-                let g = out[1 + j].as_f32()?;
-                if i == 0 {
-                    a.iter_mut().zip(g).for_each(|(a, &g)| *a = w * g);
-                } else {
-                    a.iter_mut().zip(g).for_each(|(a, &g)| *a += w * g);
-                }
-            }
         }
-        let loss = loss as f32;
-        let mut grads: Vec<&mut [f32]> = acc.iter_mut().map(Vec::as_mut_slice).collect();
-        let norm = if cfg.train.max_grad_norm > 0.0 {
-            clip_grad_norm(&mut grads, cfg.train.max_grad_norm)
-        } else {
-            clip_grad_norm(&mut grads, f64::INFINITY)
-        };
+        let lr = lr_at(
+            cfg.train.scheduler,
+            cfg.train.lr,
+            st.step,
+            cfg.train.warmup_steps,
+            total,
+        );
+        let step::Stepped { loss, norm } =
+            stepper.step(&mut exec, &mut s, &rec, group, &names, lr)?;
         if !loss.is_finite() || !norm.is_finite() {
             let value = if loss.is_finite() {
                 format!("{loss} but the gradient norm is {norm}")
@@ -380,22 +377,12 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
                 kept,
             });
         }
-        let lr = lr_at(
-            cfg.train.scheduler,
-            cfg.train.lr,
-            st.step,
-            cfg.train.warmup_steps,
-            total,
-        );
-        {
-            let grads: Vec<&[f32]> = acc.iter().map(Vec::as_slice).collect();
-            let mut params = trained(&mut s.model, s.lora.as_mut(), &names)?;
-            opt.step(&mut params, &grads, lr)?;
-        }
         st.micro = end;
         st.step += 1;
         st.loss = loss;
-        st.optimizer_steps = opt.steps();
+        if let Stepper::Separate { opt, .. } = &stepper {
+            st.optimizer_steps = opt.steps();
+        }
         steps_here += 1;
         let dt = t0.elapsed().as_secs_f64();
         metrics.log(json!({
@@ -441,7 +428,10 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
                 cfg.output.save_total_limit,
                 &mut |d: &Path| {
                     s.save_trained(d)?;
-                    let state = opt.state(&names)?;
+                    let state = match &stepper {
+                        Stepper::Separate { opt, .. } => opt.state(&names)?,
+                        Stepper::Fused { .. } => Vec::new(),
+                    };
                     let refs: Vec<(String, &Tensor)> =
                         state.iter().map(|(n, t)| (n.clone(), t)).collect();
                     graft_models::checkpoint::write_safetensors(

@@ -13,8 +13,9 @@ pub enum Optimizer {
 }
 
 impl Optimizer {
-    pub fn new(t: &TrainSection, sizes: &[usize]) -> Optimizer {
-        match t.optimizer {
+    /// The optimizer that runs after the plan (LOMO runs inside it).
+    pub fn new(t: &TrainSection, sizes: &[usize]) -> Result<Optimizer, RunError> {
+        Ok(match t.optimizer {
             OptimizerName::Adamw => Optimizer::AdamW(AdamW::new(
                 AdamWConfig {
                     beta1: t.adam_beta1,
@@ -25,7 +26,12 @@ impl Optimizer {
                 sizes,
             )),
             OptimizerName::Sgd => Optimizer::Sgd(Sgd::new(t.momentum, t.weight_decay, sizes)),
-        }
+            OptimizerName::Lomo => {
+                return Err(RunError::Invalid(
+                    "lomo's update runs inside the plan, not after it".into(),
+                ))
+            }
+        })
     }
 
     pub fn step(

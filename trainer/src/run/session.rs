@@ -87,7 +87,10 @@ impl Session {
             (true, Some(dir)) => dir,
             _ => &model_dir,
         };
-        let model = CausalLm::load_with(load_dir, &LoadOptions { dtype, quantize })?;
+        let mut model = CausalLm::load_with(load_dir, &LoadOptions { dtype, quantize })?;
+        // Its config, tokenizer and other side files are the base model's
+        // (a checkpoint may be pruned while the run goes on).
+        model.dir = model_dir.clone();
         let lora = match (full, resume) {
             (true, _) => None,
             (false, Some(dir)) => Some(Lora::load(dir, &model.config)?),

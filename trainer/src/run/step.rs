@@ -1,0 +1,150 @@
+//! One optimizer step over a group of micro-batches, in one of two ways:
+//! gradients out of the plan, accumulated and handed to the optimizer
+//! (AdamW, SGD), or LOMO's update fused into the backward pass.
+
+use super::optimizer::Optimizer;
+use super::session::Session;
+use super::RunError;
+use crate::data::batch::Packed;
+use graft_engine::ir::ValueId;
+use graft_engine::optim::clip_grad_norm;
+use graft_engine::{CpuExecutor, Plan, Tensor};
+use graft_models::Recorded;
+
+pub enum Stepper {
+    Separate {
+        plan: Plan,
+        opt: Optimizer,
+        /// The accumulated gradient of each trained tensor.
+        acc: Vec<Vec<f32>>,
+    },
+    /// LOMO: plan outputs `[loss, ‖grad‖² per parameter..]`, inputs lr and
+    /// the gradient factor.
+    Fused {
+        plan: Plan,
+        lr: ValueId,
+        coef: ValueId,
+    },
+}
+
+/// What a step did.
+pub struct Stepped {
+    /// Mean loss over every counted token of the group.
+    pub loss: f32,
+    /// Global gradient norm before clipping.
+    pub norm: f64,
+}
+
+impl Stepper {
+    pub fn plan(&self) -> &Plan {
+        match self {
+            Stepper::Separate { plan, .. } | Stepper::Fused { plan, .. } => plan,
+        }
+    }
+
+    /// Names of the trained tensors, in the plan's order.
+    pub fn names(&self) -> Vec<String> {
+        let plan = self.plan();
+        let params: Vec<ValueId> = match self {
+            Stepper::Separate { plan, .. } => plan.grads().iter().map(|(p, _)| *p).collect(),
+            Stepper::Fused { plan, .. } => plan.updated().to_vec(),
+        };
+        params
+            .iter()
+            .map(|p| {
+                plan.graph()
+                    .leaf_name(*p)
+                    .expect("params are named")
+                    .to_string()
+            })
+            .collect()
+    }
+
+    /// Runs the group's micro-batches and applies the update at learning
+    /// rate `lr`. A non-finite loss or gradient norm stops before updating
+    /// (LOMO without clipping has updated already: its weights are then
+    /// lost, the checkpoints on disk are not).
+    pub fn step(
+        &mut self,
+        exec: &mut CpuExecutor,
+        s: &mut Session,
+        rec: &Recorded,
+        group: &[Packed],
+        names: &[String],
+        lr: f64,
+    ) -> Result<Stepped, RunError> {
+        let t = &s.cfg.train;
+        let (max_norm, max_value) = (t.max_grad_norm, t.max_grad_value);
+        let n_total: usize = group.iter().map(|p| p.counted).sum();
+        match self {
+            Stepper::Separate { plan, opt, acc } => {
+                let mut loss = 0f64;
+                for (i, p) in group.iter().enumerate() {
+                    let out = exec.run(plan, &rec.feeds(&s.model, s.lora.as_ref(), &p.batch)?)?;
+                    let w = p.counted as f32 / n_total as f32;
+                    loss += out[0].as_f32()?[0] as f64 * p.counted as f64 / n_total as f64;
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        let g = out[1 + j].as_f32()?;
+                        if i == 0 {
+                            a.iter_mut().zip(g).for_each(|(a, &g)| *a = w * g);
+                        } else {
+                            a.iter_mut().zip(g).for_each(|(a, &g)| *a += w * g);
+                        }
+                    }
+                }
+                let mut grads: Vec<&mut [f32]> = acc.iter_mut().map(Vec::as_mut_slice).collect();
+                let limit = if max_norm > 0.0 {
+                    max_norm
+                } else {
+                    f64::INFINITY
+                };
+                let norm = clip_grad_norm(&mut grads, limit);
+                let loss = loss as f32;
+                if !loss.is_finite() || !norm.is_finite() {
+                    return Ok(Stepped { loss, norm });
+                }
+                if max_value > 0.0 {
+                    let v = max_value as f32;
+                    grads
+                        .iter_mut()
+                        .for_each(|g| g.iter_mut().for_each(|x| *x = x.clamp(-v, v)));
+                }
+                let grads: Vec<&[f32]> = acc.iter().map(Vec::as_slice).collect();
+                let mut params = super::trained(&mut s.model, s.lora.as_mut(), names)?;
+                opt.step(&mut params, &grads, lr)?;
+                Ok(Stepped { loss, norm })
+            }
+            Stepper::Fused {
+                plan,
+                lr: lr_in,
+                coef,
+            } => {
+                let batch = &group[0].batch;
+                let one = Tensor::from_f32(&[1], &[1.0])?;
+                let run = |exec: &mut CpuExecutor, s: &mut Session, lr: f32, c: &Tensor| {
+                    let lr = Tensor::from_f32(&[1], &[lr])?;
+                    let mut feeds = rec.feeds_mut(&mut s.model, batch)?;
+                    feeds.bind(*lr_in, &lr).bind(*coef, c);
+                    let out = exec.run(plan, &feeds)?;
+                    let sq: f64 = out[1..]
+                        .iter()
+                        .map(|t| t.as_f32().map(|v| v[0] as f64))
+                        .sum::<Result<f64, _>>()?;
+                    Ok::<_, RunError>((out[0].as_f32()?[0], sq.sqrt()))
+                };
+                let c = if max_norm > 0.0 {
+                    // LOMO's first pass: lr 0 measures the norm and changes nothing.
+                    let (loss, norm) = run(exec, s, 0.0, &one)?;
+                    if !loss.is_finite() || !norm.is_finite() {
+                        return Ok(Stepped { loss, norm });
+                    }
+                    Tensor::from_f32(&[1], &[(max_norm / (norm + 1e-6)).min(1.0) as f32])?
+                } else {
+                    one
+                };
+                let (loss, norm) = run(exec, s, lr as f32, &c)?;
+                Ok(Stepped { loss, norm })
+            }
+        }
+    }
+}
