@@ -1,6 +1,6 @@
 //! Passes: dead-code elimination and the liveness-based memory plan.
 
-use graft_ir::passes::{live_schedule, plan_memory, MemoryPlan};
+use graft_ir::passes::{live_schedule, place_in_place, plan_memory, MemoryPlan};
 use graft_ir::{AttentionSpec, DType, Graph, NodeId, Op, Source, ValueId};
 use proptest::prelude::*;
 use std::collections::HashSet;
@@ -322,5 +322,51 @@ proptest! {
         check_schedule(&g, &schedule, &outputs);
         let plan = plan_memory(&g, &schedule, &outputs);
         check_memory(&g, &schedule, &outputs, &plan);
+    }
+}
+
+/// An in-place update runs after its gradient's producer and after every
+/// other reader of the parameter it writes, and no later: the gradient dies
+/// right there instead of living to the end.
+#[test]
+fn in_place_updates_run_as_early_as_is_safe() {
+    let mut g = Graph::new();
+    let x = g.input("x", &[4, 3], DType::F32);
+    let w = g.param("w", &[5, 3], DType::F32, true);
+    let v = g.param("v", &[2, 5], DType::F32, true);
+    let lr = g.input("lr", &[1], DType::F32);
+    let coef = g.input("coef", &[1], DType::F32);
+    let h = g.linear(x, w, None).unwrap();
+    let y = g.linear(h, v, None).unwrap();
+    // Stand-ins for gradients: dv from h, dw from y; then a late reader of w.
+    let dv = g.matmul(y, h, true, false).unwrap();
+    let dw = g.matmul(h, x, true, false).unwrap();
+    let late = g.linear(x, w, None).unwrap();
+    let op = Op::SgdUpdate {
+        weight_decay: 0.0,
+        clip_value: 0.0,
+    };
+    let uw = g.apply1(op.clone(), &[w, dw, lr, coef]).unwrap();
+    let uv = g.apply1(op, &[v, dv, lr, coef]).unwrap();
+    let outputs = [uw, uv, late];
+    let order = place_in_place(&g, &live_schedule(&g, &outputs));
+    let at = |v: ValueId| {
+        order
+            .iter()
+            .position(|&n| n == g.producer(v).unwrap())
+            .unwrap()
+    };
+    // v's update follows its gradient at once; w's waits for the late reader.
+    assert_eq!(at(uv), at(dv) + 1, "{order:?}");
+    assert_eq!(at(uw), at(late) + 1, "{order:?}");
+    assert!(at(uw) > at(dw));
+    // Still a topological order of the same nodes.
+    assert_eq!(order.len(), live_schedule(&g, &outputs).len());
+    for (i, &n) in order.iter().enumerate() {
+        for &input in &g.node(n).inputs {
+            if let Some(p) = g.producer(input) {
+                assert!(order.iter().position(|&m| m == p).unwrap() < i);
+            }
+        }
     }
 }

@@ -5,7 +5,7 @@
 //! claim true: each gradient is consumed, and its buffer freed, as soon as
 //! it is complete, instead of every gradient living to the end.
 
-use crate::graph::{Graph, NodeId, Source};
+use crate::graph::{Graph, NodeId};
 
 /// Reorders `schedule` (a topological order) so that every in-place op sits
 /// at its earliest safe position; other nodes keep their relative order.
@@ -28,9 +28,4 @@ pub fn place_in_place(g: &Graph, schedule: &[NodeId]) -> Vec<NodeId> {
         order.insert(after, u);
     }
     order
-}
-
-/// Whether `v` is a leaf (input or parameter): what an in-place op may write.
-pub fn is_leaf(g: &Graph, v: crate::graph::ValueId) -> bool {
-    !matches!(g.value(v).source, Source::Node { .. })
 }

@@ -6,5 +6,5 @@ mod inplace;
 mod memory;
 
 pub use dce::live_schedule;
-pub use inplace::{is_leaf, place_in_place};
+pub use inplace::place_in_place;
 pub use memory::{plan_memory, MemoryPlan};
