@@ -8,11 +8,15 @@ mod common;
 
 use common::{fixture_dir, rel_l2};
 use graft::engine::optim::{clip_grad_norm, Sgd};
-use graft::engine::{compile_fused_sgd, compile_training, CpuExecutor, Tensor};
+use graft::engine::{compile_fused, compile_training, CpuExecutor, FusedRule, Tensor};
 use graft::ir::DType;
 use graft::models::{Batch, CausalLm, RecordOptions};
 
 const LR: f32 = 0.05;
+const SGD: FusedRule = FusedRule::Sgd {
+    weight_decay: 0.0,
+    clip_value: 0.0,
+};
 
 fn model() -> CausalLm {
     CausalLm::load(&fixture_dir("llama").join("model"), DType::F32).unwrap()
@@ -87,8 +91,8 @@ fn lomo(steps: usize, clip: Option<f64>) -> (CausalLm, Vec<f32>) {
     let mut m = model();
     let data = batches(steps);
     let rec = m.record(data[0].tokens(), opts()).unwrap();
-    let (plan, lr, coef) =
-        compile_fused_sgd(rec.graph.clone(), rec.loss.unwrap(), 0.0, 0.0).unwrap();
+    let (plan, inputs) = compile_fused(rec.graph.clone(), rec.loss.unwrap(), SGD).unwrap();
+    let (lr, coef) = (inputs.lr, inputs.coef);
     let mut exec = CpuExecutor::new();
     let mut losses = Vec::new();
     let zero = Tensor::from_f32(&[1], &[0.0]).unwrap();
@@ -197,7 +201,7 @@ fn lomo_keeps_at_most_one_gradient_beyond_the_backward_pass() {
     let b = &batches(1)[0];
     let rec = m.record(b.tokens(), opts()).unwrap();
     let full = compile_training(rec.graph.clone(), rec.loss.unwrap(), &[]).unwrap();
-    let (fused, ..) = compile_fused_sgd(rec.graph.clone(), rec.loss.unwrap(), 0.0, 0.0).unwrap();
+    let (fused, ..) = compile_fused(rec.graph.clone(), rec.loss.unwrap(), SGD).unwrap();
     let full_grads: Vec<_> = full.grads().iter().map(|(_, g)| *g).collect();
     let fused_grads: Vec<_> = fused
         .schedule()
@@ -251,4 +255,164 @@ fn lomo_keeps_at_most_one_gradient_beyond_the_backward_pass() {
         e.contains("model.norm.weight") && e.contains("bind_mut"),
         "{e}"
     );
+}
+
+/// AdaLomo as its paper and reference code state it, written plainly in f64
+/// over whole tensors after the backward pass: β₂ₜ = 1 − t^−0.8; a matrix
+/// keeps row and column means of g² + ε₁ (v ≈ r·cᵀ/mean(r)), a vector the
+/// full average; u = g/√v is divided by max(1, RMS(u)/d); the step is
+/// lr·max(ε₂, RMS(θ)), after weight decay θ·(1 − lr·max(ε₂, RMS(θ))·λ).
+struct AdaLomoRef {
+    rows: Vec<Vec<f64>>,
+    cols: Vec<Vec<f64>>,
+    t: u64,
+}
+
+impl AdaLomoRef {
+    fn step(
+        &mut self,
+        params: &mut [(Vec<usize>, Vec<f64>)],
+        grads: &[Vec<f64>],
+        lr: f64,
+        wd: f64,
+    ) {
+        let (eps1, eps2, d) = (1e-30f64, 1e-3f64, 1.0f64);
+        self.t += 1;
+        let beta = 1.0 - (self.t as f64).powf(-0.8);
+        let rms = |x: &[f64]| (x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64).sqrt();
+        for (j, ((shape, p), g)) in params.iter_mut().zip(grads).enumerate() {
+            let sq: Vec<f64> = g.iter().map(|x| x * x + eps1).collect();
+            let u: Vec<f64> = if shape.len() == 2 {
+                let (r, c) = (shape[0], shape[1]);
+                for i in 0..r {
+                    let m = sq[i * c..(i + 1) * c].iter().sum::<f64>() / c as f64;
+                    self.rows[j][i] = beta * self.rows[j][i] + (1.0 - beta) * m;
+                }
+                for k in 0..c {
+                    let m = (0..r).map(|i| sq[i * c + k]).sum::<f64>() / r as f64;
+                    self.cols[j][k] = beta * self.cols[j][k] + (1.0 - beta) * m;
+                }
+                let mean = self.rows[j].iter().sum::<f64>() / r as f64;
+                (0..r * c)
+                    .map(|x| {
+                        let v = self.rows[j][x / c] * self.cols[j][x % c] / mean;
+                        g[x] / v.sqrt()
+                    })
+                    .collect()
+            } else {
+                for (v, s) in self.rows[j].iter_mut().zip(&sq) {
+                    *v = beta * *v + (1.0 - beta) * s;
+                }
+                g.iter()
+                    .zip(&self.rows[j])
+                    .map(|(g, v)| g / v.sqrt())
+                    .collect()
+            };
+            let scale = (rms(&u) / d).max(1.0);
+            let step = lr * eps2.max(rms(p));
+            for (p, u) in p.iter_mut().zip(&u) {
+                *p = *p * (1.0 - step * wd) - step * u / scale;
+            }
+        }
+    }
+}
+
+#[test]
+fn adalomo_matches_an_unfused_reference() {
+    let (steps, lr, wd) = (3, 1e-2f32, 0.01f32);
+    let data = batches(steps);
+    // Reference: gradients out of the plan, the rule in f64.
+    let mut m = model();
+    let rec = m.record(data[0].tokens(), opts()).unwrap();
+    let plan = compile_training(rec.graph.clone(), rec.loss.unwrap(), &[]).unwrap();
+    let names: Vec<String> = plan
+        .grads()
+        .iter()
+        .map(|(p, _)| plan.graph().leaf_name(*p).unwrap().to_string())
+        .collect();
+    let mut params: Vec<(Vec<usize>, Vec<f64>)> = names
+        .iter()
+        .map(|n| {
+            let t = m.weight(n).unwrap();
+            (
+                t.shape().to_vec(),
+                t.to_f32_vec().unwrap().iter().map(|&x| x as f64).collect(),
+            )
+        })
+        .collect();
+    let mut reference = AdaLomoRef {
+        rows: params
+            .iter()
+            .map(|(s, _)| vec![0.0; graft::engine::adalomo_state_shapes(s).0[0]])
+            .collect(),
+        cols: params
+            .iter()
+            .map(|(s, _)| vec![0.0; graft::engine::adalomo_state_shapes(s).1[0]])
+            .collect(),
+        t: 0,
+    };
+    let mut exec = CpuExecutor::new();
+    for b in &data {
+        let out = exec.run(&plan, &rec.feeds(&m, None, b).unwrap()).unwrap();
+        let grads: Vec<Vec<f64>> = out[1..]
+            .iter()
+            .map(|t| t.as_f32().unwrap().iter().map(|&x| x as f64).collect())
+            .collect();
+        reference.step(&mut params, &grads, lr as f64, wd as f64);
+        for (n, (_, p)) in names.iter().zip(&params) {
+            let v: Vec<f32> = p.iter().map(|&x| x as f32).collect();
+            let t = m.weights_mut().get_mut(n).unwrap();
+            *t = Tensor::from_f32(t.shape(), &v).unwrap();
+        }
+    }
+    // Fused.
+    let mut f = model();
+    let rule = FusedRule::AdaLomo(graft::ir::AdaLomoSpec {
+        weight_decay: wd,
+        ..Default::default()
+    });
+    let (plan, inputs) = compile_fused(rec.graph.clone(), rec.loss.unwrap(), rule).unwrap();
+    let mut state: Vec<(Tensor, Tensor)> = inputs
+        .state
+        .iter()
+        .map(|&(r, c)| {
+            let g = plan.graph();
+            (
+                Tensor::zeros(g.shape(r), DType::F32),
+                Tensor::zeros(g.shape(c), DType::F32),
+            )
+        })
+        .collect();
+    let (lr_t, one) = (
+        Tensor::from_f32(&[1], &[lr]).unwrap(),
+        Tensor::from_f32(&[1], &[1.0]).unwrap(),
+    );
+    for (i, b) in data.iter().enumerate() {
+        let t = Tensor::from_f32(&[1], &[(i + 1) as f32]).unwrap();
+        let mut feeds = rec.feeds_mut(&mut f, b).unwrap();
+        feeds
+            .bind(inputs.lr, &lr_t)
+            .bind(inputs.coef, &one)
+            .bind(inputs.step.unwrap(), &t);
+        for ((r, c), (rt, ct)) in inputs.state.iter().zip(state.iter_mut()) {
+            feeds.bind_mut(*r, rt).bind_mut(*c, ct);
+        }
+        exec.run(&plan, &feeds).unwrap();
+    }
+    let mut worst = 0f64;
+    let start = model();
+    for n in &names {
+        let (got, want) = (
+            f.weight(n).unwrap().to_f32_vec().unwrap(),
+            m.weight(n).unwrap().to_f32_vec().unwrap(),
+        );
+        let s0 = start.weight(n).unwrap().to_f32_vec().unwrap();
+        // Compare the change each made, the part that is AdaLomo's.
+        let d_got: Vec<f32> = got.iter().zip(&s0).map(|(a, b)| a - b).collect();
+        let d_want: Vec<f32> = want.iter().zip(&s0).map(|(a, b)| a - b).collect();
+        let e = rel_l2(&d_got, &d_want);
+        assert!(e < 1e-4, "{n}: update rel L2 {e:e}");
+        worst = worst.max(e);
+    }
+    eprintln!("AdaLomo fused vs reference: worst update rel L2 {worst:e}");
 }

@@ -119,8 +119,8 @@ impl CpuExecutor {
         }
         for &n in plan.schedule() {
             let node = g.node(n);
-            if node.op.updates_in_place() {
-                let target = node.inputs[0];
+            for &i in node.op.in_place_inputs() {
+                let target = node.inputs[i];
                 if !feeds.view(target).is_some_and(|v| v.4) {
                     return Err(EngineError::Compile(format!(
                         "`{}` is updated in place by the plan ({}): bind it with Feeds::bind_mut",
@@ -181,6 +181,41 @@ impl CpuExecutor {
                 // SAFETY: the output's arena range, as for any node.
                 let out = unsafe { std::slice::from_raw_parts_mut(out.ptr, out.len) };
                 fm::<f32>(out)[0] = sq as f32;
+                continue;
+            }
+            if let Op::AdaLomoUpdate(h) = &node.op {
+                let read = |v: ValueId| {
+                    let s = slot(v);
+                    // SAFETY: read only during this node.
+                    unsafe { std::slice::from_raw_parts(s.ptr as *const u8, s.len) }
+                };
+                // SAFETY: parameter and state are bound exclusively (checked
+                // above), distinct tensors, and no other slice of them exists now.
+                let write = |v: ValueId| {
+                    let s = slot(v);
+                    unsafe { std::slice::from_raw_parts_mut(s.ptr, s.len) }
+                };
+                let scalar = |i: usize| f::<f32>(read(node.inputs[i]))[0];
+                let hyper = update::AdaLomo {
+                    eps1: h.eps1,
+                    eps2: h.eps2,
+                    clip_threshold: h.clip_threshold,
+                    decay_rate: h.decay_rate,
+                    weight_decay: h.weight_decay,
+                    clip_value: h.clip_value,
+                };
+                let sq = update::adalomo_update(
+                    fm::<f32>(write(node.inputs[0])),
+                    f::<f32>(read(node.inputs[1])),
+                    fm::<f32>(write(node.inputs[5])),
+                    fm::<f32>(write(node.inputs[6])),
+                    g.shape(node.inputs[0]).len() == 2,
+                    scalar(4) as u64,
+                    scalar(2),
+                    scalar(3),
+                    &hyper,
+                );
+                fm::<f32>(write(node.outputs[0]))[0] = sq as f32;
                 continue;
             }
             // SAFETY: the memory plan never overlaps a node's outputs with any
@@ -318,7 +353,9 @@ fn exec<T: Elem + bytemuck::Pod>(
         Op::AddBias => ew::add_bias(f::<T>(ins[0]), f::<T>(ins[1]), fm::<T>(o0)),
         Op::SumRows => ew::sum_rows(f::<T>(ins[0]), fm::<T>(o0)),
         Op::MulCols => ew::mul_cols(f::<T>(ins[0]), f::<T>(ins[1]), fm::<T>(o0)),
-        Op::SgdUpdate { .. } => return Err("runs in place, before dispatch".into()),
+        Op::SgdUpdate { .. } | Op::AdaLomoUpdate(_) => {
+            return Err("runs in place, before dispatch".into())
+        }
         Op::DoraInvNorm { scaling } => {
             let (r, inp) = (shapes[0][0], shapes[0][1]);
             let (a, b, y) = (f::<f32>(ins[0]), f::<f32>(ins[1]), fm::<f32>(o0));

@@ -42,7 +42,9 @@ mod tensor;
 pub use executor::{CpuExecutor, Feeds};
 pub use graft_ir as ir;
 pub use graft_kernels as kernels;
-pub use plan::{compile, compile_fused_sgd, compile_training, Plan};
+pub use plan::{
+    adalomo_state_shapes, compile, compile_fused, compile_training, FusedInputs, FusedRule, Plan,
+};
 pub use tensor::{Storage, Tensor};
 
 #[derive(Debug, thiserror::Error)]

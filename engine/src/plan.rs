@@ -2,7 +2,7 @@
 
 use crate::EngineError;
 use graft_ir::passes::{live_schedule, place_in_place, plan_memory, MemoryPlan};
-use graft_ir::{backward, DType, Graph, NodeId, Op, Source, ValueId};
+use graft_ir::{backward, AdaLomoSpec, DType, Graph, NodeId, Op, Source, ValueId};
 
 /// A compiled graph: the live nodes in execution order and the memory plan
 /// that places every intermediate value in one arena.
@@ -39,7 +39,7 @@ impl Plan {
     pub fn grads(&self) -> &[(ValueId, ValueId)] {
         &self.grads
     }
-    /// Parameters updated in place by the plan (see [`compile_fused_sgd`]).
+    /// Parameters updated in place by the plan (see [`compile_fused`]).
     pub fn updated(&self) -> &[ValueId] {
         &self.updated
     }
@@ -132,21 +132,50 @@ pub fn compile_training(
     Ok(plan)
 }
 
-/// A training step with the update fused into the backward pass (LOMO):
-/// every trainable parameter gets an in-place SGD update scheduled as soon
-/// as its gradient is complete and nothing else reads the parameter, so the
-/// gradient's buffer is freed at once and no two gradients need to be alive
-/// together beyond what the backward pass itself holds. Returns the plan
-/// (outputs: `[loss, ‖grad‖² per updated parameter..]`) and its two scalar
-/// inputs, the learning rate and the gradient factor (LOMO's clipping; 1
-/// without). Run it with lr = 0 for the first pass of two-pass clipping: it
-/// only measures the norms.
-pub fn compile_fused_sgd(
+/// The update rule of a fused step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum FusedRule {
+    /// LOMO: plain SGD.
+    Sgd { weight_decay: f32, clip_value: f32 },
+    /// AdaLomo: factored second moment, grouped update normalisation.
+    AdaLomo(AdaLomoSpec),
+}
+
+/// The extra inputs of a fused plan: scalars f32 [1] and, for AdaLomo, the
+/// second-moment state of each updated parameter (`row`, `col`; written in
+/// place, so bound with `Feeds::bind_mut`), in [`Plan::updated`] order.
+#[derive(Clone, Debug)]
+pub struct FusedInputs {
+    pub lr: ValueId,
+    /// The gradient factor (LOMO's clipping coefficient; 1 without).
+    pub coef: ValueId,
+    /// AdaLomo's step number t (from 1).
+    pub step: Option<ValueId>,
+    pub state: Vec<(ValueId, ValueId)>,
+}
+
+/// The shapes of AdaLomo's state for a parameter: factored `[rows]`,
+/// `[cols]` for a matrix, a full `[n]` (and an unused `[1]`) otherwise.
+pub fn adalomo_state_shapes(shape: &[usize]) -> ([usize; 1], [usize; 1]) {
+    match shape {
+        [r, c] => ([*r], [*c]),
+        _ => ([shape.iter().product()], [1]),
+    }
+}
+
+/// A training step with the update fused into the backward pass (LOMO,
+/// AdaLomo): every trainable parameter gets an in-place update scheduled as
+/// soon as its gradient is complete and nothing else reads the parameter,
+/// so the gradient's buffer is freed at once and no two gradients need to
+/// be alive together beyond what the backward pass itself holds. The plan's
+/// outputs are `[loss, ‖grad‖² per updated parameter..]`. Run it with lr = 0
+/// for the first pass of two-pass clipping: it only measures the norms (and,
+/// for AdaLomo, must then be given its state back: see the trainer).
+pub fn compile_fused(
     mut graph: Graph,
     loss: ValueId,
-    weight_decay: f32,
-    clip_value: f32,
-) -> Result<(Plan, ValueId, ValueId), EngineError> {
+    rule: FusedRule,
+) -> Result<(Plan, FusedInputs), EngineError> {
     let grads = backward(&mut graph, loss)?;
     if grads.params.is_empty() {
         return Err(EngineError::Compile(
@@ -155,15 +184,40 @@ pub fn compile_fused_sgd(
     }
     let lr = graph.input("fused_update.lr", &[1], DType::F32);
     let coef = graph.input("fused_update.coef", &[1], DType::F32);
+    let mut inputs = FusedInputs {
+        lr,
+        coef,
+        step: None,
+        state: Vec::new(),
+    };
     let mut outputs = vec![loss];
     for &(p, g) in &grads.params {
-        let op = Op::SgdUpdate {
-            weight_decay,
-            clip_value,
+        let out = match rule {
+            FusedRule::Sgd {
+                weight_decay,
+                clip_value,
+            } => {
+                let op = Op::SgdUpdate {
+                    weight_decay,
+                    clip_value,
+                };
+                graph.apply1(op, &[p, g, lr, coef])?
+            }
+            FusedRule::AdaLomo(spec) => {
+                let step = *inputs
+                    .step
+                    .get_or_insert_with(|| graph.input("fused_update.step", &[1], DType::F32));
+                let name = graph.leaf_name(p).unwrap_or("param").to_string();
+                let (rs, cs) = adalomo_state_shapes(graph.shape(p));
+                let row = graph.param(&format!("{name}.adalomo_row"), &rs, DType::F32, false);
+                let col = graph.param(&format!("{name}.adalomo_col"), &cs, DType::F32, false);
+                inputs.state.push((row, col));
+                graph.apply1(Op::AdaLomoUpdate(spec), &[p, g, lr, coef, step, row, col])?
+            }
         };
-        outputs.push(graph.apply1(op, &[p, g, lr, coef])?);
+        outputs.push(out);
     }
     let mut plan = compile(graph, &outputs)?;
     plan.updated = grads.params.iter().map(|(p, _)| *p).collect();
-    Ok((plan, lr, coef))
+    Ok((plan, inputs))
 }

@@ -58,6 +58,7 @@ fn differentiable_inputs(op: &Op) -> Vec<bool> {
         Op::Fill { .. }
         | Op::DoraInvNorm { .. }
         | Op::SgdUpdate { .. }
+        | Op::AdaLomoUpdate(_)
         | Op::SumRows
         | Op::EmbeddingGrad { .. }
         | Op::RmsNormGradInput { .. }

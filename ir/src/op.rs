@@ -41,6 +41,36 @@ pub struct RopeSpec {
     pub inv_freq: Arc<[f32]>,
 }
 
+/// AdaLomo's hyperparameters (see `Op::AdaLomoUpdate`); the defaults are
+/// the AdaLomo paper's.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdaLomoSpec {
+    /// Added to g² before the second moment (1e-30).
+    pub eps1: f32,
+    /// Floor of the parameter RMS that scales the learning rate (1e-3).
+    pub eps2: f32,
+    /// The update's RMS is brought down to at most this (1).
+    pub clip_threshold: f32,
+    /// β₂ₜ = 1 − t^decay_rate (−0.8).
+    pub decay_rate: f32,
+    pub weight_decay: f32,
+    /// Clamp each gradient element to ±this first (0: off).
+    pub clip_value: f32,
+}
+
+impl Default for AdaLomoSpec {
+    fn default() -> Self {
+        AdaLomoSpec {
+            eps1: 1e-30,
+            eps2: 1e-3,
+            clip_threshold: 1.0,
+            decay_rate: -0.8,
+            weight_decay: 0.0,
+            clip_value: 0.0,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
     /// A constant filled tensor (the seed of the backward pass).
@@ -77,6 +107,13 @@ pub enum Op {
         weight_decay: f32,
         clip_value: f32,
     },
+    /// AdaLomo's fused step, in place on `param` and its second-moment state:
+    /// `param`, `grad`, `lr`, `coef` (f32 [1] each for the scalars), `step`
+    /// (f32 [1], t from 1), `row`, `col` -> f32 [1] = ‖grad‖². A 2-D param
+    /// `[R, C]` keeps factored `row [R]`, `col [C]`; a 1-D one `[N]` keeps a
+    /// full `row [N]` and a `col [1]` that is unused. With lr = 0 it only
+    /// measures the norm (the first pass of two-pass clipping).
+    AdaLomoUpdate(AdaLomoSpec),
     /// DoRA's detached weight norm: `a[r,in]` f32, `b[out,r]` f32, `w[out,in]`
     /// (float or NF4) -> f32 `[out]` = `1/‖w_o + scaling·(b·a)_o‖`. No VJP:
     /// the norm is a constant to autograd, as in the DoRA paper (§4.3).
@@ -175,6 +212,7 @@ impl Op {
             Op::AddBias => "add_bias",
             Op::MulCols => "mul_cols",
             Op::SgdUpdate { .. } => "sgd_update",
+            Op::AdaLomoUpdate(_) => "adalomo_update",
             Op::DoraInvNorm { .. } => "dora_inv_norm",
             Op::SumRows => "sum_rows",
             Op::Add => "add",
@@ -223,6 +261,7 @@ impl Op {
             | Op::DoraInvNorm { .. } => 3,
             Op::Attention(_) | Op::SgdUpdate { .. } => 4,
             Op::AttentionCached(_) => 6,
+            Op::AdaLomoUpdate(_) => 7,
             Op::AttentionGrad(_) => 7,
         }
     }
@@ -319,6 +358,34 @@ impl Op {
                     )));
                 }
                 out(vec![a.shape[0], outer], a.dtype)
+            }
+            Op::AdaLomoUpdate(_) => {
+                let (p, g) = (ins[0], ins[1]);
+                if p.dtype != DType::F32 || g.dtype != DType::F32 || p.shape != g.shape {
+                    return Err(self.err(format!(
+                        "param {} {:?} and grad {} {:?} must be f32 of one shape",
+                        p.dtype, p.shape, g.dtype, g.shape
+                    )));
+                }
+                for (t, what) in [(ins[2], "lr"), (ins[3], "coef"), (ins[4], "step")] {
+                    if t.shape != [1] || t.dtype != DType::F32 {
+                        return Err(self.err(format!("{what} must be f32 [1]")));
+                    }
+                }
+                let (rows, cols) = match p.shape.as_slice() {
+                    [r, c] => (*r, *c),
+                    [n] => (*n, 1),
+                    other => {
+                        return Err(self.err(format!("param must be 1-D or 2-D, got {other:?}")))
+                    }
+                };
+                if ins[5].shape != [rows] || ins[6].shape != [cols] {
+                    return Err(self.err(format!(
+                        "state must be row [{rows}] and col [{cols}], got {:?} and {:?}",
+                        ins[5].shape, ins[6].shape
+                    )));
+                }
+                out(vec![1], DType::F32)
             }
             Op::SgdUpdate { .. } => {
                 let (p, g, lr, coef) = (ins[0], ins[1], ins[2], ins[3]);
@@ -546,9 +613,17 @@ impl Op {
         }
     }
 
-    /// Whether the op writes its first input in place.
+    /// The inputs the op writes in place (the first is the parameter).
+    pub fn in_place_inputs(&self) -> &'static [usize] {
+        match self {
+            Op::SgdUpdate { .. } => &[0],
+            Op::AdaLomoUpdate(_) => &[0, 5, 6],
+            _ => &[],
+        }
+    }
+    /// Whether the op writes any input in place.
     pub fn updates_in_place(&self) -> bool {
-        matches!(self, Op::SgdUpdate { .. })
+        !self.in_place_inputs().is_empty()
     }
 
     fn err(&self, msg: String) -> IrError {

@@ -24,3 +24,111 @@ pub fn sgd_update(p: &mut [f32], g: &[f32], lr: f32, coef: f32, wd: f32, clip_va
     }
     sq
 }
+
+/// AdaLomo's hyperparameters (the AdaLomo paper and its reference code:
+/// eps = (1e-30, 1e-3), clip threshold 1, β₂ₜ = 1 − t^-0.8).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdaLomo {
+    pub eps1: f32,
+    pub eps2: f32,
+    pub clip_threshold: f32,
+    pub decay_rate: f32,
+    pub weight_decay: f32,
+    pub clip_value: f32,
+}
+
+impl Default for AdaLomo {
+    fn default() -> Self {
+        AdaLomo {
+            eps1: 1e-30,
+            eps2: 1e-3,
+            clip_threshold: 1.0,
+            decay_rate: -0.8,
+            weight_decay: 0.0,
+            clip_value: 0.0,
+        }
+    }
+}
+
+fn rms(x: &[f32]) -> f32 {
+    ((x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / x.len().max(1) as f64).sqrt())
+        as f32
+}
+
+/// One AdaLomo step of step number `t` (from 1) on `p`: a matrix
+/// (`factored`, `row.len() × cols`) keeps a factored second moment, any
+/// other parameter a full one in `row` (`col` unused):
+/// the gradient (clamped, times `coef`) updates the factored second moment
+/// `row[rows]`, `col[cols]` (non-negative factorisation: `v ≈ row·colᵀ /
+/// mean(row)`), the update `g/√v` is normalised by its RMS (grouped update
+/// normalisation, at most `clip_threshold`), and applied with the learning
+/// rate scaled by `max(eps2, RMS(p))`. Returns ‖raw grad‖² (f64 sum).
+/// With `lr = 0` it only measures (LOMO's first pass): nothing is written.
+#[allow(clippy::too_many_arguments)]
+pub fn adalomo_update(
+    p: &mut [f32],
+    g: &[f32],
+    row: &mut [f32],
+    col: &mut [f32],
+    factored: bool,
+    t: u64,
+    lr: f32,
+    coef: f32,
+    h: &AdaLomo,
+) -> f64 {
+    let sq: f64 = g.iter().map(|&x| (x as f64) * (x as f64)).sum();
+    if lr == 0.0 {
+        return sq;
+    }
+    let g: Vec<f32> = g
+        .iter()
+        .map(|&x| {
+            let x = if h.clip_value > 0.0 {
+                x.clamp(-h.clip_value, h.clip_value)
+            } else {
+                x
+            };
+            x * coef
+        })
+        .collect();
+    let beta = 1.0 - (t as f32).powf(h.decay_rate);
+    let mut u = vec![0f32; p.len()];
+    if factored {
+        let (rows, cols) = (row.len(), col.len());
+        let mut col_mean = vec![0f32; cols];
+        for (r, gr) in g.chunks(cols).enumerate() {
+            let mut s = 0f32;
+            for (c, &x) in gr.iter().enumerate() {
+                let v = x * x + h.eps1;
+                s += v;
+                col_mean[c] += v;
+            }
+            row[r] = row[r] * beta + (s / cols as f32) * (1.0 - beta);
+        }
+        for (c, m) in col.iter_mut().zip(&col_mean) {
+            *c = *c * beta + (m / rows as f32) * (1.0 - beta);
+        }
+        let row_mean = row.iter().sum::<f32>() / rows as f32;
+        for (r, (ur, gr)) in u.chunks_mut(cols).zip(g.chunks(cols)).enumerate() {
+            let rf = 1.0 / (row[r] / row_mean).sqrt();
+            for ((u, &x), &c) in ur.iter_mut().zip(gr).zip(col.iter()) {
+                *u = rf * (1.0 / c.sqrt()) * x;
+            }
+        }
+    } else {
+        for ((u, &x), v) in u.iter_mut().zip(&g).zip(row.iter_mut()) {
+            *v = *v * beta + (x * x + h.eps1) * (1.0 - beta);
+            *u = x / v.sqrt();
+        }
+    }
+    let scale = (rms(&u) / h.clip_threshold).max(1.0);
+    let lr = lr * h.eps2.max(rms(p));
+    let decay = 1.0 - lr * h.weight_decay;
+    for (p, u) in p.iter_mut().zip(&u) {
+        if h.weight_decay != 0.0 {
+            *p *= decay;
+        }
+        *p -= lr * (u / scale);
+    }
+    sq
+}

@@ -145,6 +145,7 @@ pub enum OptimizerName {
     Adamw,
     Sgd,
     Lomo,
+    Adalomo,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -337,23 +338,26 @@ impl Config {
                 return err(key, "must be in [0, 1)");
             }
         }
-        if self.train.optimizer == OptimizerName::Lomo {
+        if matches!(
+            self.train.optimizer,
+            OptimizerName::Lomo | OptimizerName::Adalomo
+        ) {
             if self.adapter.method != Method::Full {
                 return err(
                     "train.optimizer",
-                    "= \"lomo\" updates every weight inside the backward pass: it needs adapter.method = \"full\"",
+                    "= \"lomo\" / \"adalomo\" updates every weight inside the backward pass: it needs adapter.method = \"full\"",
                 );
             }
             if self.train.grad_accum != 1 {
                 return err(
                     "train.optimizer",
-                    "= \"lomo\" applies each gradient as soon as it is computed: train.grad_accum must be 1",
+                    "= \"lomo\" / \"adalomo\" applies each gradient as soon as it is computed: train.grad_accum must be 1",
                 );
             }
             if self.train.momentum != 0.0 {
                 return err(
                     "train.optimizer",
-                    "= \"lomo\" is SGD without optimizer state: train.momentum must be 0",
+                    "= \"lomo\" / \"adalomo\" keeps no momentum: train.momentum must be 0",
                 );
             }
         }

@@ -437,29 +437,34 @@ fn a_dora_run_writes_a_peft_dora_adapter() {
     assert!(moved, "training left every magnitude at its initial value");
 }
 
-/// Full fine-tuning with LOMO (two-pass clipping): the loss falls, the model
-/// is written as a plain HF checkpoint, and a stopped run resumes to the
-/// same bits.
+/// Full fine-tuning with LOMO and AdaLomo (two-pass clipping): the loss
+/// falls, the model is written as a plain HF checkpoint, and a stopped run
+/// resumes to the same bits (AdaLomo's second moments come back from the
+/// checkpoint).
 #[test]
-fn lomo_full_fine_tuning_trains_and_resumes_exactly() {
-    let (a, b) = (tmp("lomo-whole"), tmp("lomo-resumed"));
-    let extra = [
-        "adapter.method=\"full\"",
-        "model.quantize=\"none\"",
-        "model.compute_dtype=\"f32\"",
-        "train.optimizer=\"lomo\"",
-        "train.lr=0.05",
-        "train.max_grad_norm=1.0",
-        "output.save_steps=2",
-    ];
-    ok(&run_cli(&a, &extra, &[]));
-    let l = losses(&a);
-    let (first, last): (f64, f64) = (l[0].1.parse().unwrap(), l[5].1.parse().unwrap());
-    assert!(last < first, "loss {first} -> {last}");
-    err(&run_cli(&b, &extra, &["--stop-after", "3"]));
-    ok(&run_cli(&b, &extra, &["--resume"]));
-    assert_eq!(losses(&a), losses(&b), "loss curves differ");
-    let weights = |d: &Path| std::fs::read(d.join("model/model.safetensors")).unwrap();
-    assert_eq!(weights(&a), weights(&b), "models differ");
-    CausalLm::load(&a.join("model"), graft_engine::ir::DType::F32).unwrap();
+fn lomo_and_adalomo_full_fine_tuning_train_and_resume_exactly() {
+    for (opt, lr) in [("lomo", "0.05"), ("adalomo", "0.01")] {
+        let (a, b) = (tmp(&format!("{opt}-whole")), tmp(&format!("{opt}-resumed")));
+        let optimizer = format!("train.optimizer=\"{opt}\"");
+        let lr = format!("train.lr={lr}");
+        let extra = [
+            "adapter.method=\"full\"",
+            "model.quantize=\"none\"",
+            "model.compute_dtype=\"f32\"",
+            &optimizer,
+            &lr,
+            "train.max_grad_norm=1.0",
+            "output.save_steps=2",
+        ];
+        ok(&run_cli(&a, &extra, &[]));
+        let l = losses(&a);
+        let (first, last): (f64, f64) = (l[0].1.parse().unwrap(), l[5].1.parse().unwrap());
+        assert!(last < first, "{opt}: loss {first} -> {last}");
+        err(&run_cli(&b, &extra, &["--stop-after", "3"]));
+        ok(&run_cli(&b, &extra, &["--resume"]));
+        assert_eq!(losses(&a), losses(&b), "{opt}: loss curves differ");
+        let weights = |d: &Path| std::fs::read(d.join("model/model.safetensors")).unwrap();
+        assert_eq!(weights(&a), weights(&b), "{opt}: models differ");
+        CausalLm::load(&a.join("model"), graft_engine::ir::DType::F32).unwrap();
+    }
 }

@@ -14,8 +14,11 @@ use crate::data::batch::{batches, Packed};
 use crate::data::DataError;
 use crate::schedule::lr_at;
 use checkpoint::TrainerState;
+use graft_engine::ir::{AdaLomoSpec, DType};
 use graft_engine::rng::Rng;
-use graft_engine::{compile, compile_fused_sgd, compile_training, CpuExecutor, Plan, Tensor};
+use graft_engine::{
+    compile, compile_fused, compile_training, CpuExecutor, FusedRule, Plan, Tensor,
+};
 use graft_models::{CausalLm, Lora, ModelError, RecordOptions, Recorded};
 use optimizer::Optimizer;
 use serde_json::json;
@@ -257,21 +260,44 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
         },
     )?;
     let loss_v = rec.loss.expect("recorded with a loss");
-    let mut stepper = if cfg.train.optimizer == OptimizerName::Lomo {
-        let (plan, lr, coef) = compile_fused_sgd(
-            rec.graph.clone(),
-            loss_v,
-            cfg.train.weight_decay as f32,
-            cfg.train.max_grad_value as f32,
-        )?;
-        Stepper::Fused { plan, lr, coef }
-    } else {
-        let plan = compile_training(rec.graph.clone(), loss_v, &[])?;
-        Stepper::Separate {
-            plan,
+    let fused = match cfg.train.optimizer {
+        OptimizerName::Lomo => Some(FusedRule::Sgd {
+            weight_decay: cfg.train.weight_decay as f32,
+            clip_value: cfg.train.max_grad_value as f32,
+        }),
+        OptimizerName::Adalomo => Some(FusedRule::AdaLomo(AdaLomoSpec {
+            weight_decay: cfg.train.weight_decay as f32,
+            clip_value: cfg.train.max_grad_value as f32,
+            ..AdaLomoSpec::default()
+        })),
+        OptimizerName::Adamw | OptimizerName::Sgd => None,
+    };
+    let mut stepper = match fused {
+        Some(rule) => {
+            let (plan, inputs) = compile_fused(rec.graph.clone(), loss_v, rule)?;
+            let state = inputs
+                .state
+                .iter()
+                .map(|&(r, c)| {
+                    let g = plan.graph();
+                    (
+                        Tensor::zeros(g.shape(r), DType::F32),
+                        Tensor::zeros(g.shape(c), DType::F32),
+                    )
+                })
+                .collect();
+            Stepper::Fused {
+                plan,
+                inputs,
+                state,
+                steps: 0,
+            }
+        }
+        None => Stepper::Separate {
+            plan: compile_training(rec.graph.clone(), loss_v, &[])?,
             opt: Optimizer::new(&cfg.train, &[])?,
             acc: Vec::new(),
-        }
+        },
     };
     let names = stepper.names();
     if names.is_empty() {
@@ -295,13 +321,11 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
         ..Default::default()
     };
     if let (Some(dir), Some(saved)) = (&resume_from, &state0) {
-        if let Stepper::Separate { opt, .. } = &mut stepper {
-            let ckpt = graft_models::checkpoint::Checkpoint::open_files(
-                dir,
-                &[checkpoint::OPTIMIZER.to_string()],
-            )?;
-            opt.restore(&ckpt, &names, saved.optimizer_steps)?;
-        }
+        let ckpt = graft_models::checkpoint::Checkpoint::open_files(
+            dir,
+            &[checkpoint::OPTIMIZER.to_string()],
+        )?;
+        stepper.restore(&ckpt, &names, saved.optimizer_steps)?;
         st = saved.clone();
         println!("resumed from {} (step {})", dir.display(), st.step);
     }
@@ -380,9 +404,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
         st.micro = end;
         st.step += 1;
         st.loss = loss;
-        if let Stepper::Separate { opt, .. } = &stepper {
-            st.optimizer_steps = opt.steps();
-        }
+        st.optimizer_steps = stepper.optimizer_steps();
         steps_here += 1;
         let dt = t0.elapsed().as_secs_f64();
         metrics.log(json!({
@@ -428,10 +450,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
                 cfg.output.save_total_limit,
                 &mut |d: &Path| {
                     s.save_trained(d)?;
-                    let state = match &stepper {
-                        Stepper::Separate { opt, .. } => opt.state(&names)?,
-                        Stepper::Fused { .. } => Vec::new(),
-                    };
+                    let state = stepper.state(&names)?;
                     let refs: Vec<(String, &Tensor)> =
                         state.iter().map(|(n, t)| (n.clone(), t)).collect();
                     graft_models::checkpoint::write_safetensors(

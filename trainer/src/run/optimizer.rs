@@ -26,7 +26,7 @@ impl Optimizer {
                 sizes,
             )),
             OptimizerName::Sgd => Optimizer::Sgd(Sgd::new(t.momentum, t.weight_decay, sizes)),
-            OptimizerName::Lomo => {
+            OptimizerName::Lomo | OptimizerName::Adalomo => {
                 return Err(RunError::Invalid(
                     "lomo's update runs inside the plan, not after it".into(),
                 ))

@@ -6,9 +6,10 @@ use super::optimizer::Optimizer;
 use super::session::Session;
 use super::RunError;
 use crate::data::batch::Packed;
-use graft_engine::ir::ValueId;
+use graft_engine::ir::{DType, ValueId};
 use graft_engine::optim::clip_grad_norm;
-use graft_engine::{CpuExecutor, Plan, Tensor};
+use graft_engine::{CpuExecutor, FusedInputs, Plan, Tensor};
+use graft_models::checkpoint::Checkpoint;
 use graft_models::Recorded;
 
 pub enum Stepper {
@@ -18,12 +19,14 @@ pub enum Stepper {
         /// The accumulated gradient of each trained tensor.
         acc: Vec<Vec<f32>>,
     },
-    /// LOMO: plan outputs `[loss, ‖grad‖² per parameter..]`, inputs lr and
-    /// the gradient factor.
+    /// LOMO / AdaLomo: plan outputs `[loss, ‖grad‖² per parameter..]`.
     Fused {
         plan: Plan,
-        lr: ValueId,
-        coef: ValueId,
+        inputs: FusedInputs,
+        /// AdaLomo's second moments `(row, col)` per parameter.
+        state: Vec<(Tensor, Tensor)>,
+        /// Updates done (AdaLomo's t - 1).
+        steps: u64,
     },
 }
 
@@ -58,6 +61,54 @@ impl Stepper {
                     .to_string()
             })
             .collect()
+    }
+
+    /// The optimizer's own step count (checkpointed).
+    pub fn optimizer_steps(&self) -> u64 {
+        match self {
+            Stepper::Separate { opt, .. } => opt.steps(),
+            Stepper::Fused { steps, .. } => *steps,
+        }
+    }
+
+    /// The optimizer state as named tensors (PyTorch's slot names; AdaLomo's
+    /// `<param>.adalomo_row` / `.adalomo_col`).
+    pub fn state(&self, names: &[String]) -> Result<Vec<(String, Tensor)>, RunError> {
+        match self {
+            Stepper::Separate { opt, .. } => opt.state(names),
+            Stepper::Fused { state, .. } => Ok(names
+                .iter()
+                .zip(state)
+                .flat_map(|(n, (r, c))| {
+                    [
+                        (format!("{n}.adalomo_row"), r.clone()),
+                        (format!("{n}.adalomo_col"), c.clone()),
+                    ]
+                })
+                .collect()),
+        }
+    }
+
+    /// Restores what [`Stepper::state`] wrote, with `steps` taken.
+    pub fn restore(
+        &mut self,
+        ckpt: &Checkpoint,
+        names: &[String],
+        steps: u64,
+    ) -> Result<(), RunError> {
+        match self {
+            Stepper::Separate { opt, .. } => opt.restore(ckpt, names, steps),
+            Stepper::Fused {
+                state, steps: done, ..
+            } => {
+                for (n, (r, c)) in names.iter().zip(state.iter_mut()) {
+                    *r = ckpt.load(&format!("{n}.adalomo_row"), r.shape(), DType::F32)?;
+                    *c = ckpt.load(&format!("{n}.adalomo_col"), c.shape(), DType::F32)?;
+                }
+                *done = steps;
+                Ok(())
+            }
+        }
     }
 
     /// Runs the group's micro-batches and applies the update at learning
@@ -116,15 +167,23 @@ impl Stepper {
             }
             Stepper::Fused {
                 plan,
-                lr: lr_in,
-                coef,
+                inputs,
+                state,
+                steps,
             } => {
                 let batch = &group[0].batch;
                 let one = Tensor::from_f32(&[1], &[1.0])?;
-                let run = |exec: &mut CpuExecutor, s: &mut Session, lr: f32, c: &Tensor| {
+                let t = Tensor::from_f32(&[1], &[(*steps + 1) as f32])?;
+                let mut run = |exec: &mut CpuExecutor, s: &mut Session, lr: f32, c: &Tensor| {
                     let lr = Tensor::from_f32(&[1], &[lr])?;
                     let mut feeds = rec.feeds_mut(&mut s.model, batch)?;
-                    feeds.bind(*lr_in, &lr).bind(*coef, c);
+                    feeds.bind(inputs.lr, &lr).bind(inputs.coef, c);
+                    if let Some(step) = inputs.step {
+                        feeds.bind(step, &t);
+                    }
+                    for ((r, c), (rt, ct)) in inputs.state.iter().zip(state.iter_mut()) {
+                        feeds.bind_mut(*r, rt).bind_mut(*c, ct);
+                    }
                     let out = exec.run(plan, &feeds)?;
                     let sq: f64 = out[1..]
                         .iter()
@@ -133,16 +192,17 @@ impl Stepper {
                     Ok::<_, RunError>((out[0].as_f32()?[0], sq.sqrt()))
                 };
                 let c = if max_norm > 0.0 {
-                    // LOMO's first pass: lr 0 measures the norm and changes nothing.
+                    // LOMO's first pass: lr 0 measures the norm and writes nothing.
                     let (loss, norm) = run(exec, s, 0.0, &one)?;
                     if !loss.is_finite() || !norm.is_finite() {
                         return Ok(Stepped { loss, norm });
                     }
                     Tensor::from_f32(&[1], &[(max_norm / (norm + 1e-6)).min(1.0) as f32])?
                 } else {
-                    one
+                    one.clone()
                 };
                 let (loss, norm) = run(exec, s, lr as f32, &c)?;
+                *steps += 1;
                 Ok(Stepped { loss, norm })
             }
         }
