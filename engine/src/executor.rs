@@ -353,6 +353,12 @@ fn exec<T: Elem + bytemuck::Pod>(
         Op::AddBias => ew::add_bias(f::<T>(ins[0]), f::<T>(ins[1]), fm::<T>(o0)),
         Op::SumRows => ew::sum_rows(f::<T>(ins[0]), fm::<T>(o0)),
         Op::MulCols => ew::mul_cols(f::<T>(ins[0]), f::<T>(ins[1]), fm::<T>(o0)),
+        Op::DoraCombine => dora::dora_combine(
+            f::<T>(ins[0]),
+            f::<f32>(ins[1]),
+            f::<f32>(ins[2]),
+            fm::<T>(o0),
+        ),
         Op::SgdUpdate { .. } | Op::AdaLomoUpdate(_) => {
             return Err("runs in place, before dispatch".into())
         }

@@ -269,6 +269,18 @@ fn dora_scale_gradients_reach_the_magnitude() {
 }
 
 #[test]
+fn dora_combine() {
+    each_case("dora_combine", |c| {
+        let (m, n) = (c.rng.range(1, 5), c.rng.range(1, 5));
+        let base = c.param("base", &[m, n], 1.0);
+        let lora = c.param("lora", &[m, n], 1.0);
+        let scale = c.param("scale", &[n], 1.0);
+        let y = c.g.dora_combine(base, lora, scale).unwrap();
+        c.head(y)
+    });
+}
+
+#[test]
 fn add_mul_scale() {
     each_case("add", |c| {
         let (m, n) = (c.rng.range(1, 5), c.rng.range(1, 5));

@@ -184,6 +184,24 @@ fn vjp(
             res[0] = Some(dy);
             res[1] = Some(dy);
         }
+        Op::DoraCombine => {
+            let (base, lora, scale) = (ins[0], ins[1], ins[2]);
+            let dt = g.dtype(base);
+            let dy32 = g.cast(dy, DType::F32)?;
+            let d_sum = g.mul_cols(dy32, scale)?;
+            if wanted[0] {
+                res[0] = Some(g.cast(d_sum, dt)?);
+            }
+            if wanted[1] {
+                res[1] = Some(d_sum);
+            }
+            if wanted[2] {
+                let b32 = g.cast(base, DType::F32)?;
+                let sum = g.add(b32, lora)?;
+                let p = g.mul(dy32, sum)?;
+                res[2] = Some(g.apply1(Op::SumRows, &[p])?);
+            }
+        }
         Op::MulCols => {
             let (x, v) = (ins[0], ins[1]);
             if wanted[0] {

@@ -242,6 +242,15 @@ impl Graph {
     pub fn mul_cols(&mut self, x: ValueId, v: ValueId) -> Result<ValueId, IrError> {
         self.apply1(Op::MulCols, &[x, v])
     }
+    /// DoRA's epilogue: `scale ⊙ (base + lora)` in base's dtype.
+    pub fn dora_combine(
+        &mut self,
+        base: ValueId,
+        lora: ValueId,
+        scale: ValueId,
+    ) -> Result<ValueId, IrError> {
+        self.apply1(Op::DoraCombine, &[base, lora, scale])
+    }
     /// DoRA's detached `1/‖w + scaling·b·a‖` per output row.
     pub fn dora_inv_norm(
         &mut self,

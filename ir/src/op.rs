@@ -97,6 +97,10 @@ pub enum Op {
     AddBias,
     /// `x[M,N]`, `v[N]` -> `x·v` per column (same dtype).
     MulCols,
+    /// DoRA's epilogue in one pass: `base[M,N]` (float), `lora[M,N]` f32,
+    /// `scale[N]` f32 -> `scale ⊙ (base + lora)` in base's dtype (the sum
+    /// and product in f32).
+    DoraCombine,
     /// LOMO's fused SGD step, in place: `param`, `grad`, `lr` (f32 [1]),
     /// `coef` (f32 [1], the gradient's factor: LOMO's clipping) -> f32 [1],
     /// the squared L2 norm of `grad`. Writes `param ← param − lr·(coef·grad
@@ -211,6 +215,7 @@ impl Op {
             Op::Nf4MatMul { .. } => "nf4_matmul",
             Op::AddBias => "add_bias",
             Op::MulCols => "mul_cols",
+            Op::DoraCombine => "dora_combine",
             Op::SgdUpdate { .. } => "sgd_update",
             Op::AdaLomoUpdate(_) => "adalomo_update",
             Op::DoraInvNorm { .. } => "dora_inv_norm",
@@ -258,7 +263,8 @@ impl Op {
             Op::RmsNormGradInput { .. }
             | Op::GatedActGrad(_)
             | Op::CrossEntropyGrad { .. }
-            | Op::DoraInvNorm { .. } => 3,
+            | Op::DoraInvNorm { .. }
+            | Op::DoraCombine => 3,
             Op::Attention(_) | Op::SgdUpdate { .. } => 4,
             Op::AttentionCached(_) => 6,
             Op::AdaLomoUpdate(_) => 7,
@@ -413,6 +419,22 @@ impl Op {
                     )));
                 }
                 out(x.shape.clone(), x.dtype)
+            }
+            Op::DoraCombine => {
+                let (base, lora, scale) = (ins[0], ins[1], ins[2]);
+                rank(base, 2, "base")?;
+                float(base, "base")?;
+                if lora.shape != base.shape
+                    || lora.dtype != DType::F32
+                    || scale.shape != [base.shape[1]]
+                    || scale.dtype != DType::F32
+                {
+                    return Err(self.err(format!(
+                        "lora must be f32 {:?} and scale f32 [{}], got {} {:?} and {} {:?}",
+                        base.shape, base.shape[1], lora.dtype, lora.shape, scale.dtype, scale.shape
+                    )));
+                }
+                out(base.shape.clone(), base.dtype)
             }
             Op::DoraInvNorm { .. } => {
                 let (a, b, w) = (ins[0], ins[1], ins[2]);

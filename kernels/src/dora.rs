@@ -32,3 +32,15 @@ pub fn dora_norms(
         *y = sq.sqrt();
     });
 }
+
+/// DoRA's epilogue: `y = scale ⊙ (base + lora)` per column, the sum and the
+/// product rounded to f32 (as casting base to f32, adding and scaling as
+/// separate ops would), then to `T`.
+pub fn dora_combine<T: crate::Elem>(base: &[T], lora: &[f32], scale: &[f32], y: &mut [T]) {
+    let n = scale.len();
+    for ((y_row, b_row), l_row) in y.chunks_mut(n).zip(base.chunks(n)).zip(lora.chunks(n)) {
+        for (((y, b), l), s) in y_row.iter_mut().zip(b_row).zip(l_row).zip(scale) {
+            *y = T::from_f32((b.to_f32() + l) * s);
+        }
+    }
+}

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use graft_kernels::dora::dora_norms;
+use graft_kernels::dora::{dora_combine, dora_norms};
 use proptest::prelude::*;
 
 fn reference(w: &[f64], a: &[f64], b: &[f64], r: usize, s: f64, out: usize) -> Vec<f64> {
@@ -38,5 +38,32 @@ proptest! {
         // A sum of `inp` squares in f32: relative error within ~inp·2^-24.
         check("norms", &y, &want, 1e-5)?;
         prop_assert!(y.iter().all(|x| x.is_finite()));
+    }
+}
+
+proptest! {
+    #![proptest_config(config(64))]
+
+    /// The epilogue rounds the f32 sum, then the product, then to the
+    /// storage type: for f32 storage two roundings of the exact value.
+    #[test]
+    fn combine_matches_reference(m in dim(40), n in dim(300), seed: u64) {
+        let mut rng = Gen::new(seed);
+        let (base, lora, scale) = (rng.vec(m * n, -3.0, 3.0), rng.vec(m * n, -1.0, 1.0), rng.vec(n, 0.5, 1.5));
+        let mut y = nan_buf::<f32>(m * n);
+        dora_combine(&base, &lora, &scale, &mut y);
+        let want: Vec<f64> = (0..m * n)
+            .map(|i| (base[i] as f64 + lora[i] as f64) * scale[i % n] as f64)
+            .collect();
+        // Where base and lora cancel the sum's rounding is relative to them.
+        let floor = norm(&to_f64(&base)) + norm(&to_f64(&lora));
+        check_floor("y", &y, &want, floor, 2e-7)?;
+        let mut yb = nan_buf::<graft_kernels::bf16>(m * n);
+        let base_b: Vec<graft_kernels::bf16> = to_elem(&base);
+        dora_combine(&base_b, &lora, &scale, &mut yb);
+        let want_b: Vec<f64> = (0..m * n)
+            .map(|i| (base_b[i].to_f32() as f64 + lora[i] as f64) * scale[i % n] as f64)
+            .collect();
+        check_floor("y bf16", &yb, &want_b, floor, 8e-3)?;
     }
 }

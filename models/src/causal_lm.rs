@@ -375,15 +375,12 @@ impl Recorder<'_> {
         let inv = self.g.dora_inv_norm(a, bb, w, cfg.scaling())?;
         let scale = self.g.mul(mv, inv)?;
         let wx = self.g.linear(x, w, None)?;
-        let wx = self.g.cast(wx, DType::F32)?;
         let out = match xd {
-            // Without dropout: g ⊙ (W x + s·B A x).
-            None => {
-                let sum = self.g.add(wx, lora)?;
-                self.g.mul_cols(sum, scale)?
-            }
+            // Without dropout: g ⊙ (W x + s·B A x), one epilogue op.
+            None => self.g.dora_combine(wx, lora, scale)?,
             // PEFT with dropout: W x + (g - 1) ⊙ W x_d + g ⊙ s·B A x_d.
             Some(xd) => {
+                let wx = self.g.cast(wx, DType::F32)?;
                 let xd = self.g.cast(xd, dt)?;
                 let wxd = self.g.linear(xd, w, None)?;
                 let wxd = self.g.cast(wxd, DType::F32)?;
@@ -391,10 +388,10 @@ impl Recorder<'_> {
                 let scaled = self.g.mul_cols(sum, scale)?;
                 let minus = self.g.scale(wxd, -1.0)?;
                 let delta = self.g.add(scaled, minus)?;
-                self.g.add(wx, delta)?
+                let out = self.g.add(wx, delta)?;
+                self.g.cast(out, dt)?
             }
         };
-        let out = self.g.cast(out, dt)?;
         Ok(match b {
             Some(b) => self.g.apply1(graft_engine::ir::Op::AddBias, &[out, b])?,
             None => out,
