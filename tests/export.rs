@@ -4,34 +4,15 @@
 
 mod common;
 
-use common::{fixture_dir, rel_l2};
-use graft::engine::{compile, CpuExecutor};
+use common::{fixture_dir, logits, rel_l2};
 use graft::ir::DType;
-use graft::models::{Batch, CausalLm, LoadOptions, Lora, RecordOptions};
+use graft::models::{CausalLm, LoadOptions, Lora};
 use std::path::PathBuf;
 
 fn tmp(tag: &str) -> PathBuf {
     let p = std::env::temp_dir().join(format!("graft-export-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&p);
     p
-}
-
-fn logits(model: &CausalLm, lora: Option<&Lora>, ids: &[i32]) -> Vec<f32> {
-    let rec = model
-        .record(
-            ids.len(),
-            RecordOptions {
-                lora,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    let batch = Batch::new(&[ids], None, 0).unwrap();
-    let plan = compile(rec.graph.clone(), &[rec.logits]).unwrap();
-    let out = CpuExecutor::new()
-        .run(&plan, &rec.feeds(model, lora, &batch).unwrap())
-        .unwrap();
-    out[0].to_f32_vec().unwrap()
 }
 
 const IDS: [i32; 12] = [1, 17, 200, 3, 45, 99, 128, 7, 7, 250, 31, 64];

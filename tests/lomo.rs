@@ -372,17 +372,7 @@ fn adalomo_matches_an_unfused_reference() {
         ..Default::default()
     });
     let (plan, inputs) = compile_fused(rec.graph.clone(), rec.loss.unwrap(), rule).unwrap();
-    let mut state: Vec<(Tensor, Tensor)> = inputs
-        .state
-        .iter()
-        .map(|&(r, c)| {
-            let g = plan.graph();
-            (
-                Tensor::zeros(g.shape(r), DType::F32),
-                Tensor::zeros(g.shape(c), DType::F32),
-            )
-        })
-        .collect();
+    let mut state = inputs.zero_state(&plan);
     let (lr_t, one) = (
         Tensor::from_f32(&[1], &[lr]).unwrap(),
         Tensor::from_f32(&[1], &[1.0]).unwrap(),

@@ -5,8 +5,8 @@
 
 mod common;
 
-use common::{fixture_dir, rel_l2, Expected};
-use graft::engine::{compile, compile_training, CpuExecutor, Tensor};
+use common::{fixture_dir, logits, rel_l2, Expected};
+use graft::engine::{compile_training, CpuExecutor, Tensor};
 use graft::ir::DType;
 use graft::models::checkpoint::{dtype_of, write_safetensors};
 use graft::models::{Batch, CausalLm, LoadOptions, Lora, RecordOptions};
@@ -17,24 +17,6 @@ fn tmp_dir(tag: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn logits(model: &CausalLm, lora: Option<&Lora>, ids: &[i32]) -> Vec<f32> {
-    let rec = model
-        .record(
-            ids.len(),
-            RecordOptions {
-                lora,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    let batch = Batch::new(&[ids], None, 0).unwrap();
-    let plan = compile(rec.graph.clone(), &[rec.logits]).unwrap();
-    let out = CpuExecutor::new()
-        .run(&plan, &rec.feeds(model, lora, &batch).unwrap())
-        .unwrap();
-    out[0].to_f32_vec().unwrap()
 }
 
 #[test]

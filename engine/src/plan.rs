@@ -154,6 +154,23 @@ pub struct FusedInputs {
     pub state: Vec<(ValueId, ValueId)>,
 }
 
+impl FusedInputs {
+    /// AdaLomo's initial (zero) state, one `(row, col)` per updated
+    /// parameter, shaped as `plan` declares them; empty for SGD.
+    pub fn zero_state(&self, plan: &Plan) -> Vec<(crate::Tensor, crate::Tensor)> {
+        let g = plan.graph();
+        self.state
+            .iter()
+            .map(|&(r, c)| {
+                (
+                    crate::Tensor::zeros(g.shape(r), DType::F32),
+                    crate::Tensor::zeros(g.shape(c), DType::F32),
+                )
+            })
+            .collect()
+    }
+}
+
 /// The shapes of AdaLomo's state for a parameter: factored `[rows]`,
 /// `[cols]` for a matrix, a full `[n]` (and an unused `[1]`) otherwise.
 pub fn adalomo_state_shapes(shape: &[usize]) -> ([usize; 1], [usize; 1]) {

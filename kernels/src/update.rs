@@ -25,8 +25,8 @@ pub fn sgd_update(p: &mut [f32], g: &[f32], lr: f32, coef: f32, wd: f32, clip_va
     sq
 }
 
-/// AdaLomo's hyperparameters (the AdaLomo paper and its reference code:
-/// eps = (1e-30, 1e-3), clip threshold 1, β₂ₜ = 1 − t^-0.8).
+/// AdaLomo's hyperparameters (the IR's `AdaLomoSpec`, whose defaults are
+/// the paper's).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdaLomo {
     pub eps1: f32,
@@ -35,19 +35,6 @@ pub struct AdaLomo {
     pub decay_rate: f32,
     pub weight_decay: f32,
     pub clip_value: f32,
-}
-
-impl Default for AdaLomo {
-    fn default() -> Self {
-        AdaLomo {
-            eps1: 1e-30,
-            eps2: 1e-3,
-            clip_threshold: 1.0,
-            decay_rate: -0.8,
-            weight_decay: 0.0,
-            clip_value: 0.0,
-        }
-    }
 }
 
 fn rms(x: &[f32]) -> f32 {

@@ -66,3 +66,26 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num / den.max(1e-300)).sqrt()
 }
+
+/// The f32 logits of one sequence, for comparisons.
+pub fn logits(
+    model: &graft::models::CausalLm,
+    lora: Option<&graft::models::Lora>,
+    ids: &[i32],
+) -> Vec<f32> {
+    let rec = model
+        .record(
+            ids.len(),
+            graft::models::RecordOptions {
+                lora,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let batch = graft::models::Batch::new(&[ids], None, 0).unwrap();
+    let plan = graft::engine::compile(rec.graph.clone(), &[rec.logits]).unwrap();
+    let out = graft::engine::CpuExecutor::new()
+        .run(&plan, &rec.feeds(model, lora, &batch).unwrap())
+        .unwrap();
+    out[0].to_f32_vec().unwrap()
+}

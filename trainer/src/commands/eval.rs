@@ -11,20 +11,15 @@ use std::path::PathBuf;
 #[derive(clap::Args)]
 #[command(after_long_help = graft_trainer::config::DEFAULTS)]
 pub struct Args {
-    /// TOML configuration (model and data sections; without one, the
-    /// embedded default's).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Override one key, e.g. `--set data.eval=eval.jsonl` (repeatable).
-    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
-    sets: Vec<String>,
-    /// PEFT LoRA adapter to evaluate (without one: the base model).
+    #[command(flatten)]
+    config: super::run::ConfigArgs,
+    /// PEFT LoRA/DoRA adapter to evaluate (without one: the base model).
     #[arg(long)]
     adapter: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> Result<(), CliError> {
-    let cfg = super::run::load_config(args.config.as_deref(), &args.sets)?;
+    let cfg = args.config.load()?;
     let s = Session::open(&cfg, args.adapter.as_deref())?;
     let path = s.eval_path().ok_or_else(|| {
         RunError::Invalid("key `data.eval` is empty: give the eval JSONL file".into())

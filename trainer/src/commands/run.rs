@@ -6,11 +6,11 @@ use graft_trainer::config::Config;
 use graft_trainer::run::{train, RunOptions};
 use std::path::PathBuf;
 
+/// Where the configuration comes from (shared by `run` and `eval`).
 #[derive(clap::Args)]
-#[command(after_long_help = graft_trainer::config::DEFAULTS)]
-pub struct Args {
+pub struct ConfigArgs {
     /// TOML configuration (every key and its default: `trainer run --help`).
-    /// Without one, the embedded default runs: a tiny Llama instruction-tuned
+    /// Without one, the embedded default: a tiny Llama instruction-tuned
     /// with QLoRA on a synthetic dataset, with held-out accuracy before and
     /// after (its settings: trainer/assets/default/run.toml). Without one but
     /// with `--set model.path=DIR`, the defaults below and the sets apply.
@@ -19,6 +19,19 @@ pub struct Args {
     /// Override one key, e.g. `--set train.lr=1e-4` (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     sets: Vec<String>,
+}
+
+impl ConfigArgs {
+    pub fn load(&self) -> Result<Config, CliError> {
+        load_config(self.config.as_deref(), &self.sets)
+    }
+}
+
+#[derive(clap::Args)]
+#[command(after_long_help = graft_trainer::config::DEFAULTS)]
+pub struct Args {
+    #[command(flatten)]
+    config: ConfigArgs,
     /// Continue from the newest checkpoint in output.dir.
     #[arg(long)]
     resume: bool,
@@ -30,7 +43,7 @@ pub struct Args {
 
 /// The configuration: the file's; without one, the embedded default's, unless
 /// `--set model.path=...` names a model (then defaults.toml and the sets).
-pub fn load_config(file: Option<&std::path::Path>, sets: &[String]) -> Result<Config, CliError> {
+fn load_config(file: Option<&std::path::Path>, sets: &[String]) -> Result<Config, CliError> {
     let names_a_model = sets.iter().any(|s| {
         s.split_once('=').is_some_and(|(k, v)| {
             k.trim() == "model.path" && !v.trim().trim_matches('"').is_empty()
@@ -50,7 +63,7 @@ pub fn load_config(file: Option<&std::path::Path>, sets: &[String]) -> Result<Co
 }
 
 pub fn run(args: Args) -> Result<(), CliError> {
-    let cfg = load_config(args.config.as_deref(), &args.sets)?;
+    let cfg = args.config.load()?;
     let opts = RunOptions {
         resume: args.resume,
         stop_after: args.stop_after,

@@ -14,7 +14,7 @@ use crate::data::batch::{batches, Packed};
 use crate::data::DataError;
 use crate::schedule::lr_at;
 use checkpoint::TrainerState;
-use graft_engine::ir::{AdaLomoSpec, DType};
+use graft_engine::ir::AdaLomoSpec;
 use graft_engine::rng::Rng;
 use graft_engine::{
     compile, compile_fused, compile_training, CpuExecutor, FusedRule, Plan, Tensor,
@@ -275,17 +275,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
     let mut stepper = match fused {
         Some(rule) => {
             let (plan, inputs) = compile_fused(rec.graph.clone(), loss_v, rule)?;
-            let state = inputs
-                .state
-                .iter()
-                .map(|&(r, c)| {
-                    let g = plan.graph();
-                    (
-                        Tensor::zeros(g.shape(r), DType::F32),
-                        Tensor::zeros(g.shape(c), DType::F32),
-                    )
-                })
-                .collect();
+            let state = inputs.zero_state(&plan);
             Stepper::Fused {
                 plan,
                 inputs,
