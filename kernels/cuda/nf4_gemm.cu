@@ -39,8 +39,7 @@
 // rounded to bf16 (nearest even); products accumulate in f32 on the tensor
 // cores; the output is rounded to bf16 (nearest even).
 
-typedef unsigned short bf16_t;
-typedef unsigned int u32;
+// bf16_t, u32 and the bf16 conversions: common.cuh.
 
 #define BM 256
 #define BN 128
@@ -60,15 +59,6 @@ typedef unsigned int u32;
 #define OFF_LUT (OFF_NM + 1024)                // 91136: NF4 code book, 16 f32
 #define SMEM_BYTES (OFF_LUT + 64)              // 91200
 
-__device__ __forceinline__ float bf16_to_f32(bf16_t h) { return __uint_as_float(((u32)h) << 16); }
-
-// Round to nearest even, as the CPU's half::bf16::from_f32 (NaN kept quiet).
-__device__ __forceinline__ bf16_t f32_to_bf16(float f) {
-    u32 u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (bf16_t)(u >> 16);
-}
 
 __constant__ float NF4[16] = {
     -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,

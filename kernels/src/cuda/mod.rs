@@ -5,8 +5,10 @@
 //! missing and how to proceed.
 
 mod nf4;
+mod rows;
 
 pub use nf4::{DeviceNf4, Nf4Gemm};
+pub use rows::RowKernels;
 
 use cudarc::driver::{CudaContext, CudaModule, CudaStream};
 use std::collections::HashMap;
@@ -15,7 +17,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 /// The CUDA sources, by name. Every one is compiled in CI for [`ARCHS`].
-pub const SOURCES: [(&str, &str); 1] = [("nf4_gemm", include_str!("../../cuda/nf4_gemm.cu"))];
+pub const SOURCES: [(&str, &str); 2] = [
+    ("nf4_gemm", include_str!("../../cuda/nf4_gemm.cu")),
+    ("rows", include_str!("../../cuda/rows.cu")),
+];
+
+/// Definitions every source shares, prepended before compiling.
+const COMMON: &str = include_str!("../../cuda/common.cuh");
 
 /// Architectures the sources must compile for (Ampere and Hopper).
 pub const ARCHS: [&str; 2] = ["sm_80", "sm_90"];
@@ -81,7 +89,7 @@ pub fn compile_ptx(name: &str, src: &str, arch: &str) -> Result<String, GpuError
         name: Some(format!("{name}.cu")),
         ..Default::default()
     };
-    match cudarc::nvrtc::compile_ptx_with_opts(src, opts) {
+    match cudarc::nvrtc::compile_ptx_with_opts(format!("{COMMON}\n{src}"), opts) {
         Ok(ptx) => Ok(ptx.to_src()),
         Err(e) => Err(GpuError::Compile {
             source_name: name.into(),
@@ -147,6 +155,7 @@ impl Gpu {
             .ok_or_else(|| GpuError::Shape(format!("no CUDA source named `{name}`")))?;
         let (vmaj, vmin) = nvrtc_version()?;
         let key = crate::cache::fnv1a(&[
+            COMMON.as_bytes(),
             src.as_bytes(),
             self.arch.as_bytes(),
             format!("{vmaj}.{vmin}").as_bytes(),

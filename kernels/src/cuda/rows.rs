@@ -1,0 +1,201 @@
+//! Launchers of rows.cu: RMSNorm, RoPE and the gated activations on bf16
+//! activations, each checked against the CPU reference in
+//! kernels/tests/cuda.rs.
+
+use super::{driver, Gpu, GpuError};
+use crate::activation::Act;
+use crate::bf16;
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+pub struct RowKernels {
+    rms_fwd: CudaFunction,
+    rms_bwd: CudaFunction,
+    rope: CudaFunction,
+    act_fwd: CudaFunction,
+    act_bwd: CudaFunction,
+    stream: Arc<CudaStream>,
+}
+
+const THREADS: u32 = 256;
+
+fn check(what: &str, got: usize, want: usize) -> Result<(), GpuError> {
+    if got != want {
+        return Err(GpuError::Shape(format!(
+            "{what}: {got} values, the shape needs {want}"
+        )));
+    }
+    Ok(())
+}
+
+/// A grid-stride launch over `n` elements.
+fn elementwise(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(THREADS as usize).clamp(1, 65_535) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn kind(a: Act) -> i32 {
+    match a {
+        Act::Silu => 0,
+        Act::GeluTanh => 1,
+    }
+}
+
+impl RowKernels {
+    pub fn new(gpu: &Gpu) -> Result<RowKernels, GpuError> {
+        let m = gpu.module("rows")?;
+        let f = |name| m.load_function(name).map_err(driver);
+        Ok(RowKernels {
+            rms_fwd: f("rms_norm_fwd")?,
+            rms_bwd: f("rms_norm_bwd_input")?,
+            rope: f("rope")?,
+            act_fwd: f("gated_act_fwd")?,
+            act_bwd: f("gated_act_bwd")?,
+            stream: gpu.stream().clone(),
+        })
+    }
+
+    /// `y = x·rsqrt(mean(x²)+eps)·g` per row of `x[rows, w.len()]`.
+    pub fn rms_norm(
+        &self,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        eps: f32,
+        unit_offset: bool,
+        y: &mut CudaSlice<bf16>,
+    ) -> Result<(), GpuError> {
+        let h = w.len();
+        let rows = x.len() / h.max(1);
+        check("rms_norm x", x.len(), rows * h)?;
+        check("rms_norm y", y.len(), rows * h)?;
+        let (hi, unit) = (h as i32, unit_offset as i32);
+        let mut l = self.stream.launch_builder(&self.rms_fwd);
+        l.arg(x).arg(w).arg(y).arg(&hi).arg(&eps).arg(&unit);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match the kernel; one block per row of checked length.
+        unsafe { l.launch(cfg) }.map_err(driver)?;
+        Ok(())
+    }
+
+    /// The input gradient of [`RowKernels::rms_norm`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn rms_norm_grad_input(
+        &self,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        dy: &CudaSlice<bf16>,
+        eps: f32,
+        unit_offset: bool,
+        dx: &mut CudaSlice<bf16>,
+    ) -> Result<(), GpuError> {
+        let h = w.len();
+        let rows = x.len() / h.max(1);
+        for (what, len) in [("x", x.len()), ("dy", dy.len()), ("dx", dx.len())] {
+            check(&format!("rms_norm_grad_input {what}"), len, rows * h)?;
+        }
+        let (hi, unit) = (h as i32, unit_offset as i32);
+        let mut l = self.stream.launch_builder(&self.rms_bwd);
+        l.arg(x)
+            .arg(w)
+            .arg(dy)
+            .arg(dx)
+            .arg(&hi)
+            .arg(&eps)
+            .arg(&unit);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as for rms_norm.
+        unsafe { l.launch(cfg) }.map_err(driver)?;
+        Ok(())
+    }
+
+    /// Half-split RoPE of `x[tokens, n_heads·2·inv_freq.len()]`.
+    pub fn rope(
+        &self,
+        x: &CudaSlice<bf16>,
+        positions: &CudaSlice<i32>,
+        inv_freq: &CudaSlice<f32>,
+        n_heads: usize,
+        inverse: bool,
+        y: &mut CudaSlice<bf16>,
+    ) -> Result<(), GpuError> {
+        let (tokens, half) = (positions.len(), inv_freq.len());
+        check("rope x", x.len(), tokens * n_heads * 2 * half)?;
+        check("rope y", y.len(), x.len())?;
+        let (t, h, hf, inv) = (tokens as i32, n_heads as i32, half as i32, inverse as i32);
+        let mut l = self.stream.launch_builder(&self.rope);
+        l.arg(x)
+            .arg(positions)
+            .arg(inv_freq)
+            .arg(y)
+            .arg(&t)
+            .arg(&h)
+            .arg(&hf)
+            .arg(&inv);
+        // SAFETY: arguments match; the grid-stride loop stays within n.
+        unsafe { l.launch(elementwise(tokens * n_heads * half)) }.map_err(driver)?;
+        Ok(())
+    }
+
+    /// `y = act(gate)·up`.
+    pub fn gated_act(
+        &self,
+        a: Act,
+        gate: &CudaSlice<bf16>,
+        up: &CudaSlice<bf16>,
+        y: &mut CudaSlice<bf16>,
+    ) -> Result<(), GpuError> {
+        let n = gate.len();
+        check("gated_act up", up.len(), n)?;
+        check("gated_act y", y.len(), n)?;
+        let k = kind(a);
+        let mut l = self.stream.launch_builder(&self.act_fwd);
+        l.arg(gate).arg(up).arg(y).arg(&n).arg(&k);
+        // SAFETY: arguments match; the grid-stride loop stays within n.
+        unsafe { l.launch(elementwise(n)) }.map_err(driver)?;
+        Ok(())
+    }
+
+    /// The gradients of [`RowKernels::gated_act`].
+    pub fn gated_act_grad(
+        &self,
+        a: Act,
+        gate: &CudaSlice<bf16>,
+        up: &CudaSlice<bf16>,
+        dy: &CudaSlice<bf16>,
+        dgate: &mut CudaSlice<bf16>,
+        dup: &mut CudaSlice<bf16>,
+    ) -> Result<(), GpuError> {
+        let n = gate.len();
+        for (what, len) in [
+            ("up", up.len()),
+            ("dy", dy.len()),
+            ("dgate", dgate.len()),
+            ("dup", dup.len()),
+        ] {
+            check(&format!("gated_act_grad {what}"), len, n)?;
+        }
+        let k = kind(a);
+        let mut l = self.stream.launch_builder(&self.act_bwd);
+        l.arg(gate)
+            .arg(up)
+            .arg(dy)
+            .arg(dgate)
+            .arg(dup)
+            .arg(&n)
+            .arg(&k);
+        // SAFETY: arguments match; the grid-stride loop stays within n.
+        unsafe { l.launch(elementwise(n)) }.map_err(driver)?;
+        Ok(())
+    }
+}
