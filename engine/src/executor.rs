@@ -1,5 +1,6 @@
 //! The CPU executor: runs a plan's schedule over one arena, calling the
-//! reference kernels.
+//! kernels (the blocked SIMD GEMM for f32 matmuls, the reference kernels
+//! for everything else).
 
 use crate::plan::Plan;
 use crate::tensor::Tensor;
@@ -8,7 +9,7 @@ use graft_ir::{Activation, DType, Op, Source, TypeInfo, ValueId};
 use graft_kernels::activation::{self, Act};
 use graft_kernels::attention::{self, AttnShape};
 use graft_kernels::{
-    bf16, dora, elementwise as ew, embedding, f16, loss, matmul, norm, rope, update, Elem,
+    bf16, dora, elementwise as ew, embedding, f16, gemm, loss, matmul, norm, rope, update, Elem,
 };
 use std::collections::HashMap;
 
@@ -323,16 +324,32 @@ fn exec<T: Elem + bytemuck::Pod>(
             let (a, b) = (shapes[0], shapes[1]);
             let (m, k) = if *ta { (a[1], a[0]) } else { (a[0], a[1]) };
             let n = if *tb { b[0] } else { b[1] };
-            matmul::matmul(
-                f::<T>(ins[0]),
-                f::<T>(ins[1]),
-                fm::<T>(o0),
-                m,
-                k,
-                n,
-                *ta,
-                *tb,
-            )
+            if out_dtype == DType::F32 {
+                // f32 takes the blocked SIMD GEMM (the CPU's best path, or
+                // GRAFT_CPU's). bf16 and f16 stay on the reference kernel
+                // until their own SIMD GEMMs land (issue 6).
+                gemm::sgemm(
+                    f::<f32>(ins[0]),
+                    f::<f32>(ins[1]),
+                    fm::<f32>(o0),
+                    m,
+                    k,
+                    n,
+                    *ta,
+                    *tb,
+                )
+            } else {
+                matmul::matmul(
+                    f::<T>(ins[0]),
+                    f::<T>(ins[1]),
+                    fm::<T>(o0),
+                    m,
+                    k,
+                    n,
+                    *ta,
+                    *tb,
+                )
+            }
         }
         Op::Nf4MatMul { tb, compute } => {
             let DType::Nf4 { block } = tys[1].dtype else {

@@ -69,7 +69,7 @@ impl Tensor {
                 map.len()
             )));
         }
-        let aligned = (map.as_ptr() as usize + range.start) % dtype.align() == 0;
+        let aligned = (map.as_ptr() as usize + range.start).is_multiple_of(dtype.align());
         if aligned {
             Ok(Tensor {
                 shape: shape.to_vec(),

@@ -673,7 +673,7 @@ impl AttentionSpec {
             && k.dtype == q.dtype
             && v.dtype == q.dtype
             && self.n_kv_heads > 0
-            && self.n_heads % self.n_kv_heads == 0
+            && self.n_heads.is_multiple_of(self.n_kv_heads)
             && self.window != Some(0);
         if !ok {
             return Err(op.err(format!(

@@ -14,6 +14,7 @@ pub mod cuda;
 pub mod dora;
 pub mod elementwise;
 pub mod embedding;
+pub mod gemm;
 pub mod loss;
 pub mod matmul;
 pub mod nf4;

@@ -321,7 +321,11 @@ impl Nf4<'_> {
     #[inline]
     pub fn code(&self, i: usize) -> usize {
         let byte = self.packed[i / 2];
-        (if i % 2 == 0 { byte >> 4 } else { byte & 0xF }) as usize
+        (if i.is_multiple_of(2) {
+            byte >> 4
+        } else {
+            byte & 0xF
+        }) as usize
     }
 
     /// Dequantizes the flat elements `start..start+out.len()` into `out`.

@@ -26,7 +26,7 @@ impl DeviceNf4 {
     /// nested map of double quantization (it copies all of it to shared
     /// memory).
     pub fn upload(gpu: &Gpu, w: &Nf4) -> Result<DeviceNf4, GpuError> {
-        if w.block != 64 || w.cols % 64 != 0 {
+        if w.block != 64 || !w.cols.is_multiple_of(64) {
             return Err(GpuError::Shape(format!(
                 "the GPU NF4 GEMM needs block 64 and in_features a multiple of 64; got block {} with {} columns",
                 w.block, w.cols

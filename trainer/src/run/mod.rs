@@ -410,7 +410,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
             ));
         }
         let last = st.step == total;
-        if cfg.output.log_steps > 0 && (st.step % cfg.output.log_steps == 0 || last) {
+        if cfg.output.log_steps > 0 && (st.step.is_multiple_of(cfg.output.log_steps) || last) {
             say(format!(
                 "step {}/{total}  loss {loss:.4}  lr {lr:.3e}  grad_norm {norm:.3}  {:.0} tok/s",
                 st.step,
@@ -418,7 +418,8 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
             ));
         }
         if let Some(ev) = &eval_plan {
-            if (cfg.output.eval_steps > 0 && st.step % cfg.output.eval_steps == 0) || last {
+            if (cfg.output.eval_steps > 0 && st.step.is_multiple_of(cfg.output.eval_steps)) || last
+            {
                 let l = ev.loss(&s, &mut exec)?;
                 eval_loss = Some(l);
                 metrics.log(json!({"step": st.step, "eval_loss": l}))?;
@@ -433,7 +434,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
                 "stopped after {steps_here} steps (--stop-after)"
             )));
         }
-        if (cfg.output.save_steps > 0 && st.step % cfg.output.save_steps == 0) || last {
+        if (cfg.output.save_steps > 0 && st.step.is_multiple_of(cfg.output.save_steps)) || last {
             let dir = checkpoint::save(
                 &out_dir,
                 &st,

@@ -1,0 +1,199 @@
+//! `gemm::sgemm_on` on every path this CPU supports against a naive f64
+//! product, in all four transpose layouts, from 1×1×1 through ragged edges
+//! to a few hundred per dimension (several k blocks, m blocks and B slabs);
+//! and its determinism: the same bits whatever the thread count, and each
+//! output row what a lone call on that row gives.
+
+mod common;
+
+use common::*;
+use graft_kernels::gemm::{sgemm, sgemm_on, Path};
+use proptest::prelude::*;
+
+/// `op(a)·op(b)` in f64 (as in tests/matmul.rs).
+#[allow(clippy::too_many_arguments)]
+fn gemm_ref(a: &[f64], b: &[f64], m: usize, k: usize, n: usize, ta: bool, tb: bool) -> Vec<f64> {
+    let mut c = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = 0.0;
+            for p in 0..k {
+                let av = if ta { a[p * m + i] } else { a[i * k + p] };
+                let bv = if tb { b[j * k + p] } else { b[p * n + j] };
+                s += av * bv;
+            }
+            c[i * n + j] = s;
+        }
+    }
+    c
+}
+
+/// The root-sum-square of every product term the result sums (the floor of
+/// tests/matmul.rs: f32 rounding is relative to the terms, not their sum).
+#[allow(clippy::too_many_arguments)]
+fn terms_rss(a: &[f64], b: &[f64], m: usize, k: usize, n: usize, ta: bool, tb: bool) -> f64 {
+    let sq = |x: &[f64]| x.iter().map(|v| v * v).collect::<Vec<_>>();
+    gemm_ref(&sq(a), &sq(b), m, k, n, ta, tb)
+        .iter()
+        .sum::<f64>()
+        .sqrt()
+}
+
+fn paths() -> Vec<Path> {
+    Path::ALL.into_iter().filter(|p| p.is_supported()).collect()
+}
+
+/// f32 accumulation of k terms in sequence: each partial sum rounds with
+/// relative error ≤ u = 2^-24, and for terms of random sign the partial
+/// sums grow like √p, so the accumulated error is ~u·k·σ/√3 for terms of
+/// size σ, i.e. ~u·√(k/3) relative to the terms' root-sum-square √k·σ:
+/// 1e-7 at k = 512. 1e-5 (FWD_TOL) leaves two orders of magnitude for
+/// that, while one dropped or doubled term in a 100³ product already
+/// costs 1e-3, and a NaN or an unwritten (NaN) output is infinite.
+const GEMM_TOL: f64 = FWD_TOL;
+
+#[allow(clippy::too_many_arguments)]
+fn check_all_paths(
+    m: usize,
+    k: usize,
+    n: usize,
+    ta: bool,
+    tb: bool,
+    seed: u64,
+) -> Result<(), TestCaseError> {
+    let mut rng = Gen::new(seed);
+    let a = rng.vec(m * k, -1.0, 1.0);
+    let b = rng.vec(k * n, -1.0, 1.0);
+    let (a64, b64) = (to_f64(&a), to_f64(&b));
+    let want = gemm_ref(&a64, &b64, m, k, n, ta, tb);
+    let floor = terms_rss(&a64, &b64, m, k, n, ta, tb);
+    for path in paths() {
+        let mut c = nan_buf(m * n);
+        sgemm_on(path, &a, &b, &mut c, m, k, n, ta, tb);
+        check_floor(path.name(), &c, &want, floor, GEMM_TOL)?;
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(config(64))]
+
+    // Mostly below one register tile (14×32 and 6×16): tiles all ragged.
+    #[test]
+    fn small(m in dim(40), k in dim(40), n in dim(70), ta: bool, tb: bool, seed: u64) {
+        check_all_paths(m, k, n, ta, tb, seed)?;
+    }
+
+    #[test]
+    fn empty(m in 0usize..=3, k in 0usize..=3, n in 0usize..=3, ta: bool, tb: bool, seed: u64) {
+        check_all_paths(m, k, n, ta, tb, seed)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(config(12))]
+
+    // Past one k block (384 / 256), the AVX2 m block (1020 rows is too many
+    // for a test; see `blocks_in_every_dimension`) and several B panels,
+    // with odd sizes, and past the parallel threshold.
+    #[test]
+    fn large(m in 1usize..=300, k in 1usize..=450, n in 1usize..=300, ta: bool, tb: bool, seed: u64) {
+        check_all_paths(m, k, n, ta, tb, seed)?;
+    }
+}
+
+/// Every blocking loop taken more than once with a ragged last block: m past
+/// both paths' m block (1008 and 1020 rows), k past three k blocks, n past
+/// both paths' B slab (640 and 512 columns).
+#[test]
+fn blocks_in_every_dimension() {
+    let (m, k, n) = (1031, 777, 673);
+    for (ta, tb) in [(false, false), (true, true)] {
+        check_all_paths(m, k, n, ta, tb, 7).unwrap();
+    }
+}
+
+/// The same bits on 1, 2 and 3 threads (the work is split differently each
+/// time), and each row of the product what a lone call on that row gives.
+#[test]
+fn deterministic_across_threads_and_splits() {
+    let (m, k, n) = (131, 517, 301);
+    for (case, (ta, tb)) in [(false, false), (false, true), (true, false), (true, true)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut rng = Gen::new(case as u64);
+        let a = rng.vec(m * k, -1.0, 1.0);
+        let b = rng.vec(k * n, -1.0, 1.0);
+        for path in paths() {
+            let on = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut c = nan_buf(m * n);
+                pool.install(|| sgemm_on(path, &a, &b, &mut c, m, k, n, ta, tb));
+                c
+            };
+            let c = on(2);
+            for threads in [1, 3] {
+                let other = on(threads);
+                assert!(
+                    c.iter()
+                        .zip(&other)
+                        .all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{}: ta {ta}, tb {tb}: 2 threads vs {threads}",
+                    path.name()
+                );
+            }
+            for i in [0, 1, 13, 14, 15, m - 1] {
+                let a_row: Vec<f32> = (0..k)
+                    .map(|p| if ta { a[p * m + i] } else { a[i * k + p] })
+                    .collect();
+                let mut row = nan_buf(n);
+                sgemm_on(path, &a_row, &b, &mut row, 1, k, n, false, tb);
+                assert_eq!(
+                    row,
+                    c[i * n..(i + 1) * n],
+                    "{}: ta {ta}, tb {tb}: row {i}",
+                    path.name()
+                );
+            }
+        }
+    }
+}
+
+/// `sgemm` is `sgemm_on` on the active path (`GRAFT_CPU`, else the best),
+/// which CI runs under more than one setting.
+#[test]
+fn dispatch_takes_the_active_path() {
+    let active = Path::active();
+    assert!(active.is_supported());
+    if let Some(forced) = std::env::var("GRAFT_CPU")
+        .ok()
+        .and_then(|s| Path::parse(&s))
+    {
+        if forced.is_supported() {
+            assert_eq!(active, forced);
+        }
+    } else {
+        assert_eq!(active, Path::best());
+    }
+    let (m, k, n) = (37, 401, 45);
+    let mut rng = Gen::new(3);
+    let a = rng.vec(m * k, -1.0, 1.0);
+    let b = rng.vec(k * n, -1.0, 1.0);
+    let (mut c, mut want) = (nan_buf(m * n), nan_buf(m * n));
+    sgemm(&a, &b, &mut c, m, k, n, false, true);
+    sgemm_on(active, &a, &b, &mut want, m, k, n, false, true);
+    assert!(c.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()));
+}
+
+#[test]
+fn names_round_trip() {
+    for p in Path::ALL {
+        assert_eq!(Path::parse(p.name()), Some(p));
+    }
+    assert_eq!(Path::parse("sse"), None);
+    assert!(Path::Scalar.is_supported());
+}
