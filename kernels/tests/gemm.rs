@@ -10,35 +10,6 @@ use common::*;
 use graft_kernels::gemm::{sgemm, sgemm_on, Path};
 use proptest::prelude::*;
 
-/// `op(a)·op(b)` in f64 (as in tests/matmul.rs).
-#[allow(clippy::too_many_arguments)]
-fn gemm_ref(a: &[f64], b: &[f64], m: usize, k: usize, n: usize, ta: bool, tb: bool) -> Vec<f64> {
-    let mut c = vec![0.0; m * n];
-    for i in 0..m {
-        for j in 0..n {
-            let mut s = 0.0;
-            for p in 0..k {
-                let av = if ta { a[p * m + i] } else { a[i * k + p] };
-                let bv = if tb { b[j * k + p] } else { b[p * n + j] };
-                s += av * bv;
-            }
-            c[i * n + j] = s;
-        }
-    }
-    c
-}
-
-/// The root-sum-square of every product term the result sums (the floor of
-/// tests/matmul.rs: f32 rounding is relative to the terms, not their sum).
-#[allow(clippy::too_many_arguments)]
-fn terms_rss(a: &[f64], b: &[f64], m: usize, k: usize, n: usize, ta: bool, tb: bool) -> f64 {
-    let sq = |x: &[f64]| x.iter().map(|v| v * v).collect::<Vec<_>>();
-    gemm_ref(&sq(a), &sq(b), m, k, n, ta, tb)
-        .iter()
-        .sum::<f64>()
-        .sqrt()
-}
-
 fn paths() -> Vec<Path> {
     Path::ALL.into_iter().filter(|p| p.is_supported()).collect()
 }
@@ -65,7 +36,7 @@ fn check_all_paths(
     let a = rng.vec(m * k, -1.0, 1.0);
     let b = rng.vec(k * n, -1.0, 1.0);
     let (a64, b64) = (to_f64(&a), to_f64(&b));
-    let want = gemm_ref(&a64, &b64, m, k, n, ta, tb);
+    let want = matmul_ref(&a64, &b64, m, k, n, ta, tb);
     let floor = terms_rss(&a64, &b64, m, k, n, ta, tb);
     for path in paths() {
         let mut c = nan_buf(m * n);

@@ -37,6 +37,15 @@ fn elementwise(n: usize) -> LaunchConfig {
     }
 }
 
+/// One block per row.
+fn per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 fn kind(a: Act) -> i32 {
     match a {
         Act::Silu => 0,
@@ -74,13 +83,8 @@ impl RowKernels {
         let (hi, unit) = (h as i32, unit_offset as i32);
         let mut l = self.stream.launch_builder(&self.rms_fwd);
         l.arg(x).arg(w).arg(y).arg(&hi).arg(&eps).arg(&unit);
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: arguments match the kernel; one block per row of checked length.
-        unsafe { l.launch(cfg) }.map_err(driver)?;
+        unsafe { l.launch(per_row(rows)) }.map_err(driver)?;
         Ok(())
     }
 
@@ -109,13 +113,8 @@ impl RowKernels {
             .arg(&hi)
             .arg(&eps)
             .arg(&unit);
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: as for rms_norm.
-        unsafe { l.launch(cfg) }.map_err(driver)?;
+        unsafe { l.launch(per_row(rows)) }.map_err(driver)?;
         Ok(())
     }
 

@@ -157,3 +157,46 @@ pub fn numeric_grad(x: &[f64], mut f: impl FnMut(&[f64]) -> f64) -> Vec<f64> {
         })
         .collect()
 }
+
+/// `op(a)·op(b)` in f64: `op(a)` is `a[m,k]` or the transpose of `a[k,m]`,
+/// `op(b)` is `b[k,n]` or the transpose of `b[n,k]`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_ref(
+    a: &[f64],
+    b: &[f64],
+    m: usize,
+    k: usize,
+    n: usize,
+    ta: bool,
+    tb: bool,
+) -> Vec<f64> {
+    let mut c = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = 0.0;
+            for p in 0..k {
+                let av = if ta { a[p * m + i] } else { a[i * k + p] };
+                let bv = if tb { b[j * k + p] } else { b[p * n + j] };
+                s += av * bv;
+            }
+            c[i * n + j] = s;
+        }
+    }
+    c
+}
+
+pub fn squares(x: &[f64]) -> Vec<f64> {
+    x.iter().map(|v| v * v).collect()
+}
+
+/// The root-sum-square of every product `op(a)[i,p]·op(b)[p,j]` the result
+/// sums. f32 accumulation error is relative to the terms, not to their sum:
+/// where random signs cancel (a 1×1 output, say) the error is measured
+/// against this, the typical size of such a sum, instead of the sum itself.
+#[allow(clippy::too_many_arguments)]
+pub fn terms_rss(a: &[f64], b: &[f64], m: usize, k: usize, n: usize, ta: bool, tb: bool) -> f64 {
+    matmul_ref(&squares(a), &squares(b), m, k, n, ta, tb)
+        .iter()
+        .sum::<f64>()
+        .sqrt()
+}
