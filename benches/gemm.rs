@@ -1,14 +1,35 @@
-//! f32 GEMM: every path of `kernels::gemm` (the SIMD ones beside the scalar
-//! reference) at the shapes issue 6 compares with OpenBLAS
-//! (`benches/peers/numpy_gemm.py` times numpy at the same shapes).
+//! Dense GEMM: every path of `kernels::gemm` (the SIMD ones beside the
+//! scalar reference) at the shapes issue 6 compares with OpenBLAS and
+//! torch (`benches/peers/numpy_gemm.py` times numpy and torch at the same
+//! shapes), in f32 and bf16 storage.
 //!
 //! Run: `cargo bench --bench gemm` (throughput is in multiply-adds ×2, so
 //! criterion's "Gelem/s" reads as GFLOP/s). The reference kernel takes
 //! seconds per product at the large shapes; `-- avx512` skips it.
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use graft::engine::rng::Rng;
-use graft::kernels::gemm::{sgemm_on, Path};
+use graft::kernels::gemm::{gemm_on, Path};
+use graft::kernels::{bf16, Elem};
+
+/// One product on every supported path.
+#[allow(clippy::too_many_arguments)]
+fn paths<T: Elem>(
+    g: &mut BenchmarkGroup<WallTime>,
+    a: &[f32],
+    b: &[f32],
+    (m, k, n, tb): (usize, usize, usize, bool),
+) {
+    let a: Vec<T> = a.iter().map(|&v| T::from_f32(v)).collect();
+    let b: Vec<T> = b.iter().map(|&v| T::from_f32(v)).collect();
+    let mut out: Vec<T> = vec![T::from_f32(0.0); m * n];
+    for path in Path::ALL.into_iter().filter(|p| p.is_supported()) {
+        g.bench_function(path.name(), |bench| {
+            bench.iter(|| gemm_on(path, &a, &b, &mut out, m, k, n, false, tb))
+        });
+    }
+}
 
 fn bench(c: &mut Criterion) {
     let mut rng = Rng::new(0);
@@ -21,17 +42,17 @@ fn bench(c: &mut Criterion) {
     ] {
         let a: Vec<f32> = (0..m * k).map(|_| rng.uniform(-1.0, 1.0)).collect();
         let b: Vec<f32> = (0..k * n).map(|_| rng.uniform(-1.0, 1.0)).collect();
-        let mut out = vec![0f32; m * n];
         let layout = if tb { "a·bᵀ" } else { "a·b" };
-        let mut g = c.benchmark_group(format!("sgemm {m}x{k}x{n} {layout}"));
-        g.sample_size(10)
-            .throughput(Throughput::Elements((2 * m * k * n) as u64));
-        for path in Path::ALL.into_iter().filter(|p| p.is_supported()) {
-            g.bench_function(path.name(), |bench| {
-                bench.iter(|| sgemm_on(path, &a, &b, &mut out, m, k, n, false, tb))
-            });
+        for dtype in ["f32", "bf16"] {
+            let mut g = c.benchmark_group(format!("gemm {dtype} {m}x{k}x{n} {layout}"));
+            g.sample_size(10)
+                .throughput(Throughput::Elements((2 * m * k * n) as u64));
+            match dtype {
+                "f32" => paths::<f32>(&mut g, &a, &b, (m, k, n, tb)),
+                _ => paths::<bf16>(&mut g, &a, &b, (m, k, n, tb)),
+            }
+            g.finish();
         }
-        g.finish();
     }
 }
 

@@ -9,7 +9,7 @@ use graft_ir::{Activation, DType, Op, Source, TypeInfo, ValueId};
 use graft_kernels::activation::{self, Act};
 use graft_kernels::attention::{self, AttnShape};
 use graft_kernels::{
-    bf16, dora, elementwise as ew, embedding, f16, gemm, loss, matmul, norm, rope, update, Elem,
+    bf16, dora, elementwise as ew, embedding, f16, gemm, loss, norm, rope, update, Elem,
 };
 use std::collections::HashMap;
 
@@ -324,32 +324,17 @@ fn exec<T: Elem + bytemuck::Pod>(
             let (a, b) = (shapes[0], shapes[1]);
             let (m, k) = if *ta { (a[1], a[0]) } else { (a[0], a[1]) };
             let n = if *tb { b[0] } else { b[1] };
-            if out_dtype == DType::F32 {
-                // f32 takes the blocked SIMD GEMM (the CPU's best path, or
-                // GRAFT_CPU's). bf16 and f16 stay on the reference kernel
-                // until their own SIMD GEMMs land (issue 6).
-                gemm::sgemm(
-                    f::<f32>(ins[0]),
-                    f::<f32>(ins[1]),
-                    fm::<f32>(o0),
-                    m,
-                    k,
-                    n,
-                    *ta,
-                    *tb,
-                )
-            } else {
-                matmul::matmul(
-                    f::<T>(ins[0]),
-                    f::<T>(ins[1]),
-                    fm::<T>(o0),
-                    m,
-                    k,
-                    n,
-                    *ta,
-                    *tb,
-                )
-            }
+            // The blocked SIMD GEMM on the CPU's best path (or GRAFT_CPU's).
+            gemm::gemm(
+                f::<T>(ins[0]),
+                f::<T>(ins[1]),
+                fm::<T>(o0),
+                m,
+                k,
+                n,
+                *ta,
+                *tb,
+            )
         }
         Op::Nf4MatMul { tb, compute } => {
             let DType::Nf4 { block } = tys[1].dtype else {
@@ -358,7 +343,7 @@ fn exec<T: Elem + bytemuck::Pod>(
             let w = crate::nf4::nf4_view(ins[1], &tys[1].shape, block as usize)
                 .map_err(|e| e.to_string())?;
             let bf16_compute = *compute == DType::BF16;
-            graft_kernels::nf4::nf4_matmul(
+            gemm::nf4_gemm(
                 f::<T>(ins[0]),
                 &w,
                 shapes[0][0],

@@ -26,11 +26,26 @@ pub use half::{bf16, f16};
 
 /// A storage type the kernels read and write; arithmetic happens in f32.
 pub trait Elem: Copy + Send + Sync + 'static {
+    /// bf16 values, which the bf16 dot-product kernels multiply exactly.
+    const BF16: bool = false;
     fn to_f32(self) -> f32;
     fn from_f32(x: f32) -> Self;
+    /// The bits of the value rounded to bf16 (round to nearest even).
+    #[inline(always)]
+    fn to_bf16_bits(self) -> u16 {
+        bf16::from_f32(self.to_f32()).to_bits()
+    }
+    /// The slice as f32, when it is one: kernels that accumulate in f32
+    /// write such outputs in place instead of through a buffer.
+    fn as_f32_mut(_s: &mut [Self]) -> Option<&mut [f32]> {
+        None
+    }
 }
 
 impl Elem for f32 {
+    fn as_f32_mut(s: &mut [f32]) -> Option<&mut [f32]> {
+        Some(s)
+    }
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -42,6 +57,11 @@ impl Elem for f32 {
 }
 
 impl Elem for bf16 {
+    const BF16: bool = true;
+    #[inline(always)]
+    fn to_bf16_bits(self) -> u16 {
+        self.to_bits()
+    }
     #[inline(always)]
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)

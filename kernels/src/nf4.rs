@@ -330,18 +330,28 @@ impl Nf4<'_> {
 
     /// Dequantizes the flat elements `start..start+out.len()` into `out`.
     pub fn dequantize_into(&self, start: usize, out: &mut [f32]) {
-        let mut i = start;
         let end = start + out.len();
-        let mut o = 0;
+        let (mut i, mut o) = (start, 0);
         while i < end {
             let b = i / self.block;
             let block_end = ((b + 1) * self.block).min(end);
             let a = self.block_absmax(b);
-            for j in i..block_end {
-                out[o] = NF4_CODE[self.code(j)] * a;
-                o += 1;
+            if i % 2 == 1 {
+                out[o] = NF4_CODE[self.code(i)] * a;
+                (i, o) = (i + 1, o + 1);
             }
-            i = block_end;
+            // Whole bytes: two codes each, the even element high.
+            let pairs = (block_end.saturating_sub(i)) / 2;
+            let bytes = &self.packed[i / 2..][..pairs];
+            for (d, &byte) in out[o..o + 2 * pairs].chunks_exact_mut(2).zip(bytes) {
+                d[0] = NF4_CODE[(byte >> 4) as usize] * a;
+                d[1] = NF4_CODE[(byte & 0xF) as usize] * a;
+            }
+            (i, o) = (i + 2 * pairs, o + 2 * pairs);
+            if i < block_end {
+                out[o] = NF4_CODE[self.code(i)] * a;
+                (i, o) = (i + 1, o + 1);
+            }
         }
     }
 }

@@ -1,13 +1,15 @@
-//! `gemm::sgemm_on` on every path this CPU supports against a naive f64
-//! product, in all four transpose layouts, from 1×1×1 through ragged edges
-//! to a few hundred per dimension (several k blocks, m blocks and B slabs);
-//! and its determinism: the same bits whatever the thread count, and each
-//! output row what a lone call on that row gives.
+//! `gemm::gemm_on` on every path this CPU supports against a naive f64
+//! product, in all four transpose layouts, for f32, bf16 and f16 storage,
+//! from 1×1×1 through ragged edges to a few hundred per dimension (several
+//! k blocks, m blocks and B slabs); and its determinism: the same bits
+//! whatever the thread count, and each output row what a lone call on that
+//! row gives.
 
 mod common;
 
 use common::*;
-use graft_kernels::gemm::{sgemm, sgemm_on, Path};
+use graft_kernels::gemm::{gemm, gemm_on, Path};
+use graft_kernels::{bf16, f16, Elem};
 use proptest::prelude::*;
 
 fn paths() -> Vec<Path> {
@@ -22,6 +24,13 @@ fn paths() -> Vec<Path> {
 /// that, while one dropped or doubled term in a 100³ product already
 /// costs 1e-3, and a NaN or an unwritten (NaN) output is infinite.
 const GEMM_TOL: f64 = FWD_TOL;
+
+/// bf16 and f16 outputs against the f64 product rounded to the same type:
+/// the f32 accumulation error (~1e-7 of the terms) flips an element's
+/// rounding only when it lands within that of a rounding boundary, so
+/// nearly every element matches exactly, while a dropped term in a 100³
+/// product moves its element by ~10%, far past this.
+const ROUNDED_TOL: f64 = 1e-3;
 
 #[allow(clippy::too_many_arguments)]
 fn check_all_paths(
@@ -40,8 +49,31 @@ fn check_all_paths(
     let floor = terms_rss(&a64, &b64, m, k, n, ta, tb);
     for path in paths() {
         let mut c = nan_buf(m * n);
-        sgemm_on(path, &a, &b, &mut c, m, k, n, ta, tb);
+        gemm_on(path, &a, &b, &mut c, m, k, n, ta, tb);
         check_floor(path.name(), &c, &want, floor, GEMM_TOL)?;
+    }
+    check_rounded::<bf16>(&a, &b, (m, k, n, ta, tb))?;
+    check_rounded::<f16>(&a, &b, (m, k, n, ta, tb))
+}
+
+/// The same product with operands and output stored as `T`.
+fn check_rounded<T: Elem>(
+    a: &[f32],
+    b: &[f32],
+    (m, k, n, ta, tb): (usize, usize, usize, bool, bool),
+) -> Result<(), TestCaseError> {
+    let (a, b): (Vec<T>, Vec<T>) = (to_elem(a), to_elem(b));
+    let (a64, b64) = (to_f64(&a), to_f64(&b));
+    let want: Vec<f64> = matmul_ref(&a64, &b64, m, k, n, ta, tb)
+        .iter()
+        .map(|&v| T::from_f32(v as f32).to_f32() as f64)
+        .collect();
+    let floor = terms_rss(&a64, &b64, m, k, n, ta, tb);
+    for path in paths() {
+        let mut c = nan_buf::<T>(m * n);
+        gemm_on(path, &a, &b, &mut c, m, k, n, ta, tb);
+        let what = format!("{} {}", path.name(), std::any::type_name::<T>());
+        check_floor(&what, &c, &want, floor, ROUNDED_TOL)?;
     }
     Ok(())
 }
@@ -103,16 +135,20 @@ fn deterministic_across_threads_and_splits() {
                     .build()
                     .unwrap();
                 let mut c = nan_buf(m * n);
-                pool.install(|| sgemm_on(path, &a, &b, &mut c, m, k, n, ta, tb));
-                c
+                pool.install(|| gemm_on(path, &a, &b, &mut c, m, k, n, ta, tb));
+                let (a16, b16): (Vec<bf16>, Vec<bf16>) = (to_elem(&a), to_elem(&b));
+                let mut c16 = nan_buf::<bf16>(m * n);
+                pool.install(|| gemm_on(path, &a16, &b16, &mut c16, m, k, n, ta, tb));
+                (c, c16)
             };
-            let c = on(2);
+            let (c, c16) = on(2);
             for threads in [1, 3] {
-                let other = on(threads);
+                let (other, other16) = on(threads);
                 assert!(
                     c.iter()
                         .zip(&other)
-                        .all(|(x, y)| x.to_bits() == y.to_bits()),
+                        .all(|(x, y)| x.to_bits() == y.to_bits())
+                        && c16 == other16,
                     "{}: ta {ta}, tb {tb}: 2 threads vs {threads}",
                     path.name()
                 );
@@ -122,7 +158,7 @@ fn deterministic_across_threads_and_splits() {
                     .map(|p| if ta { a[p * m + i] } else { a[i * k + p] })
                     .collect();
                 let mut row = nan_buf(n);
-                sgemm_on(path, &a_row, &b, &mut row, 1, k, n, false, tb);
+                gemm_on(path, &a_row, &b, &mut row, 1, k, n, false, tb);
                 assert_eq!(
                     row,
                     c[i * n..(i + 1) * n],
@@ -134,7 +170,7 @@ fn deterministic_across_threads_and_splits() {
     }
 }
 
-/// `sgemm` is `sgemm_on` on the active path (`GRAFT_CPU`, else the best),
+/// `gemm` is `gemm_on` on the active path (`GRAFT_CPU`, else the best),
 /// which CI runs under more than one setting.
 #[test]
 fn dispatch_takes_the_active_path() {
@@ -155,8 +191,8 @@ fn dispatch_takes_the_active_path() {
     let a = rng.vec(m * k, -1.0, 1.0);
     let b = rng.vec(k * n, -1.0, 1.0);
     let (mut c, mut want) = (nan_buf(m * n), nan_buf(m * n));
-    sgemm(&a, &b, &mut c, m, k, n, false, true);
-    sgemm_on(active, &a, &b, &mut want, m, k, n, false, true);
+    gemm(&a, &b, &mut c, m, k, n, false, true);
+    gemm_on(active, &a, &b, &mut want, m, k, n, false, true);
     assert!(c.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()));
 }
 

@@ -1,11 +1,14 @@
-//! NF4 dequantization and the tile-dequantizing products against
-//! dequantize-then-multiply in f64, on random shapes (ragged K against the
-//! block size, M = 1, partial nested blocks).
+//! NF4 dequantization and the products that dequantize as they go (the
+//! reference kernel, and the blocked GEMM on every path this CPU has)
+//! against dequantize-then-multiply in f64, on random shapes (ragged K
+//! against the block size, M = 1, partial nested blocks, several k blocks
+//! and B slabs).
 
 mod common;
 
 use common::*;
 use graft_kernels::bf16;
+use graft_kernels::gemm::{nf4_gemm_on, Path};
 use graft_kernels::nf4::{dynamic_map_signed, nf4_matmul, Nf4, NF4_CODE};
 use proptest::prelude::*;
 
@@ -118,6 +121,73 @@ proptest! {
         nf4_matmul(&a16, &p.view(), m, tb, true, &mut got16);
         // Only the output's own bf16 rounding separates the two.
         check("bf16 compute", &got16, &want16, 5e-3)?;
+    }
+}
+
+/// `nf4_gemm_on` on every supported path: f32 compute against the f64
+/// product; bf16 compute (operands rounded to bf16) with f32 storage against
+/// the f64 product of the rounded operands, and with bf16 storage against
+/// that product rounded to bf16 (see `gemm.rs` for why 1e-3 is tight there).
+fn check_gemm_paths(
+    m: usize,
+    n: usize,
+    k: usize,
+    block: usize,
+    tb: bool,
+    seed: u64,
+) -> Result<(), TestCaseError> {
+    let p = Parts::random(n, k, block, seed);
+    let w64: Vec<f64> = p.dequantized().iter().map(|&v| v as f64).collect();
+    let (inner, outer) = if tb { (k, n) } else { (n, k) };
+    let a = Gen::new(seed ^ 1).vec(m * inner, -1.0, 1.0);
+    let a64 = to_f64(&a);
+    let want = reference(&a64, &w64, m, n, k, tb);
+    let floor = terms_rss(&a64, &w64, m, inner, outer, false, tb);
+    let round = |v: f64| bf16::from_f32(v as f32).to_f32() as f64;
+    let a16: Vec<bf16> = to_elem(&a);
+    let (a16_64, w16) = (
+        to_f64(&a16),
+        w64.iter().map(|&v| round(v)).collect::<Vec<_>>(),
+    );
+    let want16 = reference(&a16_64, &w16, m, n, k, tb);
+    let want16_rounded: Vec<f64> = want16.iter().map(|&v| round(v)).collect();
+    for path in Path::ALL.into_iter().filter(|p| p.is_supported()) {
+        let name = path.name();
+        let mut got = nan_buf::<f32>(m * outer);
+        nf4_gemm_on(path, &a, &p.view(), m, tb, false, &mut got);
+        check_floor(&format!("{name} f32"), &got, &want, floor, 1e-5)?;
+        let mut got = nan_buf::<f32>(m * outer);
+        nf4_gemm_on(path, &a, &p.view(), m, tb, true, &mut got);
+        check_floor(&format!("{name} bf16 compute"), &got, &want16, floor, 1e-5)?;
+        let mut got16 = nan_buf::<bf16>(m * outer);
+        nf4_gemm_on(path, &a16, &p.view(), m, tb, true, &mut got16);
+        check_floor(
+            &format!("{name} bf16"),
+            &got16,
+            &want16_rounded,
+            floor,
+            1e-3,
+        )?;
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(config(24))]
+
+    // Past one k block (768 pairs' worth for bf16, 384 and 256 for f32) and
+    // a few register tiles, ragged everywhere.
+    #[test]
+    fn gemm_paths_match_dequantize_then_multiply(m in 1usize..40, n in 1usize..80, k in 1usize..900, block in block(), seed in any::<u64>(), tb in any::<bool>()) {
+        check_gemm_paths(m, n, k, block, tb, seed)?;
+    }
+}
+
+/// Past a B slab (640 columns) and the parallel threshold, both layouts.
+#[test]
+fn gemm_paths_on_a_large_shape() {
+    for tb in [true, false] {
+        check_gemm_paths(70, 700, 1000, 64, tb, 5).unwrap();
     }
 }
 

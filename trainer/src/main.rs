@@ -45,6 +45,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A GRAFT_CPU this CPU cannot honour is an error before any work.
+    if let Err(e) = graft_engine::kernels::gemm::Path::requested() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Logits(args) => commands::logits::run(args),
         Command::Quantize(args) => commands::quantize::run(args),

@@ -299,6 +299,26 @@ fn bad_input_is_one_clear_error() {
     }
     let e = err(&run_cli(&tmp("bad-resume"), &[], &["--resume"]));
     assert!(e.contains("no checkpoint to resume from"), "{e}");
+
+    // A GRAFT_CPU that is no path, or one this CPU cannot take (when there
+    // is one here), stops the run before any work.
+    use graft_engine::kernels::gemm::Path as CpuPath;
+    let lacking = CpuPath::ALL.into_iter().find(|p| !p.is_supported());
+    let mut forced = vec![("sse9", "GRAFT_CPU=sse9 is not one of scalar".to_string())];
+    if let Some(p) = lacking {
+        let f = p.missing_feature().unwrap();
+        forced.push((p.name(), format!("needs the CPU feature {f}")));
+    }
+    for (name, want) in forced {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_trainer"))
+            .args(["run", "--set", "train.max_steps=1"])
+            .env("GRAFT_CPU", name)
+            .output()
+            .unwrap();
+        let e = err(&o);
+        assert!(e.contains(&want), "GRAFT_CPU={name}: {e}");
+        assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
+    }
 }
 
 /// The other subcommands on a freshly trained adapter: eval, generate,

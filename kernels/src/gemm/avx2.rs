@@ -11,19 +11,21 @@ const NR: usize = 16;
 /// Blocking for the L1 (32 KiB or more) and L2 (at least 256 KiB, usually
 /// 1–2 MiB) of AVX2-era cores: an A panel is 6×256×4 B = 6 KiB; a B slab is
 /// 256×512×4 B = 512 KiB.
-pub(super) static MICRO: Micro = Micro {
+pub(super) static MICRO: Micro<f32> = Micro {
     mr: MR,
     nr: NR,
     kc: 256,
     mc: 170 * MR,
     nc: 32 * NR,
+    step_align: 1,
+    a_row_major: false,
     kernel,
 };
 
 /// See [`super::block::Kernel`] for the contract.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn kernel(
-    kc: usize,
+    steps: usize,
     a: *const f32,
     b: *const f32,
     c: *mut f32,
@@ -41,7 +43,7 @@ unsafe fn kernel(
                 row[1] = _mm256_loadu_ps(ci.add(8));
             }
         }
-        for p in 0..kc {
+        for p in 0..steps {
             let bp = b.add(p * NR);
             let (b0, b1) = (_mm256_loadu_ps(bp), _mm256_loadu_ps(bp.add(8)));
             let ap = a.add(p * MR);

@@ -14,19 +14,21 @@ const NR: usize = 32;
 /// Blocking for this machine (Xeon, 48 KiB L1d and 2 MiB L2 per core): an
 /// A panel is 14×384×4 B = 21 KiB, half of L1; a B slab is 384×640×4 B =
 /// 960 KiB, half of L2, leaving room for the A panels streaming through.
-pub(super) static MICRO: Micro = Micro {
+pub(super) static MICRO: Micro<f32> = Micro {
     mr: MR,
     nr: NR,
     kc: 384,
     mc: 72 * MR,
     nc: 20 * NR,
+    step_align: 1,
+    a_row_major: false,
     kernel,
 };
 
 /// See [`super::block::Kernel`] for the contract.
 #[target_feature(enable = "avx512f")]
 unsafe fn kernel(
-    kc: usize,
+    steps: usize,
     a: *const f32,
     b: *const f32,
     c: *mut f32,
@@ -44,7 +46,7 @@ unsafe fn kernel(
                 row[1] = _mm512_loadu_ps(ci.add(16));
             }
         }
-        for p in 0..kc {
+        for p in 0..steps {
             let bp = b.add(p * NR);
             let (b0, b1) = (_mm512_loadu_ps(bp), _mm512_loadu_ps(bp.add(16)));
             let ap = a.add(p * MR);

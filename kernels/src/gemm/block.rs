@@ -1,52 +1,77 @@
-//! The blocked driver shared by the SIMD paths: loops over k (KC rows of
-//! the packed panels), m (MC rows of `op(a)`) and n (slabs of NC columns of
-//! `op(b)`), packing as it goes, and the split of the work over threads.
+//! The blocked driver shared by the SIMD paths: loops over m (MC rows of
+//! `op(a)`), n (super-slabs of columns), k (KC of the packed panels) and n
+//! again (slabs of NC columns), packing as it goes, and the split of the
+//! work over threads.
 //!
-//! Loop order, innermost last: k blocks → m blocks (A block packed once,
-//! shared by all threads) → one rayon task per part of the output → slabs of
-//! its columns (B slab packed by the task, kept in its core's L2) → A panels
-//! (one MR×KC panel stays in L1) → B panels → micro-kernel. The k blocks are
-//! the outer loop so that each output element's terms are summed in order
-//! p = 0, 1, …, k−1 (the tile is loaded back from `c` for every k block
-//! after the first): how m and n are split, and over how many threads, never
-//! changes a result.
+//! Loop order, innermost last: m blocks → super-slabs of columns → k blocks
+//! (A block packed once, shared by all threads) → one rayon task per part of
+//! the super-slab → slabs of its columns (B slab packed by the task, kept in
+//! its core's L2) → A panels (one MR×KC panel stays in L1) → B panels →
+//! micro-kernel. Each output element's terms are summed in order p = 0, 1,
+//! …, k−1 (the tile is loaded back for every k block after the first): how
+//! m and n are split, and over how many threads, never changes a result.
+//!
+//! The micro-kernels accumulate in f32. An f32 output is accumulated in
+//! place; any other is accumulated in an f32 buffer one (m block,
+//! super-slab) at a time and rounded once at the end, which bounds the
+//! buffer at MC×NS floats whatever the shape.
 
-use super::pack::{pack_a, pack_b};
+use super::operand::{Packed, Source, View};
+use crate::Elem;
 use rayon::prelude::*;
 use std::cell::Cell;
 use std::ops::Range;
 use std::thread::LocalKey;
 
-/// A micro-kernel: `c[i,j] (+)= Σ_p a[p·mr + i]·b[p·nr + j]` over an mr×nr
-/// tile of `c` with row stride `ldc`, adding to what `c` holds when
-/// `accumulate`, else overwriting it without reading it.
+/// A micro-kernel: `c[i,j] (+)= Σ_s a[s·mr + i]·b[s·nr + j]` over an mr×nr
+/// tile of `c` with row stride `ldc`, for `steps` packed elements (each one
+/// k, or a pair of k summed by the instruction), adding to what `c` holds
+/// when `accumulate`, else overwriting it without reading it.
 ///
 /// # Safety
 /// The CPU has the kernel's target features; `a` and `b` are readable for
-/// `kc·mr` and `kc·nr` floats; the tile at `c` (mr rows of nr floats, `ldc`
-/// apart) is writable, and readable when `accumulate`.
-pub(super) type Kernel =
-    unsafe fn(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool);
+/// `steps·mr` and `steps·nr` elements; the tile at `c` (mr rows of nr
+/// floats, `ldc` apart) is writable, and readable when `accumulate`.
+pub(super) type Kernel<E> =
+    unsafe fn(steps: usize, a: *const E, b: *const E, c: *mut f32, ldc: usize, accumulate: bool);
 
 /// A micro-kernel with its tile and the cache blocking chosen for it.
-pub(super) struct Micro {
+pub(super) struct Micro<E> {
     /// Rows of the register tile (broadcasts of `op(a)`).
     pub mr: usize,
     /// Columns of the register tile (vectors of `op(b)`).
     pub nr: usize,
-    /// Depth of a packed panel: an mr×kc A panel lives in L1.
+    /// k per packed panel (a multiple of the element's K): an mr×kc A
+    /// panel lives in L1.
     pub kc: usize,
     /// Rows of `op(a)` packed at once (a multiple of mr); bounds the A buffer.
     pub mc: usize,
     /// Columns of a packed B slab (a multiple of nr): kc×nc lives in L2.
     pub nc: usize,
+    /// Steps per panel rounded up to a multiple of this (zero padded): the
+    /// depth of a tile multiply for AMX, else 1.
+    pub step_align: usize,
+    /// A panels stored row by row (`a[i·steps + s]`, the rows of an AMX
+    /// tile) instead of step-major (`a[s·mr + i]`, for broadcasts).
+    pub a_row_major: bool,
     /// Only ever called once the CPU is known to have its features.
-    pub kernel: Kernel,
+    pub kernel: Kernel<E>,
 }
 
-/// The largest register tile (AVX-512's 14×32): ragged edge tiles go
-/// through a buffer of this size on the stack.
-const MAX_TILE: usize = 14 * 32;
+impl<E: Packed> Micro<E> {
+    /// Packed steps per panel for a k block of `kc`.
+    fn steps(&self, kc: usize) -> usize {
+        kc.div_ceil(E::K).next_multiple_of(self.step_align)
+    }
+}
+
+/// The largest register tile (AMX's 32×32 of four tiles): ragged edge
+/// tiles go through a buffer of this size on the stack.
+const MAX_TILE: usize = 32 * 32;
+
+/// B slabs per super-slab: the columns whose f32 accumulators a non-f32
+/// output keeps at once (with MC rows: 1008×2560×4 B ≈ 10 MB for AVX-512).
+const SLABS_PER_SUPER: usize = 4;
 
 /// Below this many multiply-adds (m·k·n: ~15 µs on one core here) one
 /// thread does the whole product: waking the pool and the two joins per
@@ -54,37 +79,46 @@ const MAX_TILE: usize = 14 * 32;
 const PAR_MIN_WORK: usize = 1 << 20;
 
 thread_local! {
-    /// Packed A blocks and B slabs, kept per thread between calls so that a
-    /// training step's many matmuls do not allocate (and fault in) fresh
-    /// megabytes each time.
-    static A_BUF: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
-    static B_BUF: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// Packed A blocks, B slabs and f32 accumulators, kept per thread
+    /// between calls so that a training step's many matmuls do not allocate
+    /// (and fault in) fresh megabytes each time.
+    static A_BUF: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
+    static B_BUF: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
+    static C_BUF: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
 }
 
-/// Runs `f` on a 64-byte-aligned slice of `len` floats from `key`'s buffer.
-/// The buffer is taken out while in use, so a nested call on the same thread
-/// (rayon may run another task while this one waits) gets its own.
-fn with_buf<R>(
-    key: &'static LocalKey<Cell<Vec<f32>>>,
+/// Runs `f` on a 64-byte-aligned slice of `len` elements from `key`'s
+/// buffer. The buffer is taken out while in use, so a nested call on the
+/// same thread (rayon may run another task while this one waits) gets its own.
+fn with_buf<E: Packed, R>(
+    key: &'static LocalKey<Cell<Vec<u32>>>,
     len: usize,
-    f: impl FnOnce(&mut [f32]) -> R,
+    f: impl FnOnce(&mut [E]) -> R,
 ) -> R {
-    const PAD: usize = 64 / size_of::<f32>();
+    const PAD: usize = 64 / size_of::<u32>();
     let mut v = key.take();
     if v.len() < len + PAD {
-        v.resize(len + PAD, 0.0);
+        v.resize(len + PAD, 0);
     }
     // Aligned panels keep every vector load of a packed row in one cache line.
     let off = v.as_ptr().align_offset(64);
-    assert!(off < PAD, "f32 pointers are 4-byte aligned");
-    let r = f(&mut v[off..off + len]);
+    assert!(off < PAD, "u32 pointers are 4-byte aligned");
+    let words = &mut v[off..off + len];
+    // SAFETY: `Packed` types are 4 bytes, 4-byte aligned, with every bit
+    // pattern valid, like the u32s they are viewed from.
+    let elems = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<E>(), len) };
+    let r = f(elems);
     key.set(v);
     r
 }
 
-/// The output matrix, shared by the tasks that write disjoint tiles of it.
+/// The f32 accumulators: rows `ldc` apart, shared by the tasks that write
+/// disjoint tiles of them.
 #[derive(Clone, Copy)]
-struct SharedC(*mut f32);
+struct SharedC {
+    ptr: *mut f32,
+    ldc: usize,
+}
 
 // SAFETY: the tasks of one `gemm` call write pairwise disjoint tiles (their
 // row ranges × column ranges partition the output), and `gemm` holds the
@@ -96,33 +130,27 @@ unsafe impl Sync for SharedC {}
 impl SharedC {
     /// A method, not a field access, so that closures capture the whole
     /// (Sync) wrapper rather than the raw pointer inside it.
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
+    fn at(self, row: usize, col: usize) -> *mut f32 {
+        self.ptr.wrapping_add(row * self.ldc + col)
     }
 }
 
-/// `c[m,n] = op(a)·op(b)` with micro-kernel `u`.
+/// `c[m,n] = op(a)·op(b)` with micro-kernel `u`, where `a` views `op(a)ᵀ`
+/// (`[k, m]`) and `b` views `op(b)` (`[k, n]`).
 #[allow(clippy::too_many_arguments)]
-pub(super) fn gemm(
-    u: &Micro,
-    a: &[f32],
-    b: &[f32],
-    c: &mut [f32],
+pub(super) fn gemm<E: Packed, T: Elem>(
+    u: &Micro<E>,
+    a: &View<impl Source>,
+    b: &View<impl Source>,
+    c: &mut [T],
     m: usize,
     k: usize,
     n: usize,
-    ta: bool,
-    tb: bool,
 ) {
-    assert_eq!(a.len(), m * k, "sgemm: a");
-    assert_eq!(b.len(), k * n, "sgemm: b");
-    assert_eq!(c.len(), m * n, "sgemm: c");
+    assert_eq!(c.len(), m * n, "gemm: c");
     assert!(u.mr * u.nr <= MAX_TILE && u.mc.is_multiple_of(u.mr) && u.nc.is_multiple_of(u.nr));
+    assert!(u.kc.is_multiple_of(E::K));
     if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        c.fill(0.0);
         return;
     }
     let threads = if m * k * n >= PAR_MIN_WORK {
@@ -130,49 +158,124 @@ pub(super) fn gemm(
     } else {
         1
     };
-    let n_panels = n.div_ceil(u.nr);
-    let out = SharedC(c.as_mut_ptr());
-    let a_len = u.mc.min(m.div_ceil(u.mr) * u.mr) * u.kc.min(k);
-    with_buf(&A_BUF, a_len, |abuf| {
-        for p0 in (0..k).step_by(u.kc) {
-            let kc = u.kc.min(k - p0);
+    let ns = u.nc * SLABS_PER_SUPER;
+    let a_len = u.mc.min(m.div_ceil(u.mr) * u.mr) * u.steps(u.kc.min(k));
+    let c_len = if T::as_f32_mut(&mut []).is_some() {
+        0
+    } else {
+        u.mc.min(m) * ns.min(n)
+    };
+    with_buf(&C_BUF, c_len, |cbuf: &mut [f32]| {
+        with_buf(&A_BUF, a_len, |abuf: &mut [E]| {
             for i0 in (0..m).step_by(u.mc) {
                 let mc = u.mc.min(m - i0);
-                let m_panels = mc.div_ceil(u.mr);
-                let apack = &mut abuf[..m_panels * u.mr * kc];
-                let pack = |(q, d): (usize, &mut [f32])| {
-                    let r0 = q * u.mr;
-                    pack_a(a, d, m, k, ta, (i0 + r0, u.mr.min(mc - r0)), (p0, kc), u.mr);
-                };
-                if threads > 1 {
-                    apack.par_chunks_mut(u.mr * kc).enumerate().for_each(pack);
-                } else {
-                    apack.chunks_mut(u.mr * kc).enumerate().for_each(pack);
-                }
-                let apack = &*apack;
-                // Split the columns first (each task then packs only its own
-                // part of B); the rows only when there are too few columns.
-                let tn = threads.min(n_panels);
-                let tm = (threads / tn).min(m_panels);
-                let task = |t: usize| {
-                    let part = Part {
-                        rows: split(m_panels, tm, t / tn),
-                        cols: split(n_panels, tn, t % tn),
-                        i0,
-                        mc,
-                        p0,
-                        kc,
+                for s0 in (0..n).step_by(ns) {
+                    let width = ns.min(n - s0);
+                    let out = match T::as_f32_mut(c) {
+                        Some(c) => SharedC {
+                            ptr: c[i0 * n + s0..].as_mut_ptr(),
+                            ldc: n,
+                        },
+                        None => SharedC {
+                            ptr: cbuf.as_mut_ptr(),
+                            ldc: width,
+                        },
                     };
-                    run_part(u, b, apack, out, k, n, tb, part);
-                };
-                if tm * tn > 1 {
-                    (0..tm * tn).into_par_iter().for_each(task);
-                } else {
-                    task(0);
+                    let block = Block {
+                        mc,
+                        cols: (s0, width),
+                        i0,
+                    };
+                    if k == 0 {
+                        for i in 0..mc {
+                            // SAFETY: row i of the block, `width` columns.
+                            unsafe { std::slice::from_raw_parts_mut(out.at(i, 0), width) }
+                                .fill(0.0);
+                        }
+                    }
+                    for p0 in (0..k).step_by(u.kc) {
+                        let kc = u.kc.min(k - p0);
+                        run_k_block(u, a, b, abuf, out, threads, &block, (p0, kc));
+                    }
+                    if T::as_f32_mut(&mut []).is_none() {
+                        let rows = c[i0 * n..(i0 + mc) * n].par_chunks_mut(n);
+                        rows.zip(cbuf.par_chunks(width)).for_each(|(row, acc)| {
+                            for (o, &v) in row[s0..s0 + width].iter_mut().zip(acc) {
+                                *o = T::from_f32(v);
+                            }
+                        });
+                    }
                 }
             }
-        }
+        })
     });
+}
+
+/// The (m block, super-slab) being computed: rows `i0..i0+mc` and columns
+/// `cols.0..cols.0+cols.1` of the output.
+struct Block {
+    mc: usize,
+    cols: (usize, usize),
+    i0: usize,
+}
+
+/// One k block of one (m block, super-slab): packs the A block, then splits
+/// the columns over the tasks (each then packs only its own part of B), the
+/// rows too when there are too few columns.
+#[allow(clippy::too_many_arguments)]
+fn run_k_block<E: Packed>(
+    u: &Micro<E>,
+    a: &View<impl Source>,
+    b: &View<impl Source>,
+    abuf: &mut [E],
+    out: SharedC,
+    threads: usize,
+    block: &Block,
+    (p0, kc): (usize, usize),
+) {
+    let Block { mc, cols, i0 } = *block;
+    let steps = u.steps(kc);
+    let m_panels = mc.div_ceil(u.mr);
+    let apack = &mut abuf[..m_panels * u.mr * steps];
+    let pack = |(q, d): (usize, &mut [E])| {
+        let r0 = q * u.mr;
+        let rows = u.mr.min(mc - r0);
+        if u.a_row_major {
+            // A panel of one column per row of op(a).
+            a.pack(&mut d[..rows * steps], (p0, kc), (i0 + r0, rows), 1, steps);
+            d[rows * steps..].fill(E::default());
+        } else {
+            a.pack(d, (p0, kc), (i0 + r0, rows), u.mr, steps);
+        }
+    };
+    if threads > 1 {
+        apack
+            .par_chunks_mut(u.mr * steps)
+            .enumerate()
+            .for_each(pack);
+    } else {
+        apack.chunks_mut(u.mr * steps).enumerate().for_each(pack);
+    }
+    let apack = &*apack;
+    let n_panels = cols.1.div_ceil(u.nr);
+    let tn = threads.min(n_panels);
+    let tm = (threads / tn).min(m_panels);
+    let task = |t: usize| {
+        let part = Part {
+            rows: split(m_panels, tm, t / tn),
+            panels: split(n_panels, tn, t % tn),
+            mc,
+            cols,
+            p0,
+            kc,
+        };
+        run_part(u, b, apack, out, part);
+    };
+    if tm * tn > 1 {
+        (0..tm * tn).into_par_iter().for_each(task);
+    } else {
+        task(0);
+    }
 }
 
 /// Part `i` of `0..total` cut into `parts` near-equal contiguous ranges.
@@ -182,91 +285,86 @@ fn split(total: usize, parts: usize, i: usize) -> Range<usize> {
     start..start + q + usize::from(i < r)
 }
 
-/// One task's share of one (k block, m block): A panels `rows` × B panels
-/// `cols` of the output.
+/// One task's share of one k block: A panels `rows` × B panels `panels` of
+/// the block's `mc` rows and `cols` columns.
 struct Part {
     rows: Range<usize>,
-    cols: Range<usize>,
-    i0: usize,
+    panels: Range<usize>,
     mc: usize,
+    cols: (usize, usize),
     p0: usize,
     kc: usize,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_part(
-    u: &Micro,
-    b: &[f32],
-    apack: &[f32],
-    out: SharedC,
-    k: usize,
-    n: usize,
-    tb: bool,
-    part: Part,
-) {
+fn run_part<E: Packed>(u: &Micro<E>, b: &View<impl Source>, apack: &[E], out: SharedC, part: Part) {
     let Part {
         rows,
-        cols,
-        i0,
+        panels,
         mc,
+        cols: (c0, width),
         p0,
         kc,
     } = part;
     let slab = u.nc / u.nr;
-    let (a_step, b_step) = (u.mr * kc, u.nr * kc);
-    with_buf(&B_BUF, slab.min(cols.len()) * b_step, |bbuf| {
-        for s0 in cols.clone().step_by(slab) {
-            let s1 = (s0 + slab).min(cols.end);
-            let bpack = &mut bbuf[..(s1 - s0) * b_step];
-            let j0 = s0 * u.nr;
-            let cols = (s1 * u.nr).min(n) - j0;
-            pack_b(b, bpack, k, n, tb, (p0, kc), (j0, cols), u.nr);
-            for ip in rows.clone() {
-                let apanel = &apack[ip * a_step..][..a_step];
-                let r0 = i0 + ip * u.mr;
-                let nrows = u.mr.min(i0 + mc - r0);
-                for (q, bpanel) in bpack.chunks_exact(b_step).enumerate() {
-                    let j0 = (s0 + q) * u.nr;
-                    let ncols = u.nr.min(n - j0);
-                    // The next tile of `c` (right, else the next row panel
-                    // of the slab), on its way into cache while this one
-                    // computes: `c` is too large for L2 and read every k block.
-                    let next = if s0 + q + 1 < s1 {
-                        (r0, j0 + u.nr)
-                    } else {
-                        (r0 + u.mr, s0 * u.nr)
-                    };
-                    if next.0 < i0 + mc {
-                        prefetch_tile(out.at(next.0 * n + next.1), n, u.mr.min(i0 + mc - next.0));
+    let steps = u.steps(kc);
+    let (a_step, b_step) = (u.mr * steps, u.nr * steps);
+    with_buf(
+        &B_BUF,
+        slab.min(panels.len()) * b_step,
+        |bbuf: &mut [E]| {
+            for s0 in panels.clone().step_by(slab) {
+                let s1 = (s0 + slab).min(panels.end);
+                let bpack = &mut bbuf[..(s1 - s0) * b_step];
+                let j0 = s0 * u.nr;
+                let ncols = (s1 * u.nr).min(width) - j0;
+                b.pack(bpack, (p0, kc), (c0 + j0, ncols), u.nr, steps);
+                for ip in rows.clone() {
+                    let apanel = &apack[ip * a_step..][..a_step];
+                    let r0 = ip * u.mr;
+                    let nrows = u.mr.min(mc - r0);
+                    for (q, bpanel) in bpack.chunks_exact(b_step).enumerate() {
+                        let j0 = (s0 + q) * u.nr;
+                        let ncols = u.nr.min(width - j0);
+                        // The next tile of `c` (right, else the next row panel
+                        // of the slab), on its way into cache while this one
+                        // computes: `c` is too large for L2 and read every k block.
+                        let next = if s0 + q + 1 < s1 {
+                            (r0, j0 + u.nr)
+                        } else {
+                            (r0 + u.mr, s0 * u.nr)
+                        };
+                        if next.0 < mc {
+                            prefetch_tile(out, next, u.mr.min(mc - next.0));
+                        }
+                        // SAFETY: `u` was chosen only after its CPU features were
+                        // checked; the panels hold steps·mr and steps·nr elements;
+                        // rows r0..r0+nrows and columns j0..j0+ncols lie inside
+                        // the block, in this task's disjoint share of it.
+                        unsafe {
+                            tile(
+                                u,
+                                steps,
+                                apanel,
+                                bpanel,
+                                out,
+                                (r0, j0),
+                                (nrows, ncols),
+                                p0 > 0,
+                            )
+                        };
                     }
-                    // SAFETY: `u` was chosen only after its CPU features were
-                    // checked; the panels hold kc·mr and kc·nr floats; rows
-                    // r0..r0+nrows and columns j0..j0+ncols lie inside the
-                    // m×n output, in this task's disjoint share of it.
-                    unsafe {
-                        tile(
-                            u,
-                            kc,
-                            apanel,
-                            bpanel,
-                            out.at(r0 * n + j0),
-                            n,
-                            (nrows, ncols),
-                            p0 > 0,
-                        )
-                    };
                 }
             }
-        }
-    });
+        },
+    );
 }
 
-/// Asks for the first `rows` rows of a tile of `c` (one or two cache lines
-/// each) to be brought into L1.
-fn prefetch_tile(c: *mut f32, ldc: usize, rows: usize) {
+/// Asks for the first `rows` rows of the tile at `at` (one or two cache
+/// lines each) to be brought into L1.
+fn prefetch_tile(out: SharedC, (r0, j0): (usize, usize), rows: usize) {
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
     for i in 0..rows {
-        let row = c.wrapping_add(i * ldc);
+        let row = out.at(r0 + i, j0);
         // SAFETY: a prefetch is a hint: it never faults nor changes memory,
         // whatever the address.
         unsafe {
@@ -276,41 +374,50 @@ fn prefetch_tile(c: *mut f32, ldc: usize, rows: usize) {
     }
 }
 
-/// One micro-kernel call on the `rows`×`cols` corner of a tile at `c`; a
-/// ragged edge tile goes through a full-size buffer.
+/// One micro-kernel call on the `rows`×`cols` corner of the tile at
+/// (`r0`, `j0`); a ragged edge tile goes through a full-size buffer.
 ///
 /// # Safety
-/// As [`Kernel`], except that only `rows`×`cols` of the tile at `c` need be
-/// valid.
+/// As [`Kernel`], except that only `rows`×`cols` of the tile need be valid.
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile(
-    u: &Micro,
-    kc: usize,
-    a: &[f32],
-    b: &[f32],
-    c: *mut f32,
-    ldc: usize,
+unsafe fn tile<E: Packed>(
+    u: &Micro<E>,
+    steps: usize,
+    a: &[E],
+    b: &[E],
+    out: SharedC,
+    (r0, j0): (usize, usize),
     (rows, cols): (usize, usize),
     accumulate: bool,
 ) {
+    let c = out.at(r0, j0);
     if rows == u.mr && cols == u.nr {
         // SAFETY: the full tile is inside the output (the caller's contract).
-        unsafe { (u.kernel)(kc, a.as_ptr(), b.as_ptr(), c, ldc, accumulate) };
+        unsafe { (u.kernel)(steps, a.as_ptr(), b.as_ptr(), c, out.ldc, accumulate) };
         return;
     }
     let mut t = [0f32; MAX_TILE];
     if accumulate {
         for i in 0..rows {
             // SAFETY: row i, columns 0..cols of the tile are inside the output.
-            let row = unsafe { std::slice::from_raw_parts(c.add(i * ldc), cols) };
+            let row = unsafe { std::slice::from_raw_parts(c.add(i * out.ldc), cols) };
             t[i * u.nr..][..cols].copy_from_slice(row);
         }
     }
     // SAFETY: `t` holds a whole mr×nr tile with row stride nr.
-    unsafe { (u.kernel)(kc, a.as_ptr(), b.as_ptr(), t.as_mut_ptr(), u.nr, accumulate) };
+    unsafe {
+        (u.kernel)(
+            steps,
+            a.as_ptr(),
+            b.as_ptr(),
+            t.as_mut_ptr(),
+            u.nr,
+            accumulate,
+        )
+    };
     for i in 0..rows {
         // SAFETY: as above.
-        let row = unsafe { std::slice::from_raw_parts_mut(c.add(i * ldc), cols) };
+        let row = unsafe { std::slice::from_raw_parts_mut(c.add(i * out.ldc), cols) };
         row.copy_from_slice(&t[i * u.nr..][..cols]);
     }
 }
