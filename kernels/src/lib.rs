@@ -33,7 +33,7 @@ pub trait Elem: Copy + Send + Sync + 'static {
     /// The bits of the value rounded to bf16 (round to nearest even).
     #[inline(always)]
     fn to_bf16_bits(self) -> u16 {
-        bf16::from_f32(self.to_f32()).to_bits()
+        bf16_bits(self.to_f32())
     }
     /// The slice as f32, when it is one: kernels that accumulate in f32
     /// write such outputs in place instead of through a buffer.
@@ -68,7 +68,7 @@ impl Elem for bf16 {
     }
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
-        bf16::from_f32(x)
+        bf16::from_bits(bf16_bits(x))
     }
 }
 
@@ -81,6 +81,18 @@ impl Elem for f16 {
     fn from_f32(x: f32) -> Self {
         f16::from_f32(x)
     }
+}
+
+/// `x` rounded to bf16 (to nearest, ties to even; NaN stays a quiet NaN),
+/// as bits: the same result as `half::bf16::from_f32`, written without
+/// branches on the value so that loops over slices vectorize (the
+/// conversion of every bf16 output went through the scalar one).
+#[inline(always)]
+pub fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16;
+    let nan = (b >> 16) | 0x40;
+    (if x.is_nan() { nan } else { rounded }) as u16
 }
 
 /// An index input (token id, label) outside its valid range.

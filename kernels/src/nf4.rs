@@ -330,26 +330,43 @@ impl Nf4<'_> {
 
     /// Dequantizes the flat elements `start..start+out.len()` into `out`.
     pub fn dequantize_into(&self, start: usize, out: &mut [f32]) {
+        self.dequantize_with(start, out, |a| NF4_CODE.map(|c| c * a));
+    }
+
+    /// The same values rounded to bf16 (as bits): what a bf16-compute
+    /// product multiplies.
+    pub fn dequantize_bf16_into(&self, start: usize, out: &mut [u16]) {
+        self.dequantize_with(start, out, |a| NF4_CODE.map(|c| crate::bf16_bits(c * a)));
+    }
+
+    /// Dequantizes through a per-block table of the 16 values (`table`
+    /// of the block's absmax): one table per block, then a lookup per code.
+    fn dequantize_with<V: Copy>(
+        &self,
+        start: usize,
+        out: &mut [V],
+        table: impl Fn(f32) -> [V; 16],
+    ) {
         let end = start + out.len();
         let (mut i, mut o) = (start, 0);
         while i < end {
             let b = i / self.block;
             let block_end = ((b + 1) * self.block).min(end);
-            let a = self.block_absmax(b);
+            let t = table(self.block_absmax(b));
             if i % 2 == 1 {
-                out[o] = NF4_CODE[self.code(i)] * a;
+                out[o] = t[self.code(i)];
                 (i, o) = (i + 1, o + 1);
             }
             // Whole bytes: two codes each, the even element high.
             let pairs = (block_end.saturating_sub(i)) / 2;
             let bytes = &self.packed[i / 2..][..pairs];
             for (d, &byte) in out[o..o + 2 * pairs].chunks_exact_mut(2).zip(bytes) {
-                d[0] = NF4_CODE[(byte >> 4) as usize] * a;
-                d[1] = NF4_CODE[(byte & 0xF) as usize] * a;
+                d[0] = t[(byte >> 4) as usize];
+                d[1] = t[(byte & 0xF) as usize];
             }
             (i, o) = (i + 2 * pairs, o + 2 * pairs);
             if i < block_end {
-                out[o] = NF4_CODE[self.code(i)] * a;
+                out[o] = t[self.code(i)];
                 (i, o) = (i + 1, o + 1);
             }
         }

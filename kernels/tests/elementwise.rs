@@ -246,3 +246,27 @@ proptest! {
         check("y", &y, &want, ROUNDED_TOL)?;
     }
 }
+
+/// The branch-free bf16 rounding is `half`'s, bit for bit: every exponent
+/// (denormals, infinities, NaNs with payloads), the rounding boundaries and
+/// random patterns.
+#[test]
+fn bf16_bits_is_halfs_rounding() {
+    let mut rng = Gen::new(9);
+    let mut patterns: Vec<u32> = (0..200_000).map(|_| rng.next_u64() as u32).collect();
+    for hi in [
+        0u32, 1, 0x7F7F, 0x7F80, 0x7FC0, 0x8000, 0xFF80, 0x0080, 0x3F80,
+    ] {
+        for lo in [0u32, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF] {
+            patterns.push(hi << 16 | lo);
+        }
+    }
+    for b in patterns {
+        let x = f32::from_bits(b);
+        assert_eq!(
+            graft_kernels::bf16_bits(x),
+            bf16::from_f32(x).to_bits(),
+            "{b:#010x}"
+        );
+    }
+}

@@ -396,28 +396,31 @@ unsafe fn tile<E: Packed>(
         unsafe { (u.kernel)(steps, a.as_ptr(), b.as_ptr(), c, out.ldc, accumulate) };
         return;
     }
-    let mut t = [0f32; MAX_TILE];
+    // Not zeroed up front: at small n or k (the LoRA products) nearly every
+    // tile is ragged and does little work, so 4 KiB of stores would dominate.
+    // Without `accumulate` the kernel writes the whole tile before reading it.
+    let mut t = std::mem::MaybeUninit::<[f32; MAX_TILE]>::uninit();
+    let tp = t.as_mut_ptr().cast::<f32>();
     if accumulate {
-        for i in 0..rows {
-            // SAFETY: row i, columns 0..cols of the tile are inside the output.
-            let row = unsafe { std::slice::from_raw_parts(c.add(i * out.ldc), cols) };
-            t[i * u.nr..][..cols].copy_from_slice(row);
+        for i in 0..u.mr {
+            // SAFETY: row i of `t` (nr floats at i·nr) lies inside it; row
+            // i < rows, columns 0..cols of the tile are inside the output.
+            unsafe {
+                let dst = std::slice::from_raw_parts_mut(tp.add(i * u.nr), u.nr);
+                let valid = if i < rows { cols } else { 0 };
+                if valid > 0 {
+                    dst[..valid]
+                        .copy_from_slice(std::slice::from_raw_parts(c.add(i * out.ldc), valid));
+                }
+                dst[valid..].fill(0.0);
+            }
         }
     }
-    // SAFETY: `t` holds a whole mr×nr tile with row stride nr.
-    unsafe {
-        (u.kernel)(
-            steps,
-            a.as_ptr(),
-            b.as_ptr(),
-            t.as_mut_ptr(),
-            u.nr,
-            accumulate,
-        )
-    };
+    // SAFETY: `t` holds a whole mr×nr tile with row stride nr, initialized
+    // when the kernel reads it.
+    unsafe { (u.kernel)(steps, a.as_ptr(), b.as_ptr(), tp, u.nr, accumulate) };
     for i in 0..rows {
-        // SAFETY: as above.
-        let row = unsafe { std::slice::from_raw_parts_mut(c.add(i * out.ldc), cols) };
-        row.copy_from_slice(&t[i * u.nr..][..cols]);
+        // SAFETY: as above; the kernel wrote every element of `t`.
+        unsafe { std::ptr::copy_nonoverlapping(tp.add(i * u.nr), c.add(i * out.ldc), cols) };
     }
 }

@@ -111,9 +111,6 @@ pub(super) struct Nf4Rows<'a> {
     pub round: bool,
 }
 
-/// Dequantized values per call when converting to bf16.
-const DEQUANT_RUN: usize = 64;
-
 impl Source for Nf4Rows<'_> {
     #[inline]
     fn row_f32(&self, r: usize, c0: usize, out: &mut [f32]) {
@@ -126,15 +123,7 @@ impl Source for Nf4Rows<'_> {
     }
     #[inline]
     fn row_bf16(&self, r: usize, c0: usize, out: &mut [u16]) {
-        let mut buf = [0f32; DEQUANT_RUN];
-        for (t, o) in out.chunks_mut(DEQUANT_RUN).enumerate() {
-            let vals = &mut buf[..o.len()];
-            self.w
-                .dequantize_into(r * self.w.cols + c0 + t * DEQUANT_RUN, vals);
-            for (o, &v) in o.iter_mut().zip(vals.iter()) {
-                *o = bf16::from_f32(v).to_bits();
-            }
-        }
+        self.w.dequantize_bf16_into(r * self.w.cols + c0, out);
     }
 }
 
