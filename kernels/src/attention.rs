@@ -39,9 +39,34 @@ fn key_starts(seg: &[i32], window: Option<usize>) -> Vec<usize> {
     starts
 }
 
+/// Lanes of the dot product: independent partial sums, so that the loop
+/// vectorizes (a single running f32 sum cannot be reordered).
+const LANES: usize = 16;
+
+/// `Σ a·b` in a fixed order: LANES partial sums, added in order, then the
+/// tail. Every attention entry point uses it, so cached and whole-sequence
+/// attention agree bit for bit.
 #[inline]
-fn dot<T: Elem>(a: &[f32], b: &[T]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum()
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    let mut acc = [0f32; LANES];
+    for (x, y) in ac.zip(bc) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for (x, y) in ar.iter().zip(br) {
+        sum += x * y;
+    }
+    sum
+}
+
+/// The tensor in f32, converted once: the inner loops then read plain f32
+/// rows instead of converting every element of every row they revisit.
+fn widen<T: Elem>(x: &[T]) -> Vec<f32> {
+    x.par_iter().map(|v| v.to_f32()).collect()
 }
 
 /// Forward: writes `out` and the f32 log-sum-exp of the scaled scores `lse[t, n_heads]`.
@@ -57,6 +82,7 @@ pub fn attention<T: Elem>(
     let d = s.head_dim;
     let (qw, kw) = (s.n_heads * d, s.n_kv_heads * d);
     let starts = key_starts(seg, s.window);
+    let (q, k, v) = (widen(q), widen(k), widen(v));
     out.par_chunks_mut(qw)
         .zip(lse.par_chunks_mut(s.n_heads))
         .enumerate()
@@ -66,12 +92,9 @@ pub fn attention<T: Elem>(
             let mut acc = vec![0f32; d];
             for h in 0..s.n_heads {
                 let kh = h / s.group();
-                let qh: Vec<f32> = q[i * qw + h * d..i * qw + (h + 1) * d]
-                    .iter()
-                    .map(|x| x.to_f32())
-                    .collect();
+                let qh = &q[i * qw + h * d..i * qw + (h + 1) * d];
                 for (sc, j) in scores.iter_mut().zip(keys.clone()) {
-                    *sc = s.scale * dot(&qh, &k[j * kw + kh * d..j * kw + (kh + 1) * d]);
+                    *sc = s.scale * dot(qh, &k[j * kw + kh * d..j * kw + (kh + 1) * d]);
                 }
                 let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let sum: f32 = scores.iter().map(|x| (x - m).exp()).sum();
@@ -82,7 +105,7 @@ pub fn attention<T: Elem>(
                         .iter_mut()
                         .zip(&v[j * kw + kh * d..j * kw + (kh + 1) * d])
                     {
-                        *a += p * vv.to_f32();
+                        *a += p * vv;
                     }
                 }
                 for (o, a) in out_row[h * d..(h + 1) * d].iter_mut().zip(&acc) {
@@ -111,12 +134,10 @@ pub fn attention_grad<T: Elem>(
     let (d, t, g) = (s.head_dim, s.tokens, s.group());
     let (qw, kw) = (s.n_heads * d, s.n_kv_heads * d);
     let starts = key_starts(seg, s.window);
-    let row = |x: &[T], width: usize, i: usize, h: usize| -> Vec<f32> {
-        x[i * width + h * d..i * width + (h + 1) * d]
-            .iter()
-            .map(|v| v.to_f32())
-            .collect()
-    };
+    let (q, k, v, out, dout) = (widen(q), widen(k), widen(v), widen(out), widen(dout));
+    fn row(x: &[f32], width: usize, d: usize, i: usize, h: usize) -> &[f32] {
+        &x[i * width + h * d..i * width + (h + 1) * d]
+    }
     // One task per kv head: it owns dk/dv of that head and dq of its query
     // heads, so the accumulations never race.
     let per_kv: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..s.n_kv_heads)
@@ -128,23 +149,27 @@ pub fn attention_grad<T: Elem>(
             for hg in 0..g {
                 let h = kh * g + hg;
                 for i in 0..t {
-                    let qi = row(q, qw, i, h);
-                    let doi = row(dout, qw, i, h);
-                    let oi = row(out, qw, i, h);
-                    let delta: f32 = doi.iter().zip(&oi).map(|(a, b)| a * b).sum();
+                    let qi = row(&q, qw, d, i, h);
+                    let doi = row(&dout, qw, d, i, h);
+                    let oi = row(&out, qw, d, i, h);
+                    let delta: f32 = dot(doi, oi);
                     let l = lse[i * s.n_heads + h];
                     for j in starts[i]..=i {
                         let kj = &k[j * kw + kh * d..j * kw + (kh + 1) * d];
                         let vj = &v[j * kw + kh * d..j * kw + (kh + 1) * d];
-                        let p = (s.scale * dot(&qi, kj) - l).exp();
-                        let ds = p * (dot(&doi, vj) - delta) * s.scale;
+                        let p = (s.scale * dot(qi, kj) - l).exp();
+                        let ds = p * (dot(doi, vj) - delta) * s.scale;
                         let dq_i = &mut dq_l[(i * g + hg) * d..(i * g + hg + 1) * d];
                         for (a, kv) in dq_i.iter_mut().zip(kj) {
-                            *a += ds * kv.to_f32();
+                            *a += ds * kv;
                         }
-                        for c in 0..d {
-                            dk_l[j * d + c] += ds * qi[c];
-                            dv_l[j * d + c] += p * doi[c];
+                        let dk_j = &mut dk_l[j * d..(j + 1) * d];
+                        for (a, qv) in dk_j.iter_mut().zip(qi) {
+                            *a += ds * qv;
+                        }
+                        let dv_j = &mut dv_l[j * d..(j + 1) * d];
+                        for (a, dov) in dv_j.iter_mut().zip(doi) {
+                            *a += p * dov;
                         }
                     }
                 }
@@ -208,9 +233,12 @@ pub fn attention_cached<T: Elem>(
         let first = s.window.map_or(0, |w| (p + 1).saturating_sub(w));
         for h in 0..s.n_heads {
             let kh = h / s.group();
-            let qh = &q[i * qw + h * d..i * qw + (h + 1) * d];
+            let qh: Vec<f32> = q[i * qw + h * d..i * qw + (h + 1) * d]
+                .iter()
+                .map(|x| x.to_f32())
+                .collect();
             let scores: Vec<f32> = (first..=p)
-                .map(|j| s.scale * dot(&row(k_cache, k, j, kh), qh))
+                .map(|j| s.scale * dot(&qh, &row(k_cache, k, j, kh)))
                 .collect();
             let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let sum: f32 = scores.iter().map(|x| (x - m).exp()).sum();
