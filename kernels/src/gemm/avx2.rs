@@ -18,7 +18,7 @@ pub(super) static MICRO: Micro<f32> = Micro {
     mc: 170 * MR,
     nc: 32 * NR,
     step_align: 1,
-    a_row_major: false,
+    a_tiled: false,
     kernel,
 };
 

@@ -21,7 +21,7 @@ pub(super) static MICRO: Micro<f32> = Micro {
     mc: 72 * MR,
     nc: 20 * NR,
     step_align: 1,
-    a_row_major: false,
+    a_tiled: false,
     kernel,
 };
 

@@ -51,9 +51,10 @@ pub(super) struct Micro<E> {
     /// Steps per panel rounded up to a multiple of this (zero padded): the
     /// depth of a tile multiply for AMX, else 1.
     pub step_align: usize,
-    /// A panels stored row by row (`a[i·steps + s]`, the rows of an AMX
-    /// tile) instead of step-major (`a[s·mr + i]`, for broadcasts).
-    pub a_row_major: bool,
+    /// A panels stored as blocks of `step_align` steps, each block row by
+    /// row (`a[(s / align)·mr·align + i·align + s % align]`: an AMX tile's
+    /// rows, contiguous) instead of step-major (`a[s·mr + i]`, for broadcasts).
+    pub a_tiled: bool,
     /// Only ever called once the CPU is known to have its features.
     pub kernel: Kernel<E>,
 }
@@ -79,12 +80,14 @@ const SLABS_PER_SUPER: usize = 4;
 const PAR_MIN_WORK: usize = 1 << 20;
 
 thread_local! {
-    /// Packed A blocks, B slabs and f32 accumulators, kept per thread
+    /// Packed A blocks, B slabs, f32 accumulators and a panel being
+    /// rearranged, kept per thread
     /// between calls so that a training step's many matmuls do not allocate
     /// (and fault in) fresh megabytes each time.
     static A_BUF: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
     static B_BUF: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
     static C_BUF: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
+    static T_BUF: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
 }
 
 /// Runs `f` on a 64-byte-aligned slice of `len` elements from `key`'s
@@ -240,10 +243,19 @@ fn run_k_block<E: Packed>(
     let pack = |(q, d): (usize, &mut [E])| {
         let r0 = q * u.mr;
         let rows = u.mr.min(mc - r0);
-        if u.a_row_major {
-            // A panel of one column per row of op(a).
-            a.pack(&mut d[..rows * steps], (p0, kc), (i0 + r0, rows), 1, steps);
-            d[rows * steps..].fill(E::default());
+        if u.a_tiled {
+            // Packed row by row (a panel of one column per row of op(a)),
+            // then cut into blocks of step_align steps.
+            with_buf(&T_BUF, u.mr * steps, |t: &mut [E]| {
+                a.pack(&mut t[..rows * steps], (p0, kc), (i0 + r0, rows), 1, steps);
+                t[rows * steps..].fill(E::default());
+                let w = u.step_align;
+                for (blk, dst) in d.chunks_exact_mut(u.mr * w).enumerate() {
+                    for (i, row) in dst.chunks_exact_mut(w).enumerate() {
+                        row.copy_from_slice(&t[i * steps + blk * w..][..w]);
+                    }
+                }
+            });
         } else {
             a.pack(d, (p0, kc), (i0 + r0, rows), u.mr, steps);
         }
