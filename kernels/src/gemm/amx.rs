@@ -3,8 +3,8 @@
 //! of 32 k one `tdpbf16ps` per register (16×16×32 multiply-adds of bf16
 //! pairs each), from two A tiles (16 rows × 16 pairs, contiguous
 //! in the tiled A panel) and two B tiles (16 steps × 16 columns of the B
-//! panel). On such CPUs `vdpbf16ps` runs at a quarter of the FMA rate
-//! (measured here: 1.24 G/s against 5.34 G/s per core), so AMX, not
+//! panel). On such CPUs `vdpbf16ps` issues at a quarter of the FMA rate
+//! (measured here: 1.24 G/s against 5.34 G/s per core, scripts/dpbf16_rate.rs), so AMX, not
 //! AVX512-BF16, is their bf16 path.
 //!
 //! Rust has no stable AMX intrinsics: the instructions are inline

@@ -107,7 +107,7 @@ impl Path {
     }
 
     /// The fastest path this CPU supports. AMX before AVX512-BF16: the CPUs
-    /// that have AMX run `vdpbf16ps` at a quarter of the FMA rate.
+    /// that have AMX issue `vdpbf16ps` at a quarter of the FMA rate.
     pub fn best() -> Path {
         [Path::Amx, Path::Avx512Bf16, Path::Avx512, Path::Avx2]
             .into_iter()
