@@ -1,6 +1,11 @@
 //! Gated activations `act(gate)·up` (SwiGLU, GeGLU-tanh), forward and backward.
 
+use crate::math::exp;
 use crate::Elem;
+use rayon::prelude::*;
+
+/// Elements per parallel task.
+const CHUNK: usize = 1 << 14;
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const GELU_C: f32 = 0.044_715;
@@ -10,7 +15,7 @@ const GELU_C: f32 = 0.044_715;
 fn act(kind: Act, g: f32) -> (f32, f32) {
     match kind {
         Act::Silu => {
-            let s = 1.0 / (1.0 + (-g).exp());
+            let s = 1.0 / (1.0 + exp(-g));
             (g * s, s * (1.0 + g * (1.0 - s)))
         }
         Act::GeluTanh => {
@@ -33,9 +38,14 @@ pub enum Act {
 }
 
 pub fn gated_act<T: Elem>(kind: Act, gate: &[T], up: &[T], y: &mut [T]) {
-    for ((y, g), u) in y.iter_mut().zip(gate).zip(up) {
-        *y = T::from_f32(act(kind, g.to_f32()).0 * u.to_f32());
-    }
+    y.par_chunks_mut(CHUNK)
+        .zip(gate.par_chunks(CHUNK))
+        .zip(up.par_chunks(CHUNK))
+        .for_each(|((y, gate), up)| {
+            for ((y, g), u) in y.iter_mut().zip(gate).zip(up) {
+                *y = T::from_f32(act(kind, g.to_f32()).0 * u.to_f32());
+            }
+        });
 }
 
 pub fn gated_act_grad<T: Elem>(
@@ -46,10 +56,17 @@ pub fn gated_act_grad<T: Elem>(
     dgate: &mut [T],
     dup: &mut [T],
 ) {
-    for i in 0..gate.len() {
-        let (a, da) = act(kind, gate[i].to_f32());
-        let d = dy[i].to_f32();
-        dgate[i] = T::from_f32(d * up[i].to_f32() * da);
-        dup[i] = T::from_f32(d * a);
-    }
+    let ins = gate
+        .par_chunks(CHUNK)
+        .zip(up.par_chunks(CHUNK))
+        .zip(dy.par_chunks(CHUNK));
+    let outs = dgate.par_chunks_mut(CHUNK).zip(dup.par_chunks_mut(CHUNK));
+    ins.zip(outs).for_each(|(((gate, up), dy), (dgate, dup))| {
+        for i in 0..gate.len() {
+            let (a, da) = act(kind, gate[i].to_f32());
+            let d = dy[i].to_f32();
+            dgate[i] = T::from_f32(d * up[i].to_f32() * da);
+            dup[i] = T::from_f32(d * a);
+        }
+    });
 }

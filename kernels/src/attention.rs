@@ -5,6 +5,7 @@
 //! keys `j` with `seg[j] = seg[i]`, `j <= i` and, with a window `w`,
 //! `i - j < w`; segments must be contiguous runs.
 
+use crate::math::exp;
 use crate::Elem;
 use rayon::prelude::*;
 
@@ -97,10 +98,10 @@ pub fn attention<T: Elem>(
                     *sc = s.scale * dot(qh, &k[j * kw + kh * d..j * kw + (kh + 1) * d]);
                 }
                 let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = scores.iter().map(|x| (x - m).exp()).sum();
+                let sum: f32 = scores.iter().map(|x| exp(x - m)).sum();
                 acc.fill(0.0);
                 for (sc, j) in scores.iter().zip(keys.clone()) {
-                    let p = (sc - m).exp() / sum;
+                    let p = exp(sc - m) / sum;
                     for (a, vv) in acc
                         .iter_mut()
                         .zip(&v[j * kw + kh * d..j * kw + (kh + 1) * d])
@@ -157,7 +158,7 @@ pub fn attention_grad<T: Elem>(
                     for j in starts[i]..=i {
                         let kj = &k[j * kw + kh * d..j * kw + (kh + 1) * d];
                         let vj = &v[j * kw + kh * d..j * kw + (kh + 1) * d];
-                        let p = (s.scale * dot(qi, kj) - l).exp();
+                        let p = exp(s.scale * dot(qi, kj) - l);
                         let ds = p * (dot(doi, vj) - delta) * s.scale;
                         let dq_i = &mut dq_l[(i * g + hg) * d..(i * g + hg + 1) * d];
                         for (a, kv) in dq_i.iter_mut().zip(kj) {
@@ -241,10 +242,10 @@ pub fn attention_cached<T: Elem>(
                 .map(|j| s.scale * dot(&qh, &row(k_cache, k, j, kh)))
                 .collect();
             let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f32 = scores.iter().map(|x| (x - m).exp()).sum();
+            let sum: f32 = scores.iter().map(|x| exp(x - m)).sum();
             let mut acc = vec![0f32; d];
             for (sc, j) in scores.iter().zip(first..=p) {
-                let w = (sc - m).exp() / sum;
+                let w = exp(sc - m) / sum;
                 for (a, vv) in acc.iter_mut().zip(row(v_cache, v, j, kh)) {
                     *a += w * vv;
                 }

@@ -16,6 +16,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod gemm;
 pub mod loss;
+pub mod math;
 pub mod matmul;
 pub mod nf4;
 pub mod norm;
