@@ -1,33 +1,42 @@
 //! Elementwise kernels and the small reductions that go with them.
 
 use crate::Elem;
+use rayon::prelude::*;
+
+/// Elements per parallel task: each element is independent, so any split
+/// gives the same bits; below this, one task (waking the pool costs more).
+const CHUNK: usize = 1 << 15;
+
+/// `y[i] = f(a[i], b[i])`, in parallel over chunks of the slices.
+fn map2<A: Sync, B: Sync, Y: Send>(a: &[A], b: &[B], y: &mut [Y], f: impl Fn(&A, &B) -> Y + Sync) {
+    y.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK))
+        .zip(b.par_chunks(CHUNK))
+        .for_each(|((y, a), b)| {
+            for ((y, a), b) in y.iter_mut().zip(a).zip(b) {
+                *y = f(a, b);
+            }
+        });
+}
 
 pub fn fill<T: Elem>(y: &mut [T], value: f32) {
     y.fill(T::from_f32(value));
 }
 
 pub fn add<T: Elem>(a: &[T], b: &[T], y: &mut [T]) {
-    for ((y, a), b) in y.iter_mut().zip(a).zip(b) {
-        *y = T::from_f32(a.to_f32() + b.to_f32());
-    }
+    map2(a, b, y, |a, b| T::from_f32(a.to_f32() + b.to_f32()));
 }
 
 pub fn mul<T: Elem>(a: &[T], b: &[T], y: &mut [T]) {
-    for ((y, a), b) in y.iter_mut().zip(a).zip(b) {
-        *y = T::from_f32(a.to_f32() * b.to_f32());
-    }
+    map2(a, b, y, |a, b| T::from_f32(a.to_f32() * b.to_f32()));
 }
 
 pub fn scale<T: Elem>(x: &[T], s: f32, y: &mut [T]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y = T::from_f32(x.to_f32() * s);
-    }
+    map2(x, x, y, |x, _| T::from_f32(x.to_f32() * s));
 }
 
 pub fn cast<T: Elem, U: Elem>(x: &[T], y: &mut [U]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y = U::from_f32(x.to_f32());
-    }
+    map2(x, x, y, |x, _| U::from_f32(x.to_f32()));
 }
 
 /// `y[m,n] = x[m,n] + b[n]`.
