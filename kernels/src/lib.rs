@@ -41,9 +41,14 @@ pub trait Elem: Copy + Send + Sync + 'static {
     fn as_f32_mut(_s: &mut [Self]) -> Option<&mut [f32]> {
         None
     }
+    /// The slice as a GEMM operand.
+    fn operand(s: &[Self]) -> gemm::Operand<'_>;
 }
 
 impl Elem for f32 {
+    fn operand(s: &[f32]) -> gemm::Operand<'_> {
+        gemm::Operand::F32(s)
+    }
     fn as_f32_mut(s: &mut [f32]) -> Option<&mut [f32]> {
         Some(s)
     }
@@ -59,6 +64,9 @@ impl Elem for f32 {
 
 impl Elem for bf16 {
     const BF16: bool = true;
+    fn operand(s: &[bf16]) -> gemm::Operand<'_> {
+        gemm::Operand::Bf16(s)
+    }
     #[inline(always)]
     fn to_bf16_bits(self) -> u16 {
         self.to_bits()
@@ -74,6 +82,9 @@ impl Elem for bf16 {
 }
 
 impl Elem for f16 {
+    fn operand(s: &[f16]) -> gemm::Operand<'_> {
+        gemm::Operand::F16(s)
+    }
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f16::to_f32(self)

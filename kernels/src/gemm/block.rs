@@ -138,16 +138,22 @@ impl SharedC {
     }
 }
 
-/// `c[m,n] = op(a)·op(b)` with micro-kernel `u`, where `a` views `op(a)ᵀ`
-/// (`[k, m]`) and `b` views `op(b)` (`[k, n]`).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn gemm<E: Packed, T: Elem>(
+/// One product of a sum: `a` views `op(a)ᵀ` (`[k, m]`), `b` views `op(b)`
+/// (`[k, n]`).
+pub(super) struct Product<'a, S> {
+    pub a: View<'a, S>,
+    pub b: View<'a, S>,
+    pub k: usize,
+}
+
+/// `c[m,n] = Σ op(a)·op(b)` over `products` with micro-kernel `u`: one
+/// accumulation through the k of every product in turn, as if their k were
+/// concatenated, so a sum of products costs one pass over `c`.
+pub(super) fn gemm<E: Packed, T: Elem, S: Source>(
     u: &Micro<E>,
-    a: &View<impl Source>,
-    b: &View<impl Source>,
+    products: &[Product<S>],
     c: &mut [T],
     m: usize,
-    k: usize,
     n: usize,
 ) {
     assert_eq!(c.len(), m * n, "gemm: c");
@@ -156,13 +162,15 @@ pub(super) fn gemm<E: Packed, T: Elem>(
     if m == 0 || n == 0 {
         return;
     }
-    let threads = if m * k * n >= PAR_MIN_WORK {
+    let k_all: usize = products.iter().map(|p| p.k).sum();
+    let k_max = products.iter().map(|p| p.k).max().unwrap_or(0);
+    let threads = if m * k_all * n >= PAR_MIN_WORK {
         rayon::current_num_threads()
     } else {
         1
     };
     let ns = u.nc * SLABS_PER_SUPER;
-    let a_len = u.mc.min(m.div_ceil(u.mr) * u.mr) * u.steps(u.kc.min(k));
+    let a_len = u.mc.min(m.div_ceil(u.mr) * u.mr) * u.steps(u.kc.min(k_max));
     let c_len = if T::as_f32_mut(&mut []).is_some() {
         0
     } else {
@@ -189,16 +197,21 @@ pub(super) fn gemm<E: Packed, T: Elem>(
                         cols: (s0, width),
                         i0,
                     };
-                    if k == 0 {
+                    if k_all == 0 {
                         for i in 0..mc {
                             // SAFETY: row i of the block, `width` columns.
                             unsafe { std::slice::from_raw_parts_mut(out.at(i, 0), width) }
                                 .fill(0.0);
                         }
                     }
-                    for p0 in (0..k).step_by(u.kc) {
-                        let kc = u.kc.min(k - p0);
-                        run_k_block(u, a, b, abuf, out, threads, &block, (p0, kc));
+                    let mut accumulate = false;
+                    for p in products {
+                        for p0 in (0..p.k).step_by(u.kc) {
+                            let kc = u.kc.min(p.k - p0);
+                            let k_block = KBlock { p0, kc, accumulate };
+                            run_k_block(u, p, abuf, out, threads, &block, k_block);
+                            accumulate = true;
+                        }
                     }
                     if T::as_f32_mut(&mut []).is_none() {
                         let rows = c[i0 * n..(i0 + mc) * n].par_chunks_mut(n);
@@ -214,6 +227,15 @@ pub(super) fn gemm<E: Packed, T: Elem>(
     });
 }
 
+/// k `p0..p0+kc` of one product; `accumulate` unless it is the first
+/// block of the sum (which overwrites the output without reading it).
+#[derive(Clone, Copy)]
+struct KBlock {
+    p0: usize,
+    kc: usize,
+    accumulate: bool,
+}
+
 /// The (m block, super-slab) being computed: rows `i0..i0+mc` and columns
 /// `cols.0..cols.0+cols.1` of the output.
 struct Block {
@@ -225,18 +247,18 @@ struct Block {
 /// One k block of one (m block, super-slab): packs the A block, then splits
 /// the columns over the tasks (each then packs only its own part of B), the
 /// rows too when there are too few columns.
-#[allow(clippy::too_many_arguments)]
-fn run_k_block<E: Packed>(
+fn run_k_block<E: Packed, S: Source>(
     u: &Micro<E>,
-    a: &View<impl Source>,
-    b: &View<impl Source>,
+    product: &Product<S>,
     abuf: &mut [E],
     out: SharedC,
     threads: usize,
     block: &Block,
-    (p0, kc): (usize, usize),
+    k_block: KBlock,
 ) {
     let Block { mc, cols, i0 } = *block;
+    let KBlock { p0, kc, .. } = k_block;
+    let (a, b) = (&product.a, &product.b);
     let steps = u.steps(kc);
     let m_panels = mc.div_ceil(u.mr);
     let apack = &mut abuf[..m_panels * u.mr * steps];
@@ -278,8 +300,7 @@ fn run_k_block<E: Packed>(
             panels: split(n_panels, tn, t % tn),
             mc,
             cols,
-            p0,
-            kc,
+            k_block,
         };
         run_part(u, b, apack, out, part);
     };
@@ -304,8 +325,7 @@ struct Part {
     panels: Range<usize>,
     mc: usize,
     cols: (usize, usize),
-    p0: usize,
-    kc: usize,
+    k_block: KBlock,
 }
 
 fn run_part<E: Packed>(u: &Micro<E>, b: &View<impl Source>, apack: &[E], out: SharedC, part: Part) {
@@ -314,8 +334,7 @@ fn run_part<E: Packed>(u: &Micro<E>, b: &View<impl Source>, apack: &[E], out: Sh
         panels,
         mc,
         cols: (c0, width),
-        p0,
-        kc,
+        k_block: KBlock { p0, kc, accumulate },
     } = part;
     let slab = u.nc / u.nr;
     let steps = u.steps(kc);
@@ -361,7 +380,7 @@ fn run_part<E: Packed>(u: &Micro<E>, b: &View<impl Source>, apack: &[E], out: Sh
                                 out,
                                 (r0, j0),
                                 (nrows, ncols),
-                                p0 > 0,
+                                accumulate,
                             )
                         };
                     }

@@ -27,6 +27,7 @@ mod operand;
 
 use crate::nf4::Nf4;
 use crate::Elem;
+use half::{bf16, f16};
 use std::sync::OnceLock;
 
 /// An implementation of the GEMM, by the instructions it needs.
@@ -164,7 +165,193 @@ impl Path {
     }
 }
 
-/// `c[m,n] = op(a)·op(b)` in f32 on [`Path::active`]; arguments as
+/// A stored matrix operand of [`gemm_sum`], row-major.
+#[derive(Clone, Copy)]
+pub enum Operand<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+    F16(&'a [f16]),
+    /// An NF4 matrix (a frozen weight), dequantized as its panels are packed.
+    Nf4(&'a Nf4<'a>),
+}
+
+impl Operand<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Operand::F32(d) => d.len(),
+            Operand::Bf16(d) => d.len(),
+            Operand::F16(d) => d.len(),
+            Operand::Nf4(w) => w.rows * w.cols,
+        }
+    }
+
+    /// Elements per stored row, for a matrix of `rows` rows; an NF4 matrix
+    /// must be stored with exactly that many.
+    fn row_len(&self, rows: usize, what: &str) -> usize {
+        let cols = self.len().checked_div(rows).unwrap_or(0);
+        if let Operand::Nf4(w) = self {
+            assert_eq!(
+                w.rows, rows,
+                "gemm_sum: NF4 {what} has {} rows, not {rows}",
+                w.rows
+            );
+        }
+        cols
+    }
+
+    /// The values as f32: scaled, then rounded to bf16 when `round`.
+    fn to_f32(self, scale: f32, round: bool) -> Vec<f32> {
+        let mut v: Vec<f32> = match self {
+            Operand::F32(d) => d.to_vec(),
+            Operand::Bf16(d) => d.iter().map(|x| x.to_f32()).collect(),
+            Operand::F16(d) => d.iter().map(|x| x.to_f32()).collect(),
+            Operand::Nf4(w) => {
+                let mut out = vec![0f32; w.rows * w.cols];
+                w.dequantize_into(0, &mut out);
+                out
+            }
+        };
+        for x in v.iter_mut() {
+            *x *= scale;
+            if round {
+                *x = bf16::from_f32(*x).to_f32();
+            }
+        }
+        v
+    }
+}
+
+/// One product of [`gemm_sum`]: `scale · op(a)·op(b)`, `op(a)` `[m, k]`,
+/// `op(b)` `[k, n]`; `a` is stored `[m, k]` (`[k, m]` when `ta`), `b`
+/// `[k, n]` (`[n, k]` when `tb`: a weight `W[n, k]` in `x·Wᵀ`).
+#[derive(Clone, Copy)]
+pub struct Term<'a> {
+    pub a: Operand<'a>,
+    pub b: Operand<'a>,
+    pub k: usize,
+    pub ta: bool,
+    pub tb: bool,
+    pub scale: f32,
+}
+
+impl Term<'_> {
+    fn check(&self, m: usize, n: usize) {
+        assert_eq!(self.a.len(), m * self.k, "gemm_sum: a");
+        assert_eq!(self.b.len(), self.k * n, "gemm_sum: b");
+        let (ar, br) = (
+            if self.ta { self.k } else { m },
+            if self.tb { n } else { self.k },
+        );
+        self.a.row_len(ar, "a");
+        self.b.row_len(br, "b");
+    }
+}
+
+/// `c[m,n] = Σ scale·op(a)·op(b)` over `terms` on [`Path::active`], summed in
+/// f32 and rounded once to `c`'s type. With `bf16`, every operand value is
+/// rounded to bf16 (after its scale) and the products are taken by the bf16
+/// kernels where the path has them; else in f32.
+pub fn gemm_sum<T: Elem>(terms: &[Term], c: &mut [T], m: usize, n: usize, bf16: bool) {
+    gemm_sum_on(Path::active(), terms, c, m, n, bf16)
+}
+
+/// [`gemm_sum`] on a given path, so that tests cover every path on one machine.
+///
+/// # Panics
+/// If this CPU does not support `path` (see [`Path::missing_feature`]), or
+/// an operand's length does not match its term's shape.
+pub fn gemm_sum_on<T: Elem>(
+    path: Path,
+    terms: &[Term],
+    c: &mut [T],
+    m: usize,
+    n: usize,
+    bf16: bool,
+) {
+    path.check("gemm");
+    assert_eq!(c.len(), m * n, "gemm_sum: c");
+    terms.iter().for_each(|t| t.check(m, n));
+    #[cfg(target_arch = "x86_64")]
+    if path != Path::Scalar {
+        use block::Product;
+        use operand::{Stored, View};
+        fn stored(op: Operand<'_>, rows: usize, scale: f32, round: bool) -> Stored<'_> {
+            let ld = op.row_len(rows, "operand");
+            Stored {
+                op,
+                ld,
+                scale,
+                round,
+            }
+        }
+        // op(a)ᵀ is stored transposed unless `ta`; op(b) as is unless `tb`.
+        let sources: Vec<_> = terms
+            .iter()
+            .map(|t| {
+                let a = stored(t.a, if t.ta { t.k } else { m }, t.scale, bf16);
+                let b = stored(t.b, if t.tb { n } else { t.k }, 1.0, bf16);
+                (a, b)
+            })
+            .collect();
+        let products: Vec<Product<Stored>> = terms
+            .iter()
+            .zip(&sources)
+            .map(|(t, (a, b))| Product {
+                a: View {
+                    src: a,
+                    trans: !t.ta,
+                },
+                b: View {
+                    src: b,
+                    trans: t.tb,
+                },
+                k: t.k,
+            })
+            .collect();
+        let p = &products;
+        match path {
+            Path::Scalar => unreachable!("taken below"),
+            Path::Avx2 => block::gemm(&avx2::MICRO, p, c, m, n),
+            Path::Avx512Bf16 if bf16 => block::gemm(&avx512bf16::MICRO, p, c, m, n),
+            Path::Amx if bf16 => block::gemm(&amx::MICRO, p, c, m, n),
+            Path::Avx512 | Path::Avx512Bf16 | Path::Amx => block::gemm(&avx512::MICRO, p, c, m, n),
+        }
+        return;
+    }
+    reference_sum(terms, c, m, n, bf16)
+}
+
+/// The scalar path: each term by the reference kernels on f32 copies of its
+/// operands, the terms summed in f32.
+fn reference_sum<T: Elem>(terms: &[Term], c: &mut [T], m: usize, n: usize, bf16: bool) {
+    let mut acc = vec![0f32; m * n];
+    let mut product = vec![0f32; m * n];
+    for t in terms {
+        let a = t.a.to_f32(t.scale, bf16);
+        match t.b {
+            Operand::Nf4(w) => {
+                let a = if t.ta { transpose(&a, t.k, m) } else { a };
+                crate::nf4::nf4_matmul(&a, w, m, t.tb, bf16, &mut product)
+            }
+            b => {
+                let b = b.to_f32(1.0, bf16);
+                crate::matmul::matmul(&a, &b, &mut product, m, t.k, n, t.ta, t.tb)
+            }
+        }
+        acc.iter_mut().zip(&product).for_each(|(s, p)| *s += p);
+    }
+    for (o, s) in c.iter_mut().zip(acc) {
+        *o = T::from_f32(s);
+    }
+}
+
+fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    (0..rows * cols)
+        .map(|i| x[(i % rows) * cols + i / rows])
+        .collect()
+}
+
+/// `c[m,n] = op(a)·op(b)` on [`Path::active`]; arguments as
 /// [`crate::matmul::matmul`].
 #[allow(clippy::too_many_arguments)]
 pub fn gemm<T: Elem>(
@@ -180,11 +367,11 @@ pub fn gemm<T: Elem>(
     gemm_on(Path::active(), a, b, c, m, k, n, ta, tb)
 }
 
-/// [`gemm`] on a given path, so that tests cover every path on one machine.
+/// [`gemm`] on a given path: one [`Term`] of [`gemm_sum_on`], in bf16 when
+/// the operands are bf16.
 ///
 /// # Panics
-/// If this CPU does not support `path` (see [`Path::missing_feature`]), or
-/// the slices' lengths do not match the shape.
+/// As [`gemm_sum_on`].
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_on<T: Elem>(
     path: Path,
@@ -197,40 +384,15 @@ pub fn gemm_on<T: Elem>(
     ta: bool,
     tb: bool,
 ) {
-    path.check("gemm");
-    assert_eq!(a.len(), m * k, "gemm: a");
-    assert_eq!(b.len(), k * n, "gemm: b");
-    #[cfg(target_arch = "x86_64")]
-    {
-        use operand::{Dense, View};
-        let dense = |data, ld, round| Dense { data, ld, round };
-        // op(a)ᵀ is stored transposed unless `ta`; op(b) is stored as is
-        // unless `tb`.
-        let ad = dense(a, if ta { m } else { k }, false);
-        let bd = dense(b, if tb { k } else { n }, false);
-        let (av, bv) = (
-            View {
-                src: &ad,
-                trans: !ta,
-            },
-            View {
-                src: &bd,
-                trans: tb,
-            },
-        );
-        match path {
-            Path::Scalar => {}
-            Path::Avx2 => return block::gemm(&avx2::MICRO, &av, &bv, c, m, k, n),
-            Path::Avx512Bf16 if T::BF16 => {
-                return block::gemm(&avx512bf16::MICRO, &av, &bv, c, m, k, n)
-            }
-            Path::Amx if T::BF16 => return block::gemm(&amx::MICRO, &av, &bv, c, m, k, n),
-            Path::Avx512 | Path::Avx512Bf16 | Path::Amx => {
-                return block::gemm(&avx512::MICRO, &av, &bv, c, m, k, n)
-            }
-        }
-    }
-    crate::matmul::matmul(a, b, c, m, k, n, ta, tb)
+    let term = Term {
+        a: T::operand(a),
+        b: T::operand(b),
+        k,
+        ta,
+        tb,
+        scale: 1.0,
+    };
+    gemm_sum_on(path, &[term], c, m, n, T::BF16)
 }
 
 /// `out = a·op(W)` for an NF4 weight on [`Path::active`]; arguments as
@@ -239,12 +401,12 @@ pub fn nf4_gemm<T: Elem>(a: &[T], w: &Nf4, m: usize, tb: bool, bf16_compute: boo
     nf4_gemm_on(Path::active(), a, w, m, tb, bf16_compute, out)
 }
 
-/// [`nf4_gemm`] on a given path. W's panels are dequantized as they are
-/// packed (rounded to bf16 in bf16 compute, then multiplied by the bf16
-/// dot-product kernel where the path has it).
+/// [`nf4_gemm`] on a given path: one [`Term`] of [`gemm_sum_on`]. W's
+/// panels are dequantized as they are packed (rounded to bf16 in bf16
+/// compute, then multiplied by the bf16 kernel where the path has one).
 ///
 /// # Panics
-/// As [`gemm_on`].
+/// As [`gemm_sum_on`].
 pub fn nf4_gemm_on<T: Elem>(
     path: Path,
     a: &[T],
@@ -254,48 +416,19 @@ pub fn nf4_gemm_on<T: Elem>(
     bf16_compute: bool,
     out: &mut [T],
 ) {
-    path.check("nf4_gemm");
     // op(W) is [k, n]: Wᵀ (the forward x·Wᵀ) when `tb`.
     let (k, n) = if tb {
         (w.cols, w.rows)
     } else {
         (w.rows, w.cols)
     };
-    assert_eq!(a.len(), m * k, "nf4_gemm: a");
-    assert_eq!(out.len(), m * n, "nf4_gemm: out");
-    #[cfg(target_arch = "x86_64")]
-    {
-        use operand::{Dense, Nf4Rows, View};
-        let ad = Dense {
-            data: a,
-            ld: k,
-            round: bf16_compute,
-        };
-        let wr = Nf4Rows {
-            w,
-            round: bf16_compute,
-        };
-        let (av, wv) = (
-            View {
-                src: &ad,
-                trans: true,
-            },
-            View {
-                src: &wr,
-                trans: tb,
-            },
-        );
-        match path {
-            Path::Scalar => {}
-            Path::Avx2 => return block::gemm(&avx2::MICRO, &av, &wv, out, m, k, n),
-            Path::Avx512Bf16 if bf16_compute => {
-                return block::gemm(&avx512bf16::MICRO, &av, &wv, out, m, k, n)
-            }
-            Path::Amx if bf16_compute => return block::gemm(&amx::MICRO, &av, &wv, out, m, k, n),
-            Path::Avx512 | Path::Avx512Bf16 | Path::Amx => {
-                return block::gemm(&avx512::MICRO, &av, &wv, out, m, k, n)
-            }
-        }
-    }
-    crate::nf4::nf4_matmul(a, w, m, tb, bf16_compute, out)
+    let term = Term {
+        a: T::operand(a),
+        b: Operand::Nf4(w),
+        k,
+        ta: false,
+        tb,
+        scale: 1.0,
+    };
+    gemm_sum_on(path, &[term], out, m, n, bf16_compute)
 }

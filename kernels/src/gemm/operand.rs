@@ -10,9 +10,8 @@
 //! `dst[s·nr + j] = op(b)[p0 + s·K.., j0 + j]`, and an A panel is the same
 //! layout for `op(a)ᵀ` with mr columns, so one routine packs both.
 
-use crate::nf4::Nf4;
-use crate::Elem;
-use half::bf16;
+use super::Operand;
+use crate::{bf16_bits, Elem};
 
 /// An element of a packed panel.
 ///
@@ -74,56 +73,75 @@ pub(super) trait Source: Sync {
     fn row_bf16(&self, r: usize, c0: usize, out: &mut [u16]);
 }
 
-/// A dense row-major matrix with rows of `ld` elements.
-pub(super) struct Dense<'a, T> {
-    pub data: &'a [T],
+/// An [`Operand`] as packing reads it: its stored rows (`ld` elements
+/// apart; an NF4 weight dequantized as it is read), multiplied by `scale`,
+/// then rounded to bf16 when `round` (the product is taken in bf16).
+pub(super) struct Stored<'a> {
+    pub op: Operand<'a>,
     pub ld: usize,
-    /// Round the values to bf16 (they are multiplied in bf16).
+    pub scale: f32,
     pub round: bool,
 }
 
-impl<T: Elem> Source for Dense<'_, T> {
+impl Stored<'_> {
+    /// The values as read, unscaled and unrounded.
     #[inline]
-    fn row_f32(&self, r: usize, c0: usize, out: &mut [f32]) {
-        let src = &self.data[r * self.ld + c0..][..out.len()];
-        if self.round {
-            for (o, &v) in out.iter_mut().zip(src) {
-                *o = bf16::from_bits(v.to_bf16_bits()).to_f32();
-            }
-        } else {
-            for (o, &v) in out.iter_mut().zip(src) {
-                *o = v.to_f32();
-            }
-        }
-    }
-    #[inline]
-    fn row_bf16(&self, r: usize, c0: usize, out: &mut [u16]) {
-        let src = &self.data[r * self.ld + c0..][..out.len()];
-        for (o, &v) in out.iter_mut().zip(src) {
-            *o = v.to_bf16_bits();
+    fn raw_f32(&self, r: usize, c0: usize, out: &mut [f32]) {
+        let at = r * self.ld + c0;
+        match self.op {
+            Operand::F32(d) => out.copy_from_slice(&d[at..][..out.len()]),
+            Operand::Bf16(d) => widen(&d[at..][..out.len()], out),
+            Operand::F16(d) => widen(&d[at..][..out.len()], out),
+            Operand::Nf4(w) => w.dequantize_into(at, out),
         }
     }
 }
 
-/// An NF4 weight, dequantized as it is read.
-pub(super) struct Nf4Rows<'a> {
-    pub w: &'a Nf4<'a>,
-    pub round: bool,
+#[inline(always)]
+fn widen<T: Elem>(src: &[T], out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(src) {
+        *o = v.to_f32();
+    }
 }
 
-impl Source for Nf4Rows<'_> {
+impl Source for Stored<'_> {
     #[inline]
     fn row_f32(&self, r: usize, c0: usize, out: &mut [f32]) {
-        self.w.dequantize_into(r * self.w.cols + c0, out);
-        if self.round {
+        self.raw_f32(r, c0, out);
+        if self.scale != 1.0 {
+            out.iter_mut().for_each(|o| *o *= self.scale);
+        }
+        // bf16 storage is exact in bf16 unless scaled.
+        let exact = matches!(self.op, Operand::Bf16(_)) && self.scale == 1.0;
+        if self.round && !exact {
             for o in out.iter_mut() {
-                *o = bf16::from_f32(*o).to_f32();
+                *o = f32::from_bits((bf16_bits(*o) as u32) << 16);
             }
         }
     }
     #[inline]
     fn row_bf16(&self, r: usize, c0: usize, out: &mut [u16]) {
-        self.w.dequantize_bf16_into(r * self.w.cols + c0, out);
+        let at = r * self.ld + c0;
+        match self.op {
+            Operand::Bf16(d) if self.scale == 1.0 => {
+                let len = out.len();
+                for (o, v) in out.iter_mut().zip(&d[at..][..len]) {
+                    *o = v.to_bits();
+                }
+            }
+            Operand::Nf4(w) if self.scale == 1.0 => w.dequantize_bf16_into(at, out),
+            _ => {
+                // Through f32 (scaled), a run at a time.
+                let mut buf = [0f32; 128];
+                for (i, o) in out.chunks_mut(buf.len()).enumerate() {
+                    let b = &mut buf[..o.len()];
+                    self.raw_f32(r, c0 + i * 128, b);
+                    for (d, &v) in o.iter_mut().zip(b.iter()) {
+                        *d = bf16_bits(v * self.scale);
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -4,6 +4,8 @@
 //! Each test binary uses a different subset of these.
 #![allow(dead_code)]
 
+pub mod nf4;
+
 use graft_kernels::Elem;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;

@@ -1,0 +1,222 @@
+//! `gemm::gemm_sum_on` (the fused sum of products behind the fusion pass's
+//! matmul groups) on every path this CPU supports against the f64 sum of
+//! the products: one to three terms of independent k, transposes and scales,
+//! operands stored as f32, bf16 or NF4 (the LoRA linear: an NF4 base plus
+//! a scaled f32 low-rank product), f32 or bf16 compute, f32 or bf16 output.
+
+mod common;
+
+use common::nf4::Parts;
+use common::*;
+use graft_kernels::bf16;
+use graft_kernels::gemm::{gemm_sum_on, Operand, Path, Term};
+use proptest::prelude::*;
+
+/// How one term's operands are stored.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    F32,
+    Bf16,
+    /// An f32 `a` with an NF4 `b` (a weight `W[n, k]` when `tb`).
+    Nf4,
+}
+
+/// One term's data, owned, and what the kernel should see of it.
+struct Data {
+    k: usize,
+    ta: bool,
+    tb: bool,
+    scale: f32,
+    kind: Kind,
+    a: Vec<f32>,
+    a16: Vec<bf16>,
+    b: Vec<f32>,
+    b16: Vec<bf16>,
+    nf4: Option<Parts>,
+}
+
+impl Data {
+    fn random(m: usize, n: usize, spec: (usize, bool, bool, f32, Kind), seed: u64) -> Data {
+        let (k, ta, tb, scale, kind) = spec;
+        let mut rng = Gen::new(seed);
+        let a = rng.vec(m * k, -1.0, 1.0);
+        let b = rng.vec(k * n, -1.0, 1.0);
+        // NF4 rows are the stored rows of op(b): n when tb, else k.
+        let nf4 = matches!(kind, Kind::Nf4).then(|| {
+            let (rows, cols) = if tb { (n, k) } else { (k, n) };
+            Parts::random(rows, cols, 64, seed ^ 7)
+        });
+        Data {
+            k,
+            ta,
+            tb,
+            scale,
+            kind,
+            a16: to_elem(&a),
+            b16: to_elem(&b),
+            a,
+            b,
+            nf4,
+        }
+    }
+
+    /// The kernel's term; `nf4` is this data's view (borrowed by the term).
+    fn term<'a>(&'a self, nf4: Option<&'a graft_kernels::nf4::Nf4<'a>>) -> Term<'a> {
+        let (a, b) = match self.kind {
+            Kind::F32 => (Operand::F32(&self.a), Operand::F32(&self.b)),
+            Kind::Bf16 => (Operand::Bf16(&self.a16), Operand::Bf16(&self.b16)),
+            Kind::Nf4 => (
+                Operand::F32(&self.a),
+                Operand::Nf4(nf4.expect("an NF4 term")),
+            ),
+        };
+        Term {
+            a,
+            b,
+            k: self.k,
+            ta: self.ta,
+            tb: self.tb,
+            scale: self.scale,
+        }
+    }
+
+    /// op(a)·scale and op(b) as the kernel multiplies them (rounded to bf16
+    /// after the scale when `bf16`), in f64.
+    fn operands(&self, bf16: bool) -> (Vec<f64>, Vec<f64>) {
+        let round = |v: f32| if bf16 { bf16_round(v) } else { v };
+        let (a, b): (Vec<f32>, Vec<f32>) = match self.kind {
+            Kind::F32 => (self.a.clone(), self.b.clone()),
+            Kind::Bf16 => (
+                self.a16.iter().map(|v| v.to_f32()).collect(),
+                self.b16.iter().map(|v| v.to_f32()).collect(),
+            ),
+            Kind::Nf4 => (self.a.clone(), self.nf4.as_ref().unwrap().dequantized()),
+        };
+        (
+            a.iter().map(|&v| round(v * self.scale) as f64).collect(),
+            b.iter().map(|&v| round(v) as f64).collect(),
+        )
+    }
+}
+
+fn bf16_round(v: f32) -> f32 {
+    bf16::from_f32(v).to_f32()
+}
+
+fn kind() -> impl Strategy<Value = Kind> {
+    prop_oneof![Just(Kind::F32), Just(Kind::Bf16), Just(Kind::Nf4)]
+}
+
+fn term_spec(max_k: usize) -> impl Strategy<Value = (usize, bool, bool, f32, Kind)> {
+    (
+        dim(max_k),
+        any::<bool>(),
+        any::<bool>(),
+        prop_oneof![Just(1.0f32), -2.0f32..2.0],
+        kind(),
+    )
+}
+
+fn check_sum(
+    m: usize,
+    n: usize,
+    specs: &[(usize, bool, bool, f32, Kind)],
+    bf16_compute: bool,
+    seed: u64,
+) -> Result<(), TestCaseError> {
+    let data: Vec<Data> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| Data::random(m, n, s, seed.wrapping_add(i as u64)))
+        .collect();
+    let views: Vec<_> = data
+        .iter()
+        .map(|d| d.nf4.as_ref().map(Parts::view))
+        .collect();
+    let terms: Vec<Term> = data
+        .iter()
+        .zip(&views)
+        .map(|(d, v)| d.term(v.as_ref()))
+        .collect();
+    let mut want = vec![0.0f64; m * n];
+    let mut rss = 0.0f64;
+    for d in &data {
+        let (a, b) = d.operands(bf16_compute);
+        let p = matmul_ref(&a, &b, m, d.k, n, d.ta, d.tb);
+        want.iter_mut().zip(&p).for_each(|(w, p)| *w += p);
+        rss += terms_rss(&a, &b, m, d.k, n, d.ta, d.tb).powi(2);
+    }
+    let floor = rss.sqrt();
+    let want16: Vec<f64> = want.iter().map(|&v| bf16_round(v as f32) as f64).collect();
+    for path in Path::ALL.into_iter().filter(|p| p.is_supported()) {
+        let mut c = nan_buf::<f32>(m * n);
+        gemm_sum_on(path, &terms, &mut c, m, n, bf16_compute);
+        // As gemm.rs: f32 accumulation error is ~1e-7 of the terms.
+        check_floor(&format!("{} f32", path.name()), &c, &want, floor, FWD_TOL)?;
+        // A bf16 output: the f64 sum rounded to bf16 (see gemm.rs).
+        let mut c16 = nan_buf::<bf16>(m * n);
+        gemm_sum_on(path, &terms, &mut c16, m, n, bf16_compute);
+        check_floor(&format!("{} bf16", path.name()), &c16, &want16, floor, 1e-3)?;
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(config(48))]
+
+    #[test]
+    fn small(m in dim(40), n in dim(70), specs in prop::collection::vec(term_spec(60), 0..=3), bf16_compute: bool, seed: u64) {
+        check_sum(m, n, &specs, bf16_compute, seed)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(config(8))]
+
+    // Past one k block per term and several B panels, past the parallel threshold.
+    #[test]
+    fn large(m in 1usize..=200, n in 1usize..=300, specs in prop::collection::vec(term_spec(450), 1..=3), bf16_compute: bool, seed: u64) {
+        check_sum(m, n, &specs, bf16_compute, seed)?;
+    }
+}
+
+/// The LoRA linear as the fusion pass emits it: `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` in one
+/// call is the two products summed, here with a rank-1 `B·A` that makes the
+/// expected value exact to check.
+#[test]
+fn lora_linear_is_the_two_products_summed() {
+    let (m, k, n) = (3, 4, 5);
+    let x: Vec<f32> = (0..m * k).map(|i| i as f32).collect();
+    let w: Vec<f32> = (0..n * k).map(|i| (i % 3) as f32).collect();
+    let ax: Vec<f32> = (0..m).map(|i| i as f32 + 1.0).collect(); // [m, r=1]
+    let b: Vec<f32> = (0..n).map(|j| j as f32).collect(); // [n, r=1]
+    let terms = [
+        Term {
+            a: Operand::F32(&x),
+            b: Operand::F32(&w),
+            k,
+            ta: false,
+            tb: true,
+            scale: 1.0,
+        },
+        Term {
+            a: Operand::F32(&ax),
+            b: Operand::F32(&b),
+            k: 1,
+            ta: false,
+            tb: true,
+            scale: 0.5,
+        },
+    ];
+    for path in Path::ALL.into_iter().filter(|p| p.is_supported()) {
+        let mut y = vec![f32::NAN; m * n];
+        gemm_sum_on(path, &terms, &mut y, m, n, false);
+        for i in 0..m {
+            for j in 0..n {
+                let base: f32 = (0..k).map(|p| x[i * k + p] * w[j * k + p]).sum();
+                let want = base + 0.5 * ax[i] * b[j];
+                assert_eq!(y[i * n + j], want, "{} y[{i},{j}]", path.name());
+            }
+        }
+    }
+}
