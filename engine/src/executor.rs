@@ -307,6 +307,70 @@ fn cast_to<T: Elem + bytemuck::Pod>(x: &[T], to: DType, y: &mut [u8]) -> Result<
     Ok(())
 }
 
+/// A fusion group `[addend +] Σ scale·op(a)·op(b)` in one [`gemm::gemm_sum`].
+fn matmul_sum(
+    terms: &[graft_ir::Product],
+    addend: bool,
+    bf16_compute: bool,
+    ins: &[&[u8]],
+    out: &mut [u8],
+    tys: &[&TypeInfo],
+    out_dtype: DType,
+) -> Result<(), String> {
+    // NF4 views borrow their bytes: made first, then referenced by the terms.
+    let nf4: Vec<Option<graft_kernels::nf4::Nf4>> = terms
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match (t.nf4, tys[2 * i + 1].dtype) {
+            (true, DType::Nf4 { block }) => {
+                crate::nf4::nf4_view(ins[2 * i + 1], &tys[2 * i + 1].shape, block as usize)
+                    .map(Some)
+                    .map_err(|e| e.to_string())
+            }
+            (true, other) => Err(format!("term {i}: weight is {other}, not nf4")),
+            (false, _) => Ok(None),
+        })
+        .collect::<Result<_, _>>()?;
+    let dense = |i: usize| -> Result<gemm::Operand, String> {
+        Ok(match tys[i].dtype {
+            DType::F32 => gemm::Operand::F32(f(ins[i])),
+            DType::BF16 => gemm::Operand::Bf16(f(ins[i])),
+            DType::F16 => gemm::Operand::F16(f(ins[i])),
+            other => return Err(format!("operand {i} is {other}")),
+        })
+    };
+    let mut gterms = Vec::with_capacity(terms.len());
+    let (mut m, mut n) = (0, 0);
+    for (i, (t, w)) in terms.iter().zip(&nf4).enumerate() {
+        let (a, b) = (tys[2 * i].shape.as_slice(), tys[2 * i + 1].shape.as_slice());
+        let (rows, k) = if t.ta { (a[1], a[0]) } else { (a[0], a[1]) };
+        (m, n) = (rows, if t.tb { b[0] } else { b[1] });
+        gterms.push(gemm::Term {
+            a: dense(2 * i)?,
+            b: match w {
+                Some(w) => gemm::Operand::Nf4(w),
+                None => dense(2 * i + 1)?,
+            },
+            k,
+            ta: t.ta,
+            tb: t.tb,
+            scale: t.scale,
+        });
+    }
+    let init = match addend {
+        true => Some(dense(2 * terms.len())?),
+        false => None,
+    };
+    let bf = bf16_compute;
+    match out_dtype {
+        DType::F32 => gemm::gemm_sum(&gterms, init, fm::<f32>(out), m, n, bf),
+        DType::BF16 => gemm::gemm_sum(&gterms, init, fm::<bf16>(out), m, n, bf),
+        DType::F16 => gemm::gemm_sum(&gterms, init, fm::<f16>(out), m, n, bf),
+        other => return Err(format!("cannot write {other}")),
+    }
+    Ok(())
+}
+
 /// Runs one op whose main float operand has storage type `T`.
 fn exec<T: Elem + bytemuck::Pod>(
     op: &Op,
@@ -352,6 +416,12 @@ fn exec<T: Elem + bytemuck::Pod>(
                 fm::<T>(o0),
             )
         }
+        Op::MatMulSum {
+            terms,
+            addend,
+            compute,
+            out,
+        } => matmul_sum(terms, *addend, *compute == DType::BF16, ins, o0, tys, *out)?,
         Op::AddBias => ew::add_bias(f::<T>(ins[0]), f::<T>(ins[1]), fm::<T>(o0)),
         Op::SumRows => ew::sum_rows(f::<T>(ins[0]), fm::<T>(o0)),
         Op::MulCols => ew::mul_cols(f::<T>(ins[0]), f::<T>(ins[1]), fm::<T>(o0)),

@@ -43,7 +43,8 @@ pub use executor::{CpuExecutor, Feeds};
 pub use graft_ir as ir;
 pub use graft_kernels as kernels;
 pub use plan::{
-    adalomo_state_shapes, compile, compile_fused, compile_training, FusedInputs, FusedRule, Plan,
+    adalomo_state_shapes, compile, compile_fused, compile_fused_with, compile_training,
+    compile_training_with, compile_with, CompileOptions, FusedInputs, FusedRule, Plan,
 };
 pub use tensor::{Storage, Tensor};
 

@@ -1,7 +1,9 @@
 //! The compile pipeline: record -> autograd -> passes -> an executable plan.
 
 use crate::EngineError;
-use graft_ir::passes::{live_schedule, place_in_place, plan_memory, MemoryPlan};
+use graft_ir::passes::{
+    fuse_products, live_schedule, place_in_place, plan_memory, Fusion, MemoryPlan,
+};
 use graft_ir::{backward, AdaLomoSpec, DType, Graph, NodeId, Op, Source, ValueId};
 
 /// A compiled graph: the live nodes in execution order and the memory plan
@@ -17,6 +19,21 @@ pub struct Plan {
     /// Parameters the plan updates in place (fused updates), in the order of
     /// their squared-gradient-norm outputs.
     updated: Vec<ValueId>,
+    fusion: Fusion,
+}
+
+/// How to compile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompileOptions {
+    /// Run the fusion pass (`passes::fuse_products`). Off only to compare
+    /// against the unfused plan.
+    pub fuse: bool,
+}
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        CompileOptions { fuse: true }
+    }
 }
 
 impl Plan {
@@ -66,11 +83,19 @@ impl Plan {
         self.outputs.iter().for_each(|&o| visit(o));
         leaves
     }
-    /// A readable listing of the schedule with the memory plan's peak.
+    /// What the fusion pass did.
+    pub fn fusion(&self) -> Fusion {
+        self.fusion
+    }
+    /// A readable listing of the schedule (fusion groups as `matmul_sum[…]`
+    /// nodes) with the memory plan's peak.
     pub fn dump(&self) -> String {
         format!(
-            "{}peak arena: {} bytes (without reuse: {})\n",
+            "{}{} nodes; fusion: {} groups replacing {} nodes\npeak arena: {} bytes (without reuse: {})\n",
             self.graph.dump(Some(&self.schedule)),
+            self.schedule.len(),
+            self.fusion.groups,
+            self.fusion.absorbed,
             self.memory.peak_bytes,
             self.memory.total_bytes
         )
@@ -80,6 +105,15 @@ impl Plan {
 /// Compiles `graph` to compute `outputs` (forward only, or whatever gradient
 /// nodes the graph already holds).
 pub fn compile(graph: Graph, outputs: &[ValueId]) -> Result<Plan, EngineError> {
+    compile_with(graph, outputs, CompileOptions::default())
+}
+
+/// [`compile`] with options.
+pub fn compile_with(
+    mut graph: Graph,
+    outputs: &[ValueId],
+    opts: CompileOptions,
+) -> Result<Plan, EngineError> {
     for &o in outputs {
         if o.index() >= graph.values().len() {
             return Err(EngineError::Compile(format!(
@@ -88,6 +122,10 @@ pub fn compile(graph: Graph, outputs: &[ValueId]) -> Result<Plan, EngineError> {
             )));
         }
     }
+    let fusion = match opts.fuse {
+        true => fuse_products(&mut graph, outputs)?,
+        false => Fusion::default(),
+    };
     let schedule = place_in_place(&graph, &live_schedule(&graph, outputs));
     for &n in &schedule {
         let node = graph.node(n);
@@ -107,6 +145,7 @@ pub fn compile(graph: Graph, outputs: &[ValueId]) -> Result<Plan, EngineError> {
         outputs: outputs.to_vec(),
         grads: Vec::new(),
         updated: Vec::new(),
+        fusion,
     })
 }
 
@@ -114,9 +153,19 @@ pub fn compile(graph: Graph, outputs: &[ValueId]) -> Result<Plan, EngineError> {
 /// trainable parameters, then plans `loss`, the gradients and `extra` outputs.
 /// The plan's outputs are `[loss, extra.., gradients..]`.
 pub fn compile_training(
+    graph: Graph,
+    loss: ValueId,
+    extra: &[ValueId],
+) -> Result<Plan, EngineError> {
+    compile_training_with(graph, loss, extra, CompileOptions::default())
+}
+
+/// [`compile_training`] with options.
+pub fn compile_training_with(
     mut graph: Graph,
     loss: ValueId,
     extra: &[ValueId],
+    opts: CompileOptions,
 ) -> Result<Plan, EngineError> {
     let grads = backward(&mut graph, loss)?;
     if grads.params.is_empty() {
@@ -127,7 +176,7 @@ pub fn compile_training(
     let mut outputs = vec![loss];
     outputs.extend_from_slice(extra);
     outputs.extend(grads.params.iter().map(|(_, g)| *g));
-    let mut plan = compile(graph, &outputs)?;
+    let mut plan = compile_with(graph, &outputs, opts)?;
     plan.grads = grads.params;
     Ok(plan)
 }
@@ -189,9 +238,19 @@ pub fn adalomo_state_shapes(shape: &[usize]) -> ([usize; 1], [usize; 1]) {
 /// for the first pass of two-pass clipping: it only measures the norms (and,
 /// for AdaLomo, must then be given its state back: see the trainer).
 pub fn compile_fused(
+    graph: Graph,
+    loss: ValueId,
+    rule: FusedRule,
+) -> Result<(Plan, FusedInputs), EngineError> {
+    compile_fused_with(graph, loss, rule, CompileOptions::default())
+}
+
+/// [`compile_fused`] with options.
+pub fn compile_fused_with(
     mut graph: Graph,
     loss: ValueId,
     rule: FusedRule,
+    opts: CompileOptions,
 ) -> Result<(Plan, FusedInputs), EngineError> {
     let grads = backward(&mut graph, loss)?;
     if grads.params.is_empty() {
@@ -234,7 +293,7 @@ pub fn compile_fused(
         };
         outputs.push(out);
     }
-    let mut plan = compile(graph, &outputs)?;
+    let mut plan = compile_with(graph, &outputs, opts)?;
     plan.updated = grads.params.iter().map(|(p, _)| *p).collect();
     Ok((plan, inputs))
 }

@@ -146,6 +146,11 @@ fn vjp(
         return Ok(res);
     };
     match op {
+        Op::MatMulSum { .. } => {
+            return Err(IrError::Autograd(
+                "matmul_sum is made by the fusion pass, after autograd: differentiate the unfused graph".into(),
+            ))
+        }
         Op::MatMul { ta, tb } => {
             let (a, b) = (ins[0], ins[1]);
             // C = op(A)·op(B); each case transposes the product back into A's / B's layout.

@@ -193,6 +193,41 @@ impl Graph {
         Ok(self.nodes[node.index()].outputs.clone())
     }
 
+    /// A graph rewrite: node `n` computes its outputs with `op` from `inputs`
+    /// instead. The outputs keep their ids and must keep their types, and
+    /// every input must be a leaf or come from an earlier node, so the
+    /// recording order stays topological. Nodes only `n` read become dead.
+    pub fn replace_node(&mut self, n: NodeId, op: Op, inputs: Vec<ValueId>) -> Result<(), IrError> {
+        for &i in &inputs {
+            if i.index() >= self.values.len() {
+                return Err(IrError::UnknownValue(i));
+            }
+            if self.producer(i).is_some_and(|p| p >= n) {
+                return Err(IrError::Shape {
+                    op: op.name(),
+                    msg: format!("input %{} is not computed before node {}", i.0, n.0),
+                });
+            }
+        }
+        let tys: Vec<&TypeInfo> = inputs.iter().map(|&i| self.ty(i)).collect();
+        let out_tys = op.infer(&tys)?;
+        let node = &self.nodes[n.index()];
+        let old: Vec<&TypeInfo> = node.outputs.iter().map(|&o| self.ty(o)).collect();
+        if out_tys.iter().collect::<Vec<_>>() != old {
+            return Err(IrError::Shape {
+                op: op.name(),
+                msg: format!(
+                    "would change the outputs of {} from {old:?} to {out_tys:?}",
+                    node.op.name()
+                ),
+            });
+        }
+        let node = &mut self.nodes[n.index()];
+        node.op = op;
+        node.inputs = inputs;
+        Ok(())
+    }
+
     /// Records a single-output op.
     pub fn apply1(&mut self, op: Op, inputs: &[ValueId]) -> Result<ValueId, IrError> {
         Ok(self.apply(op, inputs)?[0])
@@ -369,7 +404,7 @@ impl Graph {
                 s,
                 "{} = {}({})",
                 outs.join(", "),
-                node.op.name(),
+                node.op.label(),
                 ins.join(", ")
             );
         }

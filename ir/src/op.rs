@@ -71,6 +71,17 @@ impl Default for AdaLomoSpec {
     }
 }
 
+/// One product of [`Op::MatMulSum`]: `scale · op(a)·op(b)` as
+/// [`Op::MatMul`] with `ta`/`tb` (its operands of one float dtype), or, with
+/// `nf4`, as [`Op::Nf4MatMul`] with `tb` (b the NF4 weight, `ta` false).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Product {
+    pub ta: bool,
+    pub tb: bool,
+    pub nf4: bool,
+    pub scale: f32,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
     /// A constant filled tensor (the seed of the backward pass).
@@ -92,6 +103,17 @@ pub enum Op {
     Nf4MatMul {
         tb: bool,
         compute: DType,
+    },
+    /// A fusion group (made by `passes::fuse_products`, after autograd):
+    /// `[addend +] Σ scale·op(a)·op(b)` over `terms`, inputs `a₀, b₀, a₁,
+    /// b₁, …` then the `[M,N]` addend when `addend`. Summed in f32 through
+    /// the k of every product in turn and rounded once to `out`; with
+    /// `compute` bf16 the products' operands are rounded to bf16 first.
+    MatMulSum {
+        terms: Vec<Product>,
+        addend: bool,
+        compute: DType,
+        out: DType,
     },
     /// `x[M,N] + b[N]` broadcast over rows.
     AddBias,
@@ -213,6 +235,7 @@ impl Op {
             Op::Fill { .. } => "fill",
             Op::MatMul { .. } => "matmul",
             Op::Nf4MatMul { .. } => "nf4_matmul",
+            Op::MatMulSum { .. } => "matmul_sum",
             Op::AddBias => "add_bias",
             Op::MulCols => "mul_cols",
             Op::DoraCombine => "dora_combine",
@@ -241,10 +264,42 @@ impl Op {
         }
     }
 
+    /// The name with what a dump needs to read a fusion group: its terms
+    /// (`nf4ᵀ + 2·mmᵀ` …), addend, compute and output types.
+    pub fn label(&self) -> String {
+        let Op::MatMulSum {
+            terms,
+            addend,
+            compute,
+            out,
+        } = self
+        else {
+            return self.name().to_string();
+        };
+        let t = |flag: bool| if flag { "ᵀ" } else { "" };
+        let mut parts: Vec<String> = terms
+            .iter()
+            .map(|p| {
+                let scale = if p.scale == 1.0 {
+                    String::new()
+                } else {
+                    format!("{}·", p.scale)
+                };
+                let kind = if p.nf4 { "nf4" } else { "mm" };
+                format!("{scale}{}{kind}{}", t(p.ta), t(p.tb))
+            })
+            .collect();
+        if *addend {
+            parts.push("addend".into());
+        }
+        format!("matmul_sum[{} | {compute}→{out}]", parts.join(" + "))
+    }
+
     /// Number of inputs the op takes.
     pub fn arity(&self) -> usize {
         match self {
             Op::Fill { .. } => 0,
+            Op::MatMulSum { terms, addend, .. } => 2 * terms.len() + usize::from(*addend),
             Op::SumRows | Op::Scale(_) | Op::Cast(_) => 1,
             Op::MatMul { .. }
             | Op::Nf4MatMul { .. }
@@ -364,6 +419,46 @@ impl Op {
                     )));
                 }
                 out(vec![a.shape[0], outer], a.dtype)
+            }
+            Op::MatMulSum {
+                terms,
+                addend,
+                compute,
+                out: out_dtype,
+            } => {
+                if !matches!(compute, DType::F32 | DType::BF16) || !out_dtype.is_float() {
+                    return Err(self.err(format!(
+                        "compute must be f32 or bf16 and out a float, got {compute}, {out_dtype}"
+                    )));
+                }
+                let mut shape = None;
+                for (i, t) in terms.iter().enumerate() {
+                    let pair = [ins[2 * i], ins[2 * i + 1]];
+                    let ty = match t.nf4 {
+                        false => Op::MatMul { ta: t.ta, tb: t.tb }.infer(&pair)?,
+                        true if !t.ta => Op::Nf4MatMul {
+                            tb: t.tb,
+                            compute: *compute,
+                        }
+                        .infer(&pair)?,
+                        true => return Err(self.err(format!("term {i}: an NF4 term with ta"))),
+                    };
+                    let s = &ty[0].shape;
+                    if shape.get_or_insert_with(|| s.clone()) != s {
+                        return Err(self.err(format!("term {i} is {s:?}, not {shape:?}")));
+                    }
+                }
+                let Some(shape) = shape else {
+                    return Err(self.err("no terms".into()));
+                };
+                if *addend {
+                    let c = ins[2 * terms.len()];
+                    float(c, "addend")?;
+                    if c.shape != shape {
+                        return Err(self.err(format!("addend {:?} is not {shape:?}", c.shape)));
+                    }
+                }
+                out(shape, *out_dtype)
             }
             Op::AdaLomoUpdate(_) => {
                 let (p, g) = (ins[0], ins[1]);

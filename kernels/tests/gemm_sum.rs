@@ -2,7 +2,8 @@
 //! matmul groups) on every path this CPU supports against the f64 sum of
 //! the products: one to three terms of independent k, transposes and scales,
 //! operands stored as f32, bf16 or NF4 (the LoRA linear: an NF4 base plus
-//! a scaled f32 low-rank product), f32 or bf16 compute, f32 or bf16 output.
+//! a scaled f32 low-rank product), with or without an addend (a residual),
+//! f32 or bf16 compute, f32 or bf16 output.
 
 mod common;
 
@@ -122,6 +123,7 @@ fn check_sum(
     n: usize,
     specs: &[(usize, bool, bool, f32, Kind)],
     bf16_compute: bool,
+    addend: bool,
     seed: u64,
 ) -> Result<(), TestCaseError> {
     let data: Vec<Data> = specs
@@ -138,8 +140,13 @@ fn check_sum(
         .zip(&views)
         .map(|(d, v)| d.term(v.as_ref()))
         .collect();
-    let mut want = vec![0.0f64; m * n];
-    let mut rss = 0.0f64;
+    // An addend, stored as bf16 (read exactly).
+    let init: Option<Vec<bf16>> = addend.then(|| to_elem(&Gen::new(!seed).vec(m * n, -4.0, 4.0)));
+    let mut want = match &init {
+        Some(i) => to_f64(i),
+        None => vec![0.0f64; m * n],
+    };
+    let mut rss = norm(&want).powi(2);
     for d in &data {
         let (a, b) = d.operands(bf16_compute);
         let p = matmul_ref(&a, &b, m, d.k, n, d.ta, d.tb);
@@ -150,12 +157,28 @@ fn check_sum(
     let want16: Vec<f64> = want.iter().map(|&v| bf16_round(v as f32) as f64).collect();
     for path in Path::ALL.into_iter().filter(|p| p.is_supported()) {
         let mut c = nan_buf::<f32>(m * n);
-        gemm_sum_on(path, &terms, &mut c, m, n, bf16_compute);
+        gemm_sum_on(
+            path,
+            &terms,
+            init.as_deref().map(Operand::Bf16),
+            &mut c,
+            m,
+            n,
+            bf16_compute,
+        );
         // As gemm.rs: f32 accumulation error is ~1e-7 of the terms.
         check_floor(&format!("{} f32", path.name()), &c, &want, floor, FWD_TOL)?;
         // A bf16 output: the f64 sum rounded to bf16 (see gemm.rs).
         let mut c16 = nan_buf::<bf16>(m * n);
-        gemm_sum_on(path, &terms, &mut c16, m, n, bf16_compute);
+        gemm_sum_on(
+            path,
+            &terms,
+            init.as_deref().map(Operand::Bf16),
+            &mut c16,
+            m,
+            n,
+            bf16_compute,
+        );
         check_floor(&format!("{} bf16", path.name()), &c16, &want16, floor, 1e-3)?;
     }
     Ok(())
@@ -165,8 +188,8 @@ proptest! {
     #![proptest_config(config(48))]
 
     #[test]
-    fn small(m in dim(40), n in dim(70), specs in prop::collection::vec(term_spec(60), 0..=3), bf16_compute: bool, seed: u64) {
-        check_sum(m, n, &specs, bf16_compute, seed)?;
+    fn small(m in dim(40), n in dim(70), specs in prop::collection::vec(term_spec(60), 0..=3), bf16_compute: bool, addend: bool, seed: u64) {
+        check_sum(m, n, &specs, bf16_compute, addend, seed)?;
     }
 }
 
@@ -175,8 +198,8 @@ proptest! {
 
     // Past one k block per term and several B panels, past the parallel threshold.
     #[test]
-    fn large(m in 1usize..=200, n in 1usize..=300, specs in prop::collection::vec(term_spec(450), 1..=3), bf16_compute: bool, seed: u64) {
-        check_sum(m, n, &specs, bf16_compute, seed)?;
+    fn large(m in 1usize..=200, n in 1usize..=300, specs in prop::collection::vec(term_spec(450), 1..=3), bf16_compute: bool, addend: bool, seed: u64) {
+        check_sum(m, n, &specs, bf16_compute, addend, seed)?;
     }
 }
 
@@ -210,7 +233,7 @@ fn lora_linear_is_the_two_products_summed() {
     ];
     for path in Path::ALL.into_iter().filter(|p| p.is_supported()) {
         let mut y = vec![f32::NAN; m * n];
-        gemm_sum_on(path, &terms, &mut y, m, n, false);
+        gemm_sum_on(path, &terms, None, &mut y, m, n, false);
         for i in 0..m {
             for j in 0..n {
                 let base: f32 = (0..k).map(|p| x[i * k + p] * w[j * k + p]).sum();

@@ -28,6 +28,9 @@ enum Command {
     /// Eval loss, and exact-match accuracy of greedy answers, on a
     /// configuration's eval set.
     Eval(commands::eval::Args),
+    /// Show the training step `run` would compile: nodes, fusion groups and
+    /// the memory plan's peak, unfused and fused (`--dump`: every node).
+    Plan(commands::plan::Args),
     /// Merge a LoRA adapter into its base and write a plain HF checkpoint.
     Merge(commands::merge::Args),
     /// Compute the logits of a token sequence and write them to a safetensors
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => commands::generate::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Merge(args) => commands::merge::run(args),
+        Command::Plan(args) => commands::plan::run(args),
         Command::MakeDefault(args) => commands::make_default::run(args),
     };
     match result {

@@ -1,10 +1,13 @@
 //! Graph passes: each takes a graph (and what must be kept) and returns a
-//! schedule or a plan; none changes the values a graph computes.
+//! schedule or a plan, or rewrites the graph (fusion) into one that
+//! computes the same values (up to rounding: a fused sum rounds once).
 
 mod dce;
+mod fuse;
 mod inplace;
 mod memory;
 
 pub use dce::live_schedule;
+pub use fuse::{fuse_products, Fusion};
 pub use inplace::place_in_place;
 pub use memory::{plan_memory, MemoryPlan};

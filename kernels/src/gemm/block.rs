@@ -146,12 +146,14 @@ pub(super) struct Product<'a, S> {
     pub k: usize,
 }
 
-/// `c[m,n] = Σ op(a)·op(b)` over `products` with micro-kernel `u`: one
-/// accumulation through the k of every product in turn, as if their k were
-/// concatenated, so a sum of products costs one pass over `c`.
+/// `c[m,n] = init + Σ op(a)·op(b)` over `products` with micro-kernel `u`
+/// (`init`, when given, a stored `[m, n]` matrix): one accumulation through
+/// the k of every product in turn, as if their k were concatenated, so a
+/// sum of products (and an addend) costs one pass over `c`.
 pub(super) fn gemm<E: Packed, T: Elem, S: Source>(
     u: &Micro<E>,
     products: &[Product<S>],
+    init: Option<&S>,
     c: &mut [T],
     m: usize,
     n: usize,
@@ -197,14 +199,18 @@ pub(super) fn gemm<E: Packed, T: Elem, S: Source>(
                         cols: (s0, width),
                         i0,
                     };
-                    if k_all == 0 {
+                    if k_all == 0 || init.is_some() {
                         for i in 0..mc {
                             // SAFETY: row i of the block, `width` columns.
-                            unsafe { std::slice::from_raw_parts_mut(out.at(i, 0), width) }
-                                .fill(0.0);
+                            let row =
+                                unsafe { std::slice::from_raw_parts_mut(out.at(i, 0), width) };
+                            match init {
+                                Some(src) => src.row_f32(i0 + i, s0, row),
+                                None => row.fill(0.0),
+                            }
                         }
                     }
-                    let mut accumulate = false;
+                    let mut accumulate = init.is_some();
                     for p in products {
                         for p0 in (0..p.k).step_by(u.kc) {
                             let kc = u.kc.min(p.k - p0);

@@ -247,12 +247,20 @@ impl Term<'_> {
     }
 }
 
-/// `c[m,n] = Σ scale·op(a)·op(b)` over `terms` on [`Path::active`], summed in
-/// f32 and rounded once to `c`'s type. With `bf16`, every operand value is
-/// rounded to bf16 (after its scale) and the products are taken by the bf16
-/// kernels where the path has them; else in f32.
-pub fn gemm_sum<T: Elem>(terms: &[Term], c: &mut [T], m: usize, n: usize, bf16: bool) {
-    gemm_sum_on(Path::active(), terms, c, m, n, bf16)
+/// `c[m,n] = init + Σ scale·op(a)·op(b)` over `terms` on [`Path::active`],
+/// summed in f32 and rounded once to `c`'s type; `init`, when given, is a
+/// dense `[m, n]` addend (read exactly). With `bf16`, every operand value
+/// of a product is rounded to bf16 (after its scale) and the products are
+/// taken by the bf16 kernels where the path has them; else in f32.
+pub fn gemm_sum<T: Elem>(
+    terms: &[Term],
+    init: Option<Operand>,
+    c: &mut [T],
+    m: usize,
+    n: usize,
+    bf16: bool,
+) {
+    gemm_sum_on(Path::active(), terms, init, c, m, n, bf16)
 }
 
 /// [`gemm_sum`] on a given path, so that tests cover every path on one machine.
@@ -263,6 +271,7 @@ pub fn gemm_sum<T: Elem>(terms: &[Term], c: &mut [T], m: usize, n: usize, bf16: 
 pub fn gemm_sum_on<T: Elem>(
     path: Path,
     terms: &[Term],
+    init: Option<Operand>,
     c: &mut [T],
     m: usize,
     n: usize,
@@ -271,6 +280,10 @@ pub fn gemm_sum_on<T: Elem>(
     path.check("gemm");
     assert_eq!(c.len(), m * n, "gemm_sum: c");
     terms.iter().for_each(|t| t.check(m, n));
+    if let Some(i) = &init {
+        assert_eq!(i.len(), m * n, "gemm_sum: init");
+        assert!(!matches!(i, Operand::Nf4(_)), "gemm_sum: an NF4 init");
+    }
     #[cfg(target_arch = "x86_64")]
     if path != Path::Scalar {
         use block::Product;
@@ -308,23 +321,36 @@ pub fn gemm_sum_on<T: Elem>(
                 k: t.k,
             })
             .collect();
-        let p = &products;
+        let init = init.map(|op| stored(op, m, 1.0, false));
+        let (p, i) = (&products, init.as_ref());
         match path {
             Path::Scalar => unreachable!("taken below"),
-            Path::Avx2 => block::gemm(&avx2::MICRO, p, c, m, n),
-            Path::Avx512Bf16 if bf16 => block::gemm(&avx512bf16::MICRO, p, c, m, n),
-            Path::Amx if bf16 => block::gemm(&amx::MICRO, p, c, m, n),
-            Path::Avx512 | Path::Avx512Bf16 | Path::Amx => block::gemm(&avx512::MICRO, p, c, m, n),
+            Path::Avx2 => block::gemm(&avx2::MICRO, p, i, c, m, n),
+            Path::Avx512Bf16 if bf16 => block::gemm(&avx512bf16::MICRO, p, i, c, m, n),
+            Path::Amx if bf16 => block::gemm(&amx::MICRO, p, i, c, m, n),
+            Path::Avx512 | Path::Avx512Bf16 | Path::Amx => {
+                block::gemm(&avx512::MICRO, p, i, c, m, n)
+            }
         }
         return;
     }
-    reference_sum(terms, c, m, n, bf16)
+    reference_sum(terms, init, c, m, n, bf16)
 }
 
 /// The scalar path: each term by the reference kernels on f32 copies of its
 /// operands, the terms summed in f32.
-fn reference_sum<T: Elem>(terms: &[Term], c: &mut [T], m: usize, n: usize, bf16: bool) {
-    let mut acc = vec![0f32; m * n];
+fn reference_sum<T: Elem>(
+    terms: &[Term],
+    init: Option<Operand>,
+    c: &mut [T],
+    m: usize,
+    n: usize,
+    bf16: bool,
+) {
+    let mut acc = match init {
+        Some(i) => i.to_f32(1.0, false),
+        None => vec![0f32; m * n],
+    };
     let mut product = vec![0f32; m * n];
     for t in terms {
         let a = t.a.to_f32(t.scale, bf16);
@@ -392,7 +418,7 @@ pub fn gemm_on<T: Elem>(
         tb,
         scale: 1.0,
     };
-    gemm_sum_on(path, &[term], c, m, n, T::BF16)
+    gemm_sum_on(path, &[term], None, c, m, n, T::BF16)
 }
 
 /// `out = a·op(W)` for an NF4 weight on [`Path::active`]; arguments as
@@ -430,5 +456,5 @@ pub fn nf4_gemm_on<T: Elem>(
         tb,
         scale: 1.0,
     };
-    gemm_sum_on(path, &[term], out, m, n, bf16_compute)
+    gemm_sum_on(path, &[term], None, out, m, n, bf16_compute)
 }

@@ -5,6 +5,7 @@ pub mod generate;
 pub mod logits;
 pub mod make_default;
 pub mod merge;
+pub mod plan;
 pub mod quantize;
 pub mod run;
 

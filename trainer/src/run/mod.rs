@@ -7,7 +7,7 @@ pub mod checkpoint;
 pub mod metrics;
 mod optimizer;
 pub mod session;
-mod step;
+pub mod step;
 
 use crate::config::{Config, ConfigError, Method, OptimizerName};
 use crate::data::batch::{batches, Packed};
@@ -17,7 +17,8 @@ use checkpoint::TrainerState;
 use graft_engine::ir::AdaLomoSpec;
 use graft_engine::rng::Rng;
 use graft_engine::{
-    compile, compile_fused, compile_training, CpuExecutor, FusedRule, Plan, Tensor,
+    compile, compile_fused_with, compile_training_with, CompileOptions, CpuExecutor, FusedRule,
+    Plan, Tensor,
 };
 use graft_models::{CausalLm, Lora, ModelError, RecordOptions, Recorded};
 use optimizer::Optimizer;
@@ -154,6 +155,60 @@ impl EvalPlan {
     }
 }
 
+/// The training step `trainer run` compiles for micro-batches of `tokens`
+/// tokens: the recorded graph, and the plan with its optimizer (fused into
+/// the plan for LOMO / AdaLomo; the optimizer's state is sized later).
+pub fn step_plan(
+    s: &Session,
+    tokens: usize,
+    opts: CompileOptions,
+) -> Result<(Recorded, Stepper), RunError> {
+    let cfg = &s.cfg;
+    let full = cfg.adapter.method == Method::Full;
+    let rec = s.model.record(
+        tokens,
+        RecordOptions {
+            lora: s.lora.as_ref(),
+            train_lora: !full,
+            train_base: full,
+            loss: true,
+            dropout: true,
+            ..Default::default()
+        },
+    )?;
+    let loss_v = rec.loss.expect("recorded with a loss");
+    let fused = match cfg.train.optimizer {
+        OptimizerName::Lomo => Some(FusedRule::Sgd {
+            weight_decay: cfg.train.weight_decay as f32,
+            clip_value: cfg.train.max_grad_value as f32,
+        }),
+        OptimizerName::Adalomo => Some(FusedRule::AdaLomo(AdaLomoSpec {
+            weight_decay: cfg.train.weight_decay as f32,
+            clip_value: cfg.train.max_grad_value as f32,
+            ..AdaLomoSpec::default()
+        })),
+        OptimizerName::Adamw | OptimizerName::Sgd => None,
+    };
+    let stepper = match fused {
+        Some(rule) => {
+            let (plan, inputs) = compile_fused_with(rec.graph.clone(), loss_v, rule, opts)?;
+            let state = inputs.zero_state(&plan);
+            Stepper::Fused {
+                plan,
+                inputs,
+                state,
+                steps: 0,
+            }
+        }
+        None => Stepper::Separate {
+            plan: compile_training_with(rec.graph.clone(), loss_v, &[], opts)?,
+            opt: Optimizer::new(&cfg.train, &[])?,
+            acc: Vec::new(),
+        },
+    };
+    Ok((rec, stepper))
+}
+
 /// The run's schedule: steps per epoch and in all.
 fn total_steps(cfg: &Config, batches_per_epoch: usize) -> usize {
     let per_epoch = batches_per_epoch.div_ceil(cfg.train.grad_accum);
@@ -248,47 +303,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
     let total = total_steps(cfg, epoch_batches(0).len());
 
     let full = cfg.adapter.method == Method::Full;
-    let rec = s.model.record(
-        rows * row_len,
-        RecordOptions {
-            lora: s.lora.as_ref(),
-            train_lora: !full,
-            train_base: full,
-            loss: true,
-            dropout: true,
-            ..Default::default()
-        },
-    )?;
-    let loss_v = rec.loss.expect("recorded with a loss");
-    let fused = match cfg.train.optimizer {
-        OptimizerName::Lomo => Some(FusedRule::Sgd {
-            weight_decay: cfg.train.weight_decay as f32,
-            clip_value: cfg.train.max_grad_value as f32,
-        }),
-        OptimizerName::Adalomo => Some(FusedRule::AdaLomo(AdaLomoSpec {
-            weight_decay: cfg.train.weight_decay as f32,
-            clip_value: cfg.train.max_grad_value as f32,
-            ..AdaLomoSpec::default()
-        })),
-        OptimizerName::Adamw | OptimizerName::Sgd => None,
-    };
-    let mut stepper = match fused {
-        Some(rule) => {
-            let (plan, inputs) = compile_fused(rec.graph.clone(), loss_v, rule)?;
-            let state = inputs.zero_state(&plan);
-            Stepper::Fused {
-                plan,
-                inputs,
-                state,
-                steps: 0,
-            }
-        }
-        None => Stepper::Separate {
-            plan: compile_training(rec.graph.clone(), loss_v, &[])?,
-            opt: Optimizer::new(&cfg.train, &[])?,
-            acc: Vec::new(),
-        },
-    };
+    let (rec, mut stepper) = step_plan(&s, rows * row_len, CompileOptions::default())?;
     let names = stepper.names();
     if names.is_empty() {
         return Err(RunError::Invalid(

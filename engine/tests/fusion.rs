@@ -1,0 +1,196 @@
+//! The fusion pass on the patterns of a LoRA step: the same loss, outputs
+//! and gradients fused as unfused (random shapes, f32 and bf16 activations,
+//! dense and NF4 base weights), and the groups it must form actually formed.
+//!
+//! The graph: `x` (trainable) read by 1–3 LoRA linears `yⱼ = x·Wⱼᵀ +
+//! s·(x·Aⱼᵀ)·Bⱼᵀ` (the adapted-linear group; their input gradients the
+//! multi-consumer sum), the first with a residual addend; each `yⱼ` through a
+//! head `0.5·(yⱼ·Hⱼᵀ)` (a product with a scale epilogue) into a
+//! cross-entropy.
+
+use graft_engine::ir::{DType, Graph, Nf4Layout, ValueId};
+use graft_engine::kernels::nf4::{dynamic_map_signed, Nf4Parts};
+use graft_engine::rng::Rng;
+use graft_engine::{compile_training_with, CompileOptions, CpuExecutor, Feeds, Tensor};
+use proptest::prelude::*;
+
+struct Case {
+    g: Graph,
+    rng: Rng,
+    feeds: Vec<(ValueId, Tensor)>,
+}
+
+impl Case {
+    fn tensor(&mut self, shape: &[usize], amp: f32, dtype: DType) -> Tensor {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| self.rng.uniform(-amp, amp)).collect();
+        Tensor::from_f32(shape, &data)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    }
+    fn param(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        amp: f32,
+        dtype: DType,
+        train: bool,
+    ) -> ValueId {
+        let t = self.tensor(shape, amp, dtype);
+        let v = self.g.param(name, shape, dtype, train);
+        self.feeds.push((v, t));
+        v
+    }
+    fn nf4(&mut self, name: &str, rows: usize, cols: usize) -> ValueId {
+        let l = Nf4Layout::new(rows * cols, 64);
+        let r = &mut self.rng;
+        let parts = Nf4Parts {
+            block: 64,
+            packed: (0..l.packed.len()).map(|_| r.next_u64() as u8).collect(),
+            absmax: (0..l.blocks).map(|_| r.next_u64() as u8).collect(),
+            nested_scales: (0..l.nested_blocks).map(|_| r.uniform(0.01, 0.1)).collect(),
+            offset: 0.1,
+            nested_map: dynamic_map_signed().to_vec(),
+        };
+        let t = Tensor::from_nf4(&[rows, cols], &parts).unwrap();
+        let v = self.g.param(name, &[rows, cols], t.dtype(), false);
+        self.feeds.push((v, t));
+        v
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    m: usize,
+    k: usize,
+    n: usize,
+    r: usize,
+    consumers: usize,
+    bf16: bool,
+    nf4: bool,
+    residual: bool,
+}
+
+/// Records the graph; returns it with its loss and the outputs `yⱼ`.
+fn record(s: Shape, seed: u64) -> (Case, ValueId, Vec<ValueId>) {
+    let dt = if s.bf16 { DType::BF16 } else { DType::F32 };
+    let mut c = Case {
+        g: Graph::new(),
+        rng: Rng::new(seed),
+        feeds: Vec::new(),
+    };
+    let x = c.param("x", &[s.m, s.k], 1.0, dt, true);
+    let res = c.param("res", &[s.m, s.n], 1.0, dt, true);
+    let labels: Vec<i32> = (0..s.m).map(|_| (c.rng.next_u64() % 4) as i32).collect();
+    let lv = c.g.input("labels", &[s.m], DType::I32);
+    c.feeds
+        .push((lv, Tensor::from_i32(&[s.m], &labels).unwrap()));
+    let mut ys = Vec::new();
+    let mut loss = None;
+    for j in 0..s.consumers {
+        let w = match s.nf4 {
+            true => c.nf4(&format!("w{j}"), s.n, s.k),
+            false => c.param(&format!("w{j}"), &[s.n, s.k], 0.5, dt, false),
+        };
+        let a = c.param(&format!("a{j}"), &[s.r, s.k], 0.5, DType::F32, true);
+        let b = c.param(&format!("b{j}"), &[s.n, s.r], 0.5, DType::F32, true);
+        let g = &mut c.g;
+        // As models::causal_lm records an adapted linear.
+        let xl = g.cast(x, DType::F32).unwrap();
+        let ax = g.linear(xl, a, None).unwrap();
+        let bax = g.linear(ax, b, None).unwrap();
+        let lora = g.scale(bax, 2.0).unwrap();
+        let base = g.linear(x, w, None).unwrap();
+        let l = g.cast(lora, dt).unwrap();
+        let mut y = g.add(base, l).unwrap();
+        if j == 0 && s.residual {
+            y = g.add(res, y).unwrap();
+        }
+        ys.push(y);
+        let h = c.param(&format!("h{j}"), &[4, s.n], 0.5, dt, true);
+        let g = &mut c.g;
+        let logits = g.linear(y, h, None).unwrap();
+        let logits = g.scale(logits, 0.5).unwrap();
+        let logits = g.cast(logits, DType::F32).unwrap();
+        let lj = g.cross_entropy(logits, lv).unwrap();
+        loss = Some(match loss {
+            Some(prev) => g.add(prev, lj).unwrap(),
+            None => lj,
+        });
+    }
+    (c, loss.unwrap(), ys)
+}
+
+/// Loss, the `yⱼ` and every gradient (in parameter order), as f32, and the
+/// plan's fusion groups.
+fn run(s: Shape, seed: u64, fuse: bool) -> (Vec<Vec<f32>>, usize) {
+    let (c, loss, ys) = record(s, seed);
+    let plan = compile_training_with(c.g, loss, &ys, CompileOptions { fuse }).unwrap();
+    let mut feeds = Feeds::new();
+    for (v, t) in &c.feeds {
+        feeds.bind(*v, t);
+    }
+    let out = CpuExecutor::new().run(&plan, &feeds).unwrap();
+    let vals = out.iter().map(|t| t.to_f32_vec().unwrap()).collect();
+    (vals, plan.fusion().groups)
+}
+
+/// `‖a − b‖ / ‖b‖`, infinite on any non-finite value.
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() || a.iter().chain(b).any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    num.sqrt() / den.sqrt().max(1e-30)
+}
+
+fn shape() -> impl Strategy<Value = Shape> {
+    (
+        1usize..40,
+        1usize..90,
+        1usize..50,
+        1usize..9,
+        1usize..=3,
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(m, k, n, r, consumers, bf16, nf4, residual)| Shape {
+            m,
+            k,
+            n,
+            r,
+            consumers,
+            bf16,
+            nf4,
+            residual,
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(24),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn fused_step_matches_unfused(s in shape(), seed: u64) {
+        let (fused, groups) = run(s, seed, true);
+        let (plain, plain_groups) = run(s, seed, false);
+        prop_assert_eq!(plain_groups, 0);
+        // Each linear, each head (scale epilogue), and x's input gradient
+        // (Σ dyⱼ·Wⱼ + Σ d(axⱼ)·Aⱼ) at least.
+        prop_assert!(groups > 2 * s.consumers, "{} groups for {:?}", groups, s);
+        // f32: the same sums in another order. bf16: one rounding of each
+        // fused sum instead of one per product and per partial sum (2^-8
+        // each), carried through the heads and the cross-entropy.
+        let tol = if s.bf16 { 3e-2 } else { 1e-5 };
+        prop_assert_eq!(fused.len(), plain.len());
+        for (i, (f, p)) in fused.iter().zip(&plain).enumerate() {
+            let e = rel_l2(f, p);
+            prop_assert!(e <= tol, "output {}: relative L2 {:e} > {:e} ({:?})", i, e, tol, s);
+        }
+    }
+}

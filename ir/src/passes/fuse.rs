@@ -1,0 +1,204 @@
+//! The fusion pass for products: a sum of matmul products (Adds over
+//! `MatMul` / `Nf4MatMul` results, each possibly behind `Scale` and `Cast`),
+//! with at most one other operand, becomes one `MatMulSum` node. Its kernel
+//! accumulates the products through their k in turn and adds the other
+//! operand as it starts, so the sum costs one pass over its output, and
+//! neither the products nor the partial sums are ever stored.
+//!
+//! In a LoRA training step these groups are:
+//! - the adapted linear, `x·Wᵀ + s·(x·Aᵀ)·Bᵀ`: the base product (dense or
+//!   NF4), the adapter's up-projection, its scale, the cast back to the
+//!   activation dtype and the add; with the residual add after `o_proj` and
+//!   `down_proj` as the addend;
+//! - the input gradient of a value several projections read (the normed
+//!   hidden state feeds q, k, v; gate and up): `Σ dyᵢ·Wᵢ + Σ d(axᵢ)·Aᵢ`,
+//!   which autograd recorded as a chain of adds;
+//! - a product followed by a scale or a cast alone (an epilogue).
+//!
+//! The pass runs after autograd, on the whole training graph. A value is
+//! absorbed only when the group is its only reader (and it is not an output
+//! the caller keeps), so no value anything else reads disappears.
+
+use crate::dtype::DType;
+use crate::graph::{Graph, NodeId, ValueId};
+use crate::op::{Op, Product};
+use crate::passes::live_schedule;
+use crate::IrError;
+
+/// What the pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fusion {
+    /// `MatMulSum` nodes made.
+    pub groups: usize,
+    /// Nodes they replaced (products, scales, casts and adds).
+    pub absorbed: usize,
+}
+
+/// One operand of a sum.
+enum Leaf {
+    /// A product node, its scale (from the scales between it and the sum).
+    Product(NodeId, f32),
+    Other(ValueId),
+}
+
+/// Rewrites every sum of products in the part of `g` that computes
+/// `outputs` into a `MatMulSum` node (see the module doc).
+pub fn fuse_products(g: &mut Graph, outputs: &[ValueId]) -> Result<Fusion, IrError> {
+    let schedule = live_schedule(g, outputs);
+    let mut uses = vec![0usize; g.values().len()];
+    for &n in &schedule {
+        for i in &g.node(n).inputs {
+            uses[i.index()] += 1;
+        }
+    }
+    for o in outputs {
+        uses[o.index()] += 1;
+    }
+    let mut absorbed = vec![false; g.nodes().len()];
+    let mut report = Fusion::default();
+    // Last to first: a sum is met before the sums and products inside it.
+    for &root in schedule.iter().rev() {
+        if absorbed[root.index()] {
+            continue;
+        }
+        let Some((leaves, inner)) = group(g, root, &uses) else {
+            continue;
+        };
+        let products: Vec<(NodeId, f32)> = leaves
+            .iter()
+            .filter_map(|l| match *l {
+                Leaf::Product(n, s) => Some((n, s)),
+                Leaf::Other(_) => None,
+            })
+            .collect();
+        let others: Vec<ValueId> = leaves
+            .iter()
+            .filter_map(|l| match *l {
+                Leaf::Other(v) => Some(v),
+                Leaf::Product(..) => None,
+            })
+            .collect();
+        if products.is_empty() || others.len() > 1 {
+            continue;
+        }
+        let mut terms = Vec::new();
+        let mut inputs = Vec::new();
+        let mut compute = DType::F32;
+        for &(n, scale) in &products {
+            let node = g.node(n);
+            let (ta, tb, nf4, bf16) = match node.op {
+                Op::MatMul { ta, tb } => (ta, tb, false, g.dtype(node.inputs[0]) == DType::BF16),
+                Op::Nf4MatMul { tb, compute } => (false, tb, true, compute == DType::BF16),
+                _ => unreachable!("only products are product leaves"),
+            };
+            if bf16 {
+                compute = DType::BF16;
+            }
+            terms.push(Product { ta, tb, nf4, scale });
+            inputs.extend_from_slice(&node.inputs);
+        }
+        inputs.extend_from_slice(&others);
+        let out = g.dtype(g.node(root).outputs[0]);
+        let op = Op::MatMulSum {
+            terms,
+            addend: !others.is_empty(),
+            compute,
+            out,
+        };
+        g.replace_node(root, op, inputs)?;
+        let gone = products.iter().map(|p| p.0).chain(inner);
+        report.absorbed += gone.map(|n| absorbed[n.index()] = true).count() + 1;
+        report.groups += 1;
+    }
+    Ok(report)
+}
+
+/// The leaves of the sum (or the product chain) `root` computes, and the
+/// nodes between them and `root` (scales, casts, inner adds); `None` when
+/// `root` is neither an add nor a scale or cast of a product.
+fn group(g: &Graph, root: NodeId, uses: &[usize]) -> Option<(Vec<Leaf>, Vec<NodeId>)> {
+    let node = g.node(root);
+    let out = g.ty(node.outputs[0]);
+    if out.shape.len() != 2 || !out.dtype.is_float() {
+        return None;
+    }
+    let mut leaves = Vec::new();
+    let mut inner = Vec::new();
+    match node.op {
+        Op::Add => {
+            for &i in &node.inputs {
+                sum_leaves(g, i, uses, &mut leaves, &mut inner);
+            }
+        }
+        Op::Scale(_) | Op::Cast(_) => {
+            let (product, scale) = chain(g, node.outputs[0], usize::MAX, uses, &mut inner)?;
+            // The root itself is the group's node, not absorbed.
+            inner.retain(|&n| n != root);
+            leaves.push(Leaf::Product(product, scale));
+        }
+        _ => return None,
+    }
+    Some((leaves, inner))
+}
+
+/// Adds the leaves of `v` as an operand of a sum: the operands of an add
+/// only the sum reads, else a product chain, else `v` itself.
+fn sum_leaves(
+    g: &Graph,
+    v: ValueId,
+    uses: &[usize],
+    leaves: &mut Vec<Leaf>,
+    inner: &mut Vec<NodeId>,
+) {
+    let Some(n) = g.producer(v).filter(|_| uses[v.index()] == 1) else {
+        leaves.push(Leaf::Other(v));
+        return;
+    };
+    if g.node(n).op == Op::Add {
+        inner.push(n);
+        for &i in &g.node(n).inputs {
+            sum_leaves(g, i, uses, leaves, inner);
+        }
+        return;
+    }
+    let mark = inner.len();
+    match chain(g, v, 1, uses, inner) {
+        Some((product, scale)) => leaves.push(Leaf::Product(product, scale)),
+        None => {
+            inner.truncate(mark);
+            leaves.push(Leaf::Other(v));
+        }
+    }
+}
+
+/// Follows `v` down through float scales and casts to the product that
+/// feeds them: the product and the scales' product, pushing the scale and
+/// cast nodes to `inner`. Every value on the way must have at most
+/// `max_uses` readers at `v` (the root's own output may have several) and
+/// exactly one below it.
+fn chain(
+    g: &Graph,
+    mut v: ValueId,
+    max_uses: usize,
+    uses: &[usize],
+    inner: &mut Vec<NodeId>,
+) -> Option<(NodeId, f32)> {
+    let mut scale = 1.0f32;
+    let mut limit = max_uses;
+    loop {
+        if uses[v.index()] > limit {
+            return None;
+        }
+        limit = 1;
+        let n = g.producer(v)?;
+        let node = g.node(n);
+        match node.op {
+            Op::MatMul { .. } | Op::Nf4MatMul { .. } => return Some((n, scale)),
+            Op::Scale(s) => scale *= s,
+            Op::Cast(to) if to.is_float() && g.dtype(node.inputs[0]).is_float() => {}
+            _ => return None,
+        }
+        inner.push(n);
+        v = node.inputs[0];
+    }
+}
