@@ -5,6 +5,7 @@
 //! keys `j` with `seg[j] = seg[i]`, `j <= i` and, with a window `w`,
 //! `i - j < w`; segments must be contiguous runs.
 
+use crate::gemm;
 use crate::math::exp;
 use crate::Elem;
 use rayon::prelude::*;
@@ -44,9 +45,7 @@ fn key_starts(seg: &[i32], window: Option<usize>) -> Vec<usize> {
 /// vectorizes (a single running f32 sum cannot be reordered).
 const LANES: usize = 16;
 
-/// `Σ a·b` in a fixed order: LANES partial sums, added in order, then the
-/// tail. Every attention entry point uses it, so cached and whole-sequence
-/// attention agree bit for bit.
+/// `Σ a·b` in a fixed order: LANES partial sums, added in order, then the tail.
 #[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
@@ -64,13 +63,126 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     sum
 }
 
-/// The tensor in f32, converted once: the inner loops then read plain f32
-/// rows instead of converting every element of every row they revisit.
-fn widen<T: Elem>(x: &[T]) -> Vec<f32> {
-    x.par_iter().map(|v| v.to_f32()).collect()
+/// Queries per block: the scores of a block against every key it may see
+/// (`BLOCK × keys` floats) stay in L2, and each block's products are GEMMs
+/// large enough for the register-tile kernels.
+const BLOCK: usize = 64;
+
+/// `[rows, heads·d]` (any storage type) as f32, head-major: head `h` is the
+/// contiguous `[rows, d]` matrix at `h·rows·d`, which the block GEMMs read
+/// as plain matrices.
+fn by_head<T: Elem>(x: &[T], rows: usize, heads: usize, d: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * heads * d];
+    out.par_chunks_mut(rows * d)
+        .enumerate()
+        .for_each(|(h, dst)| {
+            for (r, o) in dst.chunks_exact_mut(d).enumerate() {
+                for (o, v) in o.iter_mut().zip(&x[r * heads * d + h * d..][..d]) {
+                    *o = v.to_f32();
+                }
+            }
+        });
+    out
 }
 
-/// Forward: writes `out` and the f32 log-sum-exp of the scaled scores `lse[t, n_heads]`.
+/// `c[m,n] = a·op(b)` in f32, single-threaded: the caller runs one task per
+/// head (or head and block) already.
+fn mm(a: &[f32], b: &[f32], c: &mut [f32], (m, k, n): (usize, usize, usize), ta: bool, tb: bool) {
+    gemm::serial(|| gemm::gemm(a, b, c, m, k, n, ta, tb))
+}
+
+/// The visible keys of a block of queries: query `r` of the block sees keys
+/// `first[r]..=last[r]`, indices into the block's key rows `lo..`.
+struct Visible {
+    lo: usize,
+    keys: usize,
+    first: Vec<usize>,
+    last: Vec<usize>,
+}
+
+impl Visible {
+    /// Queries `i0..i1` of a sequence whose query `i` sees keys
+    /// `starts[i]..=i` (the same positions as the queries).
+    fn block(starts: &[usize], i0: usize, i1: usize) -> Visible {
+        let lo = starts[i0..i1].iter().copied().min().unwrap_or(i0);
+        Visible {
+            lo,
+            keys: i1 - lo,
+            first: starts[i0..i1].iter().map(|&s| s - lo).collect(),
+            last: (i0..i1).map(|i| i - lo).collect(),
+        }
+    }
+}
+
+/// Softmax of the scaled scores `scores[r, ..keys]` over each query's
+/// visible keys, in place (zero elsewhere); returns each row's log-sum-exp.
+/// The same arithmetic in every entry point, so cached and whole-sequence
+/// attention agree bit for bit.
+fn softmax_rows(scores: &mut [f32], vis: &Visible, scale: f32, lse: &mut [f32]) {
+    for (r, row) in scores.chunks_exact_mut(vis.keys).enumerate() {
+        let (a, b) = (vis.first[r], vis.last[r]);
+        row[..a].fill(0.0);
+        row[b + 1..].fill(0.0);
+        let seen = &mut row[a..=b];
+        seen.iter_mut().for_each(|x| *x *= scale);
+        let m = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for x in seen.iter_mut() {
+            *x = exp(*x - m);
+            sum += *x;
+        }
+        seen.iter_mut().for_each(|x| *x /= sum);
+        lse[r] = m + sum.ln();
+    }
+}
+
+/// One block of queries of one head: `out[nq, d] = softmax(scale·q·kᵀ)·v`
+/// over the visible keys, `q` the block's rows, `k`/`v` the head's key rows
+/// from `vis.lo`; `lse[r]` for each query.
+fn attend(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    vis: &Visible,
+    scale: f32,
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
+    let (nq, d) = (vis.first.len(), q.len() / vis.first.len().max(1));
+    let nk = vis.keys;
+    let mut p = vec![0f32; nq * nk];
+    mm(
+        q,
+        &k[vis.lo * d..][..nk * d],
+        &mut p,
+        (nq, d, nk),
+        false,
+        true,
+    );
+    softmax_rows(&mut p, vis, scale, lse);
+    mm(
+        &p,
+        &v[vis.lo * d..][..nk * d],
+        out,
+        (nq, nk, d),
+        false,
+        false,
+    );
+}
+
+/// Writes head `h`'s `[rows, d]` block into rows `r0..` of `[rows, heads·d]`.
+fn scatter<T: Elem>(src: &[f32], dst: &mut [T], r0: usize, h: usize, width: usize, d: usize) {
+    for (r, row) in src.chunks_exact(d).enumerate() {
+        for (o, x) in dst[(r0 + r) * width + h * d..][..d].iter_mut().zip(row) {
+            *o = T::from_f32(*x);
+        }
+    }
+}
+
+/// Forward: writes `out` and the f32 log-sum-exp of the scaled scores
+/// `lse[t, n_heads]`. One task per (head, block of [`BLOCK`] queries): the
+/// block's scores against its visible keys by one GEMM, the softmax in
+/// place, the output by another; nothing `[t, t]` is ever stored.
 pub fn attention<T: Elem>(
     q: &[T],
     k: &[T],
@@ -80,44 +192,52 @@ pub fn attention<T: Elem>(
     out: &mut [T],
     lse: &mut [f32],
 ) {
-    let d = s.head_dim;
-    let (qw, kw) = (s.n_heads * d, s.n_kv_heads * d);
+    let (d, t) = (s.head_dim, s.tokens);
     let starts = key_starts(seg, s.window);
-    let (q, k, v) = (widen(q), widen(k), widen(v));
-    out.par_chunks_mut(qw)
-        .zip(lse.par_chunks_mut(s.n_heads))
-        .enumerate()
-        .for_each(|(i, (out_row, lse_row))| {
-            let keys = starts[i]..=i;
-            let mut scores = vec![0f32; i + 1 - starts[i]];
-            let mut acc = vec![0f32; d];
-            for h in 0..s.n_heads {
-                let kh = h / s.group();
-                let qh = &q[i * qw + h * d..i * qw + (h + 1) * d];
-                for (sc, j) in scores.iter_mut().zip(keys.clone()) {
-                    *sc = s.scale * dot(qh, &k[j * kw + kh * d..j * kw + (kh + 1) * d]);
-                }
-                let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = scores.iter().map(|x| exp(x - m)).sum();
-                acc.fill(0.0);
-                for (sc, j) in scores.iter().zip(keys.clone()) {
-                    let p = exp(sc - m) / sum;
-                    for (a, vv) in acc
-                        .iter_mut()
-                        .zip(&v[j * kw + kh * d..j * kw + (kh + 1) * d])
-                    {
-                        *a += p * vv;
-                    }
-                }
-                for (o, a) in out_row[h * d..(h + 1) * d].iter_mut().zip(&acc) {
-                    *o = T::from_f32(*a);
-                }
-                lse_row[h] = m + sum.ln();
-            }
-        });
+    let (qh, kh, vh) = (
+        by_head(q, t, s.n_heads, d),
+        by_head(k, t, s.n_kv_heads, d),
+        by_head(v, t, s.n_kv_heads, d),
+    );
+    let blocks = t.div_ceil(BLOCK);
+    let results: Vec<(Vec<f32>, Vec<f32>)> = (0..s.n_heads * blocks)
+        .into_par_iter()
+        .map(|task| {
+            let (h, b) = (task / blocks, task % blocks);
+            let (i0, i1) = (b * BLOCK, ((b + 1) * BLOCK).min(t));
+            let vis = Visible::block(&starts, i0, i1);
+            let kv = (h / s.group()) * t * d;
+            let mut o = vec![0f32; (i1 - i0) * d];
+            let mut l = vec![0f32; i1 - i0];
+            let qb = &qh[h * t * d + i0 * d..h * t * d + i1 * d];
+            attend(
+                qb,
+                &kh[kv..kv + t * d],
+                &vh[kv..kv + t * d],
+                &vis,
+                s.scale,
+                &mut o,
+                &mut l,
+            );
+            (o, l)
+        })
+        .collect();
+    let qw = s.n_heads * d;
+    for (task, (o, l)) in results.iter().enumerate() {
+        let (h, b) = (task / blocks, task % blocks);
+        scatter(o, out, b * BLOCK, h, qw, d);
+        for (r, x) in l.iter().enumerate() {
+            lse[(b * BLOCK + r) * s.n_heads + h] = *x;
+        }
+    }
 }
 
-/// Backward from the saved `out` and `lse`: `dq`, `dk`, `dv`.
+/// Backward from the saved `out` and `lse`: `dq`, `dk`, `dv`. One task per
+/// kv head (it alone accumulates that head's `dk`, `dv`); per query head of
+/// its group and block of queries, the probabilities are recomputed from
+/// the scores and `lse`, and every product is a GEMM:
+/// `dp = dout·vᵀ`, `ds = p⊙(dp − Δ)·scale` with `Δᵢ = doutᵢ·outᵢ`,
+/// `dq = ds·k`, `dk += dsᵀ·q`, `dv += pᵀ·dout`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_grad<T: Elem>(
     q: &[T],
@@ -133,65 +253,98 @@ pub fn attention_grad<T: Elem>(
     dv: &mut [T],
 ) {
     let (d, t, g) = (s.head_dim, s.tokens, s.group());
-    let (qw, kw) = (s.n_heads * d, s.n_kv_heads * d);
     let starts = key_starts(seg, s.window);
-    let (q, k, v, out, dout) = (widen(q), widen(k), widen(v), widen(out), widen(dout));
-    fn row(x: &[f32], width: usize, d: usize, i: usize, h: usize) -> &[f32] {
-        &x[i * width + h * d..i * width + (h + 1) * d]
-    }
-    // One task per kv head: it owns dk/dv of that head and dq of its query
-    // heads, so the accumulations never race.
+    let (qh, kh, vh) = (
+        by_head(q, t, s.n_heads, d),
+        by_head(k, t, s.n_kv_heads, d),
+        by_head(v, t, s.n_kv_heads, d),
+    );
+    let (oh, doh) = (
+        by_head(out, t, s.n_heads, d),
+        by_head(dout, t, s.n_heads, d),
+    );
     let per_kv: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..s.n_kv_heads)
         .into_par_iter()
-        .map(|kh| {
-            let mut dq_l = vec![0f32; t * g * d];
+        .map(|kvh| {
+            let (kk, vv) = (&kh[kvh * t * d..][..t * d], &vh[kvh * t * d..][..t * d]);
+            let mut dq_l = vec![0f32; g * t * d];
             let mut dk_l = vec![0f32; t * d];
             let mut dv_l = vec![0f32; t * d];
             for hg in 0..g {
-                let h = kh * g + hg;
-                for i in 0..t {
-                    let qi = row(&q, qw, d, i, h);
-                    let doi = row(&dout, qw, d, i, h);
-                    let oi = row(&out, qw, d, i, h);
-                    let delta: f32 = dot(doi, oi);
-                    let l = lse[i * s.n_heads + h];
-                    for j in starts[i]..=i {
-                        let kj = &k[j * kw + kh * d..j * kw + (kh + 1) * d];
-                        let vj = &v[j * kw + kh * d..j * kw + (kh + 1) * d];
-                        let p = exp(s.scale * dot(qi, kj) - l);
-                        let ds = p * (dot(doi, vj) - delta) * s.scale;
-                        let dq_i = &mut dq_l[(i * g + hg) * d..(i * g + hg + 1) * d];
-                        for (a, kv) in dq_i.iter_mut().zip(kj) {
-                            *a += ds * kv;
-                        }
-                        let dk_j = &mut dk_l[j * d..(j + 1) * d];
-                        for (a, qv) in dk_j.iter_mut().zip(qi) {
-                            *a += ds * qv;
-                        }
-                        let dv_j = &mut dv_l[j * d..(j + 1) * d];
-                        for (a, dov) in dv_j.iter_mut().zip(doi) {
-                            *a += p * dov;
+                let h = kvh * g + hg;
+                let head = |x: &'_ [f32], i0: usize, i1: usize| -> Vec<f32> {
+                    x[h * t * d + i0 * d..h * t * d + i1 * d].to_vec()
+                };
+                for i0 in (0..t).step_by(BLOCK) {
+                    let i1 = (i0 + BLOCK).min(t);
+                    let vis = Visible::block(&starts, i0, i1);
+                    let (nq, nk) = (i1 - i0, vis.keys);
+                    let (qb, ob, dob) = (head(&qh, i0, i1), head(&oh, i0, i1), head(&doh, i0, i1));
+                    let (kb, vb) = (&kk[vis.lo * d..][..nk * d], &vv[vis.lo * d..][..nk * d]);
+                    // p from the saved log-sum-exp (exactly the forward's
+                    // probabilities up to rounding), zero where not visible.
+                    let mut p = vec![0f32; nq * nk];
+                    mm(&qb, kb, &mut p, (nq, d, nk), false, true);
+                    for (r, row) in p.chunks_exact_mut(nk).enumerate() {
+                        let l = lse[(i0 + r) * s.n_heads + h];
+                        let (a, b) = (vis.first[r], vis.last[r]);
+                        for (c, x) in row.iter_mut().enumerate() {
+                            *x = if (a..=b).contains(&c) {
+                                exp(s.scale * *x - l)
+                            } else {
+                                0.0
+                            };
                         }
                     }
+                    let mut ds = vec![0f32; nq * nk];
+                    mm(&dob, vb, &mut ds, (nq, d, nk), false, true);
+                    for (r, (dsr, pr)) in
+                        ds.chunks_exact_mut(nk).zip(p.chunks_exact(nk)).enumerate()
+                    {
+                        let delta = dot(&dob[r * d..][..d], &ob[r * d..][..d]);
+                        for (x, &pv) in dsr.iter_mut().zip(pr) {
+                            *x = pv * (*x - delta) * s.scale;
+                        }
+                    }
+                    mm(
+                        &ds,
+                        kb,
+                        &mut dq_l[(hg * t + i0) * d..(hg * t + i1) * d],
+                        (nq, nk, d),
+                        false,
+                        false,
+                    );
+                    let mut acc = vec![0f32; nk * d];
+                    mm(&ds, &qb, &mut acc, (nk, nq, d), true, false);
+                    let lo = vis.lo * d;
+                    dk_l[lo..lo + nk * d]
+                        .iter_mut()
+                        .zip(&acc)
+                        .for_each(|(a, x)| *a += x);
+                    mm(&p, &dob, &mut acc, (nk, nq, d), true, false);
+                    dv_l[lo..lo + nk * d]
+                        .iter_mut()
+                        .zip(&acc)
+                        .for_each(|(a, x)| *a += x);
                 }
             }
             (dq_l, dk_l, dv_l)
         })
         .collect();
-    for (kh, (dq_l, dk_l, dv_l)) in per_kv.into_iter().enumerate() {
-        for i in 0..t {
-            for hg in 0..g {
-                let h = kh * g + hg;
-                let src = &dq_l[(i * g + hg) * d..(i * g + hg + 1) * d];
-                for (o, x) in dq[i * qw + h * d..i * qw + (h + 1) * d].iter_mut().zip(src) {
-                    *o = T::from_f32(*x);
-                }
-            }
-            for c in 0..d {
-                dk[i * kw + kh * d + c] = T::from_f32(dk_l[i * d + c]);
-                dv[i * kw + kh * d + c] = T::from_f32(dv_l[i * d + c]);
-            }
+    let (qw, kw) = (s.n_heads * d, s.n_kv_heads * d);
+    for (kvh, (dq_l, dk_l, dv_l)) in per_kv.iter().enumerate() {
+        for hg in 0..g {
+            scatter(
+                &dq_l[hg * t * d..(hg + 1) * t * d],
+                dq,
+                0,
+                kvh * g + hg,
+                qw,
+                d,
+            );
         }
+        scatter(dk_l, dk, 0, kvh, kw, d);
+        scatter(dv_l, dv, 0, kvh, kw, d);
     }
 }
 
@@ -199,7 +352,8 @@ pub fn attention_grad<T: Elem>(
 /// new token `i` sits at position `start + i` and sees cache rows
 /// `0..start` and new rows `0..=i` (within the window). `k_cache`/`v_cache`
 /// hold at least `start` rows laid out like `k`/`v`. The result equals
-/// [`attention`] over the whole sequence, restricted to the new rows.
+/// [`attention`] over the whole sequence, restricted to the new rows, bit
+/// for bit: the same block products and softmax on the same keys.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_cached<T: Elem>(
     q: &[T],
@@ -211,48 +365,52 @@ pub fn attention_cached<T: Elem>(
     s: AttnShape,
     out: &mut [T],
 ) {
-    let d = s.head_dim;
-    let (qw, kw) = (s.n_heads * d, s.n_kv_heads * d);
+    let (d, t) = (s.head_dim, s.tokens);
+    let kw = s.n_kv_heads * d;
     assert!(
-        k_cache.len() >= start * kw,
+        k_cache.len() >= start * kw && v_cache.len() >= start * kw,
         "attention_cached: cache too short"
     );
-    // Row `j` of the whole sequence: from the cache, then the new rows.
-    let row = |src_cache: &'_ [T], src_new: &'_ [T], j: usize, kh: usize| -> Vec<f32> {
-        let (src, r) = if j < start {
-            (src_cache, j)
-        } else {
-            (src_new, j - start)
-        };
-        src[r * kw + kh * d..r * kw + (kh + 1) * d]
+    let total = start + t;
+    // The whole sequence's keys and values: the cache rows, then the new ones.
+    let whole = |cache: &[T], new: &[T]| -> Vec<T> {
+        cache[..start * kw]
             .iter()
-            .map(|x| x.to_f32())
+            .chain(&new[..t * kw])
+            .copied()
             .collect()
     };
-    out.par_chunks_mut(qw).enumerate().for_each(|(i, out_row)| {
-        let p = start + i;
-        let first = s.window.map_or(0, |w| (p + 1).saturating_sub(w));
-        for h in 0..s.n_heads {
-            let kh = h / s.group();
-            let qh: Vec<f32> = q[i * qw + h * d..i * qw + (h + 1) * d]
-                .iter()
-                .map(|x| x.to_f32())
-                .collect();
-            let scores: Vec<f32> = (first..=p)
-                .map(|j| s.scale * dot(&qh, &row(k_cache, k, j, kh)))
-                .collect();
-            let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f32 = scores.iter().map(|x| exp(x - m)).sum();
-            let mut acc = vec![0f32; d];
-            for (sc, j) in scores.iter().zip(first..=p) {
-                let w = exp(sc - m) / sum;
-                for (a, vv) in acc.iter_mut().zip(row(v_cache, v, j, kh)) {
-                    *a += w * vv;
-                }
-            }
-            for (o, a) in out_row[h * d..(h + 1) * d].iter_mut().zip(&acc) {
-                *o = T::from_f32(*a);
-            }
-        }
-    });
+    let (kh, vh) = (
+        by_head(&whole(k_cache, k), total, s.n_kv_heads, d),
+        by_head(&whole(v_cache, v), total, s.n_kv_heads, d),
+    );
+    let qh = by_head(q, t, s.n_heads, d);
+    // Position p sees keys from the window's start (no segments here).
+    let starts: Vec<usize> = (0..total)
+        .map(|p| s.window.map_or(0, |w| (p + 1).saturating_sub(w)))
+        .collect();
+    let qw = s.n_heads * d;
+    // The new tokens in the same blocks of positions as whole-sequence
+    // attention would form, so each query's keys are the same.
+    let blocks: Vec<(usize, usize)> = (start / BLOCK..total.div_ceil(BLOCK))
+        .map(|b| ((b * BLOCK).max(start), ((b + 1) * BLOCK).min(total)))
+        .collect();
+    let results: Vec<Vec<f32>> = (0..s.n_heads * blocks.len())
+        .into_par_iter()
+        .map(|task| {
+            let (h, (p0, p1)) = (task / blocks.len(), blocks[task % blocks.len()]);
+            let vis = Visible::block(&starts, p0, p1);
+            let kv = (h / s.group()) * total * d;
+            let mut o = vec![0f32; (p1 - p0) * d];
+            let mut l = vec![0f32; p1 - p0];
+            let qb = &qh[h * t * d + (p0 - start) * d..h * t * d + (p1 - start) * d];
+            let (kk, vv) = (&kh[kv..kv + total * d], &vh[kv..kv + total * d]);
+            attend(qb, kk, vv, &vis, s.scale, &mut o, &mut l);
+            o
+        })
+        .collect();
+    for (task, o) in results.iter().enumerate() {
+        let (h, (p0, _)) = (task / blocks.len(), blocks[task % blocks.len()]);
+        scatter(o, out, p0 - start, h, qw, d);
+    }
 }

@@ -13,8 +13,13 @@ pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
+    // Adding 1.5·2^23 rounds x·log2(e) (|·| < 2^22) to an integer, ties to
+    // even, leaving it in the low mantissa bits: `round_ties_even` without
+    // SSE4.1 is a call into libm, which stops loops from vectorizing.
+    const MAGIC: f32 = 12_582_912.0;
     let x = x.clamp(-87.336_54, 88.722_83);
-    let n = (x * LOG2E).round_ties_even();
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0 / 5040.0;
     let p = p * r + 1.0 / 720.0;
@@ -25,7 +30,7 @@ pub fn exp(x: f32) -> f32 {
     let p = p * r + 1.0;
     let p = p * r + 1.0;
     // n ∈ [-126, 128]; 2^128 is split as 2·2^127 to stay finite.
-    let n = n as i32;
+    let n = t.to_bits() as i32 - MAGIC.to_bits() as i32;
     let half = n >> 1;
     let scale = |e: i32| f32::from_bits(((e + 127) as u32) << 23);
     p * scale(half) * scale(n - half)

@@ -166,7 +166,7 @@ pub(super) fn gemm<E: Packed, T: Elem, S: Source>(
     }
     let k_all: usize = products.iter().map(|p| p.k).sum();
     let k_max = products.iter().map(|p| p.k).max().unwrap_or(0);
-    let threads = if m * k_all * n >= PAR_MIN_WORK {
+    let threads = if m * k_all * n >= PAR_MIN_WORK && !super::is_serial() {
         rayon::current_num_threads()
     } else {
         1

@@ -165,6 +165,27 @@ impl Path {
     }
 }
 
+thread_local! {
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every GEMM it calls on this thread single-threaded: for
+/// callers that split their work over the thread pool themselves (attention
+/// runs one task per head), where splitting each small product again would
+/// only add synchronisation.
+pub fn serial<R>(f: impl FnOnce() -> R) -> R {
+    let before = SERIAL.replace(true);
+    let r = f();
+    SERIAL.set(before);
+    r
+}
+
+/// Whether [`serial`] is in force on this thread.
+#[cfg(target_arch = "x86_64")]
+fn is_serial() -> bool {
+    SERIAL.get()
+}
+
 /// A stored matrix operand of [`gemm_sum`], row-major.
 #[derive(Clone, Copy)]
 pub enum Operand<'a> {
