@@ -62,11 +62,13 @@ pub fn gated_act_grad<T: Elem>(
         .zip(dy.par_chunks(CHUNK));
     let outs = dgate.par_chunks_mut(CHUNK).zip(dup.par_chunks_mut(CHUNK));
     ins.zip(outs).for_each(|(((gate, up), dy), (dgate, dup))| {
-        for i in 0..gate.len() {
-            let (a, da) = act(kind, gate[i].to_f32());
-            let d = dy[i].to_f32();
-            dgate[i] = T::from_f32(d * up[i].to_f32() * da);
-            dup[i] = T::from_f32(d * a);
+        // Zipped, not indexed: bounds checks would keep the loop scalar.
+        let ins = gate.iter().zip(up).zip(dy);
+        for (((g, u), d), (dg, du)) in ins.zip(dgate.iter_mut().zip(dup.iter_mut())) {
+            let (a, da) = act(kind, g.to_f32());
+            let d = d.to_f32();
+            *dg = T::from_f32(d * u.to_f32() * da);
+            *du = T::from_f32(d * a);
         }
     });
 }

@@ -80,14 +80,12 @@ const SLABS_PER_SUPER: usize = 4;
 const PAR_MIN_WORK: usize = 1 << 20;
 
 thread_local! {
-    /// Packed A blocks, B slabs, f32 accumulators and a panel being
-    /// rearranged, kept per thread
+    /// Packed A blocks, B slabs and f32 accumulators, kept per thread
     /// between calls so that a training step's many matmuls do not allocate
     /// (and fault in) fresh megabytes each time.
     static A_BUF: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
     static B_BUF: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
     static C_BUF: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
-    static T_BUF: Cell<Vec<u32>> = const { Cell::new(Vec::new()) };
 }
 
 /// Runs `f` on a 64-byte-aligned slice of `len` elements from `key`'s
@@ -272,18 +270,25 @@ fn run_k_block<E: Packed, S: Source>(
         let r0 = q * u.mr;
         let rows = u.mr.min(mc - r0);
         if u.a_tiled {
-            // Packed row by row (a panel of one column per row of op(a)),
-            // then cut into blocks of step_align steps.
-            with_buf(&T_BUF, u.mr * steps, |t: &mut [E]| {
-                a.pack(&mut t[..rows * steps], (p0, kc), (i0 + r0, rows), 1, steps);
-                t[rows * steps..].fill(E::default());
-                let w = u.step_align;
-                for (blk, dst) in d.chunks_exact_mut(u.mr * w).enumerate() {
-                    for (i, row) in dst.chunks_exact_mut(w).enumerate() {
-                        row.copy_from_slice(&t[i * steps + blk * w..][..w]);
-                    }
+            // Block by block of step_align steps: packed with one column
+            // per panel, a block's rows come out contiguous, as the tile
+            // wants them (rows past the edge zero).
+            let w = u.step_align;
+            for (blk, dst) in d.chunks_exact_mut(u.mr * w).enumerate() {
+                let k0 = blk * w * E::K;
+                let (live, pad) = dst.split_at_mut(rows * w);
+                pad.fill(E::default());
+                match k0 < kc {
+                    true => a.pack(
+                        live,
+                        (p0 + k0, (w * E::K).min(kc - k0)),
+                        (i0 + r0, rows),
+                        1,
+                        w,
+                    ),
+                    false => live.fill(E::default()),
                 }
-            });
+            }
         } else {
             a.pack(d, (p0, kc), (i0 + r0, rows), u.mr, steps);
         }
@@ -396,6 +401,7 @@ fn run_part<E: Packed>(u: &Micro<E>, b: &View<impl Source>, apack: &[E], out: Sh
     );
 }
 
+#[inline]
 /// Asks for the first `rows` rows of the tile at `at` (one or two cache
 /// lines each) to be brought into L1.
 fn prefetch_tile(out: SharedC, (r0, j0): (usize, usize), rows: usize) {
