@@ -1,8 +1,10 @@
-//! The compile pipeline: record -> autograd -> passes -> an executable plan.
+//! The compile pipeline: record -> autograd -> passes (recomputation,
+//! fusion, scheduling, the memory plan) -> an executable plan.
 
 use crate::EngineError;
 use graft_ir::passes::{
-    fuse_products, live_schedule, place_in_place, plan_memory, Fusion, MemoryPlan,
+    fuse_products, live_schedule, place_in_place, plan_memory, recompute, Fusion, MemoryPlan,
+    Recompute,
 };
 use graft_ir::{backward, AdaLomoSpec, DType, Graph, NodeId, Op, Source, ValueId};
 
@@ -20,19 +22,27 @@ pub struct Plan {
     /// their squared-gradient-norm outputs.
     updated: Vec<ValueId>,
     fusion: Fusion,
+    recompute: Recompute,
 }
 
 /// How to compile.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CompileOptions {
     /// Run the fusion pass (`passes::fuse_products`). Off only to compare
     /// against the unfused plan.
     pub fuse: bool,
+    /// Activation recomputation (`passes::recompute`) for a training plan:
+    /// the forward values that bound its blocks (a model's residual stream
+    /// between layers, `Recorded::layer_inputs`); empty: off.
+    pub checkpoints: Vec<ValueId>,
 }
 
 impl Default for CompileOptions {
     fn default() -> Self {
-        CompileOptions { fuse: true }
+        CompileOptions {
+            fuse: true,
+            checkpoints: Vec::new(),
+        }
     }
 }
 
@@ -87,15 +97,21 @@ impl Plan {
     pub fn fusion(&self) -> Fusion {
         self.fusion
     }
+    /// What activation recomputation did.
+    pub fn recompute(&self) -> Recompute {
+        self.recompute
+    }
     /// A readable listing of the schedule (fusion groups as `matmul_sum[…]`
     /// nodes) with the memory plan's peak.
     pub fn dump(&self) -> String {
         format!(
-            "{}{} nodes; fusion: {} groups replacing {} nodes\npeak arena: {} bytes (without reuse: {})\n",
+            "{}{} nodes; fusion: {} groups replacing {} nodes; recomputation: {} blocks, {} nodes copied\npeak arena: {} bytes (without reuse: {})\n",
             self.graph.dump(Some(&self.schedule)),
             self.schedule.len(),
             self.fusion.groups,
             self.fusion.absorbed,
+            self.recompute.blocks,
+            self.recompute.cloned,
             self.memory.peak_bytes,
             self.memory.total_bytes
         )
@@ -105,14 +121,14 @@ impl Plan {
 /// Compiles `graph` to compute `outputs` (forward only, or whatever gradient
 /// nodes the graph already holds).
 pub fn compile(graph: Graph, outputs: &[ValueId]) -> Result<Plan, EngineError> {
-    compile_with(graph, outputs, CompileOptions::default())
+    compile_with(graph, outputs, &CompileOptions::default())
 }
 
 /// [`compile`] with options.
 pub fn compile_with(
     mut graph: Graph,
     outputs: &[ValueId],
-    opts: CompileOptions,
+    opts: &CompileOptions,
 ) -> Result<Plan, EngineError> {
     for &o in outputs {
         if o.index() >= graph.values().len() {
@@ -146,6 +162,7 @@ pub fn compile_with(
         grads: Vec::new(),
         updated: Vec::new(),
         fusion,
+        recompute: Recompute::default(),
     })
 }
 
@@ -157,7 +174,7 @@ pub fn compile_training(
     loss: ValueId,
     extra: &[ValueId],
 ) -> Result<Plan, EngineError> {
-    compile_training_with(graph, loss, extra, CompileOptions::default())
+    compile_training_with(graph, loss, extra, &CompileOptions::default())
 }
 
 /// [`compile_training`] with options.
@@ -165,8 +182,9 @@ pub fn compile_training_with(
     mut graph: Graph,
     loss: ValueId,
     extra: &[ValueId],
-    opts: CompileOptions,
+    opts: &CompileOptions,
 ) -> Result<Plan, EngineError> {
+    let forward_end = NodeId(graph.nodes().len() as u32);
     let grads = backward(&mut graph, loss)?;
     if grads.params.is_empty() {
         return Err(EngineError::Compile(
@@ -176,9 +194,24 @@ pub fn compile_training_with(
     let mut outputs = vec![loss];
     outputs.extend_from_slice(extra);
     outputs.extend(grads.params.iter().map(|(_, g)| *g));
+    let recomputed = recompute_blocks(&mut graph, opts, forward_end)?;
     let mut plan = compile_with(graph, &outputs, opts)?;
     plan.grads = grads.params;
+    plan.recompute = recomputed;
     Ok(plan)
+}
+
+/// Activation recomputation when `opts` asks for it, on a graph whose
+/// backward pass starts at `forward_end`.
+fn recompute_blocks(
+    graph: &mut Graph,
+    opts: &CompileOptions,
+    forward_end: NodeId,
+) -> Result<Recompute, EngineError> {
+    match opts.checkpoints.is_empty() {
+        true => Ok(Recompute::default()),
+        false => Ok(recompute(graph, &opts.checkpoints, forward_end)?),
+    }
 }
 
 /// The update rule of a fused step.
@@ -242,7 +275,7 @@ pub fn compile_fused(
     loss: ValueId,
     rule: FusedRule,
 ) -> Result<(Plan, FusedInputs), EngineError> {
-    compile_fused_with(graph, loss, rule, CompileOptions::default())
+    compile_fused_with(graph, loss, rule, &CompileOptions::default())
 }
 
 /// [`compile_fused`] with options.
@@ -250,8 +283,9 @@ pub fn compile_fused_with(
     mut graph: Graph,
     loss: ValueId,
     rule: FusedRule,
-    opts: CompileOptions,
+    opts: &CompileOptions,
 ) -> Result<(Plan, FusedInputs), EngineError> {
+    let forward_end = NodeId(graph.nodes().len() as u32);
     let grads = backward(&mut graph, loss)?;
     if grads.params.is_empty() {
         return Err(EngineError::Compile(
@@ -293,7 +327,9 @@ pub fn compile_fused_with(
         };
         outputs.push(out);
     }
+    let recomputed = recompute_blocks(&mut graph, opts, forward_end)?;
     let mut plan = compile_with(graph, &outputs, opts)?;
     plan.updated = grads.params.iter().map(|(p, _)| *p).collect();
+    plan.recompute = recomputed;
     Ok((plan, inputs))
 }

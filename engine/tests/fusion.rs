@@ -126,7 +126,16 @@ fn record(s: Shape, seed: u64) -> (Case, ValueId, Vec<ValueId>) {
 /// plan's fusion groups.
 fn run(s: Shape, seed: u64, fuse: bool) -> (Vec<Vec<f32>>, usize) {
     let (c, loss, ys) = record(s, seed);
-    let plan = compile_training_with(c.g, loss, &ys, CompileOptions { fuse }).unwrap();
+    let plan = compile_training_with(
+        c.g,
+        loss,
+        &ys,
+        &CompileOptions {
+            fuse,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let mut feeds = Feeds::new();
     for (v, t) in &c.feeds {
         feeds.bind(*v, t);

@@ -347,7 +347,10 @@ fn round_bf16(x: &[f32]) -> Vec<f32> {
 /// autograd's casts bit for bit, and a fused sum rounds once instead.
 #[test]
 fn cast_round_trip_values_and_gradient() {
-    let unfused = CompileOptions { fuse: false };
+    let unfused = &CompileOptions {
+        fuse: false,
+        ..Default::default()
+    };
     for seed in 0..CASES {
         let (c, loss, y) = cast_case(seed, true);
         let (plain, plain_loss, _) = cast_case(seed, false);

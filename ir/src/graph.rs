@@ -47,10 +47,12 @@ pub struct Node {
     pub outputs: Vec<ValueId>,
 }
 
+/// Passes that rewrite the node list itself (recomputation) work on the
+/// fields directly; everything else goes through the recording methods.
 #[derive(Clone, Debug, Default)]
 pub struct Graph {
-    values: Vec<Value>,
-    nodes: Vec<Node>,
+    pub(crate) values: Vec<Value>,
+    pub(crate) nodes: Vec<Node>,
 }
 
 impl Graph {
@@ -122,7 +124,7 @@ impl Graph {
             .map(|(i, _)| ValueId(i as u32))
     }
 
-    fn push_value(&mut self, ty: TypeInfo, source: Source) -> ValueId {
+    pub(crate) fn push_value(&mut self, ty: TypeInfo, source: Source) -> ValueId {
         self.values.push(Value { ty, source });
         ValueId(self.values.len() as u32 - 1)
     }

@@ -67,6 +67,9 @@ pub struct Recorded {
     pub segments: ValueId,
     pub labels: Option<ValueId>,
     pub dropout_seed: Option<ValueId>,
+    /// The residual stream entering each layer, then leaving the last one:
+    /// the checkpoints of activation recomputation.
+    pub layer_inputs: Vec<ValueId>,
     /// f32 `[tokens, vocab]`.
     pub logits: ValueId,
     pub loss: Option<ValueId>,
@@ -240,6 +243,7 @@ impl CausalLm {
             scale: 1.0 / (c.head_dim as f32).sqrt(),
             window: c.sliding_window,
         };
+        let mut layer_inputs = vec![h];
         for l in 0..c.num_layers {
             let p = format!("model.layers.{l}");
             let w = rec.weight(&format!("{p}.input_layernorm.weight"))?;
@@ -270,6 +274,7 @@ impl CausalLm {
             let m = rec.g.gated_act(c.activation, gate, up)?;
             let d = rec.linear(&format!("{p}.mlp.down_proj"), m)?;
             h = rec.g.add(h, d)?;
+            layer_inputs.push(h);
         }
         let w = rec.weight("model.norm.weight")?;
         let h = rec.g.rms_norm(h, w, c.rms_norm_eps, unit)?;
@@ -294,6 +299,7 @@ impl CausalLm {
             segments,
             labels,
             dropout_seed,
+            layer_inputs,
             logits,
             loss,
             kv_cache,

@@ -137,6 +137,9 @@ pub struct TrainSection {
     pub micro_batch_size: usize,
     pub grad_accum: usize,
     pub seed: u64,
+    /// Recompute each layer's activations in the backward pass instead of
+    /// keeping them (`passes::recompute`).
+    pub gradient_checkpointing: bool,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]

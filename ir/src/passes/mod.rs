@@ -6,8 +6,10 @@ mod dce;
 mod fuse;
 mod inplace;
 mod memory;
+mod recompute;
 
 pub use dce::live_schedule;
 pub use fuse::{fuse_products, Fusion};
 pub use inplace::place_in_place;
 pub use memory::{plan_memory, MemoryPlan};
+pub use recompute::{recompute, Recompute};

@@ -1,9 +1,10 @@
 //! `trainer plan`: the training step `trainer run` would compile for a
-//! configuration, before and after the fusion pass: node count, fusion
-//! groups, and the memory plan's peak; `--dump` lists the fused schedule.
+//! configuration, without and with the fusion pass and activation
+//! recomputation: node count, fusion groups, recomputed blocks and the
+//! memory plan's peak; `--dump` lists the plan the run takes.
 
 use super::CliError;
-use graft_engine::{CompileOptions, Plan};
+use graft_engine::Plan;
 use graft_trainer::run::session::Session;
 use graft_trainer::run::step_plan;
 
@@ -24,21 +25,32 @@ pub fn run(args: Args) -> Result<(), CliError> {
     let data = s.prepare(&s.train_path()?)?;
     let (rows, row_len) = (cfg.train.micro_batch_size, s.row_len(&data.docs));
     let tokens = rows * row_len;
-    let compiled = |fuse| step_plan(&s, tokens, CompileOptions { fuse }).map(|(_, st)| st);
-    let (unfused, fused) = (compiled(false)?, compiled(true)?);
+    let compiled = |fuse, recompute| step_plan(&s, tokens, fuse, recompute).map(|(_, st)| st);
+    let ckpt = cfg.train.gradient_checkpointing;
     if args.dump {
-        print!("{}", fused.plan().dump());
+        print!("{}", compiled(true, ckpt)?.plan().dump());
     }
     println!("training step: micro-batch {rows} × {row_len} tokens");
-    let line = |what: &str, p: &Plan| {
+    let line = |what: &str, p: &Plan, taken: bool| {
         println!(
-            "  {what:<8} {:>6} nodes, {:>4} fusion groups, peak arena {:>10.1} MiB",
+            "  {what:<26} {:>6} nodes, {:>4} fusion groups, {:>3} blocks recomputed, peak arena {:>9.1} MiB{}",
             p.schedule().len(),
             p.fusion().groups,
-            p.peak_bytes() as f64 / (1 << 20) as f64
+            p.recompute().blocks,
+            p.peak_bytes() as f64 / (1 << 20) as f64,
+            if taken { "  <- this run" } else { "" }
         )
     };
-    line("unfused", unfused.plan());
-    line("fused", fused.plan());
+    for (what, fuse, recompute) in [
+        ("unfused", false, false),
+        ("fused", true, false),
+        ("fused + recomputation", true, true),
+    ] {
+        line(
+            what,
+            compiled(fuse, recompute)?.plan(),
+            fuse && recompute == ckpt,
+        );
+    }
     Ok(())
 }

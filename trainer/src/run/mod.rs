@@ -158,10 +158,13 @@ impl EvalPlan {
 /// The training step `trainer run` compiles for micro-batches of `tokens`
 /// tokens: the recorded graph, and the plan with its optimizer (fused into
 /// the plan for LOMO / AdaLomo; the optimizer's state is sized later).
+/// `fuse` and `recompute` choose the passes (`trainer plan` compares them;
+/// a run takes fusion and the configuration's gradient_checkpointing).
 pub fn step_plan(
     s: &Session,
     tokens: usize,
-    opts: CompileOptions,
+    fuse: bool,
+    recompute: bool,
 ) -> Result<(Recorded, Stepper), RunError> {
     let cfg = &s.cfg;
     let full = cfg.adapter.method == Method::Full;
@@ -177,6 +180,13 @@ pub fn step_plan(
         },
     )?;
     let loss_v = rec.loss.expect("recorded with a loss");
+    let opts = CompileOptions {
+        fuse,
+        checkpoints: match recompute {
+            true => rec.layer_inputs.clone(),
+            false => Vec::new(),
+        },
+    };
     let fused = match cfg.train.optimizer {
         OptimizerName::Lomo => Some(FusedRule::Sgd {
             weight_decay: cfg.train.weight_decay as f32,
@@ -191,7 +201,7 @@ pub fn step_plan(
     };
     let stepper = match fused {
         Some(rule) => {
-            let (plan, inputs) = compile_fused_with(rec.graph.clone(), loss_v, rule, opts)?;
+            let (plan, inputs) = compile_fused_with(rec.graph.clone(), loss_v, rule, &opts)?;
             let state = inputs.zero_state(&plan);
             Stepper::Fused {
                 plan,
@@ -201,7 +211,7 @@ pub fn step_plan(
             }
         }
         None => Stepper::Separate {
-            plan: compile_training_with(rec.graph.clone(), loss_v, &[], opts)?,
+            plan: compile_training_with(rec.graph.clone(), loss_v, &[], &opts)?,
             opt: Optimizer::new(&cfg.train, &[])?,
             acc: Vec::new(),
         },
@@ -303,7 +313,8 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
     let total = total_steps(cfg, epoch_batches(0).len());
 
     let full = cfg.adapter.method == Method::Full;
-    let (rec, mut stepper) = step_plan(&s, rows * row_len, CompileOptions::default())?;
+    let recompute = cfg.train.gradient_checkpointing;
+    let (rec, mut stepper) = step_plan(&s, rows * row_len, true, recompute)?;
     let names = stepper.names();
     if names.is_empty() {
         return Err(RunError::Invalid(
