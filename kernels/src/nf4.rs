@@ -127,21 +127,35 @@ pub fn quantize(x: &[f32], block: usize) -> Result<Nf4Parts, QuantizeError> {
     // torch.bucketize(right=False): the number of midpoints strictly below;
     // a value on a midpoint takes the lower code.
     let code = |s: f32| mid.iter().filter(|&&m| m < s).count() as u8;
+    // Blocks are independent: runs of them in parallel (a 7B model's
+    // weights are quantized as they load), concatenated in order.
+    let runs: Vec<(Vec<u8>, Vec<f32>)> = x
+        .par_chunks(block * 1024)
+        .map(|run| {
+            let mut codes = Vec::with_capacity(run.len());
+            let mut absmax = Vec::with_capacity(run.len().div_ceil(block));
+            for chunk in run.chunks(block) {
+                let am = chunk.iter().fold(0f32, |a, v| a.max(v.abs()));
+                if chunk.len() == block {
+                    // Full blocks multiply by the reciprocal; the absmax is kept as is.
+                    let inv = 1.0 / am.max(ABSMAX_MIN);
+                    codes.extend(chunk.iter().map(|v| code((v * inv).clamp(-1.0, 1.0))));
+                    absmax.push(am);
+                } else {
+                    // The partial last block divides, and keeps the clamped absmax.
+                    let am = am.max(ABSMAX_MIN);
+                    codes.extend(chunk.iter().map(|v| code((v / am).clamp(-1.0, 1.0))));
+                    absmax.push(am);
+                }
+            }
+            (codes, absmax)
+        })
+        .collect();
     let mut codes = Vec::with_capacity(x.len() + 1);
     let mut absmax = Vec::with_capacity(x.len().div_ceil(block));
-    for chunk in x.chunks(block) {
-        let am = chunk.iter().fold(0f32, |a, v| a.max(v.abs()));
-        if chunk.len() == block {
-            // Full blocks multiply by the reciprocal; the absmax is kept as is.
-            let inv = 1.0 / am.max(ABSMAX_MIN);
-            codes.extend(chunk.iter().map(|v| code((v * inv).clamp(-1.0, 1.0))));
-            absmax.push(am);
-        } else {
-            // The partial last block divides, and keeps the clamped absmax.
-            let am = am.max(ABSMAX_MIN);
-            codes.extend(chunk.iter().map(|v| code((v / am).clamp(-1.0, 1.0))));
-            absmax.push(am);
-        }
+    for (c, a) in runs {
+        codes.extend(c);
+        absmax.extend(a);
     }
     if codes.len() % 2 == 1 {
         codes.push(code(0.0));

@@ -161,3 +161,27 @@ fn the_dynamic_map_is_bitsandbytes_signed_map() {
     assert!(map.contains(&0.0));
     assert!((map[0] + 0.99297).abs() < 1e-5, "{}", map[0]);
 }
+
+/// Quantization runs over blocks in parallel: each block's codes are what
+/// quantizing that block alone gives (they depend on its values and absmax
+/// only), wherever it falls among the runs, the partial last block included.
+#[test]
+fn quantized_codes_are_block_local_across_parallel_runs() {
+    use graft_kernels::nf4::quantize;
+    let block = 64;
+    let n = block * 1024 * 3 + 777; // three runs and a ragged end
+    let x = Gen::new(5).vec(n, -2.0, 2.0);
+    let all = quantize(&x, block).unwrap();
+    let blocks = n.div_ceil(block);
+    for b in [0, 1, 1023, 1024, 2047, 2500, blocks - 2, blocks - 1] {
+        let (s, e) = (b * block, ((b + 1) * block).min(n));
+        let alone = quantize(&x[s..e], block).unwrap();
+        // Two codes per byte; blocks hold an even count of values.
+        assert_eq!(
+            &all.packed[s / 2..e.div_ceil(2)],
+            &alone.packed[..],
+            "block {b}"
+        );
+    }
+    assert_eq!(all.absmax.len(), blocks);
+}
