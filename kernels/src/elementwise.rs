@@ -1,5 +1,6 @@
 //! Elementwise kernels and the small reductions that go with them.
 
+use crate::simd::vectorized;
 use crate::Elem;
 use rayon::prelude::*;
 
@@ -13,9 +14,14 @@ fn map2<A: Sync, B: Sync, Y: Send>(a: &[A], b: &[B], y: &mut [Y], f: impl Fn(&A,
         .zip(a.par_chunks(CHUNK))
         .zip(b.par_chunks(CHUNK))
         .for_each(|((y, a), b)| {
-            for ((y, a), b) in y.iter_mut().zip(a).zip(b) {
-                *y = f(a, b);
-            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    for ((y, a), b) in y.iter_mut().zip(a).zip(b) {
+                        *y = f(a, b);
+                    }
+                },
+            )
         });
 }
 

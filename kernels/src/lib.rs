@@ -21,6 +21,7 @@ pub mod matmul;
 pub mod nf4;
 pub mod norm;
 pub mod rope;
+pub mod simd;
 pub mod update;
 
 pub use half::{bf16, f16};

@@ -1,6 +1,7 @@
 //! Softmax cross-entropy with an ignore index, mean over counted tokens.
 
 use crate::math::exp;
+use crate::simd::vectorized;
 use crate::{Elem, IndexError};
 use rayon::prelude::*;
 
@@ -23,6 +24,7 @@ fn check_labels(labels: &[i32], vocab: usize, ignore: i32) -> Result<usize, Inde
     Ok(counted)
 }
 
+#[inline(always)]
 fn log_sum_exp<T: Elem>(row: &[T]) -> f32 {
     let m = row
         .iter()
@@ -57,7 +59,12 @@ pub fn cross_entropy<T: Elem>(
         .zip(labels)
         .map(|(row, &l)| match l == ignore {
             true => 0.0,
-            false => (log_sum_exp(row) - row[l as usize].to_f32()) as f64,
+            false => {
+                (vectorized(
+                    #[inline(always)]
+                    || log_sum_exp(row),
+                ) - row[l as usize].to_f32()) as f64
+            }
         })
         .collect();
     Ok((losses.iter().sum::<f64>() / counted as f64) as f32)
@@ -85,10 +92,16 @@ pub fn cross_entropy_grad<T: Elem>(
                 d_row.fill(T::from_f32(0.0));
                 return;
             }
-            let lse = log_sum_exp(row);
-            for (d, x) in d_row.iter_mut().zip(row) {
-                *d = T::from_f32(c * exp(x.to_f32() - lse));
-            }
+            let lse = vectorized(
+                #[inline(always)]
+                || {
+                    let lse = log_sum_exp(row);
+                    for (d, x) in d_row.iter_mut().zip(row) {
+                        *d = T::from_f32(c * exp(x.to_f32() - lse));
+                    }
+                    lse
+                },
+            );
             let t = &mut d_row[l as usize];
             *t = T::from_f32(c * (exp(row[l as usize].to_f32() - lse) - 1.0));
         });

@@ -1,6 +1,7 @@
 //! RMSNorm, forward and backward, in f32 whatever the storage type (as
 //! transformers computes it).
 
+use crate::simd::vectorized;
 use crate::{Elem, PAR_MIN_WORK};
 use rayon::prelude::*;
 
@@ -20,22 +21,35 @@ where
     F: Fn(usize, &mut [T]) + Sync + Send,
 {
     if y.len() >= PAR_MIN_WORK {
-        y.par_chunks_mut(h).enumerate().for_each(|(i, r)| f(i, r));
+        y.par_chunks_mut(h).enumerate().for_each(|(i, r)| {
+            vectorized(
+                #[inline(always)]
+                || f(i, r),
+            )
+        });
     } else {
-        y.chunks_mut(h).enumerate().for_each(|(i, r)| f(i, r));
+        vectorized(
+            #[inline(always)]
+            || y.chunks_mut(h).enumerate().for_each(|(i, r)| f(i, r)),
+        );
     }
 }
 
 /// `y = x·rsqrt(mean(x²)+eps)·g` per row of `x[t,h]`, `g = w` or `1+w`.
 pub fn rms_norm<T: Elem>(x: &[T], w: &[T], eps: f32, unit_offset: bool, y: &mut [T]) {
     let h = w.len();
-    rows(y, h, |i, y_row| {
-        let x_row = &x[i * h..(i + 1) * h];
-        let r = inv_rms(x_row, eps);
-        for ((y, x), w) in y_row.iter_mut().zip(x_row).zip(w) {
-            *y = T::from_f32(x.to_f32() * r * gain(*w, unit_offset));
-        }
-    });
+    rows(
+        y,
+        h,
+        #[inline(always)]
+        |i, y_row| {
+            let x_row = &x[i * h..(i + 1) * h];
+            let r = inv_rms(x_row, eps);
+            for ((y, x), w) in y_row.iter_mut().zip(x_row).zip(w) {
+                *y = T::from_f32(x.to_f32() * r * gain(*w, unit_offset));
+            }
+        },
+    );
 }
 
 /// `dx = r·(g⊙dy) − x·r³/h·Σ(g⊙dy⊙x)` per row.
@@ -48,21 +62,26 @@ pub fn rms_norm_grad_input<T: Elem>(
     dx: &mut [T],
 ) {
     let h = w.len();
-    rows(dx, h, |i, dx_row| {
-        let x_row = &x[i * h..(i + 1) * h];
-        let dy_row = &dy[i * h..(i + 1) * h];
-        let r = inv_rms(x_row, eps);
-        let dot: f32 = x_row
-            .iter()
-            .zip(dy_row)
-            .zip(w)
-            .map(|((x, dy), w)| x.to_f32() * dy.to_f32() * gain(*w, unit_offset))
-            .sum();
-        let c = r * r * r * dot / h as f32;
-        for (((dx, x), dy), w) in dx_row.iter_mut().zip(x_row).zip(dy_row).zip(w) {
-            *dx = T::from_f32(r * dy.to_f32() * gain(*w, unit_offset) - x.to_f32() * c);
-        }
-    });
+    rows(
+        dx,
+        h,
+        #[inline(always)]
+        |i, dx_row| {
+            let x_row = &x[i * h..(i + 1) * h];
+            let dy_row = &dy[i * h..(i + 1) * h];
+            let r = inv_rms(x_row, eps);
+            let dot: f32 = x_row
+                .iter()
+                .zip(dy_row)
+                .zip(w)
+                .map(|((x, dy), w)| x.to_f32() * dy.to_f32() * gain(*w, unit_offset))
+                .sum();
+            let c = r * r * r * dot / h as f32;
+            for (((dx, x), dy), w) in dx_row.iter_mut().zip(x_row).zip(dy_row).zip(w) {
+                *dx = T::from_f32(r * dy.to_f32() * gain(*w, unit_offset) - x.to_f32() * c);
+            }
+        },
+    );
 }
 
 /// `dw[h] = Σ over rows of dy⊙x·r`.
