@@ -11,6 +11,7 @@
 //! layout for `op(a)ᵀ` with mr columns, so one routine packs both.
 
 use super::Operand;
+use crate::simd::vectorized;
 use crate::{bf16_bits, Elem};
 
 /// An element of a packed panel.
@@ -85,7 +86,7 @@ pub(super) struct Stored<'a> {
 
 impl Stored<'_> {
     /// The values as read, unscaled and unrounded.
-    #[inline]
+    #[inline(always)]
     fn raw_f32(&self, r: usize, c0: usize, out: &mut [f32]) {
         let at = r * self.ld + c0;
         match self.op {
@@ -105,7 +106,7 @@ fn widen<T: Elem>(src: &[T], out: &mut [f32]) {
 }
 
 impl Source for Stored<'_> {
-    #[inline]
+    #[inline(always)]
     fn row_f32(&self, r: usize, c0: usize, out: &mut [f32]) {
         self.raw_f32(r, c0, out);
         if self.scale != 1.0 {
@@ -119,7 +120,7 @@ impl Source for Stored<'_> {
             }
         }
     }
-    #[inline]
+    #[inline(always)]
     fn row_bf16(&self, r: usize, c0: usize, out: &mut [u16]) {
         let at = r * self.ld + c0;
         match self.op {
@@ -162,6 +163,22 @@ impl<S: Source> View<'_, S> {
     /// `kc.div_ceil(K)`): `dst[q·steps·nr + s·nr + j]` holds
     /// `M[p0+s·K.., j0+q·nr+j]`, zero past `cols` and past `kc`.
     pub fn pack<E: Packed>(
+        &self,
+        dst: &mut [E],
+        k: (usize, usize),
+        j: (usize, usize),
+        nr: usize,
+        steps: usize,
+    ) {
+        // Widening, rounding to bf16 and pairing vectorize at full width.
+        vectorized(
+            #[inline(always)]
+            || self.pack_here(dst, k, j, nr, steps),
+        )
+    }
+
+    #[inline(always)]
+    fn pack_here<E: Packed>(
         &self,
         dst: &mut [E],
         (p0, kc): (usize, usize),

@@ -2,6 +2,8 @@
 //! dequantization and products with a frozen NF4 weight that dequantize tile
 //! by tile, so the whole dequantized weight never exists.
 
+mod decode;
+
 use crate::{bf16, Elem};
 use rayon::prelude::*;
 
@@ -343,23 +345,28 @@ impl Nf4<'_> {
     }
 
     /// Dequantizes the flat elements `start..start+out.len()` into `out`.
+    #[inline(always)]
     pub fn dequantize_into(&self, start: usize, out: &mut [f32]) {
-        self.dequantize_with(start, out, |a| NF4_CODE.map(|c| c * a));
+        self.dequantize_with(start, out, |a| NF4_CODE.map(|c| c * a), decode::decode_f32);
     }
 
     /// The same values rounded to bf16 (as bits): what a bf16-compute
     /// product multiplies.
+    #[inline(always)]
     pub fn dequantize_bf16_into(&self, start: usize, out: &mut [u16]) {
-        self.dequantize_with(start, out, |a| NF4_CODE.map(|c| crate::bf16_bits(c * a)));
+        let table = |a| NF4_CODE.map(|c| crate::bf16_bits(c * a));
+        self.dequantize_with(start, out, table, decode::decode_bf16);
     }
 
     /// Dequantizes through a per-block table of the 16 values (`table`
     /// of the block's absmax): one table per block, then a lookup per code.
+    #[inline(always)]
     fn dequantize_with<V: Copy>(
         &self,
         start: usize,
         out: &mut [V],
         table: impl Fn(f32) -> [V; 16],
+        decode: impl Fn(&[V; 16], &[u8], &mut [V]),
     ) {
         let end = start + out.len();
         let (mut i, mut o) = (start, 0);
@@ -374,10 +381,7 @@ impl Nf4<'_> {
             // Whole bytes: two codes each, the even element high.
             let pairs = (block_end.saturating_sub(i)) / 2;
             let bytes = &self.packed[i / 2..][..pairs];
-            for (d, &byte) in out[o..o + 2 * pairs].chunks_exact_mut(2).zip(bytes) {
-                d[0] = t[(byte >> 4) as usize];
-                d[1] = t[(byte & 0xF) as usize];
-            }
+            decode(&t, bytes, &mut out[o..o + 2 * pairs]);
             (i, o) = (i + 2 * pairs, o + 2 * pairs);
             if i < block_end {
                 out[o] = t[self.code(i)];
