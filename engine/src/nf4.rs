@@ -4,6 +4,7 @@
 use crate::{EngineError, Tensor};
 use graft_ir::{DType, Nf4Layout};
 use graft_kernels::nf4::{Nf4, Nf4Parts};
+use graft_kernels::{bf16, f16};
 
 impl Tensor {
     /// Assembles an NF4 tensor, checking every part's length against the
@@ -41,8 +42,19 @@ impl Tensor {
 
     /// Quantizes a float tensor to NF4 (bit-exact with bitsandbytes).
     pub fn quantize_nf4(&self, block: usize) -> Result<Tensor, EngineError> {
-        let parts = graft_kernels::nf4::quantize(&self.to_f32_vec()?, block)
-            .map_err(|e| EngineError::Tensor(format!("cannot quantize to nf4: {e}")))?;
+        use graft_kernels::nf4::quantize;
+        let b = self.bytes();
+        let parts = match self.dtype() {
+            DType::F32 => quantize(bytemuck::cast_slice::<u8, f32>(b), block),
+            DType::BF16 => quantize(bytemuck::cast_slice::<u8, bf16>(b), block),
+            DType::F16 => quantize(bytemuck::cast_slice::<u8, f16>(b), block),
+            other => {
+                return Err(EngineError::Tensor(format!(
+                    "cannot quantize a {other} tensor to nf4"
+                )))
+            }
+        }
+        .map_err(|e| EngineError::Tensor(format!("cannot quantize to nf4: {e}")))?;
         Tensor::from_nf4(self.shape(), &parts)
     }
 

@@ -185,3 +185,34 @@ fn quantized_codes_are_block_local_across_parallel_runs() {
     }
     assert_eq!(all.absmax.len(), blocks);
 }
+
+/// A bf16 or f16 weight (as a checkpoint stores it) quantizes to exactly
+/// what its f32 widening does, odd length and partial block included; a
+/// non-finite value is reported at its flat index past the first chunk.
+#[test]
+fn half_precision_weights_quantize_as_their_f32_values() {
+    use graft_kernels::f16;
+    use graft_kernels::nf4::quantize;
+    let n = 64 * 1024 * 2 + 64 * 3 + 33; // two runs of blocks, a ragged end
+    let x: Vec<f32> = Gen::new(11).vec(n, -3.0, 3.0);
+    let h: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+    let wide: Vec<f32> = h.iter().map(|v| v.to_f32()).collect();
+    let (a, b) = (quantize(&h, 64).unwrap(), quantize(&wide, 64).unwrap());
+    assert_eq!(
+        (a.packed, a.absmax, a.offset),
+        (b.packed, b.absmax, b.offset)
+    );
+    let h: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+    let wide: Vec<f32> = h.iter().map(|v| v.to_f32()).collect();
+    let (a, b) = (quantize(&h, 128).unwrap(), quantize(&wide, 128).unwrap());
+    assert_eq!(
+        (a.packed, a.absmax, a.offset),
+        (b.packed, b.absmax, b.offset)
+    );
+
+    let mut bad: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+    bad[70_001] = bf16::INFINITY;
+    bad[80_000] = bf16::NAN;
+    let e = quantize(&bad, 64).unwrap_err().to_string();
+    assert!(e.contains("flat index 70001") && e.contains("inf"), "{e}");
+}

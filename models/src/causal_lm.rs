@@ -159,7 +159,7 @@ impl CausalLm {
                 (true, Some(_), _) => crate::quantized::load_nf4(&ckpt, &name, &shape)?,
                 (true, None, Some(block)) => {
                     let t = ckpt
-                        .load(&name, &shape, DType::F32)?
+                        .load_stored(&name, &shape)?
                         .quantize_nf4(block)
                         .map_err(|e| {
                             ModelError::Input(format!("{}: tensor `{name}`: {e}", dir.display()))

@@ -248,6 +248,12 @@ impl Checkpoint {
     /// Loads `name`, checking its shape against `want`, converted to `dtype`
     /// (zero-copy when it is stored as `dtype` and aligned).
     pub fn load(&self, name: &str, want: &[usize], dtype: DType) -> Result<Tensor, ModelError> {
+        Ok(self.load_stored(name, want)?.to_dtype(dtype)?)
+    }
+
+    /// Loads `name` in the dtype it is stored in (zero-copy when aligned):
+    /// what quantization reads, so no float copy of a weight is made.
+    pub fn load_stored(&self, name: &str, want: &[usize]) -> Result<Tensor, ModelError> {
         let (path, e) = self.entry(name)?;
         if e.shape != want {
             return Err(ModelError::Shape {
@@ -268,8 +274,12 @@ impl Checkpoint {
                     ),
                 })?;
         let file = &self.files[self.index[name]];
-        let t = Tensor::mapped(file.map.clone(), e.range.clone(), &e.shape, stored)?;
-        Ok(t.to_dtype(dtype)?)
+        Ok(Tensor::mapped(
+            file.map.clone(),
+            e.range.clone(),
+            &e.shape,
+            stored,
+        )?)
     }
 }
 

@@ -319,7 +319,7 @@ pub fn quantize_checkpoint(
             })?;
         if config.is_linear_weight(&name) {
             let t = ckpt
-                .load(&name, &shape, DType::F32)?
+                .load_stored(&name, &shape)?
                 .quantize_nf4(block)
                 .map_err(|e| {
                     ModelError::Input(format!("{}: tensor `{name}`: {e}", path.display()))
