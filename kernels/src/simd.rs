@@ -38,3 +38,13 @@ unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
 unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
+
+/// Whether the active path may use AVX-512F instructions (a kernel with an
+/// AVX-512 variant asks this, so `GRAFT_CPU=avx2` keeps it off).
+#[inline(always)]
+pub fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return matches!(Path::active(), Path::Avx512 | Path::Avx512Bf16 | Path::Amx);
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}

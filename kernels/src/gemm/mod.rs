@@ -24,6 +24,8 @@ mod avx512bf16;
 mod block;
 #[cfg(target_arch = "x86_64")]
 mod operand;
+#[cfg(target_arch = "x86_64")]
+mod transpose;
 
 use crate::nf4::Nf4;
 use crate::Elem;

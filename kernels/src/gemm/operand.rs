@@ -10,6 +10,7 @@
 //! `dst[s·nr + j] = op(b)[p0 + s·K.., j0 + j]`, and an A panel is the same
 //! layout for `op(a)ᵀ` with mr columns, so one routine packs both.
 
+use super::transpose::{scatter, GROUP};
 use super::Operand;
 use crate::simd::vectorized;
 use crate::{bf16_bits, Elem};
@@ -18,7 +19,9 @@ use crate::{bf16_bits, Elem};
 ///
 /// # Safety
 /// Four bytes, 4-byte aligned, every bit pattern valid: the driver keeps
-/// its panels in `u32` buffers and views them as `Self`.
+/// its panels in `u32` buffers and views them as `Self`. `Val` is f32 with
+/// `K` one, or u16 with `K` two, and `pack` puts `v[0]` in the low bits:
+/// packing views a buffer of words as values.
 pub(super) unsafe trait Packed: Copy + Default + Send + Sync + 'static {
     /// How many consecutive k one element holds (1 or 2).
     const K: usize;
@@ -65,6 +68,22 @@ unsafe impl Packed for Pair {
     }
 }
 
+/// A panel's elements as 32-bit words.
+fn words<E: Packed>(d: &mut [E]) -> &mut [u32] {
+    // SAFETY: `Packed` types are 4 bytes, 4-aligned, any bit pattern valid.
+    unsafe { std::slice::from_raw_parts_mut(d.as_mut_ptr().cast(), d.len()) }
+}
+
+/// Words as the values packing reads into, `K` to a word in order: the
+/// words are then the packed elements (a [`Pair`] is its low k in the low
+/// half, as a little-endian `u16` pair lies in memory).
+fn vals<E: Packed>(w: &mut [u32]) -> &mut [E::Val] {
+    let n = w.len() * 4 / std::mem::size_of::<E::Val>();
+    // SAFETY: `Val` is f32 or u16 (see `Packed`): any bit pattern valid,
+    // alignment at most 4, and `n` of them fill the words exactly.
+    unsafe { std::slice::from_raw_parts_mut(w.as_mut_ptr().cast(), n) }
+}
+
 /// A stored matrix, read a run of one stored row at a time.
 pub(super) trait Source: Sync {
     /// Stored row `r`, columns `c0..c0 + out.len()`, as f32 (rounded to
@@ -72,6 +91,10 @@ pub(super) trait Source: Sync {
     fn row_f32(&self, r: usize, c0: usize, out: &mut [f32]);
     /// The same run as bf16 bits (operands packed for bf16 kernels).
     fn row_bf16(&self, r: usize, c0: usize, out: &mut [u16]);
+    /// Asks for stored row `r`, columns `c0..c0 + len`, to be brought into
+    /// cache: packing reads many short runs of rows far apart, too short
+    /// for the hardware prefetcher to follow, so it names the next ones.
+    fn prefetch(&self, r: usize, c0: usize, len: usize);
 }
 
 /// An [`Operand`] as packing reads it: its stored rows (`ld` elements
@@ -98,6 +121,15 @@ impl Stored<'_> {
     }
 }
 
+/// Elements `at..at + len` of `d` (clipped to it) as bytes.
+#[inline(always)]
+fn bytes_of<T>(d: &[T], at: usize, len: usize) -> &[u8] {
+    let s = at.min(d.len());
+    let d = &d[s..(at + len).min(d.len())];
+    // SAFETY: f32/bf16/f16 slices: plain bytes, no padding.
+    unsafe { std::slice::from_raw_parts(d.as_ptr().cast(), std::mem::size_of_val(d)) }
+}
+
 #[inline(always)]
 fn widen<T: Elem>(src: &[T], out: &mut [f32]) {
     for (o, &v) in out.iter_mut().zip(src) {
@@ -106,6 +138,28 @@ fn widen<T: Elem>(src: &[T], out: &mut [f32]) {
 }
 
 impl Source for Stored<'_> {
+    #[inline(always)]
+    fn prefetch(&self, r: usize, c0: usize, len: usize) {
+        let at = r * self.ld + c0;
+        let bytes: &[u8] = match self.op {
+            Operand::F32(d) => bytes_of(d, at, len),
+            Operand::Bf16(d) => bytes_of(d, at, len),
+            Operand::F16(d) => bytes_of(d, at, len),
+            Operand::Nf4(w) => {
+                let (s, e) = ((at / 2).min(w.packed.len()), (at + len).div_ceil(2));
+                &w.packed[s..e.min(w.packed.len())]
+            }
+        };
+        for line in bytes.chunks(64) {
+            // SAFETY: a prefetch only hints; the address is in the slice.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    line.as_ptr().cast(),
+                )
+            };
+        }
+    }
+
     #[inline(always)]
     fn row_f32(&self, r: usize, c0: usize, out: &mut [f32]) {
         self.raw_f32(r, c0, out);
@@ -195,27 +249,33 @@ impl<S: Source> View<'_, S> {
         }
         let zero = E::Val::default();
         if self.trans {
-            // Stored row j is column j of M: each run of it fills one
-            // column of a panel, a step every nr elements. A block of RUN k
-            // at a time keeps the destination block in L1.
-            let mut buf = [zero; RUN + 1];
+            // Stored row j is column j of M: a run of it is one column of a
+            // panel, an element per step, read for 16 columns at a time and
+            // transposed into the panel. A block of RUN k at a time keeps
+            // the destination block in L1.
+            let mut bufs = [[0u32; RUN + 1]; GROUP];
             for (q, d) in dst.chunks_exact_mut(panel).enumerate() {
                 let cols_q = nr.min(cols - q * nr);
                 for pb in (0..kc).step_by(RUN) {
                     let len = RUN.min(kc - pb);
                     let n_steps = len.div_ceil(E::K);
-                    let block = &mut d[pb / E::K * nr..][..n_steps * nr];
-                    for j in 0..cols_q {
-                        E::read(self.src, j0 + q * nr + j, p0 + pb, &mut buf[..len]);
-                        buf[len] = zero; // the pair partner past an odd end
-                        let vals = buf[..n_steps * E::K].chunks_exact(E::K);
-                        for (o, v) in block[j..].iter_mut().step_by(nr).zip(vals) {
-                            *o = E::pack([v[0], v[E::K - 1]]);
+                    let block = words(&mut d[pb / E::K * nr..][..n_steps * nr]);
+                    for c0 in (0..cols_q).step_by(GROUP) {
+                        let g = GROUP.min(cols_q - c0);
+                        for (c, b) in bufs.iter_mut().enumerate().take(g) {
+                            // A run's values, K to an element: the buffer's
+                            // words are the packed elements.
+                            let (row, vals) = (j0 + q * nr + c0 + c, vals::<E>(b));
+                            E::read(self.src, row, p0 + pb, &mut vals[..len]);
+                            self.src.prefetch(row, p0 + pb + RUN, RUN);
+                            vals[len] = zero; // the pair partner past an odd end
                         }
+                        let rows: [&[u32]; GROUP] = std::array::from_fn(|c| &bufs[c][..]);
+                        scatter(&rows[..g], n_steps, &mut block[c0..], nr);
                     }
                     if cols_q < nr {
                         for o in block.chunks_exact_mut(nr) {
-                            o[cols_q..].fill(E::default());
+                            o[cols_q..].fill(0);
                         }
                     }
                 }
@@ -232,6 +292,7 @@ impl<S: Source> View<'_, S> {
                     for (u, b) in bufs.iter_mut().enumerate().take(E::K) {
                         if u < valid {
                             E::read(self.src, p0 + p + u, j0 + c0, &mut b[..len]);
+                            self.src.prefetch(p0 + p + u + E::K, j0 + c0, len);
                         } else {
                             b[..len].fill(zero);
                         }

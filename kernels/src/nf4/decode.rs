@@ -7,35 +7,51 @@
 //! looks codes up with `vpermd`, 32 codes per step. Other paths look up one
 //! code at a time. Both give the same values: only table entries are copied.
 
-use crate::gemm::Path;
+use super::NF4_CODE;
+use crate::bf16_bits;
+use crate::simd::has_avx512;
 
-/// `out[2i]`, `out[2i+1]` = `t[hi(bytes[i])]`, `t[lo(bytes[i])]`.
+/// `out[2i]`, `out[2i+1]` = the values of the high and low code of
+/// `bytes[i]` in a block of absmax `a`: `code·a`.
 #[inline(always)]
-pub(super) fn decode_f32(t: &[f32; 16], bytes: &[u8], out: &mut [f32]) {
+pub(super) fn decode_f32(a: f32, bytes: &[u8], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if has_avx512() {
         // SAFETY: the AVX-512 paths are only active on CPUs with avx512f.
-        let done = unsafe { avx512::f32s(t, bytes, out) };
-        return scalar(t, &bytes[done..], &mut out[2 * done..]);
+        let done = unsafe { x86::f32s(a, bytes, out) };
+        if done == bytes.len() {
+            return;
+        }
+        return scalar(&table_f32(a), &bytes[done..], &mut out[2 * done..]);
     }
-    scalar(t, bytes, out)
+    scalar(&table_f32(a), bytes, out)
 }
 
-/// The same for bf16 values (as bits).
+/// The same values rounded to bf16 (as bits).
 #[inline(always)]
-pub(super) fn decode_bf16(t: &[u16; 16], bytes: &[u8], out: &mut [u16]) {
+pub(super) fn decode_bf16(a: f32, bytes: &[u8], out: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
     if has_avx512() {
         // SAFETY: as above.
-        let done = unsafe { avx512::bf16s(t, bytes, out) };
-        return scalar(t, &bytes[done..], &mut out[2 * done..]);
+        let done = unsafe { x86::bf16s(a, bytes, out) };
+        if done == bytes.len() {
+            return;
+        }
+        return scalar(&table_bf16(a), &bytes[done..], &mut out[2 * done..]);
     }
-    scalar(t, bytes, out)
+    scalar(&table_bf16(a), bytes, out)
 }
 
+/// The 16 values of a block of absmax `a`.
 #[inline(always)]
-fn has_avx512() -> bool {
-    matches!(Path::active(), Path::Avx512 | Path::Avx512Bf16 | Path::Amx)
+pub(super) fn table_f32(a: f32) -> [f32; 16] {
+    NF4_CODE.map(|c| c * a)
+}
+
+/// The same rounded to bf16 (as bits).
+#[inline(always)]
+pub(super) fn table_bf16(a: f32) -> [u16; 16] {
+    NF4_CODE.map(|c| bf16_bits(c * a))
 }
 
 /// One lookup per code. Never inlined, so it stays compiled for baseline
@@ -49,13 +65,27 @@ pub(super) fn scalar<V: Copy>(t: &[V; 16], bytes: &[u8], out: &mut [V]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(super) mod avx512 {
+pub(super) mod x86 {
+    use super::NF4_CODE;
     use std::arch::x86_64::*;
 
-    /// The table's entries as 32-bit lanes of one register.
+    /// `code·a` for the 16 codes, as f32 lanes.
     #[inline(always)]
-    unsafe fn table(w: [u32; 16]) -> __m512i {
-        _mm512_loadu_si512(w.as_ptr().cast())
+    unsafe fn values(a: f32) -> __m512 {
+        _mm512_mul_ps(_mm512_loadu_ps(NF4_CODE.as_ptr()), _mm512_set1_ps(a))
+    }
+
+    /// [`crate::bf16_bits`] on 16 lanes: to nearest, ties to even; a NaN
+    /// becomes a quiet NaN. The bf16 bits in the low half of each lane.
+    #[inline(always)]
+    unsafe fn bf16_bits(x: __m512) -> __m512i {
+        let b = _mm512_castps_si512(x);
+        let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+        let bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF));
+        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, bias));
+        let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(0x40));
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+        _mm512_mask_blend_epi32(nan, rounded, quiet)
     }
 
     /// The high and low codes of 16 bytes, looked up: 16 even elements and
@@ -76,9 +106,9 @@ pub(super) mod avx512 {
     /// # Safety
     /// The CPU has avx512f; `out` holds at least `2·bytes.len()` values.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn bf16s(t: &[u16; 16], bytes: &[u8], out: &mut [u16]) -> usize {
+    pub unsafe fn bf16s(a: f32, bytes: &[u8], out: &mut [u16]) -> usize {
         assert!(out.len() >= 2 * bytes.len());
-        let tbl = table(t.map(u32::from));
+        let tbl = bf16_bits(values(a));
         let done = bytes.len() / 16 * 16;
         for i in (0..done).step_by(16) {
             let (even, odd) = lookup(tbl, bytes.as_ptr().add(i));
@@ -94,9 +124,9 @@ pub(super) mod avx512 {
     /// # Safety
     /// As [`bf16s`].
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn f32s(t: &[f32; 16], bytes: &[u8], out: &mut [f32]) -> usize {
+    pub unsafe fn f32s(a: f32, bytes: &[u8], out: &mut [f32]) -> usize {
         assert!(out.len() >= 2 * bytes.len());
-        let tbl = table(t.map(f32::to_bits));
+        let tbl = _mm512_castps_si512(values(a));
         // Interleave even and odd: lanes 0..8 of each, then 8..16.
         let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
         let second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
@@ -115,8 +145,9 @@ pub(super) mod avx512 {
 mod tests {
     use super::*;
 
-    /// A deterministic byte stream and table (every code and nibble order).
-    fn case(n: usize, seed: u32) -> (Vec<u8>, [f32; 16]) {
+    /// A deterministic byte stream and absmax values (every code and nibble
+    /// order; absmax values whose products hit bf16 ties, and a NaN).
+    fn case(n: usize, seed: u32) -> (Vec<u8>, Vec<f32>) {
         let mut s = seed.wrapping_mul(2_654_435_761).max(1);
         let mut next = move || {
             s ^= s << 13;
@@ -125,11 +156,13 @@ mod tests {
             s
         };
         let bytes = (0..n).map(|_| next() as u8).collect();
-        let t = std::array::from_fn(|_| f32::from_bits(next() >> 2));
-        (bytes, t)
+        let mut absmax: Vec<f32> = (0..8).map(|_| f32::from_bits(next() >> 2)).collect();
+        absmax.extend([1.0, 0.0, 3.0e38, f32::NAN, 1.0 + 2f32.powi(-8)]);
+        (bytes, absmax)
     }
 
-    /// The AVX-512 decoders against one lookup per code, on ragged lengths.
+    /// The AVX-512 decoders (table built in registers, `vpermd` lookups)
+    /// against the table and one lookup per code, on ragged lengths.
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn avx512_decoders_match_the_lookup() {
@@ -138,23 +171,32 @@ mod tests {
             return;
         }
         for n in [0, 1, 15, 16, 17, 31, 32, 33, 100, 257] {
-            let (bytes, t) = case(n, n as u32 + 1);
-            let mut want = vec![0f32; 2 * n];
-            scalar(&t, &bytes, &mut want);
-            let mut got = vec![f32::NAN; 2 * n];
-            let done = unsafe { avx512::f32s(&t, &bytes, &mut got) };
-            assert_eq!(done, n / 16 * 16);
-            scalar(&t, &bytes[done..], &mut got[2 * done..]);
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&got), bits(&want), "f32, {n} bytes");
+            let (bytes, absmax) = case(n, n as u32 + 1);
+            for a in absmax {
+                let mut want = vec![0f32; 2 * n];
+                scalar(&table_f32(a), &bytes, &mut want);
+                let mut got = vec![f32::NAN; 2 * n];
+                let done = unsafe { x86::f32s(a, &bytes, &mut got) };
+                assert_eq!(done, n / 16 * 16);
+                scalar(&table_f32(a), &bytes[done..], &mut got[2 * done..]);
+                // A NaN's sign is unspecified in Rust: NaN-ness is compared.
+                let bits = |v: &[f32]| {
+                    let nan = |x: &f32| if x.is_nan() { f32::NAN } else { *x };
+                    v.iter().map(|x| nan(x).to_bits()).collect::<Vec<_>>()
+                };
+                assert_eq!(bits(&got), bits(&want), "f32, {n} bytes, absmax {a}");
 
-            let t16 = t.map(|v| (v.to_bits() >> 16) as u16);
-            let mut want = vec![0u16; 2 * n];
-            scalar(&t16, &bytes, &mut want);
-            let mut got = vec![0xFFFFu16; 2 * n];
-            let done = unsafe { avx512::bf16s(&t16, &bytes, &mut got) };
-            scalar(&t16, &bytes[done..], &mut got[2 * done..]);
-            assert_eq!(got, want, "bf16, {n} bytes");
+                let mut want = vec![0u16; 2 * n];
+                scalar(&table_bf16(a), &bytes, &mut want);
+                let mut got = vec![0xFFFFu16; 2 * n];
+                let done = unsafe { x86::bf16s(a, &bytes, &mut got) };
+                scalar(&table_bf16(a), &bytes[done..], &mut got[2 * done..]);
+                let nan = |v: Vec<u16>| {
+                    v.into_iter()
+                        .map(|x| if x & 0x7FFF > 0x7F80 { 0x7FC0 } else { x })
+                };
+                assert!(nan(got).eq(nan(want)), "bf16, {n} bytes, absmax {a}");
+            }
         }
     }
 }

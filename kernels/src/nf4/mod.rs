@@ -402,44 +402,44 @@ impl Nf4<'_> {
     /// Dequantizes the flat elements `start..start+out.len()` into `out`.
     #[inline(always)]
     pub fn dequantize_into(&self, start: usize, out: &mut [f32]) {
-        self.dequantize_with(start, out, |a| NF4_CODE.map(|c| c * a), decode::decode_f32);
+        self.dequantize_with(start, out, decode::table_f32, decode::decode_f32);
     }
 
     /// The same values rounded to bf16 (as bits): what a bf16-compute
     /// product multiplies.
     #[inline(always)]
     pub fn dequantize_bf16_into(&self, start: usize, out: &mut [u16]) {
-        let table = |a| NF4_CODE.map(|c| crate::bf16_bits(c * a));
-        self.dequantize_with(start, out, table, decode::decode_bf16);
+        self.dequantize_with(start, out, decode::table_bf16, decode::decode_bf16);
     }
 
-    /// Dequantizes through a per-block table of the 16 values (`table`
-    /// of the block's absmax): one table per block, then a lookup per code.
+    /// Dequantizes block by block: whole bytes through `decode` (of the
+    /// block's absmax), a lone code at either end through the block's
+    /// `table`.
     #[inline(always)]
     fn dequantize_with<V: Copy>(
         &self,
         start: usize,
         out: &mut [V],
         table: impl Fn(f32) -> [V; 16],
-        decode: impl Fn(&[V; 16], &[u8], &mut [V]),
+        decode: impl Fn(f32, &[u8], &mut [V]),
     ) {
         let end = start + out.len();
         let (mut i, mut o) = (start, 0);
         while i < end {
             let b = i / self.block;
             let block_end = ((b + 1) * self.block).min(end);
-            let t = table(self.block_absmax(b));
+            let a = self.block_absmax(b);
             if i % 2 == 1 {
-                out[o] = t[self.code(i)];
+                out[o] = table(a)[self.code(i)];
                 (i, o) = (i + 1, o + 1);
             }
             // Whole bytes: two codes each, the even element high.
             let pairs = (block_end.saturating_sub(i)) / 2;
             let bytes = &self.packed[i / 2..][..pairs];
-            decode(&t, bytes, &mut out[o..o + 2 * pairs]);
+            decode(a, bytes, &mut out[o..o + 2 * pairs]);
             (i, o) = (i + 2 * pairs, o + 2 * pairs);
             if i < block_end {
-                out[o] = t[self.code(i)];
+                out[o] = table(a)[self.code(i)];
                 (i, o) = (i + 1, o + 1);
             }
         }
