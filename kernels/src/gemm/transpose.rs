@@ -2,8 +2,8 @@
 //! panel) written out step by step. A panel wants one step of k for all its
 //! columns side by side, and a transposed operand stores each column's k
 //! contiguous, so a column-at-a-time copy writes one element every `nr`:
-//! scalar stores. 16 columns at a time go through a 16×16 register
-//! transpose on AVX-512 instead, a whole step per store.
+//! scalar stores. Up to 16 columns at a time go through a 16×16 register
+//! transpose on AVX-512 instead, a whole step per (masked) store.
 
 use crate::simd::has_avx512;
 
@@ -11,22 +11,24 @@ use crate::simd::has_avx512;
 pub(super) const GROUP: usize = 16;
 
 /// `dst[s·nr + c] = rows[c][s]` for `c < rows.len()` (at most 16) and
-/// `s < steps`, 32-bit elements.
+/// `s < steps`, 32-bit elements; nothing else of `dst` is written.
 #[inline(always)]
 pub(super) fn scatter(rows: &[&[u32]], steps: usize, dst: &mut [u32], nr: usize) {
     let g = rows.len();
     debug_assert!(g <= GROUP && rows.iter().all(|r| r.len() >= steps));
-    debug_assert!(steps == 0 || dst.len() >= (steps - 1) * nr + g);
-    let mut s0 = 0;
-    if g == GROUP && has_avx512() {
-        while s0 + GROUP <= steps {
-            // SAFETY: avx512f is on (the active path is an AVX-512 one);
-            // bounds are checked inside.
-            unsafe { x86::block(rows, s0, &mut dst[s0 * nr..], nr) };
-            s0 += GROUP;
-        }
+    if steps == 0 || g == 0 {
+        return;
     }
-    for s in s0..steps {
+    assert!(dst.len() >= (steps - 1) * nr + g);
+    if has_avx512() {
+        for s0 in (0..steps).step_by(GROUP) {
+            // SAFETY: avx512f is on (the active path is an AVX-512 one);
+            // every access is in bounds (checked above and by the slices).
+            unsafe { x86::block(rows, s0, GROUP.min(steps - s0), &mut dst[s0 * nr..], nr) };
+        }
+        return;
+    }
+    for s in 0..steps {
         for (c, r) in rows.iter().enumerate() {
             dst[s * nr + c] = r[s];
         }
@@ -37,15 +39,22 @@ mod x86 {
     use super::GROUP;
     use std::arch::x86_64::*;
 
-    /// Steps `s0..s0+16` of 16 rows, transposed into `dst[i·nr..][..16]`.
+    /// Steps `s0..s0+w` (w ≤ 16) of `rows` (at most 16), transposed into
+    /// `dst[i·nr..][..rows.len()]`: missing rows are zeros in registers and
+    /// never stored, missing steps are neither loaded nor stored.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn block(rows: &[&[u32]], s0: usize, dst: &mut [u32], nr: usize) {
-        assert!(rows.len() == GROUP && dst.len() >= (GROUP - 1) * nr + GROUP);
-        let r: [__m512i; 16] =
-            std::array::from_fn(|c| _mm512_loadu_si512(rows[c][s0..s0 + GROUP].as_ptr().cast()));
+    pub(super) unsafe fn block(rows: &[&[u32]], s0: usize, w: usize, dst: &mut [u32], nr: usize) {
+        let g = rows.len();
+        assert!(g <= GROUP && (1..=GROUP).contains(&w) && dst.len() >= (w - 1) * nr + g);
+        let steps: __mmask16 = ((1u32 << w) - 1) as u16;
+        let cols: __mmask16 = ((1u32 << g) - 1) as u16;
+        let r: [__m512i; 16] = std::array::from_fn(|c| match rows.get(c) {
+            Some(row) => _mm512_maskz_loadu_epi32(steps, row[s0..s0 + w].as_ptr().cast()),
+            None => _mm512_setzero_si512(),
+        });
         let t = transpose(r);
-        for (i, v) in t.iter().enumerate() {
-            _mm512_storeu_si512(dst[i * nr..][..GROUP].as_mut_ptr().cast(), *v);
+        for (i, v) in t.iter().take(w).enumerate() {
+            _mm512_mask_storeu_epi32(dst[i * nr..][..g].as_mut_ptr().cast(), cols, *v);
         }
     }
 
@@ -135,12 +144,22 @@ mod tests {
             .collect();
         let refs: Vec<&[u32]> = rows.iter().map(|r| &r[..]).collect();
         let nr = 24;
-        let mut dst = vec![7u32; 16 * nr];
-        unsafe { x86::block(&refs, 2, &mut dst, nr) };
-        for i in 0..16 {
-            for j in 0..nr {
-                let want = if j < 16 { (j * 100 + 2 + i) as u32 } else { 7 };
-                assert_eq!(dst[i * nr + j], want, "step {i} column {j}");
+        for (g, w) in [(16, 16), (14, 16), (16, 5), (3, 1), (1, 16)] {
+            let mut dst = vec![7u32; 16 * nr];
+            unsafe { x86::block(&refs[..g], 2, w, &mut dst, nr) };
+            for i in 0..16 {
+                for j in 0..nr {
+                    let want = if j < g && i < w {
+                        (j * 100 + 2 + i) as u32
+                    } else {
+                        7
+                    };
+                    assert_eq!(
+                        dst[i * nr + j],
+                        want,
+                        "{g} rows, {w} steps: step {i} column {j}"
+                    );
+                }
             }
         }
     }
