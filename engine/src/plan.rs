@@ -3,10 +3,10 @@
 
 use crate::EngineError;
 use graft_ir::passes::{
-    fuse_products, live_schedule, place_in_place, plan_memory, recompute, Fusion, MemoryPlan,
-    Recompute,
+    elide_loss_casts, fuse_products, live_schedule, place_in_place, plan_memory, recompute, Fusion,
+    MemoryPlan, Recompute,
 };
-use graft_ir::{backward, AdaLomoSpec, DType, Graph, NodeId, Op, Source, ValueId};
+use graft_ir::{backward, AdaLomoSpec, DType, Gradients, Graph, NodeId, Op, Source, ValueId};
 
 /// A compiled graph: the live nodes in execution order and the memory plan
 /// that places every intermediate value in one arena.
@@ -28,8 +28,9 @@ pub struct Plan {
 /// How to compile.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CompileOptions {
-    /// Run the fusion pass (`passes::fuse_products`). Off only to compare
-    /// against the unfused plan.
+    /// Run the fusion passes (`passes::fuse_products`, and on training
+    /// plans `passes::elide_loss_casts` before autograd). Off only to
+    /// compare against the unfused plan.
     pub fuse: bool,
     /// Activation recomputation (`passes::recompute`) for a training plan:
     /// the forward values that bound its blocks (a model's residual stream
@@ -185,7 +186,7 @@ pub fn compile_training_with(
     opts: &CompileOptions,
 ) -> Result<Plan, EngineError> {
     let forward_end = NodeId(graph.nodes().len() as u32);
-    let grads = backward(&mut graph, loss)?;
+    let grads = differentiate(&mut graph, loss, opts)?;
     if grads.params.is_empty() {
         return Err(EngineError::Compile(
             "nothing to train: no trainable parameter reaches the loss".into(),
@@ -199,6 +200,18 @@ pub fn compile_training_with(
     plan.grads = grads.params;
     plan.recompute = recomputed;
     Ok(plan)
+}
+
+/// Autograd, after the rewrites that must precede it.
+fn differentiate(
+    graph: &mut Graph,
+    loss: ValueId,
+    opts: &CompileOptions,
+) -> Result<Gradients, EngineError> {
+    if opts.fuse {
+        elide_loss_casts(graph)?;
+    }
+    Ok(backward(graph, loss)?)
 }
 
 /// Activation recomputation when `opts` asks for it, on a graph whose
@@ -286,7 +299,7 @@ pub fn compile_fused_with(
     opts: &CompileOptions,
 ) -> Result<(Plan, FusedInputs), EngineError> {
     let forward_end = NodeId(graph.nodes().len() as u32);
-    let grads = backward(&mut graph, loss)?;
+    let grads = differentiate(&mut graph, loss, opts)?;
     if grads.params.is_empty() {
         return Err(EngineError::Compile(
             "nothing to train: no trainable parameter reaches the loss".into(),

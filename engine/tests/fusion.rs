@@ -203,3 +203,63 @@ proptest! {
         }
     }
 }
+
+/// `passes::elide_loss_casts` (on with fusion): a loss on bf16 logits cast
+/// to f32 gives, read without the cast, the same loss and gradients bit for
+/// bit, and the fused plan's arena no longer holds f32 logits.
+#[test]
+fn loss_on_half_logits_is_the_same_without_the_cast() {
+    let (t, h, v) = (24, 16, 40);
+    let record = || {
+        let mut c = Case {
+            g: Graph::new(),
+            rng: Rng::new(9),
+            feeds: Vec::new(),
+        };
+        let x = c.param("x", &[t, h], 1.0, DType::BF16, true);
+        let w = c.param("w", &[v, h], 1.0, DType::BF16, true);
+        let labels: Vec<i32> = (0..t as i32)
+            .map(|i| if i % 5 == 0 { -100 } else { i % v as i32 })
+            .collect();
+        let lv = c.g.input("labels", &[t], DType::I32);
+        c.feeds.push((lv, Tensor::from_i32(&[t], &labels).unwrap()));
+        let logits = c.g.linear(x, w, None).unwrap();
+        let logits = c.g.cast(logits, DType::F32).unwrap();
+        let loss = c.g.cross_entropy(logits, lv).unwrap();
+        (c, loss)
+    };
+    let run = |fuse: bool| {
+        let (c, loss) = record();
+        let opts = CompileOptions {
+            fuse,
+            ..Default::default()
+        };
+        let plan = compile_training_with(c.g, loss, &[], &opts).unwrap();
+        let mut feeds = Feeds::new();
+        for (v, t) in &c.feeds {
+            feeds.bind(*v, t);
+        }
+        let out = CpuExecutor::new().run(&plan, &feeds).unwrap();
+        let bits: Vec<Vec<u32>> = out
+            .iter()
+            .map(|t| {
+                t.to_f32_vec()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            })
+            .collect();
+        (bits, plan.peak_bytes())
+    };
+    let (fused, fused_peak) = run(true);
+    let (plain, plain_peak) = run(false);
+    assert_eq!(fused.len(), 3, "loss and two gradients");
+    assert!(f32::from_bits(fused[0][0]).is_finite());
+    assert_eq!(fused, plain);
+    // Two f32 [t, v] buffers (logits and their gradient) fewer.
+    assert!(
+        fused_peak + 4 * t * v <= plain_peak,
+        "{fused_peak} vs {plain_peak}"
+    );
+}

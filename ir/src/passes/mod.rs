@@ -5,11 +5,13 @@
 mod dce;
 mod fuse;
 mod inplace;
+mod loss_cast;
 mod memory;
 mod recompute;
 
 pub use dce::live_schedule;
 pub use fuse::{fuse_products, Fusion};
 pub use inplace::place_in_place;
+pub use loss_cast::elide_loss_casts;
 pub use memory::{plan_memory, MemoryPlan};
 pub use recompute::{recompute, Recompute};
