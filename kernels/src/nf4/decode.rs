@@ -11,47 +11,56 @@ use super::NF4_CODE;
 use crate::bf16_bits;
 use crate::simd::has_avx512;
 
+/// What packed codes decode to: f32 values, or bf16 ones as bits.
+pub(super) trait Decoded: Copy {
+    /// The 16 values of a block of absmax `a`: `code·a`.
+    fn table(a: f32) -> [Self; 16];
+    /// Decodes whole steps of 16 bytes with AVX-512; returns how many
+    /// bytes it did.
+    ///
+    /// # Safety
+    /// The CPU has avx512f.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn avx512(a: f32, bytes: &[u8], out: &mut [Self]) -> usize;
+}
+
+impl Decoded for f32 {
+    #[inline(always)]
+    fn table(a: f32) -> [f32; 16] {
+        NF4_CODE.map(|c| c * a)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn avx512(a: f32, bytes: &[u8], out: &mut [f32]) -> usize {
+        x86::f32s(a, bytes, out)
+    }
+}
+
+impl Decoded for u16 {
+    #[inline(always)]
+    fn table(a: f32) -> [u16; 16] {
+        NF4_CODE.map(|c| bf16_bits(c * a))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn avx512(a: f32, bytes: &[u8], out: &mut [u16]) -> usize {
+        x86::bf16s(a, bytes, out)
+    }
+}
+
 /// `out[2i]`, `out[2i+1]` = the values of the high and low code of
-/// `bytes[i]` in a block of absmax `a`: `code·a`.
+/// `bytes[i]` in a block of absmax `a`.
 #[inline(always)]
-pub(super) fn decode_f32(a: f32, bytes: &[u8], out: &mut [f32]) {
+pub(super) fn decode<V: Decoded>(a: f32, bytes: &[u8], out: &mut [V]) {
+    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if has_avx512() {
         // SAFETY: the AVX-512 paths are only active on CPUs with avx512f.
-        let done = unsafe { x86::f32s(a, bytes, out) };
-        if done == bytes.len() {
-            return;
-        }
-        return scalar(&table_f32(a), &bytes[done..], &mut out[2 * done..]);
+        done = unsafe { V::avx512(a, bytes, out) };
     }
-    scalar(&table_f32(a), bytes, out)
-}
-
-/// The same values rounded to bf16 (as bits).
-#[inline(always)]
-pub(super) fn decode_bf16(a: f32, bytes: &[u8], out: &mut [u16]) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: as above.
-        let done = unsafe { x86::bf16s(a, bytes, out) };
-        if done == bytes.len() {
-            return;
-        }
-        return scalar(&table_bf16(a), &bytes[done..], &mut out[2 * done..]);
+    if done < bytes.len() {
+        scalar(&V::table(a), &bytes[done..], &mut out[2 * done..]);
     }
-    scalar(&table_bf16(a), bytes, out)
-}
-
-/// The 16 values of a block of absmax `a`.
-#[inline(always)]
-pub(super) fn table_f32(a: f32) -> [f32; 16] {
-    NF4_CODE.map(|c| c * a)
-}
-
-/// The same rounded to bf16 (as bits).
-#[inline(always)]
-pub(super) fn table_bf16(a: f32) -> [u16; 16] {
-    NF4_CODE.map(|c| bf16_bits(c * a))
 }
 
 /// One lookup per code. Never inlined, so it stays compiled for baseline
@@ -174,11 +183,11 @@ mod tests {
             let (bytes, absmax) = case(n, n as u32 + 1);
             for a in absmax {
                 let mut want = vec![0f32; 2 * n];
-                scalar(&table_f32(a), &bytes, &mut want);
+                scalar(&f32::table(a), &bytes, &mut want);
                 let mut got = vec![f32::NAN; 2 * n];
                 let done = unsafe { x86::f32s(a, &bytes, &mut got) };
                 assert_eq!(done, n / 16 * 16);
-                scalar(&table_f32(a), &bytes[done..], &mut got[2 * done..]);
+                scalar(&f32::table(a), &bytes[done..], &mut got[2 * done..]);
                 // A NaN's sign is unspecified in Rust: NaN-ness is compared.
                 let bits = |v: &[f32]| {
                     let nan = |x: &f32| if x.is_nan() { f32::NAN } else { *x };
@@ -187,10 +196,10 @@ mod tests {
                 assert_eq!(bits(&got), bits(&want), "f32, {n} bytes, absmax {a}");
 
                 let mut want = vec![0u16; 2 * n];
-                scalar(&table_bf16(a), &bytes, &mut want);
+                scalar(&u16::table(a), &bytes, &mut want);
                 let mut got = vec![0xFFFFu16; 2 * n];
                 let done = unsafe { x86::bf16s(a, &bytes, &mut got) };
-                scalar(&table_bf16(a), &bytes[done..], &mut got[2 * done..]);
+                scalar(&u16::table(a), &bytes[done..], &mut got[2 * done..]);
                 let nan = |v: Vec<u16>| {
                     v.into_iter()
                         .map(|x| if x & 0x7FFF > 0x7F80 { 0x7FC0 } else { x })

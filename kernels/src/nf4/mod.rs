@@ -402,27 +402,21 @@ impl Nf4<'_> {
     /// Dequantizes the flat elements `start..start+out.len()` into `out`.
     #[inline(always)]
     pub fn dequantize_into(&self, start: usize, out: &mut [f32]) {
-        self.dequantize_with(start, out, decode::table_f32, decode::decode_f32);
+        self.dequantize_as(start, out);
     }
 
     /// The same values rounded to bf16 (as bits): what a bf16-compute
     /// product multiplies.
     #[inline(always)]
     pub fn dequantize_bf16_into(&self, start: usize, out: &mut [u16]) {
-        self.dequantize_with(start, out, decode::table_bf16, decode::decode_bf16);
+        self.dequantize_as(start, out);
     }
 
-    /// Dequantizes block by block: whole bytes through `decode` (of the
-    /// block's absmax), a lone code at either end through the block's
-    /// `table`.
+    /// Dequantizes block by block: whole bytes through
+    /// [`decode::decode`] with the block's absmax, a lone code at either
+    /// end through the block's table.
     #[inline(always)]
-    fn dequantize_with<V: Copy>(
-        &self,
-        start: usize,
-        out: &mut [V],
-        table: impl Fn(f32) -> [V; 16],
-        decode: impl Fn(f32, &[u8], &mut [V]),
-    ) {
+    fn dequantize_as<V: decode::Decoded>(&self, start: usize, out: &mut [V]) {
         let end = start + out.len();
         let (mut i, mut o) = (start, 0);
         while i < end {
@@ -430,16 +424,16 @@ impl Nf4<'_> {
             let block_end = ((b + 1) * self.block).min(end);
             let a = self.block_absmax(b);
             if i % 2 == 1 {
-                out[o] = table(a)[self.code(i)];
+                out[o] = V::table(a)[self.code(i)];
                 (i, o) = (i + 1, o + 1);
             }
             // Whole bytes: two codes each, the even element high.
             let pairs = (block_end.saturating_sub(i)) / 2;
             let bytes = &self.packed[i / 2..][..pairs];
-            decode(a, bytes, &mut out[o..o + 2 * pairs]);
+            decode::decode(a, bytes, &mut out[o..o + 2 * pairs]);
             (i, o) = (i + 2 * pairs, o + 2 * pairs);
             if i < block_end {
-                out[o] = table(a)[self.code(i)];
+                out[o] = V::table(a)[self.code(i)];
                 (i, o) = (i + 1, o + 1);
             }
         }
