@@ -248,7 +248,19 @@ impl<S: Source> View<'_, S> {
             d[used * nr..].fill(E::default());
         }
         let zero = E::Val::default();
-        if self.trans {
+        if self.trans && nr == 1 {
+            // One column per panel (AMX's tiled A blocks): a panel is a run
+            // of one stored row, read straight into it.
+            for (q, d) in dst.chunks_exact_mut(panel).enumerate() {
+                let row = j0 + q;
+                let vals = vals::<E>(words(d));
+                E::read(self.src, row, p0, &mut vals[..kc]);
+                self.src.prefetch(row + 1, p0, kc);
+                if kc % E::K != 0 {
+                    vals[kc] = zero; // the pair partner past an odd end
+                }
+            }
+        } else if self.trans {
             // Stored row j is column j of M: a run of it is one column of a
             // panel, an element per step, read for 16 columns at a time and
             // transposed into the panel. A block of RUN k at a time keeps
