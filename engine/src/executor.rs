@@ -3,15 +3,17 @@
 //! for everything else).
 
 use crate::plan::Plan;
+use crate::profile::OpProfile;
 use crate::tensor::Tensor;
 use crate::EngineError;
-use graft_ir::{Activation, DType, Op, Source, TypeInfo, ValueId};
+use graft_ir::{Activation, DType, Node, Op, Source, TypeInfo, ValueId};
 use graft_kernels::activation::{self, Act};
 use graft_kernels::attention::{self, AttnShape};
 use graft_kernels::{
     bf16, dora, elementwise as ew, embedding, f16, gemm, loss, norm, rope, update, Elem,
 };
 use std::collections::HashMap;
+use std::time::Instant;
 
 /// The inputs and parameters bound for one run, by value id.
 #[derive(Default)]
@@ -88,6 +90,7 @@ impl<'a> Feeds<'a> {
 #[derive(Default)]
 pub struct CpuExecutor {
     arena: Vec<u64>,
+    profile: Option<OpProfile>,
 }
 
 /// Bytes of one value during a run: a leaf's tensor or an arena range.
@@ -99,6 +102,17 @@ struct Slot {
 impl CpuExecutor {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Starts (or, with `false`, stops and drops) timing every node this
+    /// executor runs, by kind: see [`OpProfile`].
+    pub fn profile_ops(&mut self, on: bool) {
+        self.profile = on.then(OpProfile::default);
+    }
+
+    /// The time per kind of node over every run since [`Self::profile_ops`].
+    pub fn op_profile(&self) -> Option<&OpProfile> {
+        self.profile.as_ref()
     }
 
     /// Runs `plan` and returns its outputs as owned tensors, in plan order.
@@ -155,8 +169,7 @@ impl CpuExecutor {
                 }
             }
         };
-        for &n in plan.schedule() {
-            let node = g.node(n);
+        let run_node = |node: &Node| -> Result<(), EngineError> {
             if let Op::SgdUpdate {
                 weight_decay,
                 clip_value,
@@ -182,7 +195,7 @@ impl CpuExecutor {
                 // SAFETY: the output's arena range, as for any node.
                 let out = unsafe { std::slice::from_raw_parts_mut(out.ptr, out.len) };
                 fm::<f32>(out)[0] = sq as f32;
-                continue;
+                return Ok(());
             }
             if let Op::AdaLomoUpdate(h) = &node.op {
                 let read = |v: ValueId| {
@@ -217,7 +230,7 @@ impl CpuExecutor {
                     &hyper,
                 );
                 fm::<f32>(write(node.outputs[0]))[0] = sq as f32;
-                continue;
+                return Ok(());
             }
             // SAFETY: the memory plan never overlaps a node's outputs with any
             // value live at that node (its inputs included), and leaves are
@@ -258,7 +271,18 @@ impl CpuExecutor {
             res.map_err(|msg| EngineError::Kernel {
                 op: node.op.name(),
                 msg,
-            })?;
+            })
+        };
+        for &n in plan.schedule() {
+            let node = g.node(n);
+            match &mut self.profile {
+                Some(p) => {
+                    let t0 = Instant::now();
+                    run_node(node)?;
+                    p.record(g, node, t0.elapsed());
+                }
+                None => run_node(node)?,
+            }
         }
         plan.outputs()
             .iter()

@@ -36,6 +36,7 @@ mod executor;
 mod nf4;
 pub mod optim;
 mod plan;
+mod profile;
 pub mod rng;
 mod tensor;
 
@@ -46,6 +47,7 @@ pub use plan::{
     adalomo_state_shapes, compile, compile_fused, compile_fused_with, compile_training,
     compile_training_with, compile_with, CompileOptions, FusedInputs, FusedRule, Plan,
 };
+pub use profile::{OpProfile, OpTime};
 pub use tensor::{Storage, Tensor};
 
 #[derive(Debug, thiserror::Error)]

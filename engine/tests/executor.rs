@@ -438,3 +438,42 @@ fn a_bf16_training_plan_tracks_the_f32_one() {
         );
     }
 }
+
+#[test]
+fn the_op_profile_counts_every_node_of_every_run_by_kind() {
+    let m = embed_model(true);
+    let d = data(&[1, 2, 9], &[0, 4, -100]);
+    let feeds = bind(&m, &d);
+    let mut exec = CpuExecutor::new();
+    assert!(exec.op_profile().is_none(), "off unless asked for");
+    exec.profile_ops(true);
+    for _ in 0..3 {
+        exec.run(&m.plan, &feeds).unwrap();
+    }
+    let p = exec.op_profile().unwrap();
+    let rows = p.rows();
+    let calls: u64 = rows.iter().map(|r| r.calls).sum();
+    assert_eq!(calls, 3 * m.plan.schedule().len() as u64);
+    // Each kind once, named by op and first output, the costliest first.
+    let g = m.plan.graph();
+    for &n in m.plan.schedule() {
+        let node = g.node(n);
+        let out = node.outputs[0];
+        let kind = format!("{} {}{:?}", node.op.label(), g.dtype(out), g.shape(out));
+        assert_eq!(rows.iter().filter(|r| r.kind == kind).count(), 1, "{kind}");
+    }
+    assert!(rows.windows(2).all(|w| w[0].seconds >= w[1].seconds));
+    let total: f64 = rows.iter().map(|r| r.seconds).sum();
+    assert!((p.seconds() - total).abs() < 1e-9 && total > 0.0);
+    let table = p.table(2);
+    assert!(
+        table.contains(&rows[0].kind) && table.contains("total"),
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!("{} other kinds", rows.len() - 2)),
+        "{table}"
+    );
+    exec.profile_ops(false);
+    assert!(exec.op_profile().is_none());
+}

@@ -39,6 +39,10 @@ pub struct Args {
     /// testing resumption).
     #[arg(long, hide = true)]
     stop_after: Option<usize>,
+    /// Time every op of the training steps and print where the time went
+    /// (seconds, share and calls per kind of op, fusion groups spelled out).
+    #[arg(long)]
+    profile: bool,
 }
 
 /// The configuration: the file's; without one, the embedded default's, unless
@@ -68,6 +72,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         resume: args.resume,
         stop_after: args.stop_after,
         progress: true,
+        profile: args.profile,
     };
     let started = std::time::Instant::now();
     let r = train(&cfg, &opts)?;

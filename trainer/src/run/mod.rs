@@ -61,6 +61,9 @@ pub struct RunOptions {
     pub stop_after: Option<usize>,
     /// Draw a progress bar (when stderr is a terminal).
     pub progress: bool,
+    /// Time every node the executor runs, by kind, and print the table
+    /// (the 30 costliest kinds) when training ends.
+    pub profile: bool,
 }
 
 /// What a finished run produced.
@@ -362,6 +365,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
         metrics.log(json!({"step": 0, "accuracy": a.0 as f64 / a.1 as f64}))?;
     }
     let mut exec = CpuExecutor::new();
+    exec.profile_ops(opts.profile);
     let bar = progress_bar(opts.progress, total, st.step);
     let say = |line: String| match &bar {
         Some(b) => b.println(line),
@@ -483,6 +487,17 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
     }
     if let Some(b) = &bar {
         b.finish();
+    }
+    if let Some(p) = exec.op_profile() {
+        let evals = if eval_loss.is_some() {
+            " and evaluations"
+        } else {
+            ""
+        };
+        println!(
+            "time per op over {steps_here} steps{evals}:\n{}",
+            p.table(30)
+        );
     }
     let records = metrics::read(metrics.path())?;
     graft_models::write_atomically(
