@@ -45,6 +45,7 @@ fn lora_plan_has_no_gradient_work_for_frozen_weights() {
         match &node.op {
             // dW-shaped products (`dyᵀ·x`): only A and B may have them.
             Op::MatMul { ta: true, .. } => weight_grads += 1,
+            Op::MatMulSum { terms, .. } => weight_grads += terms.iter().filter(|t| t.ta).count(),
             Op::EmbeddingGrad { .. } | Op::RmsNormGradWeight { .. } | Op::SumRows => {
                 panic!(
                     "the LoRA plan computes a frozen gradient: {}",

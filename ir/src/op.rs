@@ -72,7 +72,8 @@ impl Default for AdaLomoSpec {
 }
 
 /// One product of [`Op::MatMulSum`]: `scale · op(a)·op(b)` as
-/// [`Op::MatMul`] with `ta`/`tb` (its operands of one float dtype), or, with
+/// [`Op::MatMul`] with `ta`/`tb` (its operands of any float dtypes, each
+/// widened to f32 as it is read, the scale applied to `a`), or, with
 /// `nf4`, as [`Op::Nf4MatMul`] with `tb` (b the NF4 weight, `ta` false).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Product {
@@ -435,7 +436,12 @@ impl Op {
                 for (i, t) in terms.iter().enumerate() {
                     let pair = [ins[2 * i], ins[2 * i + 1]];
                     let ty = match t.nf4 {
-                        false => Op::MatMul { ta: t.ta, tb: t.tb }.infer(&pair)?,
+                        // Each operand is read as it is stored: float dtypes may differ.
+                        false => {
+                            float(pair[1], "b")?;
+                            let b = TypeInfo::new(pair[1].shape.clone(), pair[0].dtype);
+                            Op::MatMul { ta: t.ta, tb: t.tb }.infer(&[pair[0], &b])?
+                        }
                         true if !t.ta => Op::Nf4MatMul {
                             tb: t.tb,
                             compute: *compute,

@@ -28,12 +28,14 @@ fn an_adapted_linear_becomes_one_sum_of_two_products() {
     let w = g.param("w", &[6, 8], DType::Nf4 { block: 64 }, false);
     let (y, ax) = lora(&mut g, x, w);
     let f = fuse_products(&mut g, &[y, ax]).unwrap();
-    // The add, the base product, the up-projection, its scale and cast.
+    // The add, the base product, the up-projection, its scale and cast; and
+    // x·Aᵀ, a group of one that reads x through its cast.
     assert_eq!(
         f,
         Fusion {
-            groups: 1,
-            absorbed: 5
+            groups: 2,
+            absorbed: 6,
+            read_through: 1,
         }
     );
     let Op::MatMulSum {
@@ -54,9 +56,73 @@ fn an_adapted_linear_becomes_one_sum_of_two_products() {
     assert_eq!(terms, &[t(true, 1.0), t(false, 2.0)]);
     assert!(!addend);
     assert_eq!((*compute, *out), (DType::BF16, DType::BF16));
-    // x·Aᵀ is kept (an output here, and B's gradient reads it in training).
-    assert!(matches!(op_of(&g, ax), Op::MatMul { .. }));
-    assert_eq!(live_schedule(&g, &[y, ax]).len(), 3); // cast, x·Aᵀ, the sum
+    // x·Aᵀ is kept (an output here, and B's gradient reads it in training),
+    // taken in bf16 from x as stored: the f32 copy of x is dead.
+    let ax_node = g.node(g.producer(ax).unwrap());
+    assert!(matches!(
+        ax_node.op,
+        Op::MatMulSum {
+            compute: DType::BF16,
+            out: DType::F32,
+            ..
+        }
+    ));
+    assert_eq!(ax_node.inputs[0], x);
+    assert_eq!(live_schedule(&g, &[y, ax]).len(), 2); // x·Aᵀ, the sum
+}
+
+#[test]
+fn operands_are_read_through_widening_casts_and_scales() {
+    let mut g = Graph::new();
+    // LoRA's backward: s·cast(dy) against B and against x·Aᵀ.
+    let dy = g.input("dy", &[4, 6], DType::BF16);
+    let b = g.param("b", &[6, 2], DType::F32, true);
+    let ax = g.input("ax", &[4, 2], DType::F32);
+    let d = g.cast(dy, DType::F32).unwrap();
+    let d = g.scale(d, 2.0).unwrap();
+    let d_ax = g.matmul(d, b, false, false).unwrap();
+    let d_b = g.matmul(d, ax, true, false).unwrap();
+    // f16 widened exactly: read through, the product stays in f32.
+    let x16 = g.input("x16", &[4, 8], DType::F16);
+    let w32 = g.param("w32", &[3, 8], DType::F32, false);
+    let x32 = g.cast(x16, DType::F32).unwrap();
+    let p16 = g.linear(x32, w32, None).unwrap();
+    // Not read through: a narrowing cast, and a scale of operand b.
+    let xf = g.input("xf", &[4, 8], DType::F32);
+    let wb = g.param("wb", &[3, 8], DType::BF16, false);
+    let xb = g.cast(xf, DType::BF16).unwrap();
+    let narrowed = g.linear(xb, wb, None).unwrap();
+    let ws = g.scale(w32, 3.0).unwrap();
+    let b_scaled = g.linear(xf, ws, None).unwrap();
+
+    let outs = [d_ax, d_b, p16, narrowed, b_scaled];
+    let f = fuse_products(&mut g, &outs).unwrap();
+    assert_eq!((f.groups, f.read_through), (3, 3));
+    let sum = |v: ValueId| match op_of(&g, v) {
+        Op::MatMulSum { terms, compute, .. } => (terms.clone(), *compute),
+        other => panic!("{other:?}"),
+    };
+    let term = |ta, tb, scale| Product {
+        ta,
+        tb,
+        nf4: false,
+        scale,
+    };
+    assert_eq!(sum(d_ax), (vec![term(false, false, 2.0)], DType::BF16));
+    assert_eq!(sum(d_b), (vec![term(true, false, 2.0)], DType::BF16));
+    assert_eq!(sum(p16), (vec![term(false, true, 1.0)], DType::F32));
+    let inputs = |v: ValueId| g.node(g.producer(v).unwrap()).inputs.clone();
+    assert_eq!(inputs(d_ax), [dy, b]);
+    assert_eq!(inputs(d_b), [dy, ax]);
+    assert_eq!(inputs(p16), [x16, w32]);
+    assert!(matches!(op_of(&g, narrowed), Op::MatMul { .. }));
+    assert!(matches!(op_of(&g, b_scaled), Op::MatMul { .. }));
+    // The f32 copies of dy and x16 and the scaled dy are computed no more.
+    for n in live_schedule(&g, &outs) {
+        for &o in &g.node(n).outputs {
+            assert!(![d, x32].contains(&o), "{:?} still computed", g.node(n).op);
+        }
+    }
 }
 
 #[test]
@@ -68,7 +134,7 @@ fn a_residual_is_the_addend_and_partial_sums_are_absorbed() {
     let (y, _) = lora(&mut g, x, w);
     let out = g.add(h, y).unwrap();
     let f = fuse_products(&mut g, &[out]).unwrap();
-    assert_eq!(f.groups, 1);
+    assert_eq!(f.groups, 2); // and x·Aᵀ from x as stored
     let node = g.node(g.producer(out).unwrap());
     assert!(matches!(node.op, Op::MatMulSum { addend: true, .. }));
     assert_eq!(*node.inputs.last().unwrap(), h);

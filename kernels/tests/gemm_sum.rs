@@ -2,7 +2,8 @@
 //! matmul groups) on every path this CPU supports against the f64 sum of
 //! the products: one to three terms of independent k, transposes and scales,
 //! operands stored as f32, bf16 or NF4 (the LoRA linear: an NF4 base plus
-//! a scaled f32 low-rank product), with or without an addend (a residual),
+//! a scaled f32 low-rank product) or mixed bf16 and f32 (the adapter's
+//! products with activations read where they lie), with or without an addend (a residual),
 //! f32 or bf16 compute, f32 or bf16 output.
 
 mod common;
@@ -20,6 +21,10 @@ enum Kind {
     Bf16,
     /// An f32 `a` with an NF4 `b` (a weight `W[n, k]` when `tb`).
     Nf4,
+    /// A bf16 `a` with an f32 `b`, and the other way round: LoRA's products
+    /// of bf16 activations with f32 adapters, read as they are stored.
+    Bf16F32,
+    F32Bf16,
 }
 
 /// One term's data, owned, and what the kernel should see of it.
@@ -70,6 +75,8 @@ impl Data {
                 Operand::F32(&self.a),
                 Operand::Nf4(nf4.expect("an NF4 term")),
             ),
+            Kind::Bf16F32 => (Operand::Bf16(&self.a16), Operand::F32(&self.b)),
+            Kind::F32Bf16 => (Operand::F32(&self.a), Operand::Bf16(&self.b16)),
         };
         Term {
             a,
@@ -92,6 +99,14 @@ impl Data {
                 self.b16.iter().map(|v| v.to_f32()).collect(),
             ),
             Kind::Nf4 => (self.a.clone(), self.nf4.as_ref().unwrap().dequantized()),
+            Kind::Bf16F32 => (
+                self.a16.iter().map(|v| v.to_f32()).collect(),
+                self.b.clone(),
+            ),
+            Kind::F32Bf16 => (
+                self.a.clone(),
+                self.b16.iter().map(|v| v.to_f32()).collect(),
+            ),
         };
         (
             a.iter().map(|&v| round(v * self.scale) as f64).collect(),
@@ -105,7 +120,13 @@ fn bf16_round(v: f32) -> f32 {
 }
 
 fn kind() -> impl Strategy<Value = Kind> {
-    prop_oneof![Just(Kind::F32), Just(Kind::Bf16), Just(Kind::Nf4)]
+    prop_oneof![
+        Just(Kind::F32),
+        Just(Kind::Bf16),
+        Just(Kind::Nf4),
+        Just(Kind::Bf16F32),
+        Just(Kind::F32Bf16)
+    ]
 }
 
 fn term_spec(max_k: usize) -> impl Strategy<Value = (usize, bool, bool, f32, Kind)> {

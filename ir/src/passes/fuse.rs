@@ -15,9 +15,21 @@
 //!   which autograd recorded as a chain of adds;
 //! - a product followed by a scale or a cast alone (an epilogue).
 //!
+//! A product's operands are read through widening casts (bf16/f16 to f32)
+//! and, for `a`, f32 scales: the kernel widens and scales as it packs, so
+//! neither the f32 copy nor the scaled copy is stored, and a product of
+//! LoRA's f32 adapters with bf16 activations (`cast(x)·Aᵀ` forward;
+//! `s·cast(dy)` against `B` and `ax` backward) reads the activations where
+//! they are. A product with an operand stored in bf16 is taken in bf16
+//! compute, as autocast takes it in PyTorch: the adapters' f32 values are
+//! rounded to bf16 as they are packed and the products run on the bf16
+//! kernels (AMX), accumulating in f32. A lone product whose operands are
+//! read through becomes a group of one term.
+//!
 //! The pass runs after autograd, on the whole training graph. A value is
 //! absorbed only when the group is its only reader (and it is not an output
-//! the caller keeps), so no value anything else reads disappears.
+//! the caller keeps), so no value anything else reads disappears; a cast or
+//! scale read through stays for its other readers and dies without them.
 
 use crate::dtype::DType;
 use crate::graph::{Graph, NodeId, ValueId};
@@ -32,6 +44,8 @@ pub struct Fusion {
     pub groups: usize,
     /// Nodes they replaced (products, scales, casts and adds).
     pub absorbed: usize,
+    /// Operands read through a cast or scale instead of its result.
+    pub read_through: usize,
 }
 
 /// One operand of a sum.
@@ -84,18 +98,41 @@ pub fn fuse_products(g: &mut Graph, outputs: &[ValueId]) -> Result<Fusion, IrErr
         let mut terms = Vec::new();
         let mut inputs = Vec::new();
         let mut compute = DType::F32;
+        let mut read_through = 0;
         for &(n, scale) in &products {
             let node = g.node(n);
-            let (ta, tb, nf4, bf16) = match node.op {
-                Op::MatMul { ta, tb } => (ta, tb, false, g.dtype(node.inputs[0]) == DType::BF16),
-                Op::Nf4MatMul { tb, compute } => (false, tb, true, compute == DType::BF16),
+            let (ta, tb, nf4) = match node.op {
+                Op::MatMul { ta, tb } => (ta, tb, false),
+                Op::Nf4MatMul { tb, .. } => (false, tb, true),
                 _ => unreachable!("only products are product leaves"),
+            };
+            let (a, sa) = read_through_operand(g, node.inputs[0], true);
+            let b = match nf4 {
+                true => node.inputs[1],
+                false => read_through_operand(g, node.inputs[1], false).0,
+            };
+            for (old, new) in [(node.inputs[0], a), (node.inputs[1], b)] {
+                if old != new {
+                    uses[old.index()] -= 1;
+                    uses[new.index()] += 1;
+                    read_through += 1;
+                }
+            }
+            let bf16 = match node.op {
+                Op::Nf4MatMul { compute, .. } => compute == DType::BF16,
+                _ => g.dtype(a) == DType::BF16 || g.dtype(b) == DType::BF16,
             };
             if bf16 {
                 compute = DType::BF16;
             }
+            let scale = scale * sa;
             terms.push(Product { ta, tb, nf4, scale });
-            inputs.extend_from_slice(&node.inputs);
+            inputs.extend_from_slice(&[a, b]);
+        }
+        // A lone product is a group only to read its operands through.
+        let lone = matches!(g.node(root).op, Op::MatMul { .. } | Op::Nf4MatMul { .. });
+        if lone && read_through == 0 {
+            continue;
         }
         inputs.extend_from_slice(&others);
         let out = g.dtype(g.node(root).outputs[0]);
@@ -106,9 +143,11 @@ pub fn fuse_products(g: &mut Graph, outputs: &[ValueId]) -> Result<Fusion, IrErr
             out,
         };
         g.replace_node(root, op, inputs)?;
-        let gone = products.iter().map(|p| p.0).chain(inner);
+        let gone = products.iter().map(|p| p.0).filter(|&p| p != root);
+        let gone = gone.chain(inner);
         report.absorbed += gone.map(|n| absorbed[n.index()] = true).count() + 1;
         report.groups += 1;
+        report.read_through += read_through;
     }
     Ok(report)
 }
@@ -130,6 +169,7 @@ fn group(g: &Graph, root: NodeId, uses: &[usize]) -> Option<(Vec<Leaf>, Vec<Node
                 sum_leaves(g, i, uses, &mut leaves, &mut inner);
             }
         }
+        Op::MatMul { .. } | Op::Nf4MatMul { .. } => leaves.push(Leaf::Product(root, 1.0)),
         Op::Scale(_) | Op::Cast(_) => {
             let (product, scale) = chain(g, node.outputs[0], usize::MAX, uses, &mut inner)?;
             // The root itself is the group's node, not absorbed.
@@ -201,4 +241,23 @@ fn chain(
         inner.push(n);
         v = node.inputs[0];
     }
+}
+
+/// The value a product can read in place of operand `v`: below widening
+/// casts to f32 (from bf16 or f16: exact) and, for operand `a`
+/// (`scales`), f32 scales, whose factors it returns to become the term's
+/// scale (the kernel multiplies `a` in f32 as it packs, as the scale did).
+fn read_through_operand(g: &Graph, mut v: ValueId, scales: bool) -> (ValueId, f32) {
+    let mut scale = 1.0f32;
+    while let Some(n) = g.producer(v) {
+        let node = g.node(n);
+        let x = node.inputs.first().copied();
+        match (&node.op, x) {
+            (Op::Cast(DType::F32), Some(x)) if matches!(g.dtype(x), DType::BF16 | DType::F16) => {}
+            (Op::Scale(s), Some(_)) if scales && g.dtype(v) == DType::F32 => scale *= s,
+            _ => break,
+        }
+        v = node.inputs[0];
+    }
+    (v, scale)
 }

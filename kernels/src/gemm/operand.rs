@@ -309,6 +309,16 @@ impl<S: Source> View<'_, S> {
                             b[..len].fill(zero);
                         }
                     }
+                    if nr == 1 {
+                        // A panel per column (AMX's tiled A blocks): one
+                        // element each, a panel apart.
+                        let out = dst[c0 * panel + s..].iter_mut().step_by(panel);
+                        let (lo, hi) = (&bufs[0][..len], &bufs[E::K - 1][..len]);
+                        for ((o, &l), &h) in out.zip(lo).zip(hi) {
+                            *o = E::pack([l, h]);
+                        }
+                        continue;
+                    }
                     // Runs of columns within one panel: contiguous there.
                     let mut c = 0;
                     while c < len {
