@@ -1,11 +1,29 @@
+//! The two products of a language-model head on the active path, timed
+//! (best of 6): logits `x·Wᵀ` and the input gradient `d·W`, bf16, taken in
+//! row chunks of `chunk` tokens (as a chunked cross-entropy would take them).
+//!
+//! `cargo run --release -p graft-kernels --example lmhead -- TOKENS HIDDEN VOCAB CHUNK`
+//! (the issue workload's head: `1024 1024 32000 1024`).
+
 use graft_kernels::{bf16, gemm};
 use std::time::Instant;
+
 fn main() {
     let args: Vec<usize> = std::env::args()
         .skip(1)
-        .map(|a| a.parse().unwrap())
+        .filter_map(|a| a.parse().ok())
+        .filter(|&n| n > 0)
         .collect();
-    let (t, h, v, chunk) = (args[0], args[1], args[2], args[3]);
+    let [t, h, v, chunk] = args[..] else {
+        eprintln!(
+            "usage: lmhead TOKENS HIDDEN VOCAB CHUNK (positive integers, CHUNK dividing TOKENS)"
+        );
+        std::process::exit(2);
+    };
+    if !t.is_multiple_of(chunk) {
+        eprintln!("CHUNK {chunk} does not divide TOKENS {t}");
+        std::process::exit(2);
+    }
     let x: Vec<bf16> = (0..t * h)
         .map(|i| bf16::from_f32(((i * 7919) % 1000) as f32 / 1000.0 - 0.5))
         .collect();
