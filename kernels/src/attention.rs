@@ -7,6 +7,7 @@
 
 use crate::gemm;
 use crate::math::exp;
+use crate::simd::vectorized;
 use crate::Elem;
 use rayon::prelude::*;
 
@@ -63,6 +64,22 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     sum
 }
 
+/// `x` folded by `f` from `init` in a fixed order: LANES running values,
+/// folded in order, then the tail (a single running value would keep the
+/// loop scalar).
+#[inline(always)]
+fn reduce(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    let mut acc = [init; LANES];
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] = f(acc[l], c[l]);
+        }
+    }
+    acc.iter().chain(tail).fold(init, |a, &v| f(a, v))
+}
+
 /// Queries per block: the scores of a block against every key it may see
 /// (`BLOCK × keys` floats) stay in L2, and each block's products are GEMMs
 /// large enough for the register-tile kernels.
@@ -76,11 +93,16 @@ fn by_head<T: Elem>(x: &[T], rows: usize, heads: usize, d: usize) -> Vec<f32> {
     out.par_chunks_mut(rows * d)
         .enumerate()
         .for_each(|(h, dst)| {
-            for (r, o) in dst.chunks_exact_mut(d).enumerate() {
-                for (o, v) in o.iter_mut().zip(&x[r * heads * d + h * d..][..d]) {
-                    *o = v.to_f32();
-                }
-            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (r, o) in dst.chunks_exact_mut(d).enumerate() {
+                        for (o, v) in o.iter_mut().zip(&x[r * heads * d + h * d..][..d]) {
+                            *o = v.to_f32();
+                        }
+                    }
+                },
+            )
         });
     out
 }
@@ -119,21 +141,23 @@ impl Visible {
 /// The same arithmetic in every entry point, so cached and whole-sequence
 /// attention agree bit for bit.
 fn softmax_rows(scores: &mut [f32], vis: &Visible, scale: f32, lse: &mut [f32]) {
-    for (r, row) in scores.chunks_exact_mut(vis.keys).enumerate() {
-        let (a, b) = (vis.first[r], vis.last[r]);
-        row[..a].fill(0.0);
-        row[b + 1..].fill(0.0);
-        let seen = &mut row[a..=b];
-        seen.iter_mut().for_each(|x| *x *= scale);
-        let m = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for x in seen.iter_mut() {
-            *x = exp(*x - m);
-            sum += *x;
-        }
-        seen.iter_mut().for_each(|x| *x /= sum);
-        lse[r] = m + sum.ln();
-    }
+    vectorized(
+        #[inline(always)]
+        || {
+            for (r, row) in scores.chunks_exact_mut(vis.keys).enumerate() {
+                let (a, b) = (vis.first[r], vis.last[r]);
+                row[..a].fill(0.0);
+                row[b + 1..].fill(0.0);
+                let seen = &mut row[a..=b];
+                seen.iter_mut().for_each(|x| *x *= scale);
+                let m = reduce(seen, f32::NEG_INFINITY, f32::max);
+                seen.iter_mut().for_each(|x| *x = exp(*x - m));
+                let sum = reduce(seen, 0.0, |s, x| s + x);
+                seen.iter_mut().for_each(|x| *x /= sum);
+                lse[r] = m + sum.ln();
+            }
+        },
+    )
 }
 
 /// One block of queries of one head: `out[nq, d] = softmax(scale·q·kᵀ)·v`
@@ -172,11 +196,16 @@ fn attend(
 
 /// Writes head `h`'s `[rows, d]` block into rows `r0..` of `[rows, heads·d]`.
 fn scatter<T: Elem>(src: &[f32], dst: &mut [T], r0: usize, h: usize, width: usize, d: usize) {
-    for (r, row) in src.chunks_exact(d).enumerate() {
-        for (o, x) in dst[(r0 + r) * width + h * d..][..d].iter_mut().zip(row) {
-            *o = T::from_f32(*x);
-        }
-    }
+    vectorized(
+        #[inline(always)]
+        || {
+            for (r, row) in src.chunks_exact(d).enumerate() {
+                for (o, x) in dst[(r0 + r) * width + h * d..][..d].iter_mut().zip(row) {
+                    *o = T::from_f32(*x);
+                }
+            }
+        },
+    )
 }
 
 /// Forward: writes `out` and the f32 log-sum-exp of the scaled scores
@@ -285,27 +314,27 @@ pub fn attention_grad<T: Elem>(
                     // probabilities up to rounding), zero where not visible.
                     let mut p = vec![0f32; nq * nk];
                     mm(&qb, kb, &mut p, (nq, d, nk), false, true);
-                    for (r, row) in p.chunks_exact_mut(nk).enumerate() {
-                        let l = lse[(i0 + r) * s.n_heads + h];
-                        let (a, b) = (vis.first[r], vis.last[r]);
-                        for (c, x) in row.iter_mut().enumerate() {
-                            *x = if (a..=b).contains(&c) {
-                                exp(s.scale * *x - l)
-                            } else {
-                                0.0
-                            };
-                        }
-                    }
                     let mut ds = vec![0f32; nq * nk];
                     mm(&dob, vb, &mut ds, (nq, d, nk), false, true);
-                    for (r, (dsr, pr)) in
-                        ds.chunks_exact_mut(nk).zip(p.chunks_exact(nk)).enumerate()
-                    {
-                        let delta = dot(&dob[r * d..][..d], &ob[r * d..][..d]);
-                        for (x, &pv) in dsr.iter_mut().zip(pr) {
-                            *x = pv * (*x - delta) * s.scale;
-                        }
-                    }
+                    vectorized(
+                        #[inline(always)]
+                        || {
+                            let rows = p.chunks_exact_mut(nk).zip(ds.chunks_exact_mut(nk));
+                            for (r, (pr, dsr)) in rows.enumerate() {
+                                let l = lse[(i0 + r) * s.n_heads + h];
+                                let (a, b) = (vis.first[r], vis.last[r]);
+                                pr[..a].fill(0.0);
+                                pr[b + 1..].fill(0.0);
+                                pr[a..=b]
+                                    .iter_mut()
+                                    .for_each(|x| *x = exp(s.scale * *x - l));
+                                let delta = dot(&dob[r * d..][..d], &ob[r * d..][..d]);
+                                for (x, &pv) in dsr.iter_mut().zip(pr.iter()) {
+                                    *x = pv * (*x - delta) * s.scale;
+                                }
+                            }
+                        },
+                    );
                     mm(
                         &ds,
                         kb,
