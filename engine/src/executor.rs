@@ -6,7 +6,7 @@ use crate::plan::Plan;
 use crate::profile::OpProfile;
 use crate::tensor::Tensor;
 use crate::EngineError;
-use graft_ir::{Activation, DType, Node, Op, Source, TypeInfo, ValueId};
+use graft_ir::{Activation, DType, NodeId, Op, Source, TypeInfo, ValueId};
 use graft_kernels::activation::{self, Act};
 use graft_kernels::attention::{self, AttnShape};
 use graft_kernels::{
@@ -169,7 +169,8 @@ impl CpuExecutor {
                 }
             }
         };
-        let run_node = |node: &Node| -> Result<(), EngineError> {
+        let run_node = |n: NodeId| -> Result<(), EngineError> {
+            let node = g.node(n);
             if let Op::SgdUpdate {
                 weight_decay,
                 clip_value,
@@ -252,20 +253,21 @@ impl CpuExecutor {
                 })
                 .collect();
             let in_tys: Vec<&TypeInfo> = node.inputs.iter().map(|&i| g.ty(i)).collect();
+            let ws: &mut [u8] = match plan.memory().workspace(n) {
+                // SAFETY: the workspace's arena range is live for this node
+                // alone and overlaps none of its inputs and outputs.
+                Some((off, len)) => unsafe { std::slice::from_raw_parts_mut(base.add(off), len) },
+                None => &mut [],
+            };
+            let out_dtype = g.dtype(node.outputs[0]);
             let main = match &node.op {
                 Op::Fill { dtype, .. } => *dtype,
                 _ => g.dtype(node.inputs[0]),
             };
             let res = match main {
-                DType::F32 => {
-                    exec::<f32>(&node.op, &ins, &mut outs, &in_tys, g.dtype(node.outputs[0]))
-                }
-                DType::BF16 => {
-                    exec::<bf16>(&node.op, &ins, &mut outs, &in_tys, g.dtype(node.outputs[0]))
-                }
-                DType::F16 => {
-                    exec::<f16>(&node.op, &ins, &mut outs, &in_tys, g.dtype(node.outputs[0]))
-                }
+                DType::F32 => exec::<f32>(&node.op, &ins, &mut outs, ws, &in_tys, out_dtype),
+                DType::BF16 => exec::<bf16>(&node.op, &ins, &mut outs, ws, &in_tys, out_dtype),
+                DType::F16 => exec::<f16>(&node.op, &ins, &mut outs, ws, &in_tys, out_dtype),
                 other => Err(format!("no kernel takes {other} as its main operand")),
             };
             res.map_err(|msg| EngineError::Kernel {
@@ -278,10 +280,10 @@ impl CpuExecutor {
             match &mut self.profile {
                 Some(p) => {
                     let t0 = Instant::now();
-                    run_node(node)?;
+                    run_node(n)?;
                     p.record(g, node, t0.elapsed());
                 }
-                None => run_node(node)?,
+                None => run_node(n)?,
             }
         }
         plan.outputs()
@@ -400,6 +402,7 @@ fn exec<T: Elem + bytemuck::Pod>(
     op: &Op,
     ins: &[&[u8]],
     outs: &mut [&mut [u8]],
+    ws: &mut [u8],
     tys: &[&TypeInfo],
     out_dtype: DType,
 ) -> Result<(), String> {
@@ -619,6 +622,23 @@ fn exec<T: Elem + bytemuck::Pod>(
             )
             .map_err(e)?
         }
+        Op::LinearCrossEntropy {
+            ignore_index,
+            chunk,
+        } => {
+            let l = loss::linear_cross_entropy(
+                f::<T>(ins[0]),
+                f::<T>(ins[1]),
+                f::<i32>(ins[2]),
+                *ignore_index,
+                *chunk,
+                fm::<T>(rest[0]),
+                fm::<T>(ws),
+            )
+            .map_err(e)?;
+            fm::<f32>(o0)[0] = l;
+        }
+        Op::ScaleBy => ew::scale(f::<T>(ins[0]), f::<f32>(ins[1])[0], fm::<T>(o0)),
         Op::Dropout { p } => ew::dropout(f::<T>(ins[0]), f::<u32>(ins[1])[0], *p, fm::<T>(o0)),
     }
     Ok(())

@@ -3,8 +3,8 @@
 
 use crate::EngineError;
 use graft_ir::passes::{
-    elide_loss_casts, fuse_products, live_schedule, place_in_place, plan_memory, recompute, Fusion,
-    MemoryPlan, Recompute,
+    elide_loss_casts, fuse_linear_loss, fuse_products, live_schedule, place_in_place, plan_memory,
+    recompute, Fusion, MemoryPlan, Recompute,
 };
 use graft_ir::{backward, AdaLomoSpec, DType, Gradients, Graph, NodeId, Op, Source, ValueId};
 
@@ -29,8 +29,8 @@ pub struct Plan {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CompileOptions {
     /// Run the fusion passes (`passes::fuse_products`, and on training
-    /// plans `passes::elide_loss_casts` before autograd). Off only to
-    /// compare against the unfused plan.
+    /// plans `passes::elide_loss_casts` and `passes::fuse_linear_loss`
+    /// before autograd). Off only to compare against the unfused plan.
     pub fuse: bool,
     /// Activation recomputation (`passes::recompute`) for a training plan:
     /// the forward values that bound its blocks (a model's residual stream
@@ -186,7 +186,7 @@ pub fn compile_training_with(
     opts: &CompileOptions,
 ) -> Result<Plan, EngineError> {
     let forward_end = NodeId(graph.nodes().len() as u32);
-    let grads = differentiate(&mut graph, loss, opts)?;
+    let grads = differentiate(&mut graph, loss, extra, opts)?;
     if grads.params.is_empty() {
         return Err(EngineError::Compile(
             "nothing to train: no trainable parameter reaches the loss".into(),
@@ -202,14 +202,19 @@ pub fn compile_training_with(
     Ok(plan)
 }
 
-/// Autograd, after the rewrites that must precede it.
+/// Autograd, after the rewrites that must precede it (`extra`: forward
+/// values the plan must also output, which they keep).
 fn differentiate(
     graph: &mut Graph,
     loss: ValueId,
+    extra: &[ValueId],
     opts: &CompileOptions,
 ) -> Result<Gradients, EngineError> {
     if opts.fuse {
         elide_loss_casts(graph)?;
+        let mut keep = vec![loss];
+        keep.extend_from_slice(extra);
+        fuse_linear_loss(graph, &keep)?;
     }
     Ok(backward(graph, loss)?)
 }
@@ -299,7 +304,7 @@ pub fn compile_fused_with(
     opts: &CompileOptions,
 ) -> Result<(Plan, FusedInputs), EngineError> {
     let forward_end = NodeId(graph.nodes().len() as u32);
-    let grads = differentiate(&mut graph, loss, opts)?;
+    let grads = differentiate(&mut graph, loss, &[], opts)?;
     if grads.params.is_empty() {
         return Err(EngineError::Compile(
             "nothing to train: no trainable parameter reaches the loss".into(),

@@ -204,11 +204,13 @@ proptest! {
     }
 }
 
-/// `passes::elide_loss_casts` (on with fusion): a loss on bf16 logits cast
-/// to f32 gives, read without the cast, the same loss and gradients bit for
-/// bit, and the fused plan's arena no longer holds f32 logits.
-#[test]
-fn loss_on_half_logits_is_the_same_without_the_cast() {
+/// The loss passes (on with fusion) on a bf16 head whose logits are cast to
+/// f32 for the loss: `passes::elide_loss_casts` reads them without the
+/// cast; with the head frozen, `passes::fuse_linear_loss` computes the loss
+/// and `dh` together. Either way the same loss and gradients bit for bit,
+/// and a fused arena without the f32 logits (nor, frozen, any `[t, v]`
+/// value but the node's chunk of logits).
+fn check_head(head_trainable: bool) {
     let (t, h, v) = (24, 16, 40);
     let record = || {
         let mut c = Case {
@@ -217,7 +219,7 @@ fn loss_on_half_logits_is_the_same_without_the_cast() {
             feeds: Vec::new(),
         };
         let x = c.param("x", &[t, h], 1.0, DType::BF16, true);
-        let w = c.param("w", &[v, h], 1.0, DType::BF16, true);
+        let w = c.param("w", &[v, h], 1.0, DType::BF16, head_trainable);
         let labels: Vec<i32> = (0..t as i32)
             .map(|i| if i % 5 == 0 { -100 } else { i % v as i32 })
             .collect();
@@ -250,16 +252,37 @@ fn loss_on_half_logits_is_the_same_without_the_cast() {
                     .collect()
             })
             .collect();
-        (bits, plan.peak_bytes())
+        let g = plan.graph();
+        let tv_values = plan
+            .schedule()
+            .iter()
+            .flat_map(|&n| &g.node(n).outputs)
+            .filter(|&&o| g.shape(o) == [t, v])
+            .count();
+        (bits, plan.peak_bytes(), tv_values)
     };
-    let (fused, fused_peak) = run(true);
-    let (plain, plain_peak) = run(false);
-    assert_eq!(fused.len(), 3, "loss and two gradients");
+    let (fused, fused_peak, fused_tv) = run(true);
+    let (plain, plain_peak, _) = run(false);
+    let grads = 1 + usize::from(head_trainable);
+    assert_eq!(fused.len(), 1 + grads, "the loss and the gradients");
     assert!(f32::from_bits(fused[0][0]).is_finite());
     assert_eq!(fused, plain);
-    // Two f32 [t, v] buffers (logits and their gradient) fewer.
+    // Two f32 [t, v] buffers (logits and their gradient) fewer at least.
     assert!(
         fused_peak + 4 * t * v <= plain_peak,
         "{fused_peak} vs {plain_peak}"
     );
+    if !head_trainable {
+        assert_eq!(fused_tv, 0, "a [t, v] value in the fused plan");
+    }
+}
+
+#[test]
+fn a_trained_head_reads_half_logits_without_the_cast() {
+    check_head(true);
+}
+
+#[test]
+fn a_frozen_head_computes_its_input_gradient_with_the_loss() {
+    check_head(false);
 }

@@ -54,6 +54,7 @@ fn differentiable_inputs(op: &Op) -> Vec<bool> {
     match op {
         Op::Embedding | Op::Nf4MatMul { .. } => vec![true, false],
         Op::Rope { .. } | Op::Dropout { .. } | Op::CrossEntropy { .. } => vec![true, false],
+        Op::LinearCrossEntropy { .. } => vec![true, false, false],
         Op::Attention(_) => vec![true, true, true, false],
         Op::Fill { .. }
         | Op::DoraInvNorm { .. }
@@ -65,7 +66,8 @@ fn differentiable_inputs(op: &Op) -> Vec<bool> {
         | Op::RmsNormGradWeight { .. }
         | Op::AttentionGrad(_)
         | Op::GatedActGrad(_)
-        | Op::CrossEntropyGrad { .. } => vec![false; op.arity()],
+        | Op::CrossEntropyGrad { .. }
+        | Op::ScaleBy => vec![false; op.arity()],
         _ => vec![true; op.arity()],
     }
 }
@@ -270,6 +272,11 @@ fn vjp(
                 ignore_index: *ignore_index,
             };
             res[0] = Some(g.apply1(op, &[ins[0], ins[1], dy])?);
+        }
+        Op::LinearCrossEntropy { .. } => {
+            // dh was computed with the loss, for a loss gradient of 1.
+            let dy = g.cast(dy, DType::F32)?;
+            res[0] = Some(g.apply1(Op::ScaleBy, &[outs[1], dy])?);
         }
         Op::Dropout { p } => res[0] = Some(g.dropout(dy, ins[1], *p)?),
         other => {

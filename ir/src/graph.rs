@@ -196,10 +196,17 @@ impl Graph {
     }
 
     /// A graph rewrite: node `n` computes its outputs with `op` from `inputs`
-    /// instead. The outputs keep their ids and must keep their types, and
-    /// every input must be a leaf or come from an earlier node, so the
-    /// recording order stays topological. Nodes only `n` read become dead.
-    pub fn replace_node(&mut self, n: NodeId, op: Op, inputs: Vec<ValueId>) -> Result<(), IrError> {
+    /// instead. The outputs keep their ids and must keep their types; `op`
+    /// may have more outputs than the node had, which become new values
+    /// (returned with the old ones). Every input must be a leaf or come from
+    /// an earlier node, so the recording order stays topological. Nodes
+    /// only `n` read become dead.
+    pub fn replace_node(
+        &mut self,
+        n: NodeId,
+        op: Op,
+        inputs: Vec<ValueId>,
+    ) -> Result<Vec<ValueId>, IrError> {
         for &i in &inputs {
             if i.index() >= self.values.len() {
                 return Err(IrError::UnknownValue(i));
@@ -215,7 +222,7 @@ impl Graph {
         let out_tys = op.infer(&tys)?;
         let node = &self.nodes[n.index()];
         let old: Vec<&TypeInfo> = node.outputs.iter().map(|&o| self.ty(o)).collect();
-        if out_tys.iter().collect::<Vec<_>>() != old {
+        if out_tys.len() < old.len() || out_tys.iter().zip(&old).any(|(a, b)| a != *b) {
             return Err(IrError::Shape {
                 op: op.name(),
                 msg: format!(
@@ -224,10 +231,15 @@ impl Graph {
                 ),
             });
         }
+        let kept = old.len();
+        for (index, ty) in out_tys.into_iter().enumerate().skip(kept) {
+            let v = self.push_value(ty, Source::Node { node: n, index });
+            self.nodes[n.index()].outputs.push(v);
+        }
         let node = &mut self.nodes[n.index()];
         node.op = op;
         node.inputs = inputs;
-        Ok(())
+        Ok(node.outputs.clone())
     }
 
     /// Records a single-output op.

@@ -203,6 +203,19 @@ pub enum Op {
     CrossEntropyGrad {
         ignore_index: i32,
     },
+    /// The cross-entropy of `h[T,H]·wᵀ` (`w[V,H]` frozen, h's dtype) with
+    /// its input gradient, `chunk` tokens at a time (made by
+    /// `passes::fuse_linear_loss`, before autograd): `h`, `w`, `labels` ->
+    /// f32 `[1]` the loss (as `CrossEntropy` of the product), and `dh[T,H]`
+    /// its gradient for a loss gradient of 1 (its VJP scales it). Only one
+    /// chunk of logits `[chunk, V]` ever exists: the node's workspace.
+    LinearCrossEntropy {
+        ignore_index: i32,
+        chunk: usize,
+    },
+    /// `x`, `s` (f32 `[1]`) -> `x·s` in x's dtype (a gradient scaled by
+    /// the loss's gradient).
+    ScaleBy,
     /// `x`, `seed[1]` (u32) -> `x·mask/(1-p)`; the mask is a pure function of
     /// the seed and the element index, so the VJP is the same op on `dy`.
     Dropout {
@@ -261,6 +274,8 @@ impl Op {
             Op::GatedActGrad(_) => "gated_act_grad",
             Op::CrossEntropy { .. } => "cross_entropy",
             Op::CrossEntropyGrad { .. } => "cross_entropy_grad",
+            Op::LinearCrossEntropy { .. } => "linear_cross_entropy",
+            Op::ScaleBy => "scale_by",
             Op::Dropout { .. } => "dropout",
         }
     }
@@ -268,6 +283,9 @@ impl Op {
     /// The name with what a dump needs to read a fusion group: its terms
     /// (`nf4ᵀ + 2·mmᵀ` …), addend, compute and output types.
     pub fn label(&self) -> String {
+        if let Op::LinearCrossEntropy { chunk, .. } = self {
+            return format!("linear_cross_entropy[{chunk} tokens a chunk]");
+        }
         let Op::MatMulSum {
             terms,
             addend,
@@ -315,10 +333,12 @@ impl Op {
             | Op::Rope { .. }
             | Op::GatedAct(_)
             | Op::CrossEntropy { .. }
+            | Op::ScaleBy
             | Op::Dropout { .. } => 2,
             Op::RmsNormGradInput { .. }
             | Op::GatedActGrad(_)
             | Op::CrossEntropyGrad { .. }
+            | Op::LinearCrossEntropy { .. }
             | Op::DoraInvNorm { .. }
             | Op::DoraCombine => 3,
             Op::Attention(_) | Op::SgdUpdate { .. } => 4,
@@ -723,6 +743,38 @@ impl Op {
                 }
                 out(logits.shape.clone(), logits.dtype)
             }
+            Op::LinearCrossEntropy { chunk, .. } => {
+                let (h, w, labels) = (ins[0], ins[1], ins[2]);
+                rank(h, 2, "h")?;
+                rank(w, 2, "w")?;
+                float(h, "h")?;
+                if w.dtype != h.dtype || w.shape[1] != h.shape[1] {
+                    return Err(self.err(format!(
+                        "w must be {} [vocab, {}], got {} {:?}",
+                        h.dtype, h.shape[1], w.dtype, w.shape
+                    )));
+                }
+                if labels.dtype != DType::I32 || labels.shape != [h.shape[0]] {
+                    return Err(self.err(format!(
+                        "labels must be i32 [{}], got {} {:?}",
+                        h.shape[0], labels.dtype, labels.shape
+                    )));
+                }
+                if *chunk == 0 {
+                    return Err(self.err("chunk must be at least one token".into()));
+                }
+                Ok(vec![
+                    TypeInfo::new(vec![1], DType::F32),
+                    TypeInfo::new(h.shape.clone(), h.dtype),
+                ])
+            }
+            Op::ScaleBy => {
+                float(ins[0], "x")?;
+                if ins[1].shape != [1] || ins[1].dtype != DType::F32 {
+                    return Err(self.err("s must be f32 [1]".into()));
+                }
+                out(ins[0].shape.clone(), ins[0].dtype)
+            }
             Op::Dropout { p } => {
                 float(ins[0], "x")?;
                 if !(0.0..1.0).contains(p) {
@@ -733,6 +785,19 @@ impl Op {
                 }
                 out(ins[0].shape.clone(), ins[0].dtype)
             }
+        }
+    }
+
+    /// Bytes of scratch the op's kernel needs while it runs, beyond its
+    /// outputs; the memory plan places it like a value live for that node
+    /// alone.
+    pub fn workspace_bytes(&self, ins: &[&TypeInfo]) -> usize {
+        match self {
+            Op::LinearCrossEntropy { chunk, .. } => {
+                let (t, v) = (ins[0].shape[0], ins[1].shape[0]);
+                ins[0].dtype.bytes((*chunk).min(t) * v)
+            }
+            _ => 0,
         }
     }
 

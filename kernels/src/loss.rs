@@ -88,22 +88,71 @@ pub fn cross_entropy_grad<T: Elem>(
         .zip(logits.par_chunks(v))
         .zip(labels)
         .for_each(|((d_row, row), &l)| {
-            if l == ignore {
-                d_row.fill(T::from_f32(0.0));
-                return;
-            }
-            let lse = vectorized(
-                #[inline(always)]
-                || {
-                    let lse = log_sum_exp(row);
-                    for (d, x) in d_row.iter_mut().zip(row) {
-                        *d = T::from_f32(c * exp(x.to_f32() - lse));
-                    }
-                    lse
-                },
-            );
-            let t = &mut d_row[l as usize];
-            *t = T::from_f32(c * (exp(row[l as usize].to_f32() - lse) - 1.0));
+            // The row is in L1/L2 once copied: the pass in place reads it there.
+            d_row.copy_from_slice(row);
+            loss_and_grad_in_place(d_row, l, ignore, c);
         });
     Ok(())
+}
+
+/// Replaces a row of logits by `c·(softmax(row) − onehot(label))` (zeros
+/// when `label` is `ignore`) and returns the row's loss `lse − row[label]`
+/// (0 when ignored): [`cross_entropy`]'s arithmetic for the loss, and that
+/// of [`cross_entropy_grad`] (which goes through it) for the gradient.
+#[inline(always)]
+fn loss_and_grad_in_place<T: Elem>(row: &mut [T], label: i32, ignore: i32, c: f32) -> f64 {
+    if label == ignore {
+        row.fill(T::from_f32(0.0));
+        return 0.0;
+    }
+    let l = label as usize;
+    let x_l = row[l].to_f32();
+    let lse = vectorized(
+        #[inline(always)]
+        || {
+            let lse = log_sum_exp(row);
+            for d in row.iter_mut() {
+                *d = T::from_f32(c * exp(d.to_f32() - lse));
+            }
+            lse
+        },
+    );
+    row[l] = T::from_f32(c * (exp(x_l - lse) - 1.0));
+    (lse - x_l) as f64
+}
+
+/// The cross-entropy of `h[t, hd]·wᵀ` (`w[v, hd]`) and its input gradient
+/// `dh = dlogits·w` for a loss gradient of 1, `chunk` tokens at a time
+/// through `logits` (at least `min(chunk, t)·v` elements): the loss and
+/// `dh` bit for bit as [`crate::gemm::gemm`], [`cross_entropy`],
+/// [`cross_entropy_grad`] (dloss 1) and `gemm` again give them, without the
+/// `[t, v]` logits.
+pub fn linear_cross_entropy<T: Elem>(
+    h: &[T],
+    w: &[T],
+    labels: &[i32],
+    ignore: i32,
+    chunk: usize,
+    dh: &mut [T],
+    logits: &mut [T],
+) -> Result<f32, IndexError> {
+    let t = labels.len().max(1);
+    let hd = h.len() / t;
+    let v = w.len() / hd.max(1);
+    let counted = check_labels(labels, v, ignore)?;
+    let c = 1.0 / counted as f32;
+    let chunk = chunk.clamp(1, t);
+    let mut losses = vec![0f64; labels.len()];
+    for r0 in (0..labels.len()).step_by(chunk) {
+        let rows = chunk.min(labels.len() - r0);
+        let lg = &mut logits[..rows * v];
+        let (hc, dhc) = (&h[r0 * hd..][..rows * hd], &mut dh[r0 * hd..][..rows * hd]);
+        crate::gemm::gemm(hc, w, lg, rows, hd, v, false, true);
+        lg.par_chunks_mut(v.max(1))
+            .zip(&labels[r0..r0 + rows])
+            .zip(&mut losses[r0..r0 + rows])
+            .for_each(|((row, &l), loss)| *loss = loss_and_grad_in_place(row, l, ignore, c));
+        crate::gemm::gemm(lg, w, dhc, rows, v, hd, false, false);
+    }
+    Ok((losses.iter().sum::<f64>() / counted as f64) as f32)
 }

@@ -1,11 +1,13 @@
 //! Softmax cross-entropy with an ignore index against an f64 reference, its
-//! gradient against central differences, and label range errors.
+//! gradient against central differences, and label range errors; the
+//! chunked linear cross-entropy against the unfused kernels, bit for bit.
 
 mod common;
 
 use common::*;
-use graft_kernels::loss::{cross_entropy, cross_entropy_grad};
-use graft_kernels::{bf16, IndexError};
+use graft_kernels::gemm::gemm;
+use graft_kernels::loss::{cross_entropy, cross_entropy_grad, linear_cross_entropy};
+use graft_kernels::{bf16, Elem, IndexError};
 use proptest::prelude::*;
 
 const IGNORE: i32 = -100;
@@ -108,6 +110,16 @@ proptest! {
         }
     }
 
+    #[test]
+    fn linear_f32(t in dim(70), hd in dim(40), v in dim(300), chunk in dim(80), seed: u64) {
+        check_linear::<f32>(t, hd, v, chunk, seed)?;
+    }
+
+    #[test]
+    fn linear_bf16(t in dim(70), hd in dim(40), v in dim(300), chunk in dim(80), seed: u64) {
+        check_linear::<bf16>(t, hd, v, chunk, seed)?;
+    }
+
     // A label outside 0..vocab other than the ignore index is an error, from
     // both kernels, naming the first bad position; nothing panics.
     #[test]
@@ -132,6 +144,55 @@ proptest! {
         let mut dlogits = vec![0f32; t * v];
         prop_assert_eq!(cross_entropy_grad(&logits, &labels, ignore, 1.0, &mut dlogits), Err(want));
     }
+}
+
+/// `linear_cross_entropy` with `chunk` tokens a chunk (ragged last chunks,
+/// chunks past the batch) gives the loss and `dh` of the unfused kernels
+/// bit for bit: `gemm` for the logits, `cross_entropy`,
+/// `cross_entropy_grad` with a loss gradient of 1, `gemm` for `dh`.
+fn check_linear<T: Elem>(
+    t: usize,
+    hd: usize,
+    v: usize,
+    chunk: usize,
+    seed: u64,
+) -> Result<(), TestCaseError> {
+    let mut rng = Gen::new(seed);
+    let h: Vec<T> = to_elem(&rng.vec(t * hd, -2.0, 2.0));
+    let w: Vec<T> = to_elem(&rng.vec(v * hd, -2.0, 2.0));
+    let (_, labels) = case(t, v, seed);
+    let mut logits = vec![T::from_f32(0.0); t * v];
+    gemm(&h, &w, &mut logits, t, hd, v, false, true);
+    let want_loss = cross_entropy(&logits, &labels, IGNORE).unwrap();
+    let mut dlogits = logits.clone();
+    cross_entropy_grad(&logits, &labels, IGNORE, 1.0, &mut dlogits).unwrap();
+    let mut want_dh = vec![T::from_f32(0.0); t * hd];
+    gemm(&dlogits, &w, &mut want_dh, t, v, hd, false, false);
+
+    let mut dh = nan_buf::<T>(t * hd);
+    let mut ws = nan_buf::<T>(chunk.min(t) * v);
+    let loss = linear_cross_entropy(&h, &w, &labels, IGNORE, chunk, &mut dh, &mut ws).unwrap();
+    prop_assert_eq!(
+        loss.to_bits(),
+        want_loss.to_bits(),
+        "loss {} vs {}",
+        loss,
+        want_loss
+    );
+    let bits = |x: &[T]| x.iter().map(|v| v.to_f32().to_bits()).collect::<Vec<_>>();
+    prop_assert!(bits(&dh) == bits(&want_dh), "dh differs");
+    // A bad label is the same error, before any work.
+    let mut bad = labels.clone();
+    bad[t - 1] = v as i32;
+    let want = IndexError {
+        what: "label",
+        position: t - 1,
+        value: v as i64,
+        limit: v,
+    };
+    let got = linear_cross_entropy(&h, &w, &bad, IGNORE, chunk, &mut dh, &mut ws);
+    prop_assert_eq!(got, Err(want));
+    Ok(())
 }
 
 /// With every row ignored the mean is 0/0 = NaN (as PyTorch) and the gradient zero.

@@ -1,6 +1,8 @@
 //! Liveness-based memory plan: every value computed by the schedule gets an
 //! offset in one arena; a buffer is reused once the value in it is dead.
-//! Leaves (inputs, parameters) live outside the arena.
+//! Leaves (inputs, parameters) live outside the arena. A node's workspace
+//! (`Op::workspace_bytes`) is placed like a value alive during that node
+//! only, so the peak counts it too.
 
 use crate::graph::{Graph, NodeId, ValueId};
 use std::collections::HashMap;
@@ -13,6 +15,8 @@ pub const ALIGN: usize = 64;
 pub struct MemoryPlan {
     /// Byte offset of each value computed by the schedule.
     pub offsets: HashMap<ValueId, usize>,
+    /// Byte offset and size of the workspace of each node that has one.
+    pub workspaces: HashMap<NodeId, (usize, usize)>,
     /// Arena size: the most bytes live at once (with alignment padding).
     pub peak_bytes: usize,
     /// What the arena would be without reuse, for comparison in reports.
@@ -22,6 +26,10 @@ pub struct MemoryPlan {
 impl MemoryPlan {
     pub fn offset(&self, v: ValueId) -> Option<usize> {
         self.offsets.get(&v).copied()
+    }
+    /// Where node `n`'s workspace lies: offset and bytes.
+    pub fn workspace(&self, n: NodeId) -> Option<(usize, usize)> {
+        self.workspaces.get(&n).copied()
     }
 }
 
@@ -46,6 +54,7 @@ pub fn plan_memory(g: &Graph, schedule: &[NodeId], keep: &[ValueId]) -> MemoryPl
     let mut free: Vec<(usize, usize)> = Vec::new(); // (offset, size), sorted by offset
     let mut top = 0usize;
     let mut offsets = HashMap::new();
+    let mut workspaces = HashMap::new();
     let mut total = 0usize;
     let mut dying: Vec<Vec<ValueId>> = vec![Vec::new(); schedule.len()];
 
@@ -62,15 +71,26 @@ pub fn plan_memory(g: &Graph, schedule: &[NodeId], keep: &[ValueId]) -> MemoryPl
                 None => dying[step].push(o),
             }
         }
-        // Inputs are released only after the outputs are placed, so no kernel
-        // ever writes over a buffer it is reading.
+        let node = g.node(n);
+        let tys: Vec<_> = node.inputs.iter().map(|&i| g.ty(i)).collect();
+        let ws = node.op.workspace_bytes(&tys);
+        if ws > 0 {
+            total += padded(ws);
+            workspaces.insert(n, (take(&mut free, &mut top, padded(ws)), ws));
+        }
+        // Inputs are released only after the outputs (and the workspace)
+        // are placed, so no kernel ever writes over a buffer it is reading.
         for v in std::mem::take(&mut dying[step]) {
             give(&mut free, offsets[&v], padded(g.ty(v).bytes()));
+        }
+        if let Some(&(off, ws)) = workspaces.get(&n) {
+            give(&mut free, off, padded(ws));
         }
     }
     let peak = top;
     MemoryPlan {
         offsets,
+        workspaces,
         peak_bytes: peak,
         total_bytes: total,
     }

@@ -5,6 +5,7 @@
 mod dce;
 mod fuse;
 mod inplace;
+mod linear_loss;
 mod loss_cast;
 mod memory;
 mod recompute;
@@ -12,6 +13,7 @@ mod recompute;
 pub use dce::live_schedule;
 pub use fuse::{fuse_products, Fusion};
 pub use inplace::place_in_place;
+pub use linear_loss::{fuse_linear_loss, CHUNK_BYTES};
 pub use loss_cast::elide_loss_casts;
 pub use memory::{plan_memory, MemoryPlan};
 pub use recompute::{recompute, Recompute};
