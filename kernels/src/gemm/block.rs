@@ -270,25 +270,7 @@ fn run_k_block<E: Packed, S: Source>(
         let r0 = q * u.mr;
         let rows = u.mr.min(mc - r0);
         if u.a_tiled {
-            // Block by block of step_align steps: packed with one column
-            // per panel, a block's rows come out contiguous, as the tile
-            // wants them (rows past the edge zero).
-            let w = u.step_align;
-            for (blk, dst) in d.chunks_exact_mut(u.mr * w).enumerate() {
-                let k0 = blk * w * E::K;
-                let (live, pad) = dst.split_at_mut(rows * w);
-                pad.fill(E::default());
-                match k0 < kc {
-                    true => a.pack(
-                        live,
-                        (p0 + k0, (w * E::K).min(kc - k0)),
-                        (i0 + r0, rows),
-                        1,
-                        w,
-                    ),
-                    false => live.fill(E::default()),
-                }
-            }
+            a.pack_tiled(d, (p0, kc), (i0 + r0, rows), u.mr, u.step_align);
         } else {
             a.pack(d, (p0, kc), (i0 + r0, rows), u.mr, steps);
         }

@@ -231,6 +231,90 @@ impl<S: Source> View<'_, S> {
         )
     }
 
+    /// Packs k `p0..p0+kc` and columns `j0..j0+cols` of `M` into `dst` as
+    /// one panel of `mr` columns in blocks of `w` steps, each block column
+    /// by column: `dst[b·mr·w + j·w + s]` holds `M[p0 + (b·w + s)·K..,
+    /// j0 + j]`, zero past `cols` and past `kc` (AMX's A tiles: a block's
+    /// columns are the rows of a tile, 64 bytes each). One call per panel:
+    /// the blocks are too small to pack one call at a time.
+    pub fn pack_tiled<E: Packed>(
+        &self,
+        dst: &mut [E],
+        k: (usize, usize),
+        j: (usize, usize),
+        mr: usize,
+        w: usize,
+    ) {
+        vectorized(
+            #[inline(always)]
+            || self.pack_tiled_here(dst, k, j, mr, w),
+        )
+    }
+
+    #[inline(always)]
+    fn pack_tiled_here<E: Packed>(
+        &self,
+        dst: &mut [E],
+        (p0, kc): (usize, usize),
+        (j0, cols): (usize, usize),
+        mr: usize,
+        w: usize,
+    ) {
+        let used = kc.div_ceil(E::K);
+        let block = mr * w;
+        debug_assert!(dst.len().is_multiple_of(block) && dst.len() / mr >= used);
+        for (b, blk) in dst.chunks_exact_mut(block).enumerate() {
+            let live = used.saturating_sub(b * w).min(w);
+            for (j, col) in blk.chunks_exact_mut(w).enumerate() {
+                col[if j < cols { live } else { 0 }..].fill(E::default());
+            }
+        }
+        let zero = E::Val::default();
+        if self.trans {
+            // Stored row j is column j of M: each block's part of it is
+            // read straight into place.
+            let run = w * E::K;
+            for j in 0..cols {
+                let row = j0 + j;
+                self.src.prefetch(row + 1, p0, kc);
+                for (b, k0) in (0..kc).step_by(run).enumerate() {
+                    let len = run.min(kc - k0);
+                    let col = words(&mut dst[b * block + j * w..][..w]);
+                    let vals = vals::<E>(col);
+                    E::read(self.src, row, p0 + k0, &mut vals[..len]);
+                    if len % E::K != 0 {
+                        vals[len] = zero; // the pair partner past an odd end
+                    }
+                }
+            }
+        } else {
+            // Stored rows are rows of M: K of them make a step, one element
+            // per column, `w` apart within a block.
+            let mut bufs = [[zero; RUN]; 2];
+            for s in 0..used {
+                let p = s * E::K;
+                let valid = E::K.min(kc - p);
+                let at = (s / w) * block + s % w;
+                for c0 in (0..cols).step_by(RUN) {
+                    let len = RUN.min(cols - c0);
+                    for (u, b) in bufs.iter_mut().enumerate().take(E::K) {
+                        if u < valid {
+                            E::read(self.src, p0 + p + u, j0 + c0, &mut b[..len]);
+                            self.src.prefetch(p0 + p + u + E::K, j0 + c0, len);
+                        } else {
+                            b[..len].fill(zero);
+                        }
+                    }
+                    let out = dst[at + c0 * w..].iter_mut().step_by(w);
+                    let (lo, hi) = (&bufs[0][..len], &bufs[E::K - 1][..len]);
+                    for ((o, &l), &h) in out.zip(lo).zip(hi) {
+                        *o = E::pack([l, h]);
+                    }
+                }
+            }
+        }
+    }
+
     #[inline(always)]
     fn pack_here<E: Packed>(
         &self,
@@ -248,19 +332,7 @@ impl<S: Source> View<'_, S> {
             d[used * nr..].fill(E::default());
         }
         let zero = E::Val::default();
-        if self.trans && nr == 1 {
-            // One column per panel (AMX's tiled A blocks): a panel is a run
-            // of one stored row, read straight into it.
-            for (q, d) in dst.chunks_exact_mut(panel).enumerate() {
-                let row = j0 + q;
-                let vals = vals::<E>(words(d));
-                E::read(self.src, row, p0, &mut vals[..kc]);
-                self.src.prefetch(row + 1, p0, kc);
-                if kc % E::K != 0 {
-                    vals[kc] = zero; // the pair partner past an odd end
-                }
-            }
-        } else if self.trans {
+        if self.trans {
             // Stored row j is column j of M: a run of it is one column of a
             // panel, an element per step, read for 16 columns at a time and
             // transposed into the panel. A block of RUN k at a time keeps
@@ -308,16 +380,6 @@ impl<S: Source> View<'_, S> {
                         } else {
                             b[..len].fill(zero);
                         }
-                    }
-                    if nr == 1 {
-                        // A panel per column (AMX's tiled A blocks): one
-                        // element each, a panel apart.
-                        let out = dst[c0 * panel + s..].iter_mut().step_by(panel);
-                        let (lo, hi) = (&bufs[0][..len], &bufs[E::K - 1][..len]);
-                        for ((o, &l), &h) in out.zip(lo).zip(hi) {
-                            *o = E::pack([l, h]);
-                        }
-                        continue;
                     }
                     // Runs of columns within one panel: contiguous there.
                     let mut c = 0;
