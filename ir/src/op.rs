@@ -208,7 +208,9 @@ pub enum Op {
     /// `passes::fuse_linear_loss`, before autograd): `h`, `w`, `labels` ->
     /// f32 `[1]` the loss (as `CrossEntropy` of the product), and `dh[T,H]`
     /// its gradient for a loss gradient of 1 (its VJP scales it). Only one
-    /// chunk of logits `[chunk, V]` ever exists: the node's workspace.
+    /// chunk of logits `[chunk, V]` ever exists (in the node's workspace,
+    /// with the chunk's rows of `h` and `dh`), and only for tokens whose
+    /// label is not `ignore_index`.
     LinearCrossEntropy {
         ignore_index: i32,
         chunk: usize,
@@ -794,8 +796,9 @@ impl Op {
     pub fn workspace_bytes(&self, ins: &[&TypeInfo]) -> usize {
         match self {
             Op::LinearCrossEntropy { chunk, .. } => {
-                let (t, v) = (ins[0].shape[0], ins[1].shape[0]);
-                ins[0].dtype.bytes((*chunk).min(t) * v)
+                // A chunk of logits, and of the rows of h and dh gathered.
+                let (t, hd, v) = (ins[0].shape[0], ins[0].shape[1], ins[1].shape[0]);
+                ins[0].dtype.bytes((*chunk).min(t) * (v + 2 * hd))
             }
             _ => 0,
         }

@@ -122,11 +122,14 @@ fn loss_and_grad_in_place<T: Elem>(row: &mut [T], label: i32, ignore: i32, c: f3
 }
 
 /// The cross-entropy of `h[t, hd]·wᵀ` (`w[v, hd]`) and its input gradient
-/// `dh = dlogits·w` for a loss gradient of 1, `chunk` tokens at a time
-/// through `logits` (at least `min(chunk, t)·v` elements): the loss and
-/// `dh` bit for bit as [`crate::gemm::gemm`], [`cross_entropy`],
-/// [`cross_entropy_grad`] (dloss 1) and `gemm` again give them, without the
-/// `[t, v]` logits.
+/// `dh = dlogits·w` for a loss gradient of 1, `chunk` counted tokens at a
+/// time: the loss and `dh` bit for bit as [`crate::gemm::gemm`],
+/// [`cross_entropy`], [`cross_entropy_grad`] (dloss 1) and `gemm` again
+/// give them, without the `[t, v]` logits. Tokens whose label is `ignore`
+/// (an instruction's prompt) contribute nothing and get a zero gradient:
+/// their logits are never computed. `ws` is the workspace, at least
+/// [`linear_cross_entropy_workspace`] elements.
+#[allow(clippy::too_many_arguments)]
 pub fn linear_cross_entropy<T: Elem>(
     h: &[T],
     w: &[T],
@@ -134,7 +137,7 @@ pub fn linear_cross_entropy<T: Elem>(
     ignore: i32,
     chunk: usize,
     dh: &mut [T],
-    logits: &mut [T],
+    ws: &mut [T],
 ) -> Result<f32, IndexError> {
     let t = labels.len().max(1);
     let hd = h.len() / t;
@@ -142,17 +145,34 @@ pub fn linear_cross_entropy<T: Elem>(
     let counted = check_labels(labels, v, ignore)?;
     let c = 1.0 / counted as f32;
     let chunk = chunk.clamp(1, t);
-    let mut losses = vec![0f64; labels.len()];
-    for r0 in (0..labels.len()).step_by(chunk) {
-        let rows = chunk.min(labels.len() - r0);
-        let lg = &mut logits[..rows * v];
-        let (hc, dhc) = (&h[r0 * hd..][..rows * hd], &mut dh[r0 * hd..][..rows * hd]);
-        crate::gemm::gemm(hc, w, lg, rows, hd, v, false, true);
+    let (logits, rest) = ws.split_at_mut(chunk * v);
+    let (hc, dhc) = rest.split_at_mut(chunk * hd);
+    dh.fill(T::from_f32(0.0));
+    let rows: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] != ignore).collect();
+    let mut losses = vec![0f64; rows.len()];
+    for (ids, loss) in rows.chunks(chunk).zip(losses.chunks_mut(chunk)) {
+        let n = ids.len();
+        let (lg, hc, dhc) = (&mut logits[..n * v], &mut hc[..n * hd], &mut dhc[..n * hd]);
+        for (dst, &i) in hc.chunks_exact_mut(hd).zip(ids) {
+            dst.copy_from_slice(&h[i * hd..][..hd]);
+        }
+        crate::gemm::gemm(hc, w, lg, n, hd, v, false, true);
         lg.par_chunks_mut(v.max(1))
-            .zip(&labels[r0..r0 + rows])
-            .zip(&mut losses[r0..r0 + rows])
-            .for_each(|((row, &l), loss)| *loss = loss_and_grad_in_place(row, l, ignore, c));
-        crate::gemm::gemm(lg, w, dhc, rows, v, hd, false, false);
+            .zip(ids)
+            .zip(loss)
+            .for_each(|((row, &i), loss)| {
+                *loss = loss_and_grad_in_place(row, labels[i], ignore, c)
+            });
+        crate::gemm::gemm(lg, w, dhc, n, v, hd, false, false);
+        for (src, &i) in dhc.chunks_exact(hd).zip(ids) {
+            dh[i * hd..][..hd].copy_from_slice(src);
+        }
     }
     Ok((losses.iter().sum::<f64>() / counted as f64) as f32)
+}
+
+/// Elements of [`linear_cross_entropy`]'s workspace: a chunk of logits, and
+/// of `h` and `dh` rows gathered.
+pub fn linear_cross_entropy_workspace(chunk: usize, hd: usize, v: usize) -> usize {
+    chunk * (v + 2 * hd)
 }
