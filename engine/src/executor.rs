@@ -333,10 +333,13 @@ fn cast_to<T: Elem + bytemuck::Pod>(x: &[T], to: DType, y: &mut [u8]) -> Result<
     Ok(())
 }
 
-/// A fusion group `[addend +] Σ scale·op(a)·op(b)` in one [`gemm::gemm_sum`].
+/// A fusion group `epilogue([addend +] Σ scale·op(a)·op(b))` in one
+/// [`gemm::gemm_sum`].
+#[allow(clippy::too_many_arguments)]
 fn matmul_sum(
     terms: &[graft_ir::Product],
     addend: bool,
+    epilogue: Option<&graft_ir::Epilogue>,
     bf16_compute: bool,
     ins: &[&[u8]],
     out: &mut [u8],
@@ -387,11 +390,25 @@ fn matmul_sum(
         true => Some(dense(2 * terms.len())?),
         false => None,
     };
-    let bf = bf16_compute;
+    // The epilogue's input is the last.
+    let last = *ins.last().expect("a group has inputs");
+    let table = match epilogue {
+        Some(graft_ir::Epilogue::Rope(spec)) => Some((
+            f::<i32>(last),
+            graft_kernels::rope::RopeTable::new(f(last), &spec.inv_freq, false),
+        )),
+        _ => None,
+    };
+    let epi = match (epilogue, &table) {
+        (Some(graft_ir::Epilogue::ScaleCols), _) => Some(gemm::Epilogue::ScaleCols(f(last))),
+        (_, Some((positions, table))) => Some(gemm::Epilogue::Rope { positions, table }),
+        _ => None,
+    };
+    let (bf, mn) = (bf16_compute, (m, n));
     match out_dtype {
-        DType::F32 => gemm::gemm_sum(&gterms, init, fm::<f32>(out), m, n, bf),
-        DType::BF16 => gemm::gemm_sum(&gterms, init, fm::<bf16>(out), m, n, bf),
-        DType::F16 => gemm::gemm_sum(&gterms, init, fm::<f16>(out), m, n, bf),
+        DType::F32 => gemm::gemm_sum(&gterms, init, epi, fm::<f32>(out), mn, bf),
+        DType::BF16 => gemm::gemm_sum(&gterms, init, epi, fm::<bf16>(out), mn, bf),
+        DType::F16 => gemm::gemm_sum(&gterms, init, epi, fm::<f16>(out), mn, bf),
         other => return Err(format!("cannot write {other}")),
     }
     Ok(())
@@ -448,7 +465,12 @@ fn exec<T: Elem + bytemuck::Pod>(
             addend,
             compute,
             out,
-        } => matmul_sum(terms, *addend, *compute == DType::BF16, ins, o0, tys, *out)?,
+            epilogue,
+        } => {
+            let bf16_compute = *compute == DType::BF16;
+            let epilogue = epilogue.as_ref();
+            matmul_sum(terms, *addend, epilogue, bf16_compute, ins, o0, tys, *out)?
+        }
         Op::AddBias => ew::add_bias(f::<T>(ins[0]), f::<T>(ins[1]), fm::<T>(o0)),
         Op::SumRows => ew::sum_rows(f::<T>(ins[0]), fm::<T>(o0)),
         Op::MulCols => ew::mul_cols(f::<T>(ins[0]), f::<T>(ins[1]), fm::<T>(o0)),

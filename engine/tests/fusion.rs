@@ -4,11 +4,13 @@
 //!
 //! The graph: `x` (trainable) read by 1–3 LoRA linears `yⱼ = x·Wⱼᵀ +
 //! s·(x·Aⱼᵀ)·Bⱼᵀ` (the adapted-linear group; their input gradients the
-//! multi-consumer sum), the first with a residual addend; each `yⱼ` through a
+//! multi-consumer sum), the first with a residual addend, optionally
+//! rotated by RoPE (the group's epilogue); each `yⱼ` through a
 //! head `0.5·(yⱼ·Hⱼᵀ)` (a product with a scale epilogue) into a
 //! cross-entropy.
 
-use graft_engine::ir::{DType, Graph, Nf4Layout, ValueId};
+use graft_engine::ir::passes::Fusion;
+use graft_engine::ir::{DType, Graph, Nf4Layout, RopeSpec, ValueId};
 use graft_engine::kernels::nf4::{dynamic_map_signed, Nf4Parts};
 use graft_engine::rng::Rng;
 use graft_engine::{compile_training_with, CompileOptions, CpuExecutor, Feeds, Tensor};
@@ -70,6 +72,8 @@ struct Shape {
     bf16: bool,
     nf4: bool,
     residual: bool,
+    /// RoPE after each linear (one head of n, n even): the group's epilogue.
+    rope: bool,
 }
 
 /// Records the graph; returns it with its loss and the outputs `yⱼ`.
@@ -86,6 +90,12 @@ fn record(s: Shape, seed: u64) -> (Case, ValueId, Vec<ValueId>) {
     let lv = c.g.input("labels", &[s.m], DType::I32);
     c.feeds
         .push((lv, Tensor::from_i32(&[s.m], &labels).unwrap()));
+    let positions = (s.rope && s.n.is_multiple_of(2)).then(|| {
+        let p: Vec<i32> = (0..s.m).map(|_| (c.rng.next_u64() % 64) as i32).collect();
+        let v = c.g.input("positions", &[s.m], DType::I32);
+        c.feeds.push((v, Tensor::from_i32(&[s.m], &p).unwrap()));
+        v
+    });
     let mut ys = Vec::new();
     let mut loss = None;
     for j in 0..s.consumers {
@@ -107,6 +117,14 @@ fn record(s: Shape, seed: u64) -> (Case, ValueId, Vec<ValueId>) {
         if j == 0 && s.residual {
             y = g.add(res, y).unwrap();
         }
+        if let Some(pos) = positions {
+            let spec = RopeSpec {
+                n_heads: 1,
+                head_dim: s.n,
+                inv_freq: (0..s.n / 2).map(|i| 0.5f32.powi(i as i32)).collect(),
+            };
+            y = g.rope(y, pos, spec).unwrap();
+        }
         ys.push(y);
         let h = c.param(&format!("h{j}"), &[4, s.n], 0.5, dt, true);
         let g = &mut c.g;
@@ -124,7 +142,7 @@ fn record(s: Shape, seed: u64) -> (Case, ValueId, Vec<ValueId>) {
 
 /// Loss, the `yⱼ` and every gradient (in parameter order), as f32, and the
 /// plan's fusion groups.
-fn run(s: Shape, seed: u64, fuse: bool) -> (Vec<Vec<f32>>, usize) {
+fn run(s: Shape, seed: u64, fuse: bool) -> (Vec<Vec<f32>>, Fusion) {
     let (c, loss, ys) = record(s, seed);
     let plan = compile_training_with(
         c.g,
@@ -142,7 +160,7 @@ fn run(s: Shape, seed: u64, fuse: bool) -> (Vec<Vec<f32>>, usize) {
     }
     let out = CpuExecutor::new().run(&plan, &feeds).unwrap();
     let vals = out.iter().map(|t| t.to_f32_vec().unwrap()).collect();
-    (vals, plan.fusion().groups)
+    (vals, plan.fusion())
 }
 
 /// `‖a − b‖ / ‖b‖`, infinite on any non-finite value.
@@ -165,8 +183,9 @@ fn shape() -> impl Strategy<Value = Shape> {
         any::<bool>(),
         any::<bool>(),
         any::<bool>(),
+        any::<bool>(),
     )
-        .prop_map(|(m, k, n, r, consumers, bf16, nf4, residual)| Shape {
+        .prop_map(|(m, k, n, r, consumers, bf16, nf4, residual, rope)| Shape {
             m,
             k,
             n,
@@ -175,6 +194,7 @@ fn shape() -> impl Strategy<Value = Shape> {
             bf16,
             nf4,
             residual,
+            rope,
         })
 }
 
@@ -186,9 +206,13 @@ proptest! {
 
     #[test]
     fn fused_step_matches_unfused(s in shape(), seed: u64) {
-        let (fused, groups) = run(s, seed, true);
-        let (plain, plain_groups) = run(s, seed, false);
-        prop_assert_eq!(plain_groups, 0);
+        let (fused, fusion) = run(s, seed, true);
+        let (plain, plain_fusion) = run(s, seed, false);
+        let groups = fusion.groups;
+        prop_assert_eq!(plain_fusion.groups, 0);
+        // Each rope is its linear's epilogue.
+        let ropes = if s.rope && s.n.is_multiple_of(2) { s.consumers } else { 0 };
+        prop_assert_eq!(fusion.epilogues, ropes);
         // Each linear, each head (scale epilogue), and x's input gradient
         // (Σ dyⱼ·Wⱼ + Σ d(axⱼ)·Aⱼ) at least.
         prop_assert!(groups > 2 * s.consumers, "{} groups for {:?}", groups, s);

@@ -14,7 +14,7 @@ pub mod passes;
 pub use autograd::{backward, Gradients};
 pub use dtype::{DType, Nf4Layout, NF4_NESTED_BLOCK};
 pub use graph::{Graph, Node, NodeId, Source, Value, ValueId};
-pub use op::{Activation, AdaLomoSpec, AttentionSpec, Op, Product, RopeSpec, TypeInfo};
+pub use op::{Activation, AdaLomoSpec, AttentionSpec, Epilogue, Op, Product, RopeSpec, TypeInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IrError {

@@ -71,6 +71,17 @@ impl Default for AdaLomoSpec {
     }
 }
 
+/// What a fusion group applies to its f32 sum before rounding it, with
+/// one more input.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Epilogue {
+    /// Column `j` times `scale[j]` (f32 `[N]`): DoRA's magnitude over the
+    /// weight norm, `scale ⊙ (W x + s·B A x)`.
+    ScaleCols,
+    /// RoPE at each row's position (i32 `[M]`): the q and k projections.
+    Rope(RopeSpec),
+}
+
 /// One product of [`Op::MatMulSum`]: `scale · op(a)·op(b)` as
 /// [`Op::MatMul`] with `ta`/`tb` (its operands of any float dtypes, each
 /// widened to f32 as it is read, the scale applied to `a`), or, with
@@ -115,6 +126,8 @@ pub enum Op {
         addend: bool,
         compute: DType,
         out: DType,
+        /// Applied to the f32 sum before it is rounded; its input last.
+        epilogue: Option<Epilogue>,
     },
     /// `x[M,N] + b[N]` broadcast over rows.
     AddBias,
@@ -293,6 +306,7 @@ impl Op {
             addend,
             compute,
             out,
+            epilogue,
         } = self
         else {
             return self.name().to_string();
@@ -313,14 +327,24 @@ impl Op {
         if *addend {
             parts.push("addend".into());
         }
-        format!("matmul_sum[{} | {compute}→{out}]", parts.join(" + "))
+        let then = match epilogue {
+            None => "",
+            Some(Epilogue::ScaleCols) => ", ·cols",
+            Some(Epilogue::Rope(_)) => ", rope",
+        };
+        format!("matmul_sum[{} | {compute}→{out}{then}]", parts.join(" + "))
     }
 
     /// Number of inputs the op takes.
     pub fn arity(&self) -> usize {
         match self {
             Op::Fill { .. } => 0,
-            Op::MatMulSum { terms, addend, .. } => 2 * terms.len() + usize::from(*addend),
+            Op::MatMulSum {
+                terms,
+                addend,
+                epilogue,
+                ..
+            } => 2 * terms.len() + usize::from(*addend) + usize::from(epilogue.is_some()),
             Op::SumRows | Op::Scale(_) | Op::Cast(_) => 1,
             Op::MatMul { .. }
             | Op::Nf4MatMul { .. }
@@ -448,6 +472,7 @@ impl Op {
                 addend,
                 compute,
                 out: out_dtype,
+                epilogue,
             } => {
                 if !matches!(compute, DType::F32 | DType::BF16) || !out_dtype.is_float() {
                     return Err(self.err(format!(
@@ -484,6 +509,28 @@ impl Op {
                     float(c, "addend")?;
                     if c.shape != shape {
                         return Err(self.err(format!("addend {:?} is not {shape:?}", c.shape)));
+                    }
+                }
+                let e = ins.last().expect("an input per term at least");
+                match epilogue {
+                    None => {}
+                    Some(Epilogue::ScaleCols) if e.dtype != DType::F32 || e.shape != [shape[1]] => {
+                        return Err(self.err(format!(
+                            "column scales must be f32 [{}], got {} {:?}",
+                            shape[1], e.dtype, e.shape
+                        )));
+                    }
+                    Some(Epilogue::ScaleCols) => {}
+                    Some(Epilogue::Rope(spec)) => {
+                        ids(e, shape[0], "positions")?;
+                        if spec.head_dim != 2 * spec.inv_freq.len()
+                            || shape[1] != spec.n_heads * spec.head_dim
+                        {
+                            return Err(self.err(format!(
+                                "{:?} is not {} heads of {}",
+                                shape, spec.n_heads, spec.head_dim
+                            )));
+                        }
                     }
                 }
                 out(shape, *out_dtype)

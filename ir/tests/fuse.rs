@@ -2,7 +2,8 @@
 //! never absorbs a value something else reads.
 
 use graft_ir::passes::{fuse_products, live_schedule, Fusion};
-use graft_ir::{DType, Graph, Op, Product, ValueId};
+use graft_ir::{DType, Epilogue, Graph, Op, Product, RopeSpec, ValueId};
+use std::sync::Arc;
 
 fn op_of(g: &Graph, v: ValueId) -> &Op {
     &g.node(g.producer(v).unwrap()).op
@@ -36,6 +37,7 @@ fn an_adapted_linear_becomes_one_sum_of_two_products() {
             groups: 2,
             absorbed: 6,
             read_through: 1,
+            epilogues: 0,
         }
     );
     let Op::MatMulSum {
@@ -43,6 +45,7 @@ fn an_adapted_linear_becomes_one_sum_of_two_products() {
         addend,
         compute,
         out,
+        epilogue: None,
     } = op_of(&g, y)
     else {
         panic!("{:?}", op_of(&g, y));
@@ -187,4 +190,87 @@ fn a_matmul_sum_refuses_autograd() {
     let loss = g.cross_entropy(y, labels).unwrap();
     let e = graft_ir::backward(&mut g, loss).unwrap_err().to_string();
     assert!(e.contains("fusion pass"), "{e}");
+}
+
+/// RoPE over one head of 6.
+fn head6() -> RopeSpec {
+    RopeSpec {
+        n_heads: 1,
+        head_dim: 6,
+        inv_freq: Arc::from(vec![1.0f32, 0.5, 0.25]),
+    }
+}
+
+#[test]
+fn rope_after_a_projection_is_its_epilogue() {
+    let mut g = Graph::new();
+    let x = g.input("x", &[4, 8], DType::BF16);
+    let pos = g.input("positions", &[4], DType::I32);
+    let w = g.param("w", &[6, 8], DType::Nf4 { block: 64 }, false);
+    let (y, ax) = lora(&mut g, x, w);
+    let q = g.rope(y, pos, head6()).unwrap();
+    let f = fuse_products(&mut g, &[q, ax]).unwrap();
+    assert_eq!((f.groups, f.epilogues), (2, 1));
+    let node = g.node(g.producer(q).unwrap());
+    let Op::MatMulSum {
+        terms, epilogue, ..
+    } = &node.op
+    else {
+        panic!("{:?}", node.op);
+    };
+    assert_eq!(terms.len(), 2, "the base and the adapter's up-projection");
+    assert_eq!(epilogue, &Some(Epilogue::Rope(head6())));
+    assert_eq!(*node.inputs.last().unwrap(), pos);
+    // y itself is computed no more: the rope's group makes q from x.
+    let live = live_schedule(&g, &[q, ax]);
+    assert!(live
+        .iter()
+        .all(|&n| g.node(n).outputs.iter().all(|&o| o != y)));
+    // A rope of a value read elsewhere (here kept) stays as it is.
+    let mut g2 = Graph::new();
+    let x = g2.input("x", &[4, 8], DType::BF16);
+    let pos = g2.input("positions", &[4], DType::I32);
+    let w = g2.param("w", &[6, 8], DType::BF16, false);
+    let p = g2.linear(x, w, None).unwrap();
+    let kept = g2.rope(p, pos, head6()).unwrap();
+    let f = fuse_products(&mut g2, &[kept, p]).unwrap();
+    assert_eq!(f.epilogues, 0);
+}
+
+#[test]
+fn a_dora_combine_is_the_epilogue_of_its_products_when_nothing_else_reads_them() {
+    let mut g = Graph::new();
+    let x = g.input("x", &[4, 8], DType::BF16);
+    let w = g.param("w", &[6, 8], DType::Nf4 { block: 64 }, false);
+    let a = g.param("a", &[2, 8], DType::F32, false);
+    let b = g.param("b", &[6, 2], DType::F32, false);
+    let scale = g.input("scale", &[6], DType::F32);
+    let xl = g.cast(x, DType::F32).unwrap();
+    let ax = g.linear(xl, a, None).unwrap();
+    let bax = g.linear(ax, b, None).unwrap();
+    let lora = g.scale(bax, 2.0).unwrap();
+    let base = g.linear(x, w, None).unwrap();
+    let y = g.dora_combine(base, lora, scale).unwrap();
+    let f = fuse_products(&mut g, &[y]).unwrap();
+    assert_eq!(f.epilogues, 1);
+    let node = g.node(g.producer(y).unwrap());
+    let Op::MatMulSum {
+        terms,
+        epilogue,
+        compute,
+        out,
+        ..
+    } = &node.op
+    else {
+        panic!("{:?}", node.op);
+    };
+    // The base (NF4) and the adapter's up-projection, scaled per column.
+    assert_eq!(terms.len(), 2);
+    assert!(terms[0].nf4 && terms[1].scale == 2.0);
+    assert_eq!(
+        (epilogue, *compute, *out),
+        (&Some(Epilogue::ScaleCols), DType::BF16, DType::BF16)
+    );
+    assert_eq!(*node.inputs.last().unwrap(), scale);
+    assert_eq!(live_schedule(&g, &[y]).len(), 2); // x·Aᵀ and the group
 }

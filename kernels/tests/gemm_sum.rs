@@ -11,7 +11,8 @@ mod common;
 use common::nf4::Parts;
 use common::*;
 use graft_kernels::bf16;
-use graft_kernels::gemm::{gemm_sum_on, Operand, Path, Term};
+use graft_kernels::gemm::{gemm_sum_on, Epilogue, Operand, Path, Term};
+use graft_kernels::rope::RopeTable;
 use proptest::prelude::*;
 
 /// How one term's operands are stored.
@@ -139,12 +140,95 @@ fn term_spec(max_k: usize) -> impl Strategy<Value = (usize, bool, bool, f32, Kin
     )
 }
 
+/// The epilogue of a sum, if any.
+#[derive(Clone, Copy, Debug)]
+enum Then {
+    Nothing,
+    /// Column scales in [0.5, 2] (DoRA).
+    ScaleCols,
+    /// RoPE over heads of 128 (n a multiple of 128), else two heads (n a
+    /// multiple of 4) or one, positions in 0..300; nothing when n is odd.
+    Rope,
+}
+
+fn then() -> impl Strategy<Value = Then> {
+    prop_oneof![Just(Then::Nothing), Just(Then::ScaleCols), Just(Then::Rope)]
+}
+
+/// The epilogue's data, and the f64 reference applying it to `want`: column
+/// scales, or the half-split rotation at the f32 angle `p·f` in f64.
+struct EpilogueData {
+    scales: Vec<f32>,
+    positions: Vec<i32>,
+    table: Option<RopeTable>,
+}
+
+impl EpilogueData {
+    fn new(then: Then, m: usize, n: usize, want: &mut [f64], seed: u64) -> EpilogueData {
+        let mut rng = Gen::new(seed ^ 0xE91);
+        let mut e = EpilogueData {
+            scales: Vec::new(),
+            positions: Vec::new(),
+            table: None,
+        };
+        match then {
+            Then::Nothing => {}
+            Then::ScaleCols => {
+                e.scales = rng.vec(n, 0.5, 2.0);
+                for row in want.chunks_mut(n) {
+                    row.iter_mut()
+                        .zip(&e.scales)
+                        .for_each(|(w, &s)| *w *= s as f64);
+                }
+            }
+            Then::Rope if n % 2 == 1 => {}
+            Then::Rope => {
+                let head = match n {
+                    _ if n.is_multiple_of(128) => 128,
+                    _ if n.is_multiple_of(4) => n / 2,
+                    _ => n,
+                };
+                let half = head / 2;
+                let inv_freq: Vec<f32> = (0..half)
+                    .map(|i| 10000f32.powf(-(i as f32) / half as f32))
+                    .collect();
+                e.positions = (0..m).map(|_| rng.below(300) as i32).collect();
+                for (row, &p) in want.chunks_mut(n).zip(&e.positions) {
+                    for h in row.chunks_mut(head) {
+                        for (i, &f) in inv_freq.iter().enumerate() {
+                            let a = (p as f32 * f) as f64;
+                            let (x1, x2) = (h[i], h[i + half]);
+                            h[i] = x1 * a.cos() - x2 * a.sin();
+                            h[i + half] = x2 * a.cos() + x1 * a.sin();
+                        }
+                    }
+                }
+                e.table = Some(RopeTable::new(&e.positions, &inv_freq, false));
+            }
+        }
+        e
+    }
+
+    fn epilogue(&self) -> Option<Epilogue<'_>> {
+        match &self.table {
+            Some(table) => Some(Epilogue::Rope {
+                positions: &self.positions,
+                table,
+            }),
+            None if !self.scales.is_empty() => Some(Epilogue::ScaleCols(&self.scales)),
+            None => None,
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn check_sum(
     m: usize,
     n: usize,
     specs: &[(usize, bool, bool, f32, Kind)],
     bf16_compute: bool,
     addend: bool,
+    then: Then,
     seed: u64,
 ) -> Result<(), TestCaseError> {
     let data: Vec<Data> = specs
@@ -174,7 +258,9 @@ fn check_sum(
         want.iter_mut().zip(&p).for_each(|(w, p)| *w += p);
         rss += terms_rss(&a, &b, m, d.k, n, d.ta, d.tb).powi(2);
     }
-    let floor = rss.sqrt();
+    // Scales up to 2 scale the rounding errors too; a rotation keeps norms.
+    let floor = 2.0 * rss.sqrt();
+    let epi = EpilogueData::new(then, m, n, &mut want, seed);
     let want16: Vec<f64> = want.iter().map(|&v| bf16_round(v as f32) as f64).collect();
     for path in Path::ALL.into_iter().filter(|p| p.is_supported()) {
         let mut c = nan_buf::<f32>(m * n);
@@ -182,9 +268,9 @@ fn check_sum(
             path,
             &terms,
             init.as_deref().map(Operand::Bf16),
+            epi.epilogue(),
             &mut c,
-            m,
-            n,
+            (m, n),
             bf16_compute,
         );
         // As gemm.rs: f32 accumulation error is ~1e-7 of the terms.
@@ -195,9 +281,9 @@ fn check_sum(
             path,
             &terms,
             init.as_deref().map(Operand::Bf16),
+            epi.epilogue(),
             &mut c16,
-            m,
-            n,
+            (m, n),
             bf16_compute,
         );
         check_floor(&format!("{} bf16", path.name()), &c16, &want16, floor, 1e-3)?;
@@ -209,8 +295,8 @@ proptest! {
     #![proptest_config(config(48))]
 
     #[test]
-    fn small(m in dim(40), n in dim(70), specs in prop::collection::vec(term_spec(60), 0..=3), bf16_compute: bool, addend: bool, seed: u64) {
-        check_sum(m, n, &specs, bf16_compute, addend, seed)?;
+    fn small(m in dim(40), n in dim(70), specs in prop::collection::vec(term_spec(60), 0..=3), bf16_compute: bool, addend: bool, then in then(), seed: u64) {
+        check_sum(m, n, &specs, bf16_compute, addend, then, seed)?;
     }
 }
 
@@ -219,8 +305,21 @@ proptest! {
 
     // Past one k block per term and several B panels, past the parallel threshold.
     #[test]
-    fn large(m in 1usize..=200, n in 1usize..=300, specs in prop::collection::vec(term_spec(450), 1..=3), bf16_compute: bool, addend: bool, seed: u64) {
-        check_sum(m, n, &specs, bf16_compute, addend, seed)?;
+    fn large(m in 1usize..=200, n in 1usize..=300, specs in prop::collection::vec(term_spec(450), 1..=3), bf16_compute: bool, addend: bool, then in then(), seed: u64) {
+        check_sum(m, n, &specs, bf16_compute, addend, then, seed)?;
+    }
+}
+
+/// Epilogues over outputs wider than the drivers' column blocks (2048 to
+/// 2560 columns): RoPE's heads of 128 never straddle two blocks, and column
+/// scales land on their columns.
+#[test]
+fn epilogues_across_column_blocks() {
+    for then in [Then::Rope, Then::ScaleCols] {
+        for bf16_compute in [false, true] {
+            let spec = (64, false, true, 1.0, Kind::Bf16);
+            check_sum(37, 6144, &[spec], bf16_compute, true, then, 11).unwrap();
+        }
     }
 }
 
@@ -254,7 +353,7 @@ fn lora_linear_is_the_two_products_summed() {
     ];
     for path in Path::ALL.into_iter().filter(|p| p.is_supported()) {
         let mut y = vec![f32::NAN; m * n];
-        gemm_sum_on(path, &terms, None, &mut y, m, n, false);
+        gemm_sum_on(path, &terms, None, None, &mut y, (m, n), false);
         for i in 0..m {
             for j in 0..n {
                 let base: f32 = (0..k).map(|p| x[i * k + p] * w[j * k + p]).sum();

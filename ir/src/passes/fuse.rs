@@ -26,6 +26,12 @@
 //! kernels (AMX), accumulating in f32. A lone product whose operands are
 //! read through becomes a group of one term.
 //!
+//! Then the elementwise op after a group (or a lone product) becomes its
+//! epilogue, applied to each row's f32 sum before it is rounded: RoPE after
+//! the q and k projections, and DoRA's `scale ⊙ (base + lora)` over the
+//! base product and the LoRA group (where nothing else reads them: the
+//! magnitude's gradient, in training, reads both).
+//!
 //! The pass runs after autograd, on the whole training graph. A value is
 //! absorbed only when the group is its only reader (and it is not an output
 //! the caller keeps), so no value anything else reads disappears; a cast or
@@ -33,7 +39,7 @@
 
 use crate::dtype::DType;
 use crate::graph::{Graph, NodeId, ValueId};
-use crate::op::{Op, Product};
+use crate::op::{Epilogue, Op, Product};
 use crate::passes::live_schedule;
 use crate::IrError;
 
@@ -46,6 +52,8 @@ pub struct Fusion {
     pub absorbed: usize,
     /// Operands read through a cast or scale instead of its result.
     pub read_through: usize,
+    /// Groups that took the elementwise op after them as their epilogue.
+    pub epilogues: usize,
 }
 
 /// One operand of a sum.
@@ -141,6 +149,7 @@ pub fn fuse_products(g: &mut Graph, outputs: &[ValueId]) -> Result<Fusion, IrErr
             addend: !others.is_empty(),
             compute,
             out,
+            epilogue: None,
         };
         g.replace_node(root, op, inputs)?;
         let gone = products.iter().map(|p| p.0).filter(|&p| p != root);
@@ -149,7 +158,120 @@ pub fn fuse_products(g: &mut Graph, outputs: &[ValueId]) -> Result<Fusion, IrErr
         report.groups += 1;
         report.read_through += read_through;
     }
+    // Then the elementwise work after a group, into its epilogue.
+    for &root in &schedule {
+        if let Some((op, inputs, gone)) = epilogue_group(g, root, &uses) {
+            g.replace_node(root, op, inputs)?;
+            report.absorbed += gone.len();
+            report.epilogues += 1;
+        }
+    }
     Ok(report)
+}
+
+/// A sum an epilogue can be added to.
+struct Sum {
+    terms: Vec<Product>,
+    /// The terms' operands, then the addend's.
+    inputs: Vec<ValueId>,
+    compute: DType,
+    addend: bool,
+    node: NodeId,
+}
+
+/// The sum behind `v` when only one node reads it: a group without an
+/// epilogue, or a lone product as a group of one.
+fn sum_of(g: &Graph, v: ValueId, uses: &[usize]) -> Option<Sum> {
+    let node = g.producer(v).filter(|_| uses[v.index()] == 1)?;
+    let p = g.node(node);
+    let inputs = p.inputs.clone();
+    let lone = |ta, tb, nf4, compute| Sum {
+        terms: vec![Product {
+            ta,
+            tb,
+            nf4,
+            scale: 1.0,
+        }],
+        inputs: inputs.clone(),
+        compute,
+        addend: false,
+        node,
+    };
+    match &p.op {
+        Op::MatMulSum {
+            terms,
+            addend,
+            compute,
+            epilogue: None,
+            ..
+        } => Some(Sum {
+            terms: terms.clone(),
+            inputs: inputs.clone(),
+            compute: *compute,
+            addend: *addend,
+            node,
+        }),
+        &Op::MatMul { ta, tb } => {
+            let bf16 = inputs.iter().any(|&i| g.dtype(i) == DType::BF16);
+            let compute = if bf16 { DType::BF16 } else { DType::F32 };
+            Some(lone(ta, tb, false, compute))
+        }
+        &Op::Nf4MatMul { tb, compute } => Some(lone(false, tb, true, compute)),
+        _ => None,
+    }
+}
+
+/// A group with `root` as its epilogue: RoPE of a group's output (the q
+/// and k projections), or DoRA's `scale ⊙ (base + lora)` of a base product
+/// or group and a LoRA group (when nothing else reads them: inference, or
+/// a frozen magnitude). The op, its inputs and the nodes it absorbs.
+fn epilogue_group(
+    g: &Graph,
+    root: NodeId,
+    uses: &[usize],
+) -> Option<(Op, Vec<ValueId>, Vec<NodeId>)> {
+    let node = g.node(root);
+    let out = g.dtype(node.outputs[0]);
+    match &node.op {
+        Op::Rope {
+            spec,
+            inverse: false,
+        } => {
+            let mut s = sum_of(g, node.inputs[0], uses)?;
+            s.inputs.push(node.inputs[1]);
+            let op = Op::MatMulSum {
+                terms: s.terms,
+                addend: s.addend,
+                compute: s.compute,
+                out,
+                epilogue: Some(Epilogue::Rope(spec.clone())),
+            };
+            Some((op, s.inputs, vec![s.node]))
+        }
+        Op::DoraCombine => {
+            let mut base = sum_of(g, node.inputs[0], uses)?;
+            let lora = sum_of(g, node.inputs[1], uses)?;
+            if base.addend || lora.addend {
+                return None;
+            }
+            base.terms.extend(lora.terms);
+            base.inputs.extend(lora.inputs);
+            base.inputs.push(node.inputs[2]);
+            let compute = match (base.compute, lora.compute) {
+                (DType::F32, DType::F32) => DType::F32,
+                _ => DType::BF16,
+            };
+            let op = Op::MatMulSum {
+                terms: base.terms,
+                addend: false,
+                compute,
+                out,
+                epilogue: Some(Epilogue::ScaleCols),
+            };
+            Some((op, base.inputs, vec![base.node, lora.node]))
+        }
+        _ => None,
+    }
 }
 
 /// The leaves of the sum (or the product chain) `root` computes, and the

@@ -17,6 +17,7 @@
 //! buffer at MC×NS floats whatever the shape.
 
 use super::operand::{Packed, Source, View};
+use super::Epilogue;
 use crate::Elem;
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -152,6 +153,7 @@ pub(super) fn gemm<E: Packed, T: Elem, S: Source>(
     u: &Micro<E>,
     products: &[Product<S>],
     init: Option<&S>,
+    epilogue: Option<&Epilogue>,
     c: &mut [T],
     m: usize,
     n: usize,
@@ -169,7 +171,9 @@ pub(super) fn gemm<E: Packed, T: Elem, S: Source>(
     } else {
         1
     };
-    let ns = u.nc * SLABS_PER_SUPER;
+    // Super-slabs of whole epilogue groups (RoPE's heads).
+    let group = epilogue.map_or(1, |e| e.group());
+    let ns = (u.nc * SLABS_PER_SUPER / group).max(1) * group;
     let a_len = u.mc.min(m.div_ceil(u.mr) * u.mr) * u.steps(u.kc.min(k_max));
     let c_len = if T::as_f32_mut(&mut []).is_some() {
         0
@@ -217,13 +221,27 @@ pub(super) fn gemm<E: Packed, T: Elem, S: Source>(
                             accumulate = true;
                         }
                     }
-                    if T::as_f32_mut(&mut []).is_none() {
-                        let rows = c[i0 * n..(i0 + mc) * n].par_chunks_mut(n);
-                        rows.zip(cbuf.par_chunks(width)).for_each(|(row, acc)| {
-                            for (o, &v) in row[s0..s0 + width].iter_mut().zip(acc) {
-                                *o = T::from_f32(v);
+                    match T::as_f32_mut(c) {
+                        Some(c) => {
+                            if let Some(e) = epilogue {
+                                let rows = c[i0 * n..(i0 + mc) * n].par_chunks_mut(n);
+                                rows.enumerate().for_each(|(i, row)| {
+                                    e.apply(i0 + i, s0, &mut row[s0..s0 + width])
+                                });
                             }
-                        });
+                        }
+                        None => {
+                            let rows = c[i0 * n..(i0 + mc) * n].par_chunks_mut(n);
+                            let accs = cbuf.par_chunks_mut(width);
+                            rows.zip(accs).enumerate().for_each(|(i, (row, acc))| {
+                                if let Some(e) = epilogue {
+                                    e.apply(i0 + i, s0, acc);
+                                }
+                                for (o, &v) in row[s0..s0 + width].iter_mut().zip(acc.iter()) {
+                                    *o = T::from_f32(v);
+                                }
+                            });
+                        }
                     }
                 }
             }

@@ -28,6 +28,7 @@ mod operand;
 mod transpose;
 
 use crate::nf4::Nf4;
+use crate::rope::RopeTable;
 use crate::Elem;
 use half::{bf16, f16};
 use std::sync::OnceLock;
@@ -244,6 +245,56 @@ impl Operand<'_> {
     }
 }
 
+/// What [`gemm_sum`] does to each output row, in f32, once the row's sum
+/// is complete and before it is rounded to the output's type: the
+/// elementwise work after a product done while the row is in cache.
+#[derive(Clone, Copy)]
+pub enum Epilogue<'a> {
+    /// Column `j` times `scale[j]` (DoRA's magnitude over the weight norm).
+    ScaleCols(&'a [f32]),
+    /// RoPE: row `i`'s heads rotated by `positions[i]` (the q and k
+    /// projections).
+    Rope {
+        positions: &'a [i32],
+        table: &'a RopeTable,
+    },
+}
+
+impl Epilogue<'_> {
+    /// Columns the epilogue needs together in one pass (a head for RoPE):
+    /// the driver's column blocks are multiples of it.
+    fn group(&self) -> usize {
+        match self {
+            Epilogue::ScaleCols(_) => 1,
+            Epilogue::Rope { table, .. } => table.head_dim(),
+        }
+    }
+
+    /// Applies to columns `c0..c0 + vals.len()` of output row `i` (whole
+    /// groups).
+    #[inline]
+    fn apply(&self, i: usize, c0: usize, vals: &mut [f32]) {
+        match *self {
+            Epilogue::ScaleCols(s) => {
+                for (v, s) in vals.iter_mut().zip(&s[c0..]) {
+                    *v *= s;
+                }
+            }
+            Epilogue::Rope { positions, table } => table.rotate(positions[i], vals),
+        }
+    }
+
+    fn check(&self, m: usize, n: usize) {
+        match *self {
+            Epilogue::ScaleCols(s) => assert_eq!(s.len(), n, "gemm_sum: column scales"),
+            Epilogue::Rope { positions, table } => {
+                assert_eq!(positions.len(), m, "gemm_sum: RoPE positions");
+                assert!(n.is_multiple_of(table.head_dim()), "gemm_sum: RoPE heads");
+            }
+        }
+    }
+}
+
 /// One product of [`gemm_sum`]: `scale · op(a)·op(b)`, `op(a)` `[m, k]`,
 /// `op(b)` `[k, n]`; `a` is stored `[m, k]` (`[k, m]` when `ta`), `b`
 /// `[k, n]` (`[n, k]` when `tb`: a weight `W[n, k]` in `x·Wᵀ`).
@@ -270,20 +321,21 @@ impl Term<'_> {
     }
 }
 
-/// `c[m,n] = init + Σ scale·op(a)·op(b)` over `terms` on [`Path::active`],
-/// summed in f32 and rounded once to `c`'s type; `init`, when given, is a
-/// dense `[m, n]` addend (read exactly). With `bf16`, every operand value
-/// of a product is rounded to bf16 (after its scale) and the products are
-/// taken by the bf16 kernels where the path has them; else in f32.
+/// `c[m,n] = epilogue(init + Σ scale·op(a)·op(b))` over `terms` on
+/// [`Path::active`], summed in f32, the epilogue applied in f32, rounded
+/// once to `c`'s type; `init`, when given, is a dense `[m, n]` addend (read
+/// exactly). With `bf16`, every operand value of a product is rounded to
+/// bf16 (after its scale) and the products are taken by the bf16 kernels
+/// where the path has them; else in f32.
 pub fn gemm_sum<T: Elem>(
     terms: &[Term],
     init: Option<Operand>,
+    epilogue: Option<Epilogue>,
     c: &mut [T],
-    m: usize,
-    n: usize,
+    (m, n): (usize, usize),
     bf16: bool,
 ) {
-    gemm_sum_on(Path::active(), terms, init, c, m, n, bf16)
+    gemm_sum_on(Path::active(), terms, init, epilogue, c, (m, n), bf16)
 }
 
 /// [`gemm_sum`] on a given path, so that tests cover every path on one machine.
@@ -295,14 +347,18 @@ pub fn gemm_sum_on<T: Elem>(
     path: Path,
     terms: &[Term],
     init: Option<Operand>,
+    epilogue: Option<Epilogue>,
     c: &mut [T],
-    m: usize,
-    n: usize,
+    (m, n): (usize, usize),
     bf16: bool,
 ) {
     path.check("gemm");
     assert_eq!(c.len(), m * n, "gemm_sum: c");
     terms.iter().for_each(|t| t.check(m, n));
+    if let Some(e) = &epilogue {
+        e.check(m, n);
+    }
+    let epilogue = epilogue.as_ref();
     if let Some(i) = &init {
         assert_eq!(i.len(), m * n, "gemm_sum: init");
         assert!(!matches!(i, Operand::Nf4(_)), "gemm_sum: an NF4 init");
@@ -345,19 +401,19 @@ pub fn gemm_sum_on<T: Elem>(
             })
             .collect();
         let init = init.map(|op| stored(op, m, 1.0, false));
-        let (p, i) = (&products, init.as_ref());
+        let (p, i, e) = (&products, init.as_ref(), epilogue);
         match path {
             Path::Scalar => unreachable!("taken below"),
-            Path::Avx2 => block::gemm(&avx2::MICRO, p, i, c, m, n),
-            Path::Avx512Bf16 if bf16 => block::gemm(&avx512bf16::MICRO, p, i, c, m, n),
-            Path::Amx if bf16 => block::gemm(&amx::MICRO, p, i, c, m, n),
+            Path::Avx2 => block::gemm(&avx2::MICRO, p, i, e, c, m, n),
+            Path::Avx512Bf16 if bf16 => block::gemm(&avx512bf16::MICRO, p, i, e, c, m, n),
+            Path::Amx if bf16 => block::gemm(&amx::MICRO, p, i, e, c, m, n),
             Path::Avx512 | Path::Avx512Bf16 | Path::Amx => {
-                block::gemm(&avx512::MICRO, p, i, c, m, n)
+                block::gemm(&avx512::MICRO, p, i, e, c, m, n)
             }
         }
         return;
     }
-    reference_sum(terms, init, c, m, n, bf16)
+    reference_sum(terms, init, epilogue, c, m, n, bf16)
 }
 
 /// The scalar path: each term by the reference kernels on f32 copies of its
@@ -365,6 +421,7 @@ pub fn gemm_sum_on<T: Elem>(
 fn reference_sum<T: Elem>(
     terms: &[Term],
     init: Option<Operand>,
+    epilogue: Option<&Epilogue>,
     c: &mut [T],
     m: usize,
     n: usize,
@@ -388,6 +445,11 @@ fn reference_sum<T: Elem>(
             }
         }
         acc.iter_mut().zip(&product).for_each(|(s, p)| *s += p);
+    }
+    if let Some(e) = epilogue {
+        for (i, row) in acc.chunks_mut(n.max(1)).enumerate() {
+            e.apply(i, 0, row);
+        }
     }
     for (o, s) in c.iter_mut().zip(acc) {
         *o = T::from_f32(s);
@@ -441,7 +503,7 @@ pub fn gemm_on<T: Elem>(
         tb,
         scale: 1.0,
     };
-    gemm_sum_on(path, &[term], None, c, m, n, T::BF16)
+    gemm_sum_on(path, &[term], None, None, c, (m, n), T::BF16)
 }
 
 /// `out = a·op(W)` for an NF4 weight on [`Path::active`]; arguments as
@@ -479,5 +541,5 @@ pub fn nf4_gemm_on<T: Elem>(
         tb,
         scale: 1.0,
     };
-    gemm_sum_on(path, &[term], None, out, m, n, bf16_compute)
+    gemm_sum_on(path, &[term], None, None, out, (m, n), bf16_compute)
 }
