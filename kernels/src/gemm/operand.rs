@@ -251,6 +251,27 @@ impl<S: Source> View<'_, S> {
         )
     }
 
+    /// The `K` stored rows from `row` that make one step, columns `c0..c0 +
+    /// len`, into `bufs` (zeros for the rows from `valid` on, past `kc`),
+    /// the next step's rows asked for.
+    #[inline(always)]
+    fn read_step<E: Packed>(
+        &self,
+        bufs: &mut [[E::Val; RUN]; 2],
+        row: usize,
+        valid: usize,
+        (c0, len): (usize, usize),
+    ) {
+        for (u, b) in bufs.iter_mut().enumerate().take(E::K) {
+            if u < valid {
+                E::read(self.src, row + u, c0, &mut b[..len]);
+                self.src.prefetch(row + u + E::K, c0, len);
+            } else {
+                b[..len].fill(E::Val::default());
+            }
+        }
+    }
+
     #[inline(always)]
     fn pack_tiled_here<E: Packed>(
         &self,
@@ -297,14 +318,7 @@ impl<S: Source> View<'_, S> {
                 let at = (s / w) * block + s % w;
                 for c0 in (0..cols).step_by(RUN) {
                     let len = RUN.min(cols - c0);
-                    for (u, b) in bufs.iter_mut().enumerate().take(E::K) {
-                        if u < valid {
-                            E::read(self.src, p0 + p + u, j0 + c0, &mut b[..len]);
-                            self.src.prefetch(p0 + p + u + E::K, j0 + c0, len);
-                        } else {
-                            b[..len].fill(zero);
-                        }
-                    }
+                    self.read_step::<E>(&mut bufs, p0 + p, valid, (j0 + c0, len));
                     let out = dst[at + c0 * w..].iter_mut().step_by(w);
                     let (lo, hi) = (&bufs[0][..len], &bufs[E::K - 1][..len]);
                     for ((o, &l), &h) in out.zip(lo).zip(hi) {
@@ -373,14 +387,7 @@ impl<S: Source> View<'_, S> {
                 let valid = E::K.min(kc - p);
                 for c0 in (0..cols).step_by(RUN) {
                     let len = RUN.min(cols - c0);
-                    for (u, b) in bufs.iter_mut().enumerate().take(E::K) {
-                        if u < valid {
-                            E::read(self.src, p0 + p + u, j0 + c0, &mut b[..len]);
-                            self.src.prefetch(p0 + p + u + E::K, j0 + c0, len);
-                        } else {
-                            b[..len].fill(zero);
-                        }
-                    }
+                    self.read_step::<E>(&mut bufs, p0 + p, valid, (j0 + c0, len));
                     // Runs of columns within one panel: contiguous there.
                     let mut c = 0;
                     while c < len {
