@@ -6,6 +6,7 @@
 //! tests/oracle/make_optim_fixtures.py).
 
 use crate::EngineError;
+use graft_kernels::update::{adamw_update, AdamWStep};
 
 /// AdamW hyperparameters (PyTorch's defaults but the learning rate).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -35,17 +36,6 @@ pub struct AdamW {
     pub step: u64,
     /// First and second moments, one pair per parameter, in parameter order.
     pub moments: Vec<(Vec<f32>, Vec<f32>)>,
-}
-
-/// `a + w·(b − a)` as ATen's vectorised CPU `lerp` computes it in f32 (one
-/// fused multiply-add, anchored at the nearer end).
-#[inline]
-fn lerp(a: f32, b: f32, w: f32) -> f32 {
-    if w.abs() < 0.5 {
-        (b - a).mul_add(w, a)
-    } else {
-        (b - a).mul_add(w - 1.0, b)
-    }
 }
 
 fn check_lengths(
@@ -97,24 +87,16 @@ impl AdamW {
         check_lengths(params, grads, &sizes)?;
         let c = self.config;
         self.step += 1;
-        let t = self.step as i32;
-        let decay = (1.0 - lr * c.weight_decay) as f32;
-        let w1 = (1.0 - c.beta1) as f32;
-        let (b2, w2) = (c.beta2 as f32, (1.0 - c.beta2) as f32);
-        let step_size = lr / (1.0 - c.beta1.powi(t));
-        let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt() as f32;
-        let (eps, neg_step) = (c.eps as f32, (-step_size) as f32);
+        let s = AdamWStep::new(
+            lr,
+            c.beta1,
+            c.beta2,
+            c.eps,
+            c.weight_decay,
+            self.step as i32,
+        );
         for ((p, g), (m, v)) in params.iter_mut().zip(grads).zip(&mut self.moments) {
-            for i in 0..p.len() {
-                let gi = g[i];
-                p[i] *= decay;
-                m[i] = lerp(m[i], gi, w1);
-                // addcmul: `value·t1` rounded, then fused with `t2` and the sum.
-                v[i] = (w2 * gi).mul_add(gi, v[i] * b2);
-                let denom = v[i].sqrt() / bc2_sqrt + eps;
-                // addcdiv: `(value·t1)/t2`, then the sum, each rounded.
-                p[i] += (neg_step * m[i]) / denom;
-            }
+            adamw_update(p, g, m, v, &s);
         }
         Ok(())
     }

@@ -4,26 +4,7 @@
 // f32 as in the CPU reference (kernels/src/{norm,rope,activation}.rs);
 // outputs are rounded to bf16 (nearest even). bf16 is a raw 16-bit word.
 
-// bf16_t, u32 and the bf16 conversions: common.cuh.
-
-// Sum over the block (blockDim.x a multiple of 32, at most 1024).
-__device__ float block_sum(float v) {
-    __shared__ float part[32];
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) part[warp] = v;
-    __syncthreads();
-    int warps = blockDim.x >> 5;
-    v = (threadIdx.x < warps) ? part[threadIdx.x] : 0.0f;
-    if (warp == 0) {
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0) part[0] = v;
-    }
-    __syncthreads();
-    float s = part[0];
-    __syncthreads();  // part is reused by the next call
-    return s;
-}
+// bf16_t, u32, the bf16 conversions and block_sum: common.cuh.
 
 // One block per row of x[rows, h]: y = x * rsqrt(mean(x^2) + eps) * g,
 // g = w or 1 + w.

@@ -2,7 +2,7 @@
 
 use crate::{Elem, IndexError};
 
-fn check_ids(ids: &[i32], vocab: usize) -> Result<(), IndexError> {
+pub(crate) fn check_ids(ids: &[i32], vocab: usize) -> Result<(), IndexError> {
     match ids.iter().position(|&t| t < 0 || t as usize >= vocab) {
         Some(position) => Err(IndexError {
             what: "token id",

@@ -5,7 +5,7 @@ use crate::simd::vectorized;
 use crate::{Elem, IndexError};
 use rayon::prelude::*;
 
-fn check_labels(labels: &[i32], vocab: usize, ignore: i32) -> Result<usize, IndexError> {
+pub(crate) fn check_labels(labels: &[i32], vocab: usize, ignore: i32) -> Result<usize, IndexError> {
     let mut counted = 0;
     for (position, &l) in labels.iter().enumerate() {
         if l == ignore {

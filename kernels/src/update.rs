@@ -1,5 +1,67 @@
 //! Fused parameter updates that run inside a plan (LOMO): the gradient is
 //! consumed where it is produced, and the parameter is written in place.
+//! Also AdamW's per-element step, which the engine's optimizer
+//! (engine/src/optim.rs) runs after a plan, and the GPU runs too.
+
+/// The f32 scalars of one AdamW step, derived from the f64 hyperparameters
+/// as PyTorch's single-tensor AdamW derives them (tests/optim_torch.rs
+/// checks the result against torch.optim bit for bit).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    /// `1 − lr·weight_decay` (decoupled weight decay).
+    pub decay: f32,
+    /// `1 − beta1`, the weight of the first moment's lerp.
+    pub w1: f32,
+    pub b2: f32,
+    /// `1 − beta2`.
+    pub w2: f32,
+    /// `√(1 − beta2^t)`.
+    pub bc2_sqrt: f32,
+    pub eps: f32,
+    /// `−lr / (1 − beta1^t)`.
+    pub neg_step: f32,
+}
+
+impl AdamWStep {
+    /// The scalars of step `t` (from 1) at learning rate `lr`.
+    pub fn new(lr: f64, beta1: f64, beta2: f64, eps: f64, weight_decay: f64, t: i32) -> AdamWStep {
+        let step_size = lr / (1.0 - beta1.powi(t));
+        AdamWStep {
+            decay: (1.0 - lr * weight_decay) as f32,
+            w1: (1.0 - beta1) as f32,
+            b2: beta2 as f32,
+            w2: (1.0 - beta2) as f32,
+            bc2_sqrt: (1.0 - beta2.powi(t)).sqrt() as f32,
+            eps: eps as f32,
+            neg_step: (-step_size) as f32,
+        }
+    }
+}
+
+/// `a + w·(b − a)` as ATen's vectorised CPU `lerp` computes it in f32 (one
+/// fused multiply-add, anchored at the nearer end).
+#[inline]
+fn lerp(a: f32, b: f32, w: f32) -> f32 {
+    if w.abs() < 0.5 {
+        (b - a).mul_add(w, a)
+    } else {
+        (b - a).mul_add(w - 1.0, b)
+    }
+}
+
+/// One AdamW step on `p` with gradient `g` and moments `m`, `v` (all of one
+/// length), operation by operation as PyTorch's single-tensor CPU AdamW.
+pub fn adamw_update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &AdamWStep) {
+    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+        *p *= s.decay;
+        *m = lerp(*m, g, s.w1);
+        // addcmul: `value·t1` rounded, then fused with `t2` and the sum.
+        *v = (s.w2 * g).mul_add(g, *v * s.b2);
+        let denom = v.sqrt() / s.bc2_sqrt + s.eps;
+        // addcdiv: `(value·t1)/t2`, then the sum, each rounded.
+        *p += (s.neg_step * *m) / denom;
+    }
+}
 
 /// One SGD step, as `torch.optim.SGD` (no momentum) computes it after
 /// `grad *= coef` (LOMO's clipping coefficient; 1 without clipping) and, if

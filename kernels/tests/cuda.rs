@@ -215,3 +215,249 @@ fn row_kernels_match_the_cpu_reference() {
         }
     }
 }
+
+/// Cross-entropy forward and gradient in one kernel, on ragged vocabularies
+/// (1 to Llama 3's 128,256, mostly not multiples of the 256-thread block),
+/// rows with ignored labels (an ignore index outside the vocabulary and one
+/// inside it), wide logits, and no counted row at all: the mean loss and
+/// per-row losses (f32, bound 1e-5 relative to losses of at least 1) and the
+/// bf16 gradient (bound 1e-2) against the CPU reference. Bad labels are
+/// refused on the host.
+#[test]
+fn cross_entropy_matches_the_cpu_reference() {
+    use graft_kernels::cuda::{DeviceIds, LossKernels};
+    use graft_kernels::loss::{cross_entropy, cross_entropy_grad};
+    let Some(gpu) = gpu() else { return };
+    let k = LossKernels::new(&gpu).unwrap();
+    let s = gpu.stream();
+    let mut r = Gen::new(17);
+    // (rows, vocab, 1 in `skip` rows ignored (0: none), ignore index, dloss, logit range)
+    for (rows, vocab, skip, ignore, dloss, range) in [
+        (1, 1, 0, -100, 1.0, 4.0),
+        (3, 2, 0, -100, 1.0, 4.0),
+        (5, 7, 2, -100, 0.5, 4.0),
+        (17, 255, 3, -100, 1.0, 4.0),
+        (64, 1000, 4, 3, 1.0, 4.0),
+        (33, 32_001, 5, -100, 2.0, 30.0),
+        (300, 5000, 3, -100, 1.0, 8.0),
+        (4, 128_256, 2, -100, 1.0, 4.0),
+        (6, 50, 1, -100, 1.0, 4.0),
+    ] {
+        let what = format!("cross_entropy {rows}x{vocab} ignore={ignore} dloss={dloss}");
+        let logits: Vec<bf16> = to_elem(&r.vec(rows * vocab, -range, range));
+        let mut labels: Vec<i32> = (0..rows)
+            .map(|_| match skip > 0 && r.below(skip) == 0 {
+                true => ignore,
+                false => r.below(vocab) as i32,
+            })
+            .collect();
+        if skip != 1 && labels.iter().all(|&l| l == ignore) {
+            labels[0] = 0.max(ignore + 1) % vocab as i32;
+        }
+        let counted = labels.iter().filter(|&&l| l != ignore).count();
+        let want_loss = cross_entropy(&logits, &labels, ignore).unwrap();
+        let mut want_grad = nan_buf::<bf16>(rows * vocab);
+        cross_entropy_grad(&logits, &labels, ignore, dloss, &mut want_grad).unwrap();
+        let want_rows: Vec<f64> = (0..rows)
+            .map(|t| match labels[t] == ignore {
+                true => 0.0,
+                false => cross_entropy(&logits[t * vocab..][..vocab], &labels[t..=t], ignore)
+                    .unwrap() as f64,
+            })
+            .collect();
+
+        let ids = DeviceIds::upload(&gpu, &labels).unwrap();
+        let ld = s.clone_htod(&logits).unwrap();
+        let mut dd = s.clone_htod(&nan_buf::<bf16>(rows * vocab)).unwrap();
+        let mut rl = s.clone_htod(&nan_buf::<f32>(rows)).unwrap();
+        let mut lo = s.clone_htod(&[f32::NAN]).unwrap();
+        k.cross_entropy(&ld, &ids, ignore, dloss, &mut dd, &mut rl, &mut lo)
+            .unwrap();
+        let got_loss = s.clone_dtoh(&lo).unwrap()[0];
+        let e = rel_l2(&s.clone_dtoh(&dd).unwrap(), &to_f64(&want_grad));
+        eprintln!("{what} dlogits: rel L2 vs CPU {e:.2e}");
+        assert!(e < 1e-2, "{what} dlogits: rel L2 {e}");
+        // A loss is `lse − x[label]`, exact to about an ulp of lse on either
+        // side: relative to losses of at least 1 (a small loss is a
+        // cancellation, e.g. 2 classes with the label far ahead).
+        let floor = (rows as f64).sqrt();
+        let e = rel_l2_floor(&s.clone_dtoh(&rl).unwrap(), &want_rows, floor);
+        eprintln!("{what} row losses: rel L2 vs CPU {e:.2e}");
+        assert!(e < 1e-5, "{what} row losses: rel L2 {e}");
+        if counted == 0 {
+            eprintln!("{what} mean loss: {got_loss} (CPU {want_loss}; nothing counted)");
+            assert!(
+                got_loss.is_nan() && want_loss.is_nan(),
+                "{what}: {got_loss}"
+            );
+        } else {
+            let e = rel_l2_floor(&[got_loss], &[want_loss as f64], 1.0);
+            eprintln!("{what} mean loss {got_loss}: rel L2 vs CPU {e:.2e}");
+            assert!(e < 1e-5, "{what} mean loss: {got_loss} vs {want_loss}");
+        }
+    }
+    // A label outside the vocabulary that is not the ignore index.
+    let (rows, vocab) = (3, 10);
+    let ld = s.clone_htod(&nan_buf::<bf16>(rows * vocab)).unwrap();
+    let mut dd = s.clone_htod(&nan_buf::<bf16>(rows * vocab)).unwrap();
+    let mut rl = s.clone_htod(&nan_buf::<f32>(rows)).unwrap();
+    let mut lo = s.clone_htod(&[f32::NAN]).unwrap();
+    for bad in [10, -1] {
+        let ids = DeviceIds::upload(&gpu, &[0, bad, -100]).unwrap();
+        let e = k
+            .cross_entropy(&ld, &ids, -100, 1.0, &mut dd, &mut rl, &mut lo)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("label {bad} at position 1")), "{e}");
+    }
+}
+
+/// Embedding lookup (bf16, exact copy) and gradient (f32 sums of bf16 rows,
+/// many repeated ids, most rows of the table untouched and so zero) against
+/// the CPU reference; out-of-range ids are refused on the host.
+#[test]
+fn embedding_matches_the_cpu_reference() {
+    use graft_kernels::cuda::{DeviceIds, EmbeddingKernels};
+    use graft_kernels::embedding::{embedding, embedding_grad};
+    let Some(gpu) = gpu() else { return };
+    let k = EmbeddingKernels::new(&gpu).unwrap();
+    let s = gpu.stream();
+    let mut r = Gen::new(19);
+    // (vocab, h, tokens, distinct ids drawn from)
+    for (vocab, h, tokens, distinct) in [
+        (1, 1, 1, 1),
+        (7, 3, 20, 3),
+        (1000, 37, 300, 1000),
+        (32_000, 256, 513, 40),
+        (50, 4096, 64, 50),
+        (128_256, 64, 2048, 128_256),
+        (10, 300, 1000, 1),
+    ] {
+        let what = format!("embedding vocab={vocab} h={h} tokens={tokens}");
+        let pool: Vec<i32> = (0..distinct).map(|_| r.below(vocab) as i32).collect();
+        let ids: Vec<i32> = (0..tokens).map(|_| pool[r.below(distinct)]).collect();
+        let table: Vec<bf16> = to_elem(&r.vec(vocab * h, -1.0, 1.0));
+        let dy: Vec<bf16> = to_elem(&r.vec(tokens * h, -1.0, 1.0));
+        let dev = DeviceIds::upload(&gpu, &ids).unwrap();
+
+        let mut want = nan_buf::<bf16>(tokens * h);
+        embedding(&table, &ids, h, &mut want).unwrap();
+        let td = s.clone_htod(&table).unwrap();
+        let mut yd = s.clone_htod(&nan_buf::<bf16>(tokens * h)).unwrap();
+        k.embedding(&td, &dev, h, &mut yd).unwrap();
+        let e = rel_l2(&s.clone_dtoh(&yd).unwrap(), &to_f64(&want));
+        eprintln!("{what} forward: rel L2 vs CPU {e:.2e}");
+        assert!(e < 1e-2, "{what} forward: rel L2 {e}");
+
+        let dy32: Vec<f32> = dy.iter().map(|v| v.to_f32()).collect();
+        let mut want = nan_buf::<f32>(vocab * h);
+        embedding_grad(&dy32, &ids, h, &mut want).unwrap();
+        let dyd = s.clone_htod(&dy).unwrap();
+        let mut dtd = s.clone_htod(&nan_buf::<f32>(vocab * h)).unwrap();
+        k.embedding_grad(&dyd, &dev, h, &mut dtd).unwrap();
+        let e = rel_l2(&s.clone_dtoh(&dtd).unwrap(), &to_f64(&want));
+        eprintln!("{what} gradient: rel L2 vs CPU {e:.2e}");
+        assert!(e < 1e-5, "{what} gradient: rel L2 {e}");
+    }
+    let (vocab, h) = (5, 8);
+    let td = s.clone_htod(&nan_buf::<bf16>(vocab * h)).unwrap();
+    let mut dtd = s.clone_htod(&nan_buf::<f32>(vocab * h)).unwrap();
+    let mut yd = s.clone_htod(&nan_buf::<bf16>(3 * h)).unwrap();
+    let dyd = s.clone_htod(&nan_buf::<bf16>(3 * h)).unwrap();
+    for bad in [5, -1] {
+        let ids = DeviceIds::upload(&gpu, &[0, 4, bad]).unwrap();
+        let want = format!("token id {bad} at position 2");
+        let e = k.embedding(&td, &ids, h, &mut yd).unwrap_err().to_string();
+        assert!(e.contains(&want), "{e}");
+        let e = k
+            .embedding_grad(&dyd, &ids, h, &mut dtd)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&want), "{e}");
+    }
+}
+
+/// AdamW (three steps, both branches of ATen's lerp, with and without
+/// weight decay) and LOMO's SGD (clipping, coefficient, weight decay, and
+/// the squared gradient norm reduced on the device) on f32 parameters of
+/// ragged sizes, against the CPU's `adamw_update` and `sgd_update`: the
+/// parameters, their change, the moments and the norm, bound 1e-5 (the
+/// arithmetic is the CPU's operation by operation, so 0 is expected).
+#[test]
+fn optimizer_updates_match_the_cpu_reference() {
+    use graft_kernels::cuda::UpdateKernels;
+    use graft_kernels::update::{adamw_update, sgd_update, AdamWStep};
+    let Some(gpu) = gpu() else { return };
+    let k = UpdateKernels::new(&gpu).unwrap();
+    let s = gpu.stream();
+    let mut r = Gen::new(23);
+    let close = |what: String, got: &[f32], want: &[f64]| {
+        let e = rel_l2(got, want);
+        eprintln!("{what}: rel L2 vs CPU {e:.2e}");
+        assert!(e < 1e-5, "{what}: rel L2 {e}");
+    };
+    let change =
+        |p: &[f32], p0: &[f32]| -> Vec<f32> { p.iter().zip(p0).map(|(a, b)| a - b).collect() };
+    for n in [1, 1000, 70_001, 1_000_003] {
+        for (beta1, beta2, wd) in [(0.9, 0.999, 0.01), (0.3, 0.99, 0.0)] {
+            let what = format!("adamw n={n} beta1={beta1} wd={wd}");
+            let p0 = r.vec(n, -1.0, 1.0);
+            let (mut p, mut m, mut v) = (p0.clone(), vec![0f32; n], vec![0f32; n]);
+            let mut pd = s.clone_htod(&p0).unwrap();
+            let mut md = s.clone_htod(&m).unwrap();
+            let mut vd = s.clone_htod(&v).unwrap();
+            for t in 1..=3 {
+                let g = r.vec(n, -0.5, 0.5);
+                let st = AdamWStep::new(1e-2 * t as f64, beta1, beta2, 1e-8, wd, t);
+                adamw_update(&mut p, &g, &mut m, &mut v, &st);
+                let gd = s.clone_htod(&g).unwrap();
+                k.adamw(&mut pd, &gd, &mut md, &mut vd, &st).unwrap();
+            }
+            let got = s.clone_dtoh(&pd).unwrap();
+            close(format!("{what} p"), &got, &to_f64(&p));
+            close(
+                format!("{what} p change"),
+                &change(&got, &p0),
+                &to_f64(&change(&p, &p0)),
+            );
+            close(
+                format!("{what} m"),
+                &s.clone_dtoh(&md).unwrap(),
+                &to_f64(&m),
+            );
+            close(
+                format!("{what} v"),
+                &s.clone_dtoh(&vd).unwrap(),
+                &to_f64(&v),
+            );
+        }
+        for (lr, coef, wd, clip) in [
+            (0.01f32, 1.0f32, 0.0f32, 0.0f32),
+            (0.05, 0.3, 0.01, 0.0),
+            (0.02, 0.7, 0.1, 0.5),
+        ] {
+            let what = format!("sgd n={n} lr={lr} coef={coef} wd={wd} clip={clip}");
+            let p0 = r.vec(n, -1.0, 1.0);
+            let g = r.vec(n, -2.0, 2.0);
+            let mut p = p0.clone();
+            let sq = sgd_update(&mut p, &g, lr, coef, wd, clip);
+            let mut pd = s.clone_htod(&p0).unwrap();
+            let gd = s.clone_htod(&g).unwrap();
+            let (lrd, cd) = (s.clone_htod(&[lr]).unwrap(), s.clone_htod(&[coef]).unwrap());
+            let mut sqd = s.clone_htod(&[f32::NAN]).unwrap();
+            k.sgd(&mut pd, &gd, &lrd, &cd, wd, clip, &mut sqd).unwrap();
+            let got = s.clone_dtoh(&pd).unwrap();
+            close(format!("{what} p"), &got, &to_f64(&p));
+            close(
+                format!("{what} p change"),
+                &change(&got, &p0),
+                &to_f64(&change(&p, &p0)),
+            );
+            close(
+                format!("{what} squared grad norm"),
+                &s.clone_dtoh(&sqd).unwrap(),
+                &[sq],
+            );
+        }
+    }
+}

@@ -4,22 +4,33 @@
 //! NVRTC is missing: every entry point returns a [`GpuError`] saying what is
 //! missing and how to proceed.
 
+mod embedding;
+mod ids;
+mod loss;
 mod nf4;
 mod rows;
+mod update;
 
+pub use embedding::EmbeddingKernels;
+pub use ids::DeviceIds;
+pub use loss::LossKernels;
 pub use nf4::{DeviceNf4, Nf4Gemm};
 pub use rows::RowKernels;
+pub use update::UpdateKernels;
 
-use cudarc::driver::{CudaContext, CudaModule, CudaStream};
+use cudarc::driver::{CudaContext, CudaModule, CudaStream, LaunchConfig};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 /// The CUDA sources, by name. Every one is compiled in CI for [`ARCHS`].
-pub const SOURCES: [(&str, &str); 2] = [
+pub const SOURCES: [(&str, &str); 5] = [
     ("nf4_gemm", include_str!("../../cuda/nf4_gemm.cu")),
     ("rows", include_str!("../../cuda/rows.cu")),
+    ("loss", include_str!("../../cuda/loss.cu")),
+    ("embedding", include_str!("../../cuda/embedding.cu")),
+    ("update", include_str!("../../cuda/update.cu")),
 ];
 
 /// Definitions every source shares, prepended before compiling.
@@ -54,6 +65,59 @@ pub enum GpuError {
 
 fn driver(e: cudarc::driver::DriverError) -> GpuError {
     GpuError::Driver(e.to_string())
+}
+
+/// Threads per block of the non-GEMM kernels (a multiple of 32, as the
+/// block reductions of common.cuh need).
+const THREADS: u32 = 256;
+
+/// Fails unless a buffer holds the `want` values its shape needs.
+fn check(what: &str, got: usize, want: usize) -> Result<(), GpuError> {
+    if got != want {
+        return Err(GpuError::Shape(format!(
+            "{what}: {got} values, the shape needs {want}"
+        )));
+    }
+    Ok(())
+}
+
+/// A grid-stride launch over `n` elements, at most `max_blocks` blocks (and
+/// at least one, so a kernel that also reduces runs for `n = 0`).
+fn grid_stride(n: usize, max_blocks: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            n.div_ceil(THREADS as usize).clamp(1, max_blocks) as u32,
+            1,
+            1,
+        ),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A grid-stride launch over `n` elements.
+fn elementwise(n: usize) -> LaunchConfig {
+    grid_stride(n, 65_535)
+}
+
+/// One block per row.
+fn per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One block, for the last step of a reduction.
+fn one_block() -> LaunchConfig {
+    per_row(1)
+}
+
+/// A count passed to a kernel as `int`.
+fn int(what: &str, n: usize) -> Result<i32, GpuError> {
+    i32::try_from(n)
+        .map_err(|_| GpuError::Shape(format!("{what}: {n} is over the kernels' 2^31-1")))
 }
 
 /// Runs a cudarc call that may panic when a library cannot be loaded.

@@ -2,10 +2,10 @@
 //! activations, each checked against the CPU reference in
 //! kernels/tests/cuda.rs.
 
-use super::{driver, Gpu, GpuError};
+use super::{check, driver, elementwise, per_row, Gpu, GpuError};
 use crate::activation::Act;
 use crate::bf16;
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, PushKernelArg};
 use std::sync::Arc;
 
 pub struct RowKernels {
@@ -15,35 +15,6 @@ pub struct RowKernels {
     act_fwd: CudaFunction,
     act_bwd: CudaFunction,
     stream: Arc<CudaStream>,
-}
-
-const THREADS: u32 = 256;
-
-fn check(what: &str, got: usize, want: usize) -> Result<(), GpuError> {
-    if got != want {
-        return Err(GpuError::Shape(format!(
-            "{what}: {got} values, the shape needs {want}"
-        )));
-    }
-    Ok(())
-}
-
-/// A grid-stride launch over `n` elements.
-fn elementwise(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n.div_ceil(THREADS as usize).clamp(1, 65_535) as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-/// One block per row.
-fn per_row(rows: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
 }
 
 fn kind(a: Act) -> i32 {

@@ -1,0 +1,61 @@
+// Optimizer updates on f32 parameters, written in place: AdamW (the CPU's
+// kernels/src/update.rs adamw_update, which engine/src/optim.rs runs) and
+// LOMO's fused SGD (sgd_update there). Each operation is the CPU's, in the
+// same order, with fused multiply-adds exactly where the CPU has mul_add
+// (NVRTC runs with --fmad=false, so nothing else is contracted): the
+// results are meant to be bit-identical.
+
+// ATen's vectorised lerp: a + w*(b - a), anchored at the nearer end.
+__device__ __forceinline__ float lerp_aten(float a, float b, float w) {
+    return fabsf(w) < 0.5f ? fmaf(b - a, w, a) : fmaf(b - a, w - 1.0f, b);
+}
+
+// One AdamW step over n elements (grid-stride); the scalars are the host's
+// AdamWStep.
+extern "C" __global__ void adamw_update(float* p, const float* g, float* m, float* v, size_t n,
+                                        float decay, float w1, float b2, float w2, float bc2_sqrt,
+                                        float eps, float neg_step) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float gi = g[i];
+        float pi = p[i] * decay;
+        float mi = lerp_aten(m[i], gi, w1);
+        float vi = fmaf(w2 * gi, gi, v[i] * b2);
+        float denom = sqrtf(vi) / bc2_sqrt + eps;
+        p[i] = pi + (neg_step * mi) / denom;
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+
+// One SGD step over n elements (grid-stride): clamp to +-clip (if clip > 0;
+// a NaN stays NaN, as f32::clamp), times coef, plus wd*p, then p -= lr*d.
+// lr and coef are device scalars (LOMO's clipping coefficient comes from a
+// norm measured on the device). Each block also writes the f64 sum of the
+// squares of its raw gradients to partials[blockIdx.x]; sum_partials adds
+// them up.
+extern "C" __global__ void sgd_update(float* p, const float* g, const float* lr,
+                                      const float* coef, size_t n, float wd, float clip,
+                                      double* partials) {
+    float neg_lr = -lr[0], cf = coef[0];
+    double sq = 0.0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float gi = g[i];
+        sq += (double)gi * (double)gi;
+        if (clip > 0.0f) gi = gi < -clip ? -clip : (gi > clip ? clip : gi);
+        float d = gi * cf;
+        if (wd != 0.0f) d = fmaf(p[i], wd, d);
+        p[i] = fmaf(d, neg_lr, p[i]);
+    }
+    sq = block_sum(sq);
+    if (threadIdx.x == 0) partials[blockIdx.x] = sq;
+}
+
+// One block: out[0] = the sum of partials[0..n] (f64), rounded to f32.
+extern "C" __global__ void sum_partials(const double* partials, int n, float* out) {
+    double s = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += partials[i];
+    s = block_sum(s);
+    if (threadIdx.x == 0) out[0] = (float)s;
+}

@@ -1,0 +1,69 @@
+//! Token ids and labels on the device, with the host copy that launchers
+//! check them against before any kernel reads them (an id out of range is a
+//! [`GpuError::Shape`] naming it, never an out-of-bounds access), and their
+//! grouping by id for the embedding gradient.
+
+use super::{driver, Gpu, GpuError};
+use crate::IndexError;
+use cudarc::driver::CudaSlice;
+
+/// `ids` uploaded once per step: the device copy, and the same values on the
+/// host (the device copy is never written after the upload, so both agree).
+pub struct DeviceIds {
+    host: Vec<i32>,
+    dev: CudaSlice<i32>,
+    /// Positions `0..len` sorted stably by id: each id's tokens in increasing
+    /// order, as the CPU's embedding gradient adds them.
+    order: CudaSlice<i32>,
+    /// Where each distinct id's run starts in `order`, and `len` at the end.
+    starts: CudaSlice<i32>,
+    groups: usize,
+}
+
+impl DeviceIds {
+    pub fn upload(gpu: &Gpu, ids: &[i32]) -> Result<DeviceIds, GpuError> {
+        super::int("ids", ids.len())?;
+        let mut order: Vec<i32> = (0..ids.len() as i32).collect();
+        order.sort_by_key(|&t| ids[t as usize]);
+        let mut starts: Vec<i32> = (0..order.len())
+            .filter(|&k| k == 0 || ids[order[k] as usize] != ids[order[k - 1] as usize])
+            .map(|k| k as i32)
+            .collect();
+        let groups = starts.len();
+        starts.push(ids.len() as i32);
+        // Device buffers are never empty (no zero-byte allocation); the
+        // length is the host copy's.
+        let padded = |v: &[i32]| if v.is_empty() { vec![0] } else { v.to_vec() };
+        let s = gpu.stream();
+        Ok(DeviceIds {
+            dev: s.clone_htod(&padded(ids)).map_err(driver)?,
+            order: s.clone_htod(&padded(&order)).map_err(driver)?,
+            starts: s.clone_htod(&starts).map_err(driver)?,
+            host: ids.to_vec(),
+            groups,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.host.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.host.is_empty()
+    }
+    pub fn host(&self) -> &[i32] {
+        &self.host
+    }
+    pub(crate) fn device(&self) -> &CudaSlice<i32> {
+        &self.dev
+    }
+    /// The grouping for the embedding gradient: `order`, `starts` and the
+    /// number of distinct ids.
+    pub(crate) fn groups(&self) -> (&CudaSlice<i32>, &CudaSlice<i32>, usize) {
+        (&self.order, &self.starts, self.groups)
+    }
+}
+
+/// The CPU kernels' index errors, as the GPU launchers report them.
+pub(crate) fn index_error(e: IndexError) -> GpuError {
+    GpuError::Shape(e.to_string())
+}

@@ -1,0 +1,117 @@
+//! Launchers of update.cu: optimizer steps on f32 parameters in device
+//! memory, written in place — AdamW ([`crate::update::adamw_update`], which
+//! the engine's `AdamW` runs) and LOMO's fused SGD
+//! ([`crate::update::sgd_update`]) with the squared norm of the raw gradient
+//! reduced on the device. AdaLomo is not ported yet.
+
+use super::{check, driver, elementwise, grid_stride, int, one_block, Gpu, GpuError};
+use crate::update::AdamWStep;
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, PushKernelArg};
+use std::sync::{Arc, Mutex, PoisonError};
+
+/// Blocks of the SGD update at most, each leaving one f64 partial sum.
+const REDUCE_BLOCKS: usize = 1024;
+
+pub struct UpdateKernels {
+    adamw: CudaFunction,
+    sgd: CudaFunction,
+    sum: CudaFunction,
+    /// The SGD update's per-block partial sums. Every use is on `stream`,
+    /// which orders them; the lock only keeps two host threads from
+    /// interleaving their launches.
+    partials: Mutex<CudaSlice<f64>>,
+    stream: Arc<CudaStream>,
+}
+
+impl UpdateKernels {
+    pub fn new(gpu: &Gpu) -> Result<UpdateKernels, GpuError> {
+        let m = gpu.module("update")?;
+        let f = |name| m.load_function(name).map_err(driver);
+        Ok(UpdateKernels {
+            adamw: f("adamw_update")?,
+            sgd: f("sgd_update")?,
+            sum: f("sum_partials")?,
+            partials: Mutex::new(gpu.stream().alloc_zeros(REDUCE_BLOCKS).map_err(driver)?),
+            stream: gpu.stream().clone(),
+        })
+    }
+
+    /// One AdamW step of `p` (gradient `g`, moments `m`, `v`) with the
+    /// scalars of `s` (`AdamWStep::new` from the step number and learning
+    /// rate).
+    pub fn adamw(
+        &self,
+        p: &mut CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        s: &AdamWStep,
+    ) -> Result<(), GpuError> {
+        let n = p.len();
+        for (what, len) in [("g", g.len()), ("m", m.len()), ("v", v.len())] {
+            check(&format!("adamw {what}"), len, n)?;
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let mut l = self.stream.launch_builder(&self.adamw);
+        l.arg(p)
+            .arg(g)
+            .arg(m)
+            .arg(v)
+            .arg(&n)
+            .arg(&s.decay)
+            .arg(&s.w1)
+            .arg(&s.b2)
+            .arg(&s.w2)
+            .arg(&s.bc2_sqrt)
+            .arg(&s.eps)
+            .arg(&s.neg_step);
+        // SAFETY: arguments match; the grid-stride loop stays within n.
+        unsafe { l.launch(elementwise(n)) }.map_err(driver)?;
+        Ok(())
+    }
+
+    /// LOMO's SGD step of `p` with gradient `g`: the learning rate `lr[0]`
+    /// and clipping coefficient `coef[0]` are device scalars, `wd` and
+    /// `clip_value` as [`crate::update::sgd_update`]. `sq[0]` gets the
+    /// squared L2 norm of the raw gradient (an f64 sum, stored as f32 as the
+    /// executor stores `sgd_update`'s result).
+    #[allow(clippy::too_many_arguments)]
+    pub fn sgd(
+        &self,
+        p: &mut CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        lr: &CudaSlice<f32>,
+        coef: &CudaSlice<f32>,
+        wd: f32,
+        clip_value: f32,
+        sq: &mut CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        let n = p.len();
+        check("sgd g", g.len(), n)?;
+        check("sgd lr", lr.len(), 1)?;
+        check("sgd coef", coef.len(), 1)?;
+        check("sgd sq", sq.len(), 1)?;
+        let cfg = grid_stride(n, REDUCE_BLOCKS);
+        let blocks = int("sgd blocks", cfg.grid_dim.0 as usize)?;
+        let mut partials = self.partials.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut l = self.stream.launch_builder(&self.sgd);
+        l.arg(p)
+            .arg(g)
+            .arg(lr)
+            .arg(coef)
+            .arg(&n)
+            .arg(&wd)
+            .arg(&clip_value)
+            .arg(&mut *partials);
+        // SAFETY: arguments match; the grid-stride loop stays within n; one
+        // partial per block, at most REDUCE_BLOCKS (the buffer's length).
+        unsafe { l.launch(cfg) }.map_err(driver)?;
+        let mut l = self.stream.launch_builder(&self.sum);
+        l.arg(&*partials).arg(&blocks).arg(sq);
+        // SAFETY: arguments match; reads the `blocks` partials written above.
+        unsafe { l.launch(one_block()) }.map_err(driver)?;
+        Ok(())
+    }
+}

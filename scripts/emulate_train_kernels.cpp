@@ -1,0 +1,229 @@
+// The training-step kernels (kernels/cuda/{loss,embedding,update}.cu) run
+// on the CPU by emulation, checked against f64 / operation-by-operation
+// references: a check of their index math, barriers and reductions that
+// needs no GPU (the GPU tests in kernels/tests/cuda.rs are the real check).
+// Blocks run one after another; the threads of a block run concurrently
+// (std::thread), with __syncthreads and warp shuffles through std::barrier,
+// under AddressSanitizer so any out-of-bounds access fails. About 20 s on
+// the 2-core CPU machine:
+//
+//   g++ -std=c++20 -O1 -g -fsanitize=address,undefined -ffp-contract=off -pthread \
+//       scripts/emulate_train_kernels.cpp -o /tmp/emulate && /tmp/emulate
+#include <barrier>
+#include <cmath>
+#include <cstring>
+#include <cstdio>
+#include <cstdlib>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+#include <algorithm>
+#include <cassert>
+using std::size_t;
+struct Dim3 { unsigned x = 0, y = 0, z = 0; };
+thread_local Dim3 threadIdx, blockIdx;
+Dim3 blockDim, gridDim;
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+static std::unique_ptr<std::barrier<>> g_block_bar;
+static std::unique_ptr<std::barrier<>> g_warp_bar[32];
+static unsigned char g_shfl[32][32][8];
+static void __syncthreads() { g_block_bar->arrive_and_wait(); }
+template <class T> T __shfl_xor_sync(unsigned mask, T v, int o) {
+    (void)mask;
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    std::memcpy(g_shfl[w][lane], &v, sizeof(T));
+    g_warp_bar[w]->arrive_and_wait();
+    T r;
+    std::memcpy(&r, g_shfl[w][lane ^ o], sizeof(T));
+    g_warp_bar[w]->arrive_and_wait();
+    return r;
+}
+static float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+static float __uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
+static unsigned __float_as_uint(float f) { unsigned i; std::memcpy(&i, &f, 4); return i; }
+static void launch(unsigned grid, unsigned block, const std::function<void()>& k) {
+    assert(block % 32 == 0 && block <= 1024 && grid >= 1);
+    gridDim.x = grid; blockDim.x = block;
+    for (unsigned b = 0; b < grid; ++b) {
+        g_block_bar = std::make_unique<std::barrier<>>(block);
+        for (unsigned w = 0; w < block / 32; ++w) g_warp_bar[w] = std::make_unique<std::barrier<>>(32);
+        std::vector<std::thread> ts;
+        for (unsigned t = 0; t < block; ++t)
+            ts.emplace_back([&, t, b] { threadIdx.x = t; blockIdx.x = b; k(); });
+        for (auto& t : ts) t.join();
+    }
+}
+
+// The sources as NVRTC sees them: common.cuh first.
+#include "../kernels/cuda/common.cuh"
+#include "../kernels/cuda/loss.cu"
+#include "../kernels/cuda/embedding.cu"
+#include "../kernels/cuda/update.cu"
+
+static uint64_t rs = 88172645463325252ull;
+static double unit() { rs ^= rs << 13; rs ^= rs >> 7; rs ^= rs << 17; return (rs >> 11) * (1.0 / 9007199254740992.0); }
+static float uni(float lo, float hi) { return (float)(lo + (hi - lo) * unit()); }
+static size_t below(size_t n) { return (size_t)(unit() * n) % n; }
+static bf16_t to_bf16(float f) { return f32_to_bf16(f); }
+static float from_bf16(bf16_t h) { return bf16_to_f32(h); }
+static int fails = 0;
+static void expect(bool ok, const char* what, double e) {
+    printf("%s %s: %.3g\n", ok ? "ok  " : "FAIL", what, e);
+    if (!ok) ++fails;
+}
+static double rel_l2(const std::vector<double>& a, const std::vector<double>& b) {
+    double d = 0, n = 0;
+    for (size_t i = 0; i < a.size(); ++i) {
+        if (!std::isfinite(a[i]) || !std::isfinite(b[i])) return INFINITY;
+        d += (a[i] - b[i]) * (a[i] - b[i]); n += b[i] * b[i];
+    }
+    return std::sqrt(d) / std::max(std::sqrt(n), 1e-300);
+}
+
+static void test_ce(int rows, int vocab, int skip, int ignore, float dloss, float range, unsigned threads) {
+    std::vector<bf16_t> x(rows * (size_t)vocab);
+    for (auto& v : x) v = to_bf16(uni(-range, range));
+    std::vector<int> labels(rows);
+    int counted = 0;
+    for (auto& l : labels) { l = (skip > 0 && below(skip) == 0) ? ignore : (int)below(vocab); counted += l != ignore; }
+    float c = dloss / (float)counted;
+    std::vector<bf16_t> d(x.size(), 0x7fc0);
+    std::vector<float> rl(rows, NAN);
+    std::vector<float> loss(1, NAN);
+    launch(rows, threads, [&] { cross_entropy_fwd_bwd(x.data(), labels.data(), d.data(), rl.data(), vocab, ignore, c); });
+    launch(1, threads, [&] { mean_loss(rl.data(), rows, (double)counted, loss.data()); });
+    std::vector<double> wg(x.size()), gg(x.size()), wl(rows), gl(rows);
+    double sum = 0;
+    for (int r = 0; r < rows; ++r) {
+        const bf16_t* xr = &x[(size_t)r * vocab];
+        gl[r] = rl[r];
+        for (int j = 0; j < vocab; ++j) gg[(size_t)r * vocab + j] = from_bf16(d[(size_t)r * vocab + j]);
+        if (labels[r] == ignore) { wl[r] = 0; for (int j = 0; j < vocab; ++j) wg[(size_t)r * vocab + j] = 0; continue; }
+        double m = -INFINITY;
+        for (int j = 0; j < vocab; ++j) m = std::max(m, (double)from_bf16(xr[j]));
+        double s = 0;
+        for (int j = 0; j < vocab; ++j) s += std::exp(from_bf16(xr[j]) - m);
+        double lse = m + std::log(s);
+        wl[r] = lse - from_bf16(xr[labels[r]]);
+        sum += wl[r];
+        for (int j = 0; j < vocab; ++j)
+            wg[(size_t)r * vocab + j] = c * (std::exp(from_bf16(xr[j]) - lse) - (j == labels[r]));
+    }
+    char what[200];
+    snprintf(what, sizeof what, "ce %dx%d threads=%u grad", rows, vocab, threads);
+    double e = rel_l2(gg, wg); expect(e < 1e-2, what, e);
+    snprintf(what, sizeof what, "ce %dx%d threads=%u row loss", rows, vocab, threads);
+    e = rel_l2(gl, wl); expect(e < 1e-5, what, e);
+    snprintf(what, sizeof what, "ce %dx%d threads=%u mean loss", rows, vocab, threads);
+    if (counted == 0) expect(std::isnan(loss[0]), what, loss[0]);
+    else { e = std::fabs(loss[0] - sum / counted) / std::max(1.0, std::fabs(sum / counted)); expect(e < 1e-5, what, e); }
+}
+
+static void test_emb(int vocab, int h, int tokens, int distinct, unsigned threads) {
+    std::vector<int> pool(distinct), ids(tokens);
+    for (auto& p : pool) p = (int)below(vocab);
+    for (auto& t : ids) t = pool[below(distinct)];
+    std::vector<bf16_t> table(vocab * (size_t)h), dy(tokens * (size_t)h), y(tokens * (size_t)h, 0x7fc0);
+    for (auto& v : table) v = to_bf16(uni(-1, 1));
+    for (auto& v : dy) v = to_bf16(uni(-1, 1));
+    size_t n = y.size();
+    unsigned grid = (unsigned)std::clamp<size_t>((n + threads - 1) / threads, 1, 7);  // few blocks: the stride loop runs
+    launch(grid, threads, [&] { embedding_fwd(table.data(), ids.data(), y.data(), n, h, vocab); });
+    bool same = true;
+    for (int t = 0; t < tokens; ++t) for (int j = 0; j < h; ++j) same &= y[(size_t)t * h + j] == table[(size_t)ids[t] * h + j];
+    char what[200];
+    snprintf(what, sizeof what, "embedding fwd vocab=%d h=%d tokens=%d", vocab, h, tokens);
+    expect(same, what, 0);
+    // DeviceIds' grouping, as kernels/src/cuda/ids.rs builds it.
+    std::vector<int> order(tokens);
+    for (int i = 0; i < tokens; ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return ids[a] < ids[b]; });
+    std::vector<int> starts;
+    for (int k = 0; k < tokens; ++k) if (k == 0 || ids[order[k]] != ids[order[k - 1]]) starts.push_back(k);
+    int groups = starts.size();
+    starts.push_back(tokens);
+    std::vector<float> dt(vocab * (size_t)h, 0.0f);  // the memset
+    launch(groups, threads, [&] { embedding_bwd(dy.data(), ids.data(), order.data(), starts.data(), dt.data(), h); });
+    std::vector<float> want(dt.size(), 0.0f);
+    for (int t = 0; t < tokens; ++t) for (int j = 0; j < h; ++j) want[(size_t)ids[t] * h + j] += from_bf16(dy[(size_t)t * h + j]);
+    bool exact = std::memcmp(want.data(), dt.data(), 4 * want.size()) == 0;
+    snprintf(what, sizeof what, "embedding bwd vocab=%d h=%d tokens=%d groups=%d (bit-identical)", vocab, h, tokens, groups);
+    expect(exact, what, 0);
+}
+
+static float lerp_ref(float a, float b, float w) { return std::fabs(w) < 0.5f ? std::fma(b - a, w, a) : std::fma(b - a, w - 1.0f, b); }
+
+static void test_opt(size_t n, unsigned threads, unsigned max_blocks) {
+    std::vector<float> p(n), g(n), m(n, 0), v(n, 0);
+    for (auto& x : p) x = uni(-1, 1);
+    std::vector<float> P = p, M = m, V = v;
+    for (int t = 1; t <= 3; ++t) {
+        for (auto& x : g) x = uni(-0.5, 0.5);
+        double lr = 1e-2 * t, b1 = t == 2 ? 0.3 : 0.9, b2 = 0.999, eps = 1e-8, wd = 0.01;
+        float decay = (float)(1 - lr * wd), w1 = (float)(1 - b1), fb2 = (float)b2, w2 = (float)(1 - b2);
+        float bc2 = (float)std::sqrt(1 - std::pow(b2, t)), feps = (float)eps, ns = (float)(-(lr / (1 - std::pow(b1, t))));
+        unsigned grid = (unsigned)std::clamp<size_t>((n + threads - 1) / threads, 1, max_blocks);
+        launch(grid, threads, [&] { adamw_update(p.data(), g.data(), m.data(), v.data(), n, decay, w1, fb2, w2, bc2, feps, ns); });
+        for (size_t i = 0; i < n; ++i) {
+            P[i] *= decay; M[i] = lerp_ref(M[i], g[i], w1);
+            V[i] = std::fma(w2 * g[i], g[i], V[i] * fb2);
+            float den = std::sqrt(V[i]) / bc2 + feps;
+            P[i] += (ns * M[i]) / den;
+        }
+    }
+    char what[200];
+    snprintf(what, sizeof what, "adamw n=%zu (bit-identical p, m, v)", n);
+    expect(!std::memcmp(p.data(), P.data(), 4 * n) && !std::memcmp(m.data(), M.data(), 4 * n) && !std::memcmp(v.data(), V.data(), 4 * n), what, 0);
+    for (float clip : {0.0f, 0.5f}) {
+        for (auto& x : g) x = uni(-2, 2);
+        float lr = 0.02f, coef = 0.7f, wd = clip > 0 ? 0.1f : 0.0f;
+        std::vector<float> q = p;
+        unsigned grid = (unsigned)std::clamp<size_t>((n + threads - 1) / threads, 1, max_blocks);
+        std::vector<double> partials(max_blocks, NAN);
+        std::vector<float> sq(1, NAN);
+        launch(grid, threads, [&] { sgd_update(p.data(), g.data(), &lr, &coef, n, wd, clip, partials.data()); });
+        launch(1, threads, [&] { sum_partials(partials.data(), (int)grid, sq.data()); });
+        double want = 0;
+        for (size_t i = 0; i < n; ++i) {
+            want += (double)g[i] * g[i];
+            float gi = clip > 0 ? std::clamp(g[i], -clip, clip) : g[i];
+            float d = gi * coef;
+            if (wd != 0) d = std::fma(q[i], wd, d);
+            q[i] = std::fma(d, -lr, q[i]);
+        }
+        snprintf(what, sizeof what, "sgd n=%zu clip=%g grid=%u (bit-identical p)", n, clip, grid);
+        expect(!std::memcmp(p.data(), q.data(), 4 * n), what, 0);
+        snprintf(what, sizeof what, "sgd n=%zu clip=%g squared norm rel err", n, clip);
+        double e = std::fabs(sq[0] - want) / want;
+        expect(e < 1e-6, what, e);
+    }
+}
+
+int main() {
+    for (unsigned th : {64u, 256u}) {
+        test_ce(1, 1, 0, -100, 1.0f, 4, th);
+        test_ce(3, 2, 0, -100, 1.0f, 4, th);
+        test_ce(5, 7, 2, -100, 0.5f, 4, th);
+        test_ce(9, 255, 3, -100, 1.0f, 4, th);
+        test_ce(7, 1000, 4, 3, 1.0f, 4, th);
+        test_ce(3, 32001, 3, -100, 2.0f, 30, th);
+        test_ce(4, 50, 1, -100, 1.0f, 4, th);
+    }
+    test_ce(130, 33, 3, -100, 1.0f, 4, 64);
+    test_opt(70001, 64, 300);
+    test_emb(1, 1, 1, 1, 64);
+    test_emb(7, 3, 20, 3, 64);
+    test_emb(1000, 37, 300, 1000, 64);
+    test_emb(300, 300, 50, 5, 256);
+    test_emb(10, 300, 100, 1, 64);
+    test_opt(1, 64, 4);
+    test_opt(1000, 64, 4);
+    test_opt(70001, 256, 16);
+    printf("%d failures\n", fails);
+    return fails != 0;
+}
