@@ -145,11 +145,15 @@ impl CpuExecutor {
                 }
             }
         }
-        let words = plan.peak_bytes().div_ceil(8);
+        // Eight words more, to start the arena on a cache line: the plan's
+        // offsets are cache-line aligned, and AMX reads bf16 rows in place
+        // only when they are.
+        let words = plan.peak_bytes().div_ceil(8) + 8;
         if self.arena.len() < words {
             self.arena = vec![0u64; words];
         }
         let base = self.arena.as_mut_ptr() as *mut u8;
+        let base = base.wrapping_add(base.align_offset(64));
         let slot = |v: ValueId| -> Slot {
             match g.value(v).source {
                 Source::Node { .. } => {

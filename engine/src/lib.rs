@@ -32,6 +32,7 @@
 //! assert_eq!(plan.grad_of(w), Some(plan.outputs()[2]));
 //! ```
 
+pub mod alloc;
 mod executor;
 mod nf4;
 pub mod optim;

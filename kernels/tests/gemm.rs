@@ -105,6 +105,44 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(config(12))]
+
+    /// AMX reads op(a)'s bf16 rows in place where they lie on cache lines
+    /// and k is whole tile blocks (32): the same bits as packing them (the
+    /// same values one element off that alignment), for whole row panels
+    /// and a ragged last one (packed), across k blocks (1024) and with
+    /// either layout of b; and near the f64 product.
+    #[test]
+    fn rows_read_in_place_match_packed(
+        m in 1usize..=100, kb in 1usize..=40, n in 1usize..=80, tb: bool, seed: u64,
+    ) {
+        let k = 32 * kb;
+        let mut rng = Gen::new(seed);
+        let a: Vec<bf16> = to_elem(&rng.vec(m * k, -1.0, 1.0));
+        let b: Vec<bf16> = to_elem(&rng.vec(k * n, -1.0, 1.0));
+        let want: Vec<f64> = matmul_ref(&to_f64(&a), &to_f64(&b), m, k, n, false, tb)
+            .iter()
+            .map(|&v| bf16::from_f32(v as f32).to_f32() as f64)
+            .collect();
+        let floor = terms_rss(&to_f64(&a), &to_f64(&b), m, k, n, false, tb);
+        let mut store = vec![bf16::from_f32(0.0); m * k + 64];
+        let at = store.as_ptr().align_offset(64);
+        for path in paths() {
+            let mut outs = Vec::new();
+            for shift in [0, 1] {
+                let a_here = &mut store[at + shift..][..m * k];
+                a_here.copy_from_slice(&a);
+                let mut c = nan_buf::<bf16>(m * n);
+                gemm_on(path, &*a_here, &b, &mut c, m, k, n, false, tb);
+                outs.push(c);
+            }
+            prop_assert!(outs[0] == outs[1], "{}: aligned and shifted a differ", path.name());
+            check_floor(path.name(), &outs[0], &want, floor, ROUNDED_TOL)?;
+        }
+    }
+}
+
 /// Every blocking loop taken more than once with a ragged last block: m past
 /// both paths' m block (1008 and 1020 rows), k past three k blocks, n past
 /// both paths' B slab (640 and 512 columns).

@@ -48,6 +48,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    graft_engine::alloc::retain_freed_memory();
     // A GRAFT_CPU this CPU cannot honour is an error before any work.
     if let Err(e) = graft_engine::kernels::gemm::Path::requested() {
         eprintln!("error: {e}");

@@ -22,17 +22,22 @@ const NR: usize = 32;
 /// Pairs per tile row (64 bytes): the k depth of one tile multiply is 32.
 const TILE_STEPS: usize = 16;
 
-/// An A panel is 32 rows × 256 pairs = 32 KiB (L1); a B slab 256 × 512
-/// pairs = 512 KiB (L2); 512 k per block.
+/// 1024 k per block: an A panel is 32 rows × 512 pairs = 64 KiB and a B
+/// slab 512 × 512 pairs = 1 MiB, both in L2, which feeds the tile loads
+/// nearly as fast as L1 does (scripts/amx_rate.rs); what a deeper block
+/// saves is the load and store of the 32×32 f32 tile of `c` per block,
+/// which misses every cache and costs more than the multiplies.
 pub(super) static MICRO: Micro<Pair> = Micro {
     mr: MR,
     nr: NR,
-    kc: 512,
+    kc: 1024,
     mc: 32 * MR,
     nc: 16 * NR,
     step_align: TILE_STEPS,
     a_tiled: true,
     kernel,
+    rows_kernel: Some(rows_kernel),
+    setup: Some(load_tile_config),
 };
 
 /// Whether this CPU has AMX-BF16 and the kernel lets this process use the
@@ -103,7 +108,19 @@ static CONFIG: TileConfig = TileConfig {
     rows: [16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0],
 };
 
-/// See [`super::block::Kernel`] for the contract; `steps` is a multiple of
+/// Loads the tile configuration into this thread's tile state, where it
+/// stays for every later kernel call on the thread: nothing else in the
+/// process configures tiles.
+///
+/// # Safety
+/// The CPU has AMX and the process its tile state ([`missing`] is `None`).
+unsafe fn load_tile_config() {
+    // SAFETY: the caller's contract; `CONFIG` is a valid palette-1 config.
+    unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
+}
+
+/// See [`super::block::Kernel`] for the contract (the tile configuration
+/// loaded on this thread by [`load_tile_config`]); `steps` is a multiple of
 /// 16 and the A panel tiled (`Micro::a_tiled`): each block of 16 steps is
 /// 32 rows of 64 bytes, the two A tiles of that block one after the other.
 unsafe fn kernel(
@@ -114,17 +131,60 @@ unsafe fn kernel(
     ldc: usize,
     accumulate: bool,
 ) {
+    let row = TILE_STEPS * 4;
+    // SAFETY: the caller's contract; a tiled panel's tile rows are 64 bytes
+    // apart, its blocks 32 such rows.
+    unsafe { tiles(steps, a.cast(), (row, MR * row), b, c, ldc, accumulate) }
+}
+
+/// See [`super::block::RowsKernel`] for the contract (and [`kernel`]'s): the
+/// A tiles loaded straight from 32 stored rows `lda` bf16 apart.
+unsafe fn rows_kernel(
+    steps: usize,
+    a: *const u16,
+    lda: usize,
+    b: *const Pair,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    // SAFETY: the caller's contract; a block of 16 steps is 64 bytes of
+    // each row.
+    unsafe {
+        tiles(
+            steps,
+            a.cast(),
+            (lda * 2, TILE_STEPS * 4),
+            b,
+            c,
+            ldc,
+            accumulate,
+        )
+    }
+}
+
+/// The kernel over A tiles whose rows are `a_row` bytes apart, a block of
+/// 16 steps `a_block` bytes after the previous one.
+#[inline(always)]
+unsafe fn tiles(
+    steps: usize,
+    a: *const u8,
+    (a_row, a_block): (usize, usize),
+    b: *const Pair,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
     debug_assert!(steps.is_multiple_of(TILE_STEPS));
-    let (sa, sb, sc) = (TILE_STEPS * 4, NR * 4, ldc * 4);
-    // SAFETY: the caller's contract (see `Kernel`): the CPU has AMX and the
+    let (sb, sc) = (NR * 4, ldc * 4);
+    // SAFETY: the caller's contract (see `Kernel`): the CPU has AMX, the
     // process its tile state (checked by `missing` before this path is
-    // taken); the four C tiles (rows 0..32, columns 0..32 of the tile at
-    // `c`), the two A tiles (rows 0..16 and 16..32 of the panel, 16 pairs
-    // per block) and the two B tiles (16 steps, columns 0..16 and 16..32)
-    // lie inside the panels and the tile.
+    // taken) and this thread the tile configuration (the task's setup);
+    // the four C tiles (rows 0..32, columns 0..32 of the tile at `c`), the
+    // two A tiles (rows 0..16 and 16..32, 16 pairs per block) and the two B
+    // tiles (16 steps, columns 0..16 and 16..32) lie inside the operands.
     unsafe {
         let c1 = c.add(16 * ldc);
-        asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly));
         if accumulate {
             asm!(
                 "tileloadd tmm0, [{c0} + {sc}]",
@@ -143,8 +203,8 @@ unsafe fn kernel(
                 options(nostack, nomem)
             );
         }
-        for blk in (0..steps).step_by(TILE_STEPS) {
-            let (a0, b0) = (a.add(blk * MR), b.add(blk * NR));
+        for blk in 0..steps / TILE_STEPS {
+            let (a0, b0) = (a.add(blk * a_block), b.add(blk * TILE_STEPS * NR));
             asm!(
                 "tileloadd tmm4, [{a0} + {sa}]",
                 "tileloadd tmm5, [{a1} + {sa}]",
@@ -154,7 +214,7 @@ unsafe fn kernel(
                 "tdpbf16ps tmm1, tmm4, tmm7",
                 "tdpbf16ps tmm2, tmm5, tmm6",
                 "tdpbf16ps tmm3, tmm5, tmm7",
-                a0 = in(reg) a0, a1 = in(reg) a0.add(16 * TILE_STEPS), sa = in(reg) sa,
+                a0 = in(reg) a0, a1 = in(reg) a0.add(16 * a_row), sa = in(reg) a_row,
                 b0 = in(reg) b0, b1 = in(reg) b0.add(16), sb = in(reg) sb,
                 options(nostack, readonly),
             );

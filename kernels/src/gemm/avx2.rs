@@ -20,6 +20,8 @@ pub(super) static MICRO: Micro<f32> = Micro {
     step_align: 1,
     a_tiled: false,
     kernel,
+    rows_kernel: None,
+    setup: None,
 };
 
 /// See [`super::block::Kernel`] for the contract.

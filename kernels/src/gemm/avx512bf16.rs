@@ -26,6 +26,8 @@ pub(super) static MICRO: Micro<Pair> = Micro {
     step_align: 1,
     a_tiled: false,
     kernel,
+    rows_kernel: None,
+    setup: None,
 };
 
 /// See [`super::block::Kernel`] for the contract.

@@ -36,6 +36,22 @@ use std::thread::LocalKey;
 pub(super) type Kernel<E> =
     unsafe fn(steps: usize, a: *const E, b: *const E, c: *mut f32, ldc: usize, accumulate: bool);
 
+/// A micro-kernel that reads A straight from `mr` stored rows of bf16,
+/// `lda` elements apart, k contiguous in each: [`Kernel`]'s sum with
+/// `a[s·mr + i]` the pair of `a[i·lda + 2s..]`.
+///
+/// # Safety
+/// As [`Kernel`], with the `mr` rows of `2·steps` elements at `a` readable.
+pub(super) type RowsKernel<E> = unsafe fn(
+    steps: usize,
+    a: *const u16,
+    lda: usize,
+    b: *const E,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+);
+
 /// A micro-kernel with its tile and the cache blocking chosen for it.
 pub(super) struct Micro<E> {
     /// Rows of the register tile (broadcasts of `op(a)`).
@@ -58,6 +74,14 @@ pub(super) struct Micro<E> {
     pub a_tiled: bool,
     /// Only ever called once the CPU is known to have its features.
     pub kernel: Kernel<E>,
+    /// Reads A in place where its rows are stored bf16 that packing would
+    /// only copy (AMX: a tile load takes any row stride), so a product
+    /// with few columns, LoRA's `x·Aᵀ`, is not a pass over `x` to pack it.
+    pub rows_kernel: Option<RowsKernel<E>>,
+    /// Run by each task before its first kernel call, on the task's thread
+    /// (AMX loads its tile configuration here: `ldtilecfg` costs as much as
+    /// a quarter of a 32×32×512 kernel call).
+    pub setup: Option<unsafe fn()>,
 }
 
 impl<E: Packed> Micro<E> {
@@ -66,6 +90,9 @@ impl<E: Packed> Micro<E> {
         kc.div_ceil(E::K).next_multiple_of(self.step_align)
     }
 }
+
+/// Panels per tiled packing call (128 columns of AMX's A).
+const TILED_PANELS: usize = 4;
 
 /// The largest register tile (AMX's 32×32 of four tiles): ragged edge
 /// tiles go through a buffer of this size on the stack.
@@ -284,22 +311,41 @@ fn run_k_block<E: Packed, S: Source>(
     let steps = u.steps(kc);
     let m_panels = mc.div_ceil(u.mr);
     let apack = &mut abuf[..m_panels * u.mr * steps];
-    let pack = |(q, d): (usize, &mut [E])| {
-        let r0 = q * u.mr;
-        let rows = u.mr.min(mc - r0);
+    // op(a)'s stored rows read in place: whole tile blocks of k, rows on
+    // cache lines (a tile row across two lines loads at half speed); the
+    // last panel, when partial, is packed.
+    let in_place = u
+        .rows_kernel
+        .and(a.trans.then(|| a.src.bf16_rows()).flatten())
+        .filter(|&(d, ld)| {
+            let at = d.as_ptr() as usize + 2 * (i0 * ld + p0);
+            kc.is_multiple_of(u.step_align * E::K)
+                && (2 * ld).is_multiple_of(64)
+                && at.is_multiple_of(64)
+        })
+        .map(|(d, ld)| (&d[i0 * ld + p0..], ld));
+    // The panels in `d` from row `r0` of the block.
+    let pack = |r0: usize, d: &mut [E]| {
+        let rows = (d.len() / steps).min(mc - r0);
         if u.a_tiled {
             a.pack_tiled(d, (p0, kc), (i0 + r0, rows), u.mr, u.step_align);
         } else {
             a.pack(d, (p0, kc), (i0 + r0, rows), u.mr, steps);
         }
     };
-    if threads > 1 {
-        apack
-            .par_chunks_mut(u.mr * steps)
-            .enumerate()
-            .for_each(pack);
-    } else {
-        apack.chunks_mut(u.mr * steps).enumerate().for_each(pack);
+    // Calls of `group` panels: a tiled call reads runs of a stored row
+    // across several panels (one panel's run is too short to read well).
+    let group = u.mr * steps * if u.a_tiled { TILED_PANELS } else { 1 };
+    let at = |(g, d): (usize, &mut [E])| pack(g * group / steps, d);
+    match in_place {
+        // Only a partial last panel is packed.
+        Some(_) if !mc.is_multiple_of(u.mr) => {
+            let r0 = (m_panels - 1) * u.mr;
+            pack(r0, &mut apack[r0 * steps..]);
+        }
+        Some(_) => {}
+        None if threads > 1 => apack.par_chunks_mut(group).enumerate().for_each(at),
+        None => apack.chunks_mut(group).enumerate().for_each(at),
     }
     let apack = &*apack;
     let n_panels = cols.1.div_ceil(u.nr);
@@ -307,6 +353,7 @@ fn run_k_block<E: Packed, S: Source>(
     let tm = (threads / tn).min(m_panels);
     let task = |t: usize| {
         let part = Part {
+            in_place,
             rows: split(m_panels, tm, t / tn),
             panels: split(n_panels, tn, t % tn),
             mc,
@@ -331,7 +378,10 @@ fn split(total: usize, parts: usize, i: usize) -> Range<usize> {
 
 /// One task's share of one k block: A panels `rows` × B panels `panels` of
 /// the block's `mc` rows and `cols` columns.
-struct Part {
+struct Part<'a> {
+    /// op(a)'s rows from the block's first, at its first k, and their
+    /// stride, when the kernel reads them in place.
+    in_place: Option<(&'a [crate::bf16], usize)>,
     rows: Range<usize>,
     panels: Range<usize>,
     mc: usize,
@@ -341,12 +391,18 @@ struct Part {
 
 fn run_part<E: Packed>(u: &Micro<E>, b: &View<impl Source>, apack: &[E], out: SharedC, part: Part) {
     let Part {
+        in_place,
         rows,
         panels,
         mc,
         cols: (c0, width),
         k_block: KBlock { p0, kc, accumulate },
     } = part;
+    if let Some(setup) = u.setup {
+        // SAFETY: as for the kernel: `u` was chosen only after its CPU
+        // features were checked.
+        unsafe { setup() };
+    }
     let slab = u.nc / u.nr;
     let steps = u.steps(kc);
     let (a_step, b_step) = (u.mr * steps, u.nr * steps);
@@ -361,9 +417,12 @@ fn run_part<E: Packed>(u: &Micro<E>, b: &View<impl Source>, apack: &[E], out: Sh
                 let ncols = (s1 * u.nr).min(width) - j0;
                 b.pack(bpack, (p0, kc), (c0 + j0, ncols), u.nr, steps);
                 for ip in rows.clone() {
-                    let apanel = &apack[ip * a_step..][..a_step];
                     let r0 = ip * u.mr;
                     let nrows = u.mr.min(mc - r0);
+                    let apanel = match in_place {
+                        Some((d, ld)) if nrows == u.mr => APanel::Rows(&d[r0 * ld..], ld),
+                        _ => APanel::Packed(&apack[ip * a_step..][..a_step]),
+                    };
                     for (q, bpanel) in bpack.chunks_exact(b_step).enumerate() {
                         let j0 = (s0 + q) * u.nr;
                         let ncols = u.nr.min(width - j0);
@@ -417,6 +476,53 @@ fn prefetch_tile(out: SharedC, (r0, j0): (usize, usize), rows: usize) {
     }
 }
 
+/// The A side of a micro-kernel call: a packed panel, or `mr` stored bf16
+/// rows `ld` apart from the slice's start.
+#[derive(Clone, Copy)]
+enum APanel<'a, E> {
+    Packed(&'a [E]),
+    Rows(&'a [crate::bf16], usize),
+}
+
+impl<E: Packed> APanel<'_, E> {
+    /// The micro-kernel on this panel and B panel `b`.
+    ///
+    /// # Safety
+    /// As [`Kernel`] for the tile at `c`; `u` has a rows kernel when `self`
+    /// is `Rows`, whose rows hold `2·steps` elements from the start.
+    unsafe fn run(
+        self,
+        u: &Micro<E>,
+        steps: usize,
+        b: &[E],
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            match self {
+                APanel::Packed(a) => (u.kernel)(steps, a.as_ptr(), b.as_ptr(), c, ldc, accumulate),
+                APanel::Rows(a, lda) => {
+                    debug_assert!(a.len() >= (u.mr - 1) * lda + 2 * steps);
+                    let kernel = u
+                        .rows_kernel
+                        .expect("rows are read in place by a rows kernel");
+                    kernel(
+                        steps,
+                        a.as_ptr().cast(),
+                        lda,
+                        b.as_ptr(),
+                        c,
+                        ldc,
+                        accumulate,
+                    )
+                }
+            }
+        }
+    }
+}
+
 /// One micro-kernel call on the `rows`×`cols` corner of the tile at
 /// (`r0`, `j0`); a ragged edge tile goes through a full-size buffer.
 ///
@@ -426,7 +532,7 @@ fn prefetch_tile(out: SharedC, (r0, j0): (usize, usize), rows: usize) {
 unsafe fn tile<E: Packed>(
     u: &Micro<E>,
     steps: usize,
-    a: &[E],
+    a: APanel<E>,
     b: &[E],
     out: SharedC,
     (r0, j0): (usize, usize),
@@ -436,7 +542,7 @@ unsafe fn tile<E: Packed>(
     let c = out.at(r0, j0);
     if rows == u.mr && cols == u.nr {
         // SAFETY: the full tile is inside the output (the caller's contract).
-        unsafe { (u.kernel)(steps, a.as_ptr(), b.as_ptr(), c, out.ldc, accumulate) };
+        unsafe { a.run(u, steps, b, c, out.ldc, accumulate) };
         return;
     }
     // Not zeroed up front: at small n or k (the LoRA products) nearly every
@@ -461,7 +567,7 @@ unsafe fn tile<E: Packed>(
     }
     // SAFETY: `t` holds a whole mr×nr tile with row stride nr, initialized
     // when the kernel reads it.
-    unsafe { (u.kernel)(steps, a.as_ptr(), b.as_ptr(), tp, u.nr, accumulate) };
+    unsafe { a.run(u, steps, b, tp, u.nr, accumulate) };
     for i in 0..rows {
         // SAFETY: as above; the kernel wrote every element of `t`.
         unsafe { std::ptr::copy_nonoverlapping(tp.add(i * u.nr), c.add(i * out.ldc), cols) };

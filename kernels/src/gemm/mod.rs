@@ -380,8 +380,17 @@ pub fn gemm_sum_on<T: Elem>(
         let sources: Vec<_> = terms
             .iter()
             .map(|t| {
-                let a = stored(t.a, if t.ta { t.k } else { m }, t.scale, bf16);
-                let b = stored(t.b, if t.tb { n } else { t.k }, 1.0, bf16);
+                // A power-of-two scale (LoRA's alpha/r) moves to a dense b
+                // when a is bf16 rows that AMX may read in place, which it
+                // does only unscaled: the same product, exactly.
+                let pow2 = t.scale.is_normal() && t.scale.to_bits() & 0x007f_ffff == 0;
+                let a_rows = !t.ta && matches!(t.a, Operand::Bf16(_));
+                let (sa, sb) = match bf16 && pow2 && a_rows && !matches!(t.b, Operand::Nf4(_)) {
+                    true => (1.0, t.scale),
+                    false => (t.scale, 1.0),
+                };
+                let a = stored(t.a, if t.ta { t.k } else { m }, sa, bf16);
+                let b = stored(t.b, if t.tb { n } else { t.k }, sb, bf16);
                 (a, b)
             })
             .collect();

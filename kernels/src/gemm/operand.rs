@@ -74,6 +74,12 @@ fn words<E: Packed>(d: &mut [E]) -> &mut [u32] {
     unsafe { std::slice::from_raw_parts_mut(d.as_mut_ptr().cast(), d.len()) }
 }
 
+/// [`words`] for reading.
+fn words_of<E: Packed>(d: &[E]) -> &[u32] {
+    // SAFETY: as for `words`.
+    unsafe { std::slice::from_raw_parts(d.as_ptr().cast(), d.len()) }
+}
+
 /// Words as the values packing reads into, `K` to a word in order: the
 /// words are then the packed elements (a [`Pair`] is its low k in the low
 /// half, as a little-endian `u16` pair lies in memory).
@@ -95,6 +101,10 @@ pub(super) trait Source: Sync {
     /// cache: packing reads many short runs of rows far apart, too short
     /// for the hardware prefetcher to follow, so it names the next ones.
     fn prefetch(&self, r: usize, c0: usize, len: usize);
+    /// The stored rows as they lie in memory, `ld` elements apart, when
+    /// they are bf16 that packing would only copy (no scale): AMX loads its
+    /// A tiles straight from them.
+    fn bf16_rows(&self) -> Option<(&[crate::bf16], usize)>;
 }
 
 /// An [`Operand`] as packing reads it: its stored rows (`ld` elements
@@ -138,6 +148,12 @@ fn widen<T: Elem>(src: &[T], out: &mut [f32]) {
 }
 
 impl Source for Stored<'_> {
+    fn bf16_rows(&self) -> Option<(&[crate::bf16], usize)> {
+        match self.op {
+            Operand::Bf16(d) if self.scale == 1.0 => Some((d, self.ld)),
+            _ => None,
+        }
+    }
     #[inline(always)]
     fn prefetch(&self, r: usize, c0: usize, len: usize) {
         let at = r * self.ld + c0;
@@ -232,11 +248,11 @@ impl<S: Source> View<'_, S> {
     }
 
     /// Packs k `p0..p0+kc` and columns `j0..j0+cols` of `M` into `dst` as
-    /// one panel of `mr` columns in blocks of `w` steps, each block column
-    /// by column: `dst[b·mr·w + j·w + s]` holds `M[p0 + (b·w + s)·K..,
-    /// j0 + j]`, zero past `cols` and past `kc` (AMX's A tiles: a block's
-    /// columns are the rows of a tile, 64 bytes each). One call per panel:
-    /// the blocks are too small to pack one call at a time.
+    /// panels of `mr` columns (`dst.len() / cols.div_ceil(mr)` elements
+    /// each) in blocks of `w` steps, each block column by column:
+    /// `dst[q·panel + b·mr·w + j·w + s]` holds `M[p0 + (b·w + s)·K..,
+    /// j0 + q·mr + j]`, zero past `cols` and past `kc` (AMX's A tiles: a
+    /// block's columns are the rows of a tile, 64 bytes each).
     pub fn pack_tiled<E: Packed>(
         &self,
         dst: &mut [E],
@@ -282,47 +298,69 @@ impl<S: Source> View<'_, S> {
         w: usize,
     ) {
         let used = kc.div_ceil(E::K);
-        let block = mr * w;
-        debug_assert!(dst.len().is_multiple_of(block) && dst.len() / mr >= used);
-        for (b, blk) in dst.chunks_exact_mut(block).enumerate() {
-            let live = used.saturating_sub(b * w).min(w);
-            for (j, col) in blk.chunks_exact_mut(w).enumerate() {
-                col[if j < cols { live } else { 0 }..].fill(E::default());
+        let (block, panels) = (mr * w, cols.div_ceil(mr));
+        let panel = dst.len() / panels.max(1);
+        debug_assert!(panel.is_multiple_of(block) && panel / mr >= used);
+        for (q, d) in dst.chunks_exact_mut(panel).enumerate() {
+            let cols_q = mr.min(cols - q * mr);
+            for (b, blk) in d.chunks_exact_mut(block).enumerate() {
+                let live = used.saturating_sub(b * w).min(w);
+                for (j, col) in blk.chunks_exact_mut(w).enumerate() {
+                    col[if j < cols_q { live } else { 0 }..].fill(E::default());
+                }
             }
         }
         let zero = E::Val::default();
         if self.trans {
-            // Stored row j is column j of M: each block's part of it is
-            // read straight into place.
+            // Stored row j is column j of M: read SPAN of it at a time (one
+            // call per block of `w` steps costs more than the copy), then
+            // copied a block's part at a time into place.
+            const SPAN: usize = 4 * RUN;
             let run = w * E::K;
+            debug_assert!(SPAN.is_multiple_of(run));
+            let mut buf = [zero; SPAN];
             for j in 0..cols {
-                let row = j0 + j;
+                let (row, at) = (j0 + j, (j / mr) * panel + (j % mr) * w);
                 self.src.prefetch(row + 1, p0, kc);
-                for (b, k0) in (0..kc).step_by(run).enumerate() {
-                    let len = run.min(kc - k0);
-                    let col = words(&mut dst[b * block + j * w..][..w]);
-                    let vals = vals::<E>(col);
-                    E::read(self.src, row, p0 + k0, &mut vals[..len]);
-                    if len % E::K != 0 {
-                        vals[len] = zero; // the pair partner past an odd end
+                for k0 in (0..kc).step_by(SPAN) {
+                    let len = SPAN.min(kc - k0);
+                    E::read(self.src, row, p0 + k0, &mut buf[..len]);
+                    for (i, part) in buf[..len].chunks(run).enumerate() {
+                        let b = k0 / run + i;
+                        let vals = vals::<E>(words(&mut dst[at + b * block..][..w]));
+                        vals[..part.len()].copy_from_slice(part);
+                        if part.len() % E::K != 0 {
+                            vals[part.len()] = zero; // the pair partner past an odd end
+                        }
                     }
                 }
             }
         } else {
-            // Stored rows are rows of M: K of them make a step, one element
-            // per column, `w` apart within a block.
+            // Stored rows are rows of M: K of them make a step, a run of
+            // columns across panels. A block's steps, packed side by side,
+            // are transposed into each panel (a column's steps contiguous).
+            debug_assert!(w <= GROUP && RUN.is_multiple_of(mr));
             let mut bufs = [[zero; RUN]; 2];
-            for s in 0..used {
-                let p = s * E::K;
-                let valid = E::K.min(kc - p);
-                let at = (s / w) * block + s % w;
+            let mut packed = [[E::default(); RUN]; GROUP];
+            for (b, s0) in (0..used).step_by(w).enumerate() {
+                let live = w.min(used - s0);
                 for c0 in (0..cols).step_by(RUN) {
                     let len = RUN.min(cols - c0);
-                    self.read_step::<E>(&mut bufs, p0 + p, valid, (j0 + c0, len));
-                    let out = dst[at + c0 * w..].iter_mut().step_by(w);
-                    let (lo, hi) = (&bufs[0][..len], &bufs[E::K - 1][..len]);
-                    for ((o, &l), &h) in out.zip(lo).zip(hi) {
-                        *o = E::pack([l, h]);
+                    for (i, run) in packed.iter_mut().enumerate().take(live) {
+                        let p = (s0 + i) * E::K;
+                        let valid = E::K.min(kc - p);
+                        self.read_step::<E>(&mut bufs, p0 + p, valid, (j0 + c0, len));
+                        let (lo, hi) = (&bufs[0][..len], &bufs[E::K - 1][..len]);
+                        for ((o, &l), &h) in run.iter_mut().zip(lo).zip(hi) {
+                            *o = E::pack([l, h]);
+                        }
+                    }
+                    for q0 in (0..len).step_by(mr) {
+                        let (q, n) = ((c0 + q0) / mr, mr.min(len - q0));
+                        let runs: [&[u32]; GROUP] =
+                            std::array::from_fn(|i| words_of(&packed[i][q0..q0 + n]));
+                        let out = words(&mut dst[q * panel + b * block..][..block]);
+                        scatter(&runs[..live], n, out, w);
                     }
                 }
             }

@@ -1,0 +1,65 @@
+//! bf16 products at one shape, dense and NF4, timed round-robin (best of
+//! 20 rounds each), so that the machine's slow phases hit every variant
+//! alike: dense `a·b`, `a·bᵀ` (`a` `[M, K]`) and `aᵀ·b` (`a` `[K, M]`), the NF4 linear forward
+//! `x·Wᵀ` (W `[N, K]` in NF4) and its input gradient `dy·W`, in GFLOP/s.
+//!
+//! `cargo run --release -p graft-kernels --example gemm_probe -- M K N`
+//! (the issue-6 workload's MLP: `1024 1024 2816`).
+
+use graft_kernels::bf16;
+use graft_kernels::gemm::{gemm, nf4_gemm};
+use graft_kernels::nf4::quantize;
+use std::time::Instant;
+
+fn main() {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .filter(|&n| n > 0)
+        .collect();
+    let [m, k, n] = args[..] else {
+        eprintln!("usage: gemm_probe M K N (positive integers)");
+        std::process::exit(2);
+    };
+    let val = |i: usize, p: usize| ((i * p) % 1000) as f32 / 1000.0 - 0.5;
+    // Cache-line aligned, as the executor's arena is.
+    let mut a_store: Vec<bf16> = vec![bf16::from_f32(0.0); m * k + 32];
+    let off = a_store.as_ptr().align_offset(64);
+    let a = &mut a_store[off..off + m * k];
+    a.iter_mut()
+        .enumerate()
+        .for_each(|(i, v)| *v = bf16::from_f32(val(i, 7919)));
+    let a = &*a;
+    let b: Vec<bf16> = (0..k * n).map(|i| bf16::from_f32(val(i, 104729))).collect();
+    let wf: Vec<f32> = (0..n * k).map(|i| val(i, 15485863) * 0.05).collect();
+    let packed = quantize(&wf, 64).expect("N·K is a multiple of 64");
+    let w = packed.view(n, k);
+    let dy: Vec<bf16> = (0..m * n).map(|i| bf16::from_f32(val(i, 7919))).collect();
+    let mut c = vec![bf16::from_f32(0.0); m * n];
+    let mut dx = vec![bf16::from_f32(0.0); m * k];
+    let names = [
+        "dense a·b",
+        "dense a·bᵀ",
+        "dense aᵀ·b",
+        "nf4 x·Wᵀ",
+        "nf4 dy·W",
+    ];
+    let mut best = [f64::MAX; 5];
+    for _ in 0..20 {
+        for (v, t) in best.iter_mut().enumerate() {
+            let s = Instant::now();
+            match v {
+                0 => gemm(a, &b, &mut c, m, k, n, false, false),
+                1 => gemm(a, &b, &mut c, m, k, n, false, true),
+                2 => gemm(a, &b, &mut c, m, k, n, true, false),
+                3 => nf4_gemm(a, &w, m, true, true, &mut c),
+                _ => nf4_gemm(&dy, &w, m, false, true, &mut dx),
+            }
+            *t = t.min(s.elapsed().as_secs_f64());
+        }
+    }
+    let flops = 2.0 * (m * k * n) as f64;
+    for (name, t) in names.iter().zip(best) {
+        println!("{m}x{k}x{n} {name:11} {:7.1} GFLOP/s", flops / t / 1e9);
+    }
+}
