@@ -438,8 +438,12 @@ fn a_bf16_training_plan_tracks_the_f32_one() {
             .sum::<f32>()
             .sqrt();
         let norm: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+        // Every bf16 intermediate rounds, attention's probabilities and
+        // score gradients too (as autocast's bf16 attention): 2.7%, 6.5%
+        // and 5.0% off here (1.9–4.6% with attention in f32); a wrong
+        // gradient is off by its whole size.
         assert!(
-            norm > 1e-4 && diff < 0.06 * norm,
+            norm > 1e-4 && diff < 0.1 * norm,
             "bf16 gradient off: {diff} vs |g| {norm}"
         );
     }

@@ -4,11 +4,16 @@
 //! Layout: `q[t, n_heads*d]`, `k`/`v[t, n_kv_heads*d]`. Query `i` attends to
 //! keys `j` with `seg[j] = seg[i]`, `j <= i` and, with a window `w`,
 //! `i - j < w`; segments must be contiguous runs.
+//!
+//! The products run in the storage's precision, as autocast does: bf16
+//! attention multiplies bf16 (AMX) with f32 sums, its probabilities and
+//! score gradients rounded to bf16 for the products that take them; any
+//! other storage works in f32. Softmax and its statistics are f32 always.
 
-use crate::gemm;
+use crate::gemm::{self, Term};
 use crate::math::exp;
 use crate::simd::vectorized;
-use crate::Elem;
+use crate::{bf16, Elem};
 use rayon::prelude::*;
 
 /// The shape of one attention call.
@@ -46,20 +51,21 @@ fn key_starts(seg: &[i32], window: Option<usize>) -> Vec<usize> {
 /// vectorizes (a single running f32 sum cannot be reordered).
 const LANES: usize = 16;
 
-/// `Σ a·b` in a fixed order: LANES partial sums, added in order, then the tail.
+/// `Σ a·b` in f32 in a fixed order: LANES partial sums, added in order,
+/// then the tail.
 #[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<C: Elem>(a: &[C], b: &[C]) -> f32 {
     let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let (ar, br) = (ac.remainder(), bc.remainder());
     let mut acc = [0f32; LANES];
     for (x, y) in ac.zip(bc) {
         for l in 0..LANES {
-            acc[l] += x[l] * y[l];
+            acc[l] += x[l].to_f32() * y[l].to_f32();
         }
     }
     let mut sum: f32 = acc.iter().sum();
     for (x, y) in ar.iter().zip(br) {
-        sum += x * y;
+        sum += x.to_f32() * y.to_f32();
     }
     sum
 }
@@ -85,11 +91,11 @@ fn reduce(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
 /// large enough for the register-tile kernels.
 const BLOCK: usize = 64;
 
-/// `[rows, heads·d]` (any storage type) as f32, head-major: head `h` is the
-/// contiguous `[rows, d]` matrix at `h·rows·d`, which the block GEMMs read
-/// as plain matrices.
-fn by_head<T: Elem>(x: &[T], rows: usize, heads: usize, d: usize) -> Vec<f32> {
-    let mut out = vec![0f32; rows * heads * d];
+/// `[rows, heads·d]` (any storage type) in the compute type `C`,
+/// head-major: head `h` is the contiguous `[rows, d]` matrix at `h·rows·d`,
+/// which the block GEMMs read as plain matrices.
+fn by_head<T: Elem, C: Elem>(x: &[T], rows: usize, heads: usize, d: usize) -> Vec<C> {
+    let mut out = vec![C::from_f32(0.0); rows * heads * d];
     out.par_chunks_mut(rows * d)
         .enumerate()
         .for_each(|(h, dst)| {
@@ -98,7 +104,7 @@ fn by_head<T: Elem>(x: &[T], rows: usize, heads: usize, d: usize) -> Vec<f32> {
                 || {
                     for (r, o) in dst.chunks_exact_mut(d).enumerate() {
                         for (o, v) in o.iter_mut().zip(&x[r * heads * d + h * d..][..d]) {
-                            *o = v.to_f32();
+                            *o = C::from_f32(v.to_f32());
                         }
                     }
                 },
@@ -107,10 +113,35 @@ fn by_head<T: Elem>(x: &[T], rows: usize, heads: usize, d: usize) -> Vec<f32> {
     out
 }
 
-/// `c[m,n] = a·op(b)` in f32, single-threaded: the caller runs one task per
-/// head (or head and block) already.
-fn mm(a: &[f32], b: &[f32], c: &mut [f32], (m, k, n): (usize, usize, usize), ta: bool, tb: bool) {
-    gemm::serial(|| gemm::gemm(a, b, c, m, k, n, ta, tb))
+/// `c[m,n] = op(a)·op(b)` summed in f32, multiplied in `C` (bf16: AMX),
+/// single-threaded: the caller runs one task per head (or head and block)
+/// already.
+fn mm<C: Elem>(
+    a: &[C],
+    b: &[C],
+    c: &mut [f32],
+    (m, k, n): (usize, usize, usize),
+    ta: bool,
+    tb: bool,
+) {
+    let (a, b) = (C::operand(a), C::operand(b));
+    let term = Term {
+        a,
+        b,
+        k,
+        ta,
+        tb,
+        scale: 1.0,
+    };
+    gemm::serial(|| gemm::gemm_sum(&[term], None, None, c, (m, n), C::BF16))
+}
+
+/// `x` in the compute type, for a product that takes it.
+fn to_compute<C: Elem>(x: &[f32]) -> Vec<C> {
+    vectorized(
+        #[inline(always)]
+        || x.iter().map(|&v| C::from_f32(v)).collect(),
+    )
 }
 
 /// The visible keys of a block of queries: query `r` of the block sees keys
@@ -163,10 +194,10 @@ fn softmax_rows(scores: &mut [f32], vis: &Visible, scale: f32, lse: &mut [f32]) 
 /// One block of queries of one head: `out[nq, d] = softmax(scale·q·kᵀ)·v`
 /// over the visible keys, `q` the block's rows, `k`/`v` the head's key rows
 /// from `vis.lo`; `lse[r]` for each query.
-fn attend(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+fn attend<C: Elem>(
+    q: &[C],
+    k: &[C],
+    v: &[C],
     vis: &Visible,
     scale: f32,
     out: &mut [f32],
@@ -185,7 +216,7 @@ fn attend(
     );
     softmax_rows(&mut p, vis, scale, lse);
     mm(
-        &p,
+        &to_compute::<C>(&p),
         &v[vis.lo * d..][..nk * d],
         out,
         (nq, nk, d),
@@ -221,9 +252,25 @@ pub fn attention<T: Elem>(
     out: &mut [T],
     lse: &mut [f32],
 ) {
+    match T::BF16 {
+        true => attention_in::<T, bf16>(q, k, v, seg, s, out, lse),
+        false => attention_in::<T, f32>(q, k, v, seg, s, out, lse),
+    }
+}
+
+/// [`attention`] with products in `C`.
+fn attention_in<T: Elem, C: Elem>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    seg: &[i32],
+    s: AttnShape,
+    out: &mut [T],
+    lse: &mut [f32],
+) {
     let (d, t) = (s.head_dim, s.tokens);
     let starts = key_starts(seg, s.window);
-    let (qh, kh, vh) = (
+    let (qh, kh, vh): (Vec<C>, Vec<C>, Vec<C>) = (
         by_head(q, t, s.n_heads, d),
         by_head(k, t, s.n_kv_heads, d),
         by_head(v, t, s.n_kv_heads, d),
@@ -281,14 +328,34 @@ pub fn attention_grad<T: Elem>(
     dk: &mut [T],
     dv: &mut [T],
 ) {
+    let grads = (dq, dk, dv);
+    match T::BF16 {
+        true => attention_grad_in::<T, bf16>(q, k, v, seg, out, lse, dout, s, grads),
+        false => attention_grad_in::<T, f32>(q, k, v, seg, out, lse, dout, s, grads),
+    }
+}
+
+/// [`attention_grad`] with products in `C`.
+#[allow(clippy::too_many_arguments)]
+fn attention_grad_in<T: Elem, C: Elem>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    seg: &[i32],
+    out: &[T],
+    lse: &[f32],
+    dout: &[T],
+    s: AttnShape,
+    (dq, dk, dv): (&mut [T], &mut [T], &mut [T]),
+) {
     let (d, t, g) = (s.head_dim, s.tokens, s.group());
     let starts = key_starts(seg, s.window);
-    let (qh, kh, vh) = (
+    let (qh, kh, vh): (Vec<C>, Vec<C>, Vec<C>) = (
         by_head(q, t, s.n_heads, d),
         by_head(k, t, s.n_kv_heads, d),
         by_head(v, t, s.n_kv_heads, d),
     );
-    let (oh, doh) = (
+    let (oh, doh): (Vec<C>, Vec<C>) = (
         by_head(out, t, s.n_heads, d),
         by_head(dout, t, s.n_heads, d),
     );
@@ -301,7 +368,7 @@ pub fn attention_grad<T: Elem>(
             let mut dv_l = vec![0f32; t * d];
             for hg in 0..g {
                 let h = kvh * g + hg;
-                let head = |x: &'_ [f32], i0: usize, i1: usize| -> Vec<f32> {
+                let head = |x: &'_ [C], i0: usize, i1: usize| -> Vec<C> {
                     x[h * t * d + i0 * d..h * t * d + i1 * d].to_vec()
                 };
                 for i0 in (0..t).step_by(BLOCK) {
@@ -335,6 +402,7 @@ pub fn attention_grad<T: Elem>(
                             }
                         },
                     );
+                    let ds = to_compute::<C>(&ds);
                     mm(
                         &ds,
                         kb,
@@ -350,7 +418,14 @@ pub fn attention_grad<T: Elem>(
                         .iter_mut()
                         .zip(&acc)
                         .for_each(|(a, x)| *a += x);
-                    mm(&p, &dob, &mut acc, (nk, nq, d), true, false);
+                    mm(
+                        &to_compute::<C>(&p),
+                        &dob,
+                        &mut acc,
+                        (nk, nq, d),
+                        true,
+                        false,
+                    );
                     dv_l[lo..lo + nk * d]
                         .iter_mut()
                         .zip(&acc)
@@ -394,6 +469,23 @@ pub fn attention_cached<T: Elem>(
     s: AttnShape,
     out: &mut [T],
 ) {
+    let caches = (k_cache, v_cache);
+    match T::BF16 {
+        true => attention_cached_in::<T, bf16>(q, k, v, caches, start, s, out),
+        false => attention_cached_in::<T, f32>(q, k, v, caches, start, s, out),
+    }
+}
+
+/// [`attention_cached`] with products in `C`.
+fn attention_cached_in<T: Elem, C: Elem>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    (k_cache, v_cache): (&[T], &[T]),
+    start: usize,
+    s: AttnShape,
+    out: &mut [T],
+) {
     let (d, t) = (s.head_dim, s.tokens);
     let kw = s.n_kv_heads * d;
     assert!(
@@ -409,11 +501,11 @@ pub fn attention_cached<T: Elem>(
             .copied()
             .collect()
     };
-    let (kh, vh) = (
+    let (kh, vh): (Vec<C>, Vec<C>) = (
         by_head(&whole(k_cache, k), total, s.n_kv_heads, d),
         by_head(&whole(v_cache, v), total, s.n_kv_heads, d),
     );
-    let qh = by_head(q, t, s.n_heads, d);
+    let qh: Vec<C> = by_head(q, t, s.n_heads, d);
     // Position p sees keys from the window's start (no segments here).
     let starts: Vec<usize> = (0..total)
         .map(|p| s.window.map_or(0, |w| (p + 1).saturating_sub(w)))

@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use graft_kernels::attention::{attention, attention_cached, attention_grad, AttnShape};
+use graft_kernels::bf16;
 use proptest::prelude::*;
 
 /// Query `i` sees key `j` iff same segment, `j <= i` and, with a window, `i - j < w`.
@@ -321,6 +322,49 @@ proptest! {
         let s = AttnShape { tokens: tokens - start, ..c.s };
         let mut cached = nan_buf::<f32>((tokens - start) * qw);
         attention_cached(&c.q[start * qw..], &c.k[start * kw..], &c.v[start * kw..], &c.k[..start * kw], &c.v[..start * kw], start, s, &mut cached);
+        prop_assert_eq!(&cached[..], &whole[start * qw..]);
+    }
+}
+
+proptest! {
+    #![proptest_config(config(10))]
+
+    /// bf16 storage: products multiplied in bf16 (AMX where the CPU has
+    /// it), the probabilities and score gradients rounded to bf16 for the
+    /// products that take them, near the f64 values of the same bf16
+    /// inputs: bf16 outputs alone round by ~1e-3 (relative L2), the errors
+    /// measured stay under 3e-3, a wrong block or key is off by O(1).
+    /// Forward and backward across blocks, head sizes whole tile blocks
+    /// and ragged; cached generation bit for bit.
+    #[test]
+    fn bf16_storage(tokens in 1usize..=200, heads in heads(), head_dim in prop_oneof![Just(64usize), 1usize..=40], window in window(), seed: u64) {
+        let c = case(tokens, heads, head_dim, window, seed);
+        let (q, k, v): (Vec<bf16>, Vec<bf16>, Vec<bf16>) = (to_elem(&c.q), to_elem(&c.k), to_elem(&c.v));
+        let (q64, k64, v64) = (to_f64(&q), to_f64(&k), to_f64(&v));
+        let (want_out, _) = attention_ref(&q64, &k64, &v64, &c.seg, &c.s);
+        let mut out = nan_buf::<bf16>(q.len());
+        let mut lse = vec![f32::NAN; tokens * c.s.n_heads];
+        attention(&q, &k, &v, &c.seg, c.s, &mut out, &mut lse);
+        check("out", &out, &want_out, 5e-3)?;
+
+        let dout: Vec<bf16> = to_elem(&Gen::new(!seed).vec(c.q.len(), -1.0, 1.0));
+        let dout64 = to_f64(&dout);
+        let [want_dq, want_dk, want_dv] = attention_grad_ref(&q64, &k64, &v64, &dout64, &c.seg, &c.s);
+        let (mut dq, mut dk, mut dv) = (nan_buf::<bf16>(q.len()), nan_buf::<bf16>(k.len()), nan_buf::<bf16>(v.len()));
+        attention_grad(&q, &k, &v, &c.seg, &out, &lse, &dout, c.s, &mut dq, &mut dk, &mut dv);
+        let [floor_dq, floor_dk, floor_dv] = grad_floors(&q64, &k64, &v64, &dout64, &c.seg, &c.s);
+        check_floor("dq", &dq, &want_dq, floor_dq, 5e-3)?;
+        check_floor("dk", &dk, &want_dk, floor_dk, 5e-3)?;
+        check_floor("dv", &dv, &want_dv, floor_dv, 5e-3)?;
+
+        let one = vec![0; tokens];
+        let mut whole = nan_buf::<bf16>(q.len());
+        attention(&q, &k, &v, &one, c.s, &mut whole, &mut lse);
+        let start = tokens / 2;
+        let (qw, kw) = (c.s.n_heads * head_dim, c.s.n_kv_heads * head_dim);
+        let s = AttnShape { tokens: tokens - start, ..c.s };
+        let mut cached = nan_buf::<bf16>((tokens - start) * qw);
+        attention_cached(&q[start * qw..], &k[start * kw..], &v[start * kw..], &k[..start * kw], &v[..start * kw], start, s, &mut cached);
         prop_assert_eq!(&cached[..], &whole[start * qw..]);
     }
 }
