@@ -72,9 +72,12 @@ impl Elem for bf16 {
     fn to_bf16_bits(self) -> u16 {
         self.to_bits()
     }
+    /// The bits shifted into place: `half`'s conversion also quiets a
+    /// signalling NaN, a branch that cost 5% of a training step in the
+    /// loops that widen bf16 (a NaN stays a NaN either way).
     #[inline(always)]
     fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
+        f32::from_bits((self.to_bits() as u32) << 16)
     }
     #[inline(always)]
     fn from_f32(x: f32) -> Self {

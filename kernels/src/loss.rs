@@ -26,12 +26,22 @@ pub(crate) fn check_labels(labels: &[i32], vocab: usize, ignore: i32) -> Result<
 
 #[inline(always)]
 fn log_sum_exp<T: Elem>(row: &[T]) -> f32 {
-    let m = row
-        .iter()
-        .map(|v| v.to_f32())
-        .fold(f32::NEG_INFINITY, f32::max);
-    // Lane sums, added in order: the exps vectorize.
+    // Lane maxima and lane sums, folded in order: both loops vectorize (a
+    // single running value keeps a loop scalar; the max is the same in any
+    // order).
     const LANES: usize = 16;
+    let mut top = [f32::NEG_INFINITY; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().map(|v| v.to_f32());
+    for c in chunks {
+        for (t, v) in top.iter_mut().zip(c) {
+            *t = t.max(v.to_f32());
+        }
+    }
+    let m = top
+        .into_iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, f32::max);
     let mut acc = [0f32; LANES];
     let chunks = row.chunks_exact(LANES);
     let tail: f32 = chunks.remainder().iter().map(|v| exp(v.to_f32() - m)).sum();
