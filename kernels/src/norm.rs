@@ -5,9 +5,26 @@ use crate::simd::vectorized;
 use crate::{Elem, PAR_MIN_WORK};
 use rayon::prelude::*;
 
-#[inline]
+/// Running sums of a row's reductions: LANES of them, added in order, then
+/// the tail (a single running f32 sum cannot be reordered, so its loop
+/// stays scalar).
+const LANES: usize = 16;
+
+#[inline(always)]
 fn inv_rms<T: Elem>(x: &[T], eps: f32) -> f32 {
-    let ms: f32 = x.iter().map(|v| v.to_f32() * v.to_f32()).sum::<f32>() / x.len() as f32;
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks
+        .remainder()
+        .iter()
+        .map(|v| v.to_f32() * v.to_f32())
+        .sum();
+    let mut acc = [0f32; LANES];
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v.to_f32() * v.to_f32();
+        }
+    }
+    let ms = (acc.iter().sum::<f32>() + tail) / x.len() as f32;
     1.0 / (ms + eps).sqrt()
 }
 
@@ -70,12 +87,23 @@ pub fn rms_norm_grad_input<T: Elem>(
             let x_row = &x[i * h..(i + 1) * h];
             let dy_row = &dy[i * h..(i + 1) * h];
             let r = inv_rms(x_row, eps);
-            let dot: f32 = x_row
-                .iter()
-                .zip(dy_row)
-                .zip(w)
-                .map(|((x, dy), w)| x.to_f32() * dy.to_f32() * gain(*w, unit_offset))
+            let term = |x: &T, dy: &T, w: &T| x.to_f32() * dy.to_f32() * gain(*w, unit_offset);
+            let (xc, dc, wc) = (
+                x_row.chunks_exact(LANES),
+                dy_row.chunks_exact(LANES),
+                w.chunks_exact(LANES),
+            );
+            let tail: f32 = (xc.remainder().iter().zip(dc.remainder()))
+                .zip(wc.remainder())
+                .map(|((x, dy), w)| term(x, dy, w))
                 .sum();
+            let mut acc = [0f32; LANES];
+            for ((xs, ds), ws) in xc.zip(dc).zip(wc) {
+                for (((a, x), dy), w) in acc.iter_mut().zip(xs).zip(ds).zip(ws) {
+                    *a += term(x, dy, w);
+                }
+            }
+            let dot = acc.iter().sum::<f32>() + tail;
             let c = r * r * r * dot / h as f32;
             for (((dx, x), dy), w) in dx_row.iter_mut().zip(x_row).zip(dy_row).zip(w) {
                 *dx = T::from_f32(r * dy.to_f32() * gain(*w, unit_offset) - x.to_f32() * c);
