@@ -396,8 +396,16 @@ fn optimizer_updates_match_the_cpu_reference() {
         eprintln!("{what}: rel L2 vs CPU {e:.2e}");
         assert!(e < 1e-5, "{what}: rel L2 {e}");
     };
-    let change =
-        |p: &[f32], p0: &[f32]| -> Vec<f32> { p.iter().zip(p0).map(|(a, b)| a - b).collect() };
+    // The parameters, and their change from `p0` (small beside them).
+    let close_params = |what: &str, got: &[f32], want: &[f32], p0: &[f32]| {
+        let change = |p: &[f32]| -> Vec<f32> { p.iter().zip(p0).map(|(a, b)| a - b).collect() };
+        close(format!("{what} p"), got, &to_f64(want));
+        close(
+            format!("{what} p change"),
+            &change(got),
+            &to_f64(&change(want)),
+        );
+    };
     for n in [1, 1000, 70_001, 1_000_003] {
         for (beta1, beta2, wd) in [(0.9, 0.999, 0.01), (0.3, 0.99, 0.0)] {
             let what = format!("adamw n={n} beta1={beta1} wd={wd}");
@@ -414,12 +422,7 @@ fn optimizer_updates_match_the_cpu_reference() {
                 k.adamw(&mut pd, &gd, &mut md, &mut vd, &st).unwrap();
             }
             let got = s.clone_dtoh(&pd).unwrap();
-            close(format!("{what} p"), &got, &to_f64(&p));
-            close(
-                format!("{what} p change"),
-                &change(&got, &p0),
-                &to_f64(&change(&p, &p0)),
-            );
+            close_params(&what, &got, &p, &p0);
             close(
                 format!("{what} m"),
                 &s.clone_dtoh(&md).unwrap(),
@@ -447,12 +450,7 @@ fn optimizer_updates_match_the_cpu_reference() {
             let mut sqd = s.clone_htod(&[f32::NAN]).unwrap();
             k.sgd(&mut pd, &gd, &lrd, &cd, wd, clip, &mut sqd).unwrap();
             let got = s.clone_dtoh(&pd).unwrap();
-            close(format!("{what} p"), &got, &to_f64(&p));
-            close(
-                format!("{what} p change"),
-                &change(&got, &p0),
-                &to_f64(&change(&p, &p0)),
-            );
+            close_params(&what, &got, &p, &p0);
             close(
                 format!("{what} squared grad norm"),
                 &s.clone_dtoh(&sqd).unwrap(),
