@@ -3,8 +3,9 @@
 //! alike: dense `a·b`, `a·bᵀ` (`a` `[M, K]`) and `aᵀ·b` (`a` `[K, M]`), the NF4 linear forward
 //! `x·Wᵀ` (W `[N, K]` in NF4) and its input gradient `dy·W`, in GFLOP/s.
 //!
-//! `cargo run --release -p graft-kernels --example gemm_probe -- M K N`
-//! (the issue-6 workload's MLP: `1024 1024 2816`).
+//! `cargo run --release -p graft-kernels --example gemm_probe -- M K N [V]`
+//! (the issue-6 workload's MLP: `1024 1024 2816`); `V` (0–4, in the order
+//! above) times that variant alone, for a profile of it.
 
 use graft_kernels::bf16;
 use graft_kernels::gemm::{gemm, nf4_gemm};
@@ -15,12 +16,16 @@ fn main() {
     let args: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())
-        .filter(|&n| n > 0)
         .collect();
-    let [m, k, n] = args[..] else {
-        eprintln!("usage: gemm_probe M K N (positive integers)");
-        std::process::exit(2);
+    let (m, k, n, only) = match args[..] {
+        [m, k, n] => (m, k, n, None),
+        [m, k, n, v] if v < 5 => (m, k, n, Some(v)),
+        _ => (0, 0, 0, None),
     };
+    if m * k * n == 0 {
+        eprintln!("usage: gemm_probe M K N [V] (positive integers; V a variant, 0-4)");
+        std::process::exit(2);
+    }
     let val = |i: usize, p: usize| ((i * p) % 1000) as f32 / 1000.0 - 0.5;
     // Cache-line aligned, as the executor's arena is.
     let mut a_store: Vec<bf16> = vec![bf16::from_f32(0.0); m * k + 32];
@@ -47,6 +52,9 @@ fn main() {
     let mut best = [f64::MAX; 5];
     for _ in 0..20 {
         for (v, t) in best.iter_mut().enumerate() {
+            if only.is_some_and(|o| o != v) {
+                continue;
+            }
             let s = Instant::now();
             match v {
                 0 => gemm(a, &b, &mut c, m, k, n, false, false),
@@ -59,7 +67,7 @@ fn main() {
         }
     }
     let flops = 2.0 * (m * k * n) as f64;
-    for (name, t) in names.iter().zip(best) {
+    for (name, t) in names.iter().zip(best).filter(|(_, t)| *t < f64::MAX) {
         println!("{m}x{k}x{n} {name:11} {:7.1} GFLOP/s", flops / t / 1e9);
     }
 }

@@ -37,6 +37,7 @@ pub(super) static MICRO: Micro<Pair> = Micro {
     a_tiled: true,
     kernel,
     rows_kernel: Some(rows_kernel),
+    rows_align: 64,
     setup: Some(load_tile_config),
 };
 

@@ -24,6 +24,7 @@ pub(super) static MICRO: Micro<f32> = Micro {
     a_tiled: false,
     kernel,
     rows_kernel: None,
+    rows_align: 1,
     setup: None,
 };
 

@@ -26,7 +26,8 @@ pub(super) static MICRO: Micro<Pair> = Micro {
     step_align: 1,
     a_tiled: false,
     kernel,
-    rows_kernel: None,
+    rows_kernel: Some(rows_kernel),
+    rows_align: 4,
     setup: None,
 };
 
@@ -40,8 +41,43 @@ unsafe fn kernel(
     ldc: usize,
     accumulate: bool,
 ) {
+    // SAFETY: the caller's contract; a packed step is MR pairs.
+    unsafe { tile(steps, a.cast(), (4, MR * 4), b, c, ldc, accumulate) }
+}
+
+/// See [`super::block::RowsKernel`] for the contract: A's pairs read
+/// straight from 14 stored rows `lda` bf16 apart, which saves the pass
+/// that packing them would be when few columns reuse the panel (LoRA's
+/// `x·Aᵀ` and `dy·B`).
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn rows_kernel(
+    steps: usize,
+    a: *const u16,
+    lda: usize,
+    b: *const Pair,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    // SAFETY: the caller's contract; a step is a pair of each row.
+    unsafe { tile(steps, a.cast(), (lda * 2, 4), b, c, ldc, accumulate) }
+}
+
+/// The kernel over A pairs `a_row` bytes apart across rows and `a_step`
+/// bytes apart across steps.
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[inline]
+unsafe fn tile(
+    steps: usize,
+    a: *const u8,
+    (a_row, a_step): (usize, usize),
+    b: *const Pair,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-    let (a, b) = (a.cast::<u32>(), b.cast::<__m512i>());
+    let b = b.cast::<__m512i>();
     // SAFETY: the caller's contract (see `Kernel`): every pointer below
     // stays inside the panels and the tile it describes. The transmutes
     // reinterpret 64 bytes of packed pairs as the 32 bf16 they are.
@@ -57,9 +93,10 @@ unsafe fn kernel(
             let bp = b.add(2 * s);
             let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp));
             let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(1)));
-            let ap = a.add(s * MR);
+            let ap = a.add(s * a_step);
             for (i, row) in acc.iter_mut().enumerate() {
-                let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(i) as i32));
+                let pair = ap.add(i * a_row).cast::<u32>().read_unaligned();
+                let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair as i32));
                 row[0] = _mm512_dpbf16_ps(row[0], ai, b0);
                 row[1] = _mm512_dpbf16_ps(row[1], ai, b1);
             }

@@ -78,6 +78,10 @@ pub(super) struct Micro<E> {
     /// only copy (AMX: a tile load takes any row stride), so a product
     /// with few columns, LoRA's `x·Aᵀ`, is not a pass over `x` to pack it.
     pub rows_kernel: Option<RowsKernel<E>>,
+    /// Bytes the rows read in place, and their stride, are aligned to (a
+    /// 64-byte AMX tile row across two cache lines loads at half speed; the
+    /// broadcasts of AVX512-BF16 read aligned pairs).
+    pub rows_align: usize,
     /// Run by each task before its first kernel call, on the task's thread
     /// (AMX loads its tile configuration here: `ldtilecfg` costs as much as
     /// a quarter of a 32×32×512 kernel call).
@@ -91,8 +95,10 @@ impl<E: Packed> Micro<E> {
     }
 }
 
-/// Panels per tiled packing call (128 columns of AMX's A).
-const TILED_PANELS: usize = 4;
+/// Columns of `op(a)ᵀ` per packing call when a stored row holds a run of
+/// them (AMX's tiled panels always, else when `op(a)ᵀ` is stored as is):
+/// one panel's 14 or 32 columns are too short a run to read well.
+const PACK_COLS: usize = 128;
 
 /// The largest register tile (AMX's 32×32 of four tiles): ragged edge
 /// tiles go through a buffer of this size on the stack.
@@ -311,17 +317,17 @@ fn run_k_block<E: Packed, S: Source>(
     let steps = u.steps(kc);
     let m_panels = mc.div_ceil(u.mr);
     let apack = &mut abuf[..m_panels * u.mr * steps];
-    // op(a)'s stored rows read in place: whole tile blocks of k, rows on
-    // cache lines (a tile row across two lines loads at half speed); the
-    // last panel, when partial, is packed.
+    // op(a)'s stored rows read in place: whole tile blocks of k, rows
+    // aligned as the kernel wants them; the last panel, when partial, is
+    // packed.
     let in_place = u
         .rows_kernel
         .and(a.trans.then(|| a.src.bf16_rows()).flatten())
         .filter(|&(d, ld)| {
             let at = d.as_ptr() as usize + 2 * (i0 * ld + p0);
             kc.is_multiple_of(u.step_align * E::K)
-                && (2 * ld).is_multiple_of(64)
-                && at.is_multiple_of(64)
+                && (2 * ld).is_multiple_of(u.rows_align)
+                && at.is_multiple_of(u.rows_align)
         })
         .map(|(d, ld)| (&d[i0 * ld + p0..], ld));
     // The panels in `d` from row `r0` of the block.
@@ -333,9 +339,13 @@ fn run_k_block<E: Packed, S: Source>(
             a.pack(d, (p0, kc), (i0 + r0, rows), u.mr, steps);
         }
     };
-    // Calls of `group` panels: a tiled call reads runs of a stored row
-    // across several panels (one panel's run is too short to read well).
-    let group = u.mr * steps * if u.a_tiled { TILED_PANELS } else { 1 };
+    // Calls of `group` panels, reading runs of PACK_COLS where stored rows
+    // run across panels.
+    let panels = match u.a_tiled || !a.trans {
+        true => (PACK_COLS / u.mr).max(1),
+        false => 1,
+    };
+    let group = u.mr * steps * panels;
     let at = |(g, d): (usize, &mut [E])| pack(g * group / steps, d);
     match in_place {
         // Only a partial last panel is packed.

@@ -381,14 +381,16 @@ pub fn gemm_sum_on<T: Elem>(
             .iter()
             .map(|t| {
                 // A power-of-two scale (LoRA's alpha/r) moves to a dense b
-                // when a is bf16 rows that AMX may read in place, which it
-                // does only unscaled: the same product, exactly.
+                // no larger than a, the same product exactly: scaling costs
+                // a pass through f32 in packing, and stored bf16 rows are
+                // read in place only unscaled (LoRA's `2·dy·B` and
+                // `2·dyᵀ·(x·Aᵀ)` scale their small factor instead of dy).
                 let pow2 = t.scale.is_normal() && t.scale.to_bits() & 0x007f_ffff == 0;
-                let a_rows = !t.ta && matches!(t.a, Operand::Bf16(_));
-                let (sa, sb) = match bf16 && pow2 && a_rows && !matches!(t.b, Operand::Nf4(_)) {
-                    true => (1.0, t.scale),
-                    false => (t.scale, 1.0),
-                };
+                let (sa, sb) =
+                    match pow2 && !matches!(t.b, Operand::Nf4(_)) && t.b.len() <= t.a.len() {
+                        true => (1.0, t.scale),
+                        false => (t.scale, 1.0),
+                    };
                 let a = stored(t.a, if t.ta { t.k } else { m }, sa, bf16);
                 let b = stored(t.b, if t.tb { n } else { t.k }, sb, bf16);
                 (a, b)

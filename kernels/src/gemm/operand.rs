@@ -418,24 +418,26 @@ impl<S: Source> View<'_, S> {
             }
         } else {
             // Stored rows are rows of M: K of them make a step, read in
-            // runs of RUN columns and scattered to the panels.
+            // runs of RUN columns, packed whole (a loop the compiler
+            // vectorizes), then copied to the panels a panel's part at a time.
             let mut bufs = [[zero; RUN]; 2];
+            let mut packed = [E::default(); RUN];
             for s in 0..used {
                 let p = s * E::K;
                 let valid = E::K.min(kc - p);
                 for c0 in (0..cols).step_by(RUN) {
                     let len = RUN.min(cols - c0);
                     self.read_step::<E>(&mut bufs, p0 + p, valid, (j0 + c0, len));
+                    let (lo, hi) = (&bufs[0][..len], &bufs[E::K - 1][..len]);
+                    for ((o, &l), &h) in packed.iter_mut().zip(lo).zip(hi) {
+                        *o = E::pack([l, h]);
+                    }
                     // Runs of columns within one panel: contiguous there.
                     let mut c = 0;
                     while c < len {
                         let (q, j) = ((c0 + c) / nr, (c0 + c) % nr);
                         let w = (nr - j).min(len - c);
-                        let out = &mut dst[q * panel + s * nr + j..][..w];
-                        let (lo, hi) = (&bufs[0][c..c + w], &bufs[E::K - 1][c..c + w]);
-                        for ((o, &l), &h) in out.iter_mut().zip(lo).zip(hi) {
-                            *o = E::pack([l, h]);
-                        }
+                        dst[q * panel + s * nr + j..][..w].copy_from_slice(&packed[c..c + w]);
                         c += w;
                     }
                 }
