@@ -41,8 +41,8 @@ unsafe fn kernel(
     ldc: usize,
     accumulate: bool,
 ) {
-    // SAFETY: the caller's contract; a packed step is MR pairs.
-    unsafe { tile(steps, a.cast(), (4, MR * 4), b, c, ldc, accumulate) }
+    // SAFETY: the caller's contract.
+    unsafe { tile::<true>(steps, a.cast(), 0, b, c, ldc, accumulate) }
 }
 
 /// See [`super::block::RowsKernel`] for the contract: A's pairs read
@@ -59,23 +59,27 @@ unsafe fn rows_kernel(
     ldc: usize,
     accumulate: bool,
 ) {
-    // SAFETY: the caller's contract; a step is a pair of each row.
-    unsafe { tile(steps, a.cast(), (lda * 2, 4), b, c, ldc, accumulate) }
+    // SAFETY: the caller's contract.
+    unsafe { tile::<false>(steps, a.cast(), lda * 2, b, c, ldc, accumulate) }
 }
 
-/// The kernel over A pairs `a_row` bytes apart across rows and `a_step`
-/// bytes apart across steps.
+/// The kernel over a packed A panel (MR pairs a step), or over stored rows
+/// `row_bytes` apart (a pair of each a step); a constant parameter, so
+/// that the packed panel's offsets compile to immediates.
 #[target_feature(enable = "avx512f,avx512bf16")]
-#[inline]
-unsafe fn tile(
+unsafe fn tile<const PACKED: bool>(
     steps: usize,
     a: *const u8,
-    (a_row, a_step): (usize, usize),
+    row_bytes: usize,
     b: *const Pair,
     c: *mut f32,
     ldc: usize,
     accumulate: bool,
 ) {
+    let (a_row, a_step) = match PACKED {
+        true => (4, MR * 4),
+        false => (row_bytes, 4),
+    };
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     let b = b.cast::<__m512i>();
     // SAFETY: the caller's contract (see `Kernel`): every pointer below
