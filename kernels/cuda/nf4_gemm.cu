@@ -34,6 +34,14 @@
 // MAX_DYNAMIC_SHARED_SIZE_BYTES to it. It fits every sm_80+ part (sm_86/89/
 // 120 allow 99 KB per block). nested_map must have 256 entries.
 //
+// Epilogue (Epi below, all optional): the LoRA term s·(A_l·B_lᵀ) of rank r,
+// a bf16 addend and a per-column scale, so that y = colscale ⊙ (X·op(W) +
+// s·A_l·B_lᵀ + addend) is one kernel (the fusion pass's NF4 + LoRA + DoRA
+// group). The LoRA factors are f32; like the CPU's bf16 GEMM, each value is
+// rounded to bf16 after its scale and the products summed in f32 (here on
+// the CUDA cores, after the main loop, from shared memory: r·BM·BN FMAs
+// per block against the main loop's K·BM·BN tensor-core MACs).
+//
 // Numerics are those of v1-v3b: each weight is NF4[code] * absmax in f32
 // (absmax = nested_map[q] * nested_scale + offset, no fused multiply-add),
 // rounded to bf16 (nearest even); products accumulate in f32 on the tensor
@@ -58,6 +66,22 @@
 #define OFF_NM (OFF_C + STAGES * C_STAGE)      // 90112: nested_map, 256 f32
 #define OFF_LUT (OFF_NM + 1024)                // 91136: NF4 code book, 16 f32
 #define SMEM_BYTES (OFF_LUT + 64)              // 91200
+// The epilogue's staging of 16 ranks of the LoRA factors, reusing the main
+// loop's shared memory: rows padded to 17 floats (conflict-free reads).
+#define EPI_R 16
+#define EPI_LD (EPI_R + 1)
+
+// y = col_scale ⊙ (acc + s·Σ_r la[m, r]·lb(n, r) + addend[m, n]), each
+// piece present when its pointer is non-null (r > 0 for the LoRA term);
+// lb(n, r) = lb[n·lb_n + r·lb_r], so B_l may be stored either way round.
+struct Epi {
+    const float* la;  // [M, r]
+    const float* lb;
+    int r, lb_n, lb_r;
+    float s;
+    const bf16_t* addend;    // [M, width]
+    const float* col_scale;  // [width]
+};
 
 
 __constant__ float NF4[16] = {
@@ -180,7 +204,8 @@ __device__ __forceinline__ u32 n128_off(int r, int c) {
 //     wn*64 .. +63 (wn = w & 1) of the block tile.
 template <bool TRANS>
 __device__ __forceinline__ void nf4_gemm(const bf16_t* __restrict__ x, const Nf4& w,
-                                         bf16_t* __restrict__ y, int M, int N, int K) {
+                                         const Epi& e, bf16_t* __restrict__ y, int M, int N,
+                                         int K) {
     extern __shared__ __align__(1024) unsigned char smem[];
     // Inner (reduction) length and output width.
     const int inner = TRANS ? N : K;
@@ -473,6 +498,51 @@ __device__ __forceinline__ void nf4_gemm(const bf16_t* __restrict__ x, const Nf4
     // Epilogue: acc[i][j] is the 16x8 tile at rows wm*64 + 16i, columns
     // wn*64 + 8j; c0, c1 at (row g, columns 2t, 2t+1), c2, c3 at row g+8.
     const int g = lane >> 2, t4 = lane & 3;
+    if (e.r > 0) {
+        // The LoRA term, EPI_R ranks at a time: the block's rows of la and
+        // columns of lb staged (rounded to bf16, zero out of range) in the
+        // shared memory the main loop is done with.
+        float* las = (float*)smem;      // [BM][EPI_LD]
+        float* lbs = las + BM * EPI_LD;  // [BN][EPI_LD]
+        for (int r0 = 0; r0 < e.r; r0 += EPI_R) {
+            __syncthreads();  // every warp is past its last read of smem
+            for (int q = tid; q < BM * EPI_R; q += THREADS) {
+                const int row = q / EPI_R, r = r0 + q % EPI_R, m = m0 + row;
+                const float v = (m < M && r < e.r) ? e.s * e.la[(long long)m * e.r + r] : 0.f;
+                las[row * EPI_LD + q % EPI_R] = bf16_to_f32(f32_to_bf16(v));
+            }
+            for (int q = tid; q < BN * EPI_R; q += THREADS) {
+                const int col = q / EPI_R, r = r0 + q % EPI_R, n = c0 + col;
+                const float v =
+                    (n < width && r < e.r) ? e.lb[(long long)n * e.lb_n + (long long)r * e.lb_r] : 0.f;
+                lbs[col * EPI_LD + q % EPI_R] = bf16_to_f32(f32_to_bf16(v));
+            }
+            __syncthreads();
+#pragma unroll 1
+            for (int r = 0; r < EPI_R; r++) {
+                float av[4][2], bv[8][2];
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++)
+                        av[i][h] = las[(wm * 64 + i * 16 + g + h * 8) * EPI_LD + r];
+#pragma unroll
+                for (int j = 0; j < 8; j++)
+#pragma unroll
+                    for (int c = 0; c < 2; c++)
+                        bv[j][c] = lbs[(wn * 64 + j * 8 + t4 * 2 + c) * EPI_LD + r];
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+#pragma unroll
+                    for (int j = 0; j < 8; j++)
+#pragma unroll
+                        for (int h = 0; h < 2; h++)
+#pragma unroll
+                            for (int c = 0; c < 2; c++)
+                                acc[i][j][2 * h + c] = fmaf(av[i][h], bv[j][c], acc[i][j][2 * h + c]);
+            }
+        }
+    }
     const bool pairs = (width & 1) == 0;  // (m*width + n) even: 4-byte aligned
 #pragma unroll
     for (int i = 0; i < 4; i++)
@@ -481,11 +551,19 @@ __device__ __forceinline__ void nf4_gemm(const bf16_t* __restrict__ x, const Nf4
             const int m = m0 + wm * 64 + i * 16 + g + h * 8;
             if (m >= M) continue;
             bf16_t* yr = y + (long long)m * width;
+            const bf16_t* ar = e.addend ? e.addend + (long long)m * width : nullptr;
 #pragma unroll
             for (int j = 0; j < 8; j++) {
                 const int n = c0 + wn * 64 + j * 8 + t4 * 2;
-                const bf16_t lo = f32_to_bf16(acc[i][j][2 * h]);
-                const bf16_t hi = f32_to_bf16(acc[i][j][2 * h + 1]);
+                float v[2] = {acc[i][j][2 * h], acc[i][j][2 * h + 1]};
+#pragma unroll
+                for (int c = 0; c < 2; c++) {
+                    if (n + c >= width) continue;
+                    if (ar) v[c] += bf16_to_f32(ar[n + c]);
+                    if (e.col_scale) v[c] *= e.col_scale[n + c];
+                }
+                const bf16_t lo = f32_to_bf16(v[0]);
+                const bf16_t hi = f32_to_bf16(v[1]);
                 if (pairs && n + 1 < width) {
                     *(u32*)(yr + n) = (u32)lo | ((u32)hi << 16);
                 } else {
@@ -496,18 +574,25 @@ __device__ __forceinline__ void nf4_gemm(const bf16_t* __restrict__ x, const Nf4
         }
 }
 
+// The epilogue's arguments (see Epi), after the weight's: la, lb, r, lb_n,
+// lb_r, s, addend, col_scale; null pointers (and r = 0) for absent pieces.
+#define EPI_PARAMS                                                                          \
+    const float *la, const float *lb, int r, int lb_n, int lb_r, float s, const bf16_t *addend, \
+        const float *col_scale
+#define EPI_ARGS {la, lb, r, lb_n, lb_r, s, addend, col_scale}
+
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 nf4_gemm_fwd(const bf16_t* x, const unsigned char* packed, const unsigned char* absmax,
-             const float* nested_scales, const float* nested_map, float offset,
+             const float* nested_scales, const float* nested_map, float offset, EPI_PARAMS,
              bf16_t* y, int M, int N, int K) {
     Nf4 w = {packed, absmax, nested_scales, nested_map, offset};
-    nf4_gemm<false>(x, w, y, M, N, K);
+    nf4_gemm<false>(x, w, Epi EPI_ARGS, y, M, N, K);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 nf4_gemm_dgrad(const bf16_t* dy, const unsigned char* packed, const unsigned char* absmax,
-               const float* nested_scales, const float* nested_map, float offset,
+               const float* nested_scales, const float* nested_map, float offset, EPI_PARAMS,
                bf16_t* dx, int M, int N, int K) {
     Nf4 w = {packed, absmax, nested_scales, nested_map, offset};
-    nf4_gemm<true>(dy, w, dx, M, N, K);
+    nf4_gemm<true>(dy, w, Epi EPI_ARGS, dx, M, N, K);
 }

@@ -90,6 +90,114 @@ fn nf4_gemm_matches_the_cpu_reference() {
     }
 }
 
+/// The NF4 GEMM's epilogue (LoRA term, addend, column scale; each alone
+/// and all together) against the CPU's bf16 `gemm_sum` of the same terms,
+/// forward and input gradient, ranks below, at and past one 16-rank
+/// staging round.
+#[test]
+fn nf4_gemm_epilogue_matches_the_cpu_gemm_sum() {
+    use graft_kernels::cuda::{LoraTerm, Nf4Epilogue};
+    use graft_kernels::gemm::{gemm_sum, Epilogue, Operand, Term};
+    let Some(gpu) = gpu() else { return };
+    let gemm = Nf4Gemm::new(&gpu).unwrap();
+    let s = gpu.stream();
+    let mut g = Gen::new(9);
+    for (m, n, k, r) in [
+        (37, 200, 192, 4),
+        (300, 384, 320, 16),
+        (513, 1000, 1024, 20),
+    ] {
+        let w: Vec<f32> = (0..n * k).map(|_| g.uniform(-0.05, 0.05)).collect();
+        let p = quantize(&w, 64).unwrap();
+        let wv = p.view(n, k);
+        let dw = DeviceNf4::upload(&gpu, &wv).unwrap();
+        for tb in [true, false] {
+            let (inner, width) = if tb { (k, n) } else { (n, k) };
+            let x: Vec<bf16> = to_elem(&g.vec(m * inner, -1.0, 1.0));
+            let la = g.vec(m * r, -1.0, 1.0);
+            // lora_B [width, r] in the forward, lora_A [r, width] in the input gradient.
+            let lb = g.vec(width * r, -0.5, 0.5);
+            let add: Vec<bf16> = to_elem(&g.vec(m * width, -1.0, 1.0));
+            let cs = g.vec(width, 0.5, 1.5);
+            let (xd, lad, lbd, addd, csd) = (
+                s.clone_htod(&x).unwrap(),
+                s.clone_htod(&la).unwrap(),
+                s.clone_htod(&lb).unwrap(),
+                s.clone_htod(&add).unwrap(),
+                s.clone_htod(&cs).unwrap(),
+            );
+            for (with_lora, with_add, with_scale) in [
+                (true, false, false),
+                (false, true, false),
+                (false, false, true),
+                (true, true, true),
+            ] {
+                let mut terms = vec![Term {
+                    a: Operand::Bf16(&x),
+                    b: Operand::Nf4(&wv),
+                    k: inner,
+                    ta: false,
+                    tb,
+                    scale: 1.0,
+                }];
+                if with_lora {
+                    terms.push(Term {
+                        a: Operand::F32(&la),
+                        b: Operand::F32(&lb),
+                        k: r,
+                        ta: false,
+                        tb,
+                        scale: 2.0,
+                    });
+                }
+                let mut want = vec![bf16::from_f32(f32::NAN); m * width];
+                gemm_sum(
+                    &terms,
+                    with_add.then_some(Operand::Bf16(&add)),
+                    with_scale.then_some(Epilogue::ScaleCols(&cs)),
+                    &mut want,
+                    (m, width),
+                    true,
+                );
+                let epi = Nf4Epilogue {
+                    lora: with_lora.then_some(LoraTerm {
+                        a: &lad,
+                        b: &lbd,
+                        r,
+                        scale: 2.0,
+                    }),
+                    addend: with_add.then_some(&addd),
+                    col_scale: with_scale.then_some(&csd),
+                };
+                let mut yd = s
+                    .clone_htod(&vec![bf16::from_f32(f32::NAN); m * width])
+                    .unwrap();
+                gemm.run_fused(&xd, &dw, m, tb, &epi, &mut yd).unwrap();
+                let got: Vec<bf16> = s.clone_dtoh(&yd).unwrap();
+                let e = rel_l2(&got, &to_f64(&want));
+                let what = format!(
+                    "nf4 gemm epilogue m={m} n={n} k={k} r={r} tb={tb} lora={with_lora} addend={with_add} scale={with_scale}"
+                );
+                eprintln!("{what}: rel L2 vs CPU {e:.2e}");
+                assert!(e < 1e-2, "{what}: rel L2 {e}");
+            }
+            // A LoRA factor of the wrong length is refused, naming it.
+            let epi = Nf4Epilogue {
+                lora: Some(LoraTerm {
+                    a: &lad,
+                    b: &lbd,
+                    r: r + 1,
+                    scale: 1.0,
+                }),
+                ..Nf4Epilogue::default()
+            };
+            let mut yd = s.alloc_zeros::<bf16>(m * width).unwrap();
+            let e = gemm.run_fused(&xd, &dw, m, tb, &epi, &mut yd).unwrap_err();
+            assert!(e.to_string().contains("LoRA a"), "{e}");
+        }
+    }
+}
+
 #[test]
 fn unsupported_weights_are_refused_clearly() {
     let Some(gpu) = gpu() else { return };

@@ -14,7 +14,7 @@ mod update;
 pub use embedding::EmbeddingKernels;
 pub use ids::DeviceIds;
 pub use loss::LossKernels;
-pub use nf4::{DeviceNf4, Nf4Gemm};
+pub use nf4::{DeviceNf4, LoraTerm, Nf4Epilogue, Nf4Gemm};
 pub use rows::RowKernels;
 pub use update::UpdateKernels;
 

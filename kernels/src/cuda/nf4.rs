@@ -1,8 +1,10 @@
 //! The NF4 GEMM on tensor cores (kernels/cuda/nf4_gemm.cu): forward
 //! `x·dequant(W)ᵀ` and input gradient `dy·dequant(W)`, bf16 in and out, f32
-//! accumulation; the CPU twin is [`crate::nf4::nf4_matmul`] with bf16 compute.
+//! accumulation, with LoRA's term, an addend and DoRA's column scale in its
+//! epilogue; the CPU twin is [`crate::gemm::gemm_sum`] in bf16 (and, without
+//! an epilogue, [`crate::nf4::nf4_matmul`] with bf16 compute).
 
-use super::{driver, Gpu, GpuError};
+use super::{check, driver, int, Gpu, GpuError};
 use crate::bf16;
 use crate::nf4::Nf4;
 use cudarc::driver::sys::CUfunction_attribute_enum;
@@ -51,6 +53,30 @@ impl DeviceNf4 {
     }
 }
 
+/// LoRA's term in the NF4 GEMM's epilogue: `scale·a·op(b)`, `a [m, r]`,
+/// with `b` stored `[width, r]` in the forward (lora_B in
+/// `s·(x·A_lᵀ)·B_lᵀ`) and `[r, width]` in the input gradient (lora_A in
+/// `s·(dy·B_l)·A_l`). f32, rounded to bf16 after the scale, as the CPU's
+/// bf16 GEMM rounds its operands.
+#[derive(Clone, Copy)]
+pub struct LoraTerm<'a> {
+    pub a: &'a CudaSlice<f32>,
+    pub b: &'a CudaSlice<f32>,
+    pub r: usize,
+    pub scale: f32,
+}
+
+/// What the NF4 GEMM does to its `[m, width]` product before rounding it,
+/// each piece optional: `y = col_scale ⊙ (x·op(W) + lora + addend)` (the
+/// fusion pass's NF4 + LoRA + DoRA group; the addend is a residual or
+/// another product's sum).
+#[derive(Clone, Copy, Default)]
+pub struct Nf4Epilogue<'a> {
+    pub lora: Option<LoraTerm<'a>>,
+    pub addend: Option<&'a CudaSlice<bf16>>,
+    pub col_scale: Option<&'a CudaSlice<f32>>,
+}
+
 /// The compiled NF4 GEMM kernels of one GPU.
 pub struct Nf4Gemm {
     fwd: CudaFunction,
@@ -95,6 +121,19 @@ impl Nf4Gemm {
         tb: bool,
         y: &mut CudaSlice<bf16>,
     ) -> Result<(), GpuError> {
+        self.run_fused(x, w, m, tb, &Nf4Epilogue::default(), y)
+    }
+
+    /// [`Self::run`] with `epi` applied to the product before it is rounded.
+    pub fn run_fused(
+        &self,
+        x: &CudaSlice<bf16>,
+        w: &DeviceNf4,
+        m: usize,
+        tb: bool,
+        epi: &Nf4Epilogue,
+        y: &mut CudaSlice<bf16>,
+    ) -> Result<(), GpuError> {
         let (inner, width) = if tb {
             (w.cols, w.rows)
         } else {
@@ -111,6 +150,30 @@ impl Nf4Gemm {
                 m * width
             )));
         }
+        if let Some(l) = &epi.lora {
+            if l.r == 0 {
+                return Err(GpuError::Shape("nf4 gemm: a LoRA term of rank 0".into()));
+            }
+            check("nf4 gemm LoRA a", l.a.len(), m * l.r)?;
+            check("nf4 gemm LoRA b", l.b.len(), width * l.r)?;
+        }
+        if let Some(a) = epi.addend {
+            check("nf4 gemm addend", a.len(), m * width)?;
+        }
+        if let Some(c) = epi.col_scale {
+            check("nf4 gemm column scales", c.len(), width)?;
+        }
+        // b's strides by output column and by rank: [width, r] or [r, width].
+        let (r, lb_n, lb_r, scale) = match &epi.lora {
+            Some(l) if tb => (l.r, l.r, 1, l.scale),
+            Some(l) => (l.r, 1, width, l.scale),
+            None => (0, 0, 0, 0.0),
+        };
+        let (r, lb_n, lb_r) = (
+            int("nf4 gemm LoRA rank", r)?,
+            int("nf4 gemm LoRA stride", lb_n)?,
+            int("nf4 gemm LoRA stride", lb_r)?,
+        );
         let cfg = LaunchConfig {
             grid_dim: (width.div_ceil(TILE_N) as u32, m.div_ceil(TILE_M) as u32, 1),
             block_dim: (256, 1, 1),
@@ -118,19 +181,32 @@ impl Nf4Gemm {
         };
         let (mi, ni, ki) = (m as i32, w.rows as i32, w.cols as i32);
         let f = if tb { &self.fwd } else { &self.dgrad };
+        // An absent piece is a null pointer, which the kernel skips.
+        let null = 0u64;
         let mut l = self.stream.launch_builder(f);
         l.arg(x)
             .arg(&w.packed)
             .arg(&w.absmax)
             .arg(&w.nested_scales)
             .arg(&w.nested_map)
-            .arg(&w.offset)
-            .arg(y)
-            .arg(&mi)
-            .arg(&ni)
-            .arg(&ki);
-        // SAFETY: the argument list matches the kernel's signature, every
-        // buffer's length was checked above, and the grid covers y exactly.
+            .arg(&w.offset);
+        match &epi.lora {
+            Some(lora) => l.arg(lora.a).arg(lora.b),
+            None => l.arg(&null).arg(&null),
+        };
+        l.arg(&r).arg(&lb_n).arg(&lb_r).arg(&scale);
+        match epi.addend {
+            Some(a) => l.arg(a),
+            None => l.arg(&null),
+        };
+        match epi.col_scale {
+            Some(c) => l.arg(c),
+            None => l.arg(&null),
+        };
+        l.arg(y).arg(&mi).arg(&ni).arg(&ki);
+        // SAFETY: the argument list matches the kernel's signature (EPI_PARAMS
+        // between the weight and y), every buffer's length was checked
+        // above, and the grid covers y exactly.
         unsafe { l.launch(cfg) }.map_err(driver)?;
         Ok(())
     }
