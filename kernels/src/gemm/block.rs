@@ -61,7 +61,8 @@ pub(super) struct Micro<E> {
     /// k per packed panel (a multiple of the element's K): an mr×kc A
     /// panel lives in L1.
     pub kc: usize,
-    /// Rows of `op(a)` packed at once (a multiple of mr); bounds the A buffer.
+    /// Rows of `op(a)` packed at once (a multiple of mr); bounds the A
+    /// buffer, which the driver lets run a quarter over to keep m blocks equal.
     pub mc: usize,
     /// Columns of a packed B slab (a multiple of nr): kc×nc lives in L2.
     pub nc: usize,
@@ -207,16 +208,21 @@ pub(super) fn gemm<E: Packed, T: Elem, S: Source>(
     // Super-slabs of whole epilogue groups (RoPE's heads).
     let group = epilogue.map_or(1, |e| e.group());
     let ns = (u.nc * SLABS_PER_SUPER / group).max(1) * group;
-    let a_len = u.mc.min(m.div_ceil(u.mr) * u.mr) * u.steps(u.kc.min(k_max));
+    // m blocks of equal size, up to a quarter over mc: every m block packs
+    // all of B again, so 1024 rows are one block, not 1008 and a 16-row
+    // block that would pack (and dequantize) the whole of B for 16 rows.
+    let blocks = m.div_ceil(u.mc + u.mc / 4);
+    let mc_all = m.div_ceil(blocks).next_multiple_of(u.mr);
+    let a_len = mc_all * u.steps(u.kc.min(k_max));
     let c_len = if T::as_f32_mut(&mut []).is_some() {
         0
     } else {
-        u.mc.min(m) * ns.min(n)
+        mc_all.min(m) * ns.min(n)
     };
     with_buf(&C_BUF, c_len, |cbuf: &mut [f32]| {
         with_buf(&A_BUF, a_len, |abuf: &mut [E]| {
-            for i0 in (0..m).step_by(u.mc) {
-                let mc = u.mc.min(m - i0);
+            for i0 in (0..m).step_by(mc_all) {
+                let mc = mc_all.min(m - i0);
                 for s0 in (0..n).step_by(ns) {
                     let width = ns.min(n - s0);
                     let out = match T::as_f32_mut(c) {
