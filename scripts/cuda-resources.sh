@@ -2,7 +2,8 @@
 # Registers, shared memory and spills of every CUDA kernel for sm_90, from
 # ptxas (pip's nvidia-cuda-nvcc) on the PTX that NVRTC (pip's
 # nvidia-cuda-nvrtc) makes of kernels/cuda/*.cu. No GPU needed. Writes
-# docs/CUDA_RESOURCES.md; spills in the NF4 GEMM are a bug.
+# docs/CUDA_RESOURCES.md; spills in the NF4 GEMM or the attention kernels
+# are a bug.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools=.ci/cuda-tools
@@ -16,7 +17,7 @@ GRAFT_REQUIRE_NVRTC=1 GRAFT_PTX_DIR="$ptx_dir" cargo test -q -p graft-kernels --
   echo "# CUDA kernel resources (sm_90)"
   echo
   echo "Made by \`scripts/cuda-resources.sh\`: NVRTC $(ls $tools/nvidia/cu13/lib/libnvrtc.so.* | head -1 | sed 's/.*so\.//') PTX, ptxas from nvidia-cuda-nvcc 13.0.88."
-  echo "Shared memory here is the static part only; the NF4 GEMM's is dynamic (SMEM_BYTES in kernels/cuda/nf4_gemm.cu, passed at launch by kernels/src/cuda/nf4.rs)."
+  echo "Shared memory here is the static part only; the NF4 GEMM's and attention's are dynamic (SMEM_BYTES in kernels/cuda/nf4_gemm.cu, attn_smem_bytes in kernels/cuda/attention.cu: 27,648 to 69,632 bytes by kernel and head dim; passed at launch by kernels/src/cuda/{nf4,attention}.rs)."
   echo
   echo "| kernel | registers | shared memory (bytes) | spill stores (bytes) | spill loads (bytes) | stack frame (bytes) |"
   echo "|---|---|---|---|---|---|"
@@ -31,7 +32,7 @@ GRAFT_REQUIRE_NVRTC=1 GRAFT_PTX_DIR="$ptx_dir" cargo test -q -p graft-kernels --
 } > docs/CUDA_RESOURCES.md
 rm -rf "$ptx_dir"
 cat docs/CUDA_RESOURCES.md
-if grep -E "^\| nf4_gemm" docs/CUDA_RESOURCES.md | awk -F'|' '$5+0 > 0 || $6+0 > 0 { bad = 1 } END { exit !bad }'; then
-  echo "error: the NF4 GEMM spills registers" >&2
+if grep -E "^\| (nf4_gemm|attn_)" docs/CUDA_RESOURCES.md | awk -F'|' '$5+0 > 0 || $6+0 > 0 { bad = 1 } END { exit !bad }'; then
+  echo "error: the NF4 GEMM or an attention kernel spills registers" >&2
   exit 1
 fi

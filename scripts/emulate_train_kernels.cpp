@@ -2,62 +2,12 @@
 // on the CPU by emulation, checked against f64 / operation-by-operation
 // references: a check of their index math, barriers and reductions that
 // needs no GPU (the GPU tests in kernels/tests/cuda.rs are the real check).
-// Blocks run one after another; the threads of a block run concurrently
-// (std::thread), with __syncthreads and warp shuffles through std::barrier,
-// under AddressSanitizer so any out-of-bounds access fails. About 20 s on
-// the 2-core CPU machine:
+// The emulation (scripts/emulate_cuda.h) runs under AddressSanitizer so any
+// out-of-bounds access fails. About 20 s on the 2-core CPU machine:
 //
 //   g++ -std=c++20 -O1 -g -fsanitize=address,undefined -ffp-contract=off -pthread \
 //       scripts/emulate_train_kernels.cpp -o /tmp/emulate && /tmp/emulate
-#include <barrier>
-#include <cmath>
-#include <cstring>
-#include <cstdio>
-#include <cstdlib>
-#include <cstdint>
-#include <functional>
-#include <memory>
-#include <thread>
-#include <vector>
-#include <algorithm>
-#include <cassert>
-using std::size_t;
-struct Dim3 { unsigned x = 0, y = 0, z = 0; };
-thread_local Dim3 threadIdx, blockIdx;
-Dim3 blockDim, gridDim;
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __shared__ static
-static std::unique_ptr<std::barrier<>> g_block_bar;
-static std::unique_ptr<std::barrier<>> g_warp_bar[32];
-static unsigned char g_shfl[32][32][8];
-static void __syncthreads() { g_block_bar->arrive_and_wait(); }
-template <class T> T __shfl_xor_sync(unsigned mask, T v, int o) {
-    (void)mask;
-    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    std::memcpy(g_shfl[w][lane], &v, sizeof(T));
-    g_warp_bar[w]->arrive_and_wait();
-    T r;
-    std::memcpy(&r, g_shfl[w][lane ^ o], sizeof(T));
-    g_warp_bar[w]->arrive_and_wait();
-    return r;
-}
-static float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
-static float __uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
-static unsigned __float_as_uint(float f) { unsigned i; std::memcpy(&i, &f, 4); return i; }
-static void launch(unsigned grid, unsigned block, const std::function<void()>& k) {
-    assert(block % 32 == 0 && block <= 1024 && grid >= 1);
-    gridDim.x = grid; blockDim.x = block;
-    for (unsigned b = 0; b < grid; ++b) {
-        g_block_bar = std::make_unique<std::barrier<>>(block);
-        for (unsigned w = 0; w < block / 32; ++w) g_warp_bar[w] = std::make_unique<std::barrier<>>(32);
-        std::vector<std::thread> ts;
-        for (unsigned t = 0; t < block; ++t)
-            ts.emplace_back([&, t, b] { threadIdx.x = t; blockIdx.x = b; k(); });
-        for (auto& t : ts) t.join();
-    }
-}
+#include "emulate_cuda.h"
 
 // The sources as NVRTC sees them: common.cuh first.
 #include "../kernels/cuda/common.cuh"
@@ -65,25 +15,8 @@ static void launch(unsigned grid, unsigned block, const std::function<void()>& k
 #include "../kernels/cuda/embedding.cu"
 #include "../kernels/cuda/update.cu"
 
-static uint64_t rs = 88172645463325252ull;
-static double unit() { rs ^= rs << 13; rs ^= rs >> 7; rs ^= rs << 17; return (rs >> 11) * (1.0 / 9007199254740992.0); }
-static float uni(float lo, float hi) { return (float)(lo + (hi - lo) * unit()); }
-static size_t below(size_t n) { return (size_t)(unit() * n) % n; }
 static bf16_t to_bf16(float f) { return f32_to_bf16(f); }
 static float from_bf16(bf16_t h) { return bf16_to_f32(h); }
-static int fails = 0;
-static void expect(bool ok, const char* what, double e) {
-    printf("%s %s: %.3g\n", ok ? "ok  " : "FAIL", what, e);
-    if (!ok) ++fails;
-}
-static double rel_l2(const std::vector<double>& a, const std::vector<double>& b) {
-    double d = 0, n = 0;
-    for (size_t i = 0; i < a.size(); ++i) {
-        if (!std::isfinite(a[i]) || !std::isfinite(b[i])) return INFINITY;
-        d += (a[i] - b[i]) * (a[i] - b[i]); n += b[i] * b[i];
-    }
-    return std::sqrt(d) / std::max(std::sqrt(n), 1e-300);
-}
 
 static void test_ce(int rows, int vocab, int skip, int ignore, float dloss, float range, unsigned threads) {
     std::vector<bf16_t> x(rows * (size_t)vocab);

@@ -54,3 +54,52 @@ __device__ T block_sum(T v) { return block_reduce(v, (T)0, SumOp()); }
 __device__ __forceinline__ float block_max(float v) {
     return block_reduce(v, -__int_as_float(0x7f800000), MaxOp());
 }
+
+// Tensor-core and shared-memory primitives (PTX). scripts/emulate_cuda.h
+// defines GRAFT_EMULATE_PTX and gives scalar twins with the same per-lane
+// semantics, so the kernels that use them also run on the CPU.
+#ifndef GRAFT_EMULATE_PTX
+// A kernel's dynamic shared memory, 16-byte aligned.
+#define DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+
+// The shared-window address of a pointer into shared memory (what ldmatrix
+// takes).
+__device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+// The dynamic shared memory the launch gave this block, in bytes.
+__device__ __forceinline__ u32 dynamic_smem_bytes() {
+    u32 n;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(n));
+    return n;
+}
+
+// c[16x8] += a[16x16] · b[16x8], bf16 operands, f32 accumulators. With
+// g = lane/4, t = lane%4: a0 = A(g, 2t..2t+1), a1 = A(g+8, 2t..), a2 =
+// A(g, 2t+8..), a3 = A(g+8, 2t+8..); b0 = B(2t..2t+1, g), b1 = B(2t+8.., g);
+// c0, c1 = C(g, 2t..2t+1), c2, c3 = C(g+8, 2t..2t+1); the lower index in
+// the low half of a register.
+__device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ldmatrix: lane l gives the shared address of row l%8 of 8x8 matrix l/8
+// (16 contiguous bytes); register i of lane l receives matrix i's elements
+// (row l/4, columns 2(l%4), 2(l%4)+1) — with .trans, (rows 2(l%4), 2(l%4)+1,
+// column l/4) — lower column (row) in the low half.
+__device__ __forceinline__ void ldsm_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr)
+                 : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_trans(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr)
+                 : "memory");
+}
+#endif

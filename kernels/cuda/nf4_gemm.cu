@@ -100,30 +100,7 @@ struct Nf4 {
 
 // ---------------------------------------------------------------- PTX helpers
 
-__device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// ldmatrix: lane l gives the shared address of row l%8 of 8x8 matrix l/8
-// (16 contiguous bytes); register i of lane l receives matrix i's elements
-// (row l/4, columns 2(l%4), 2(l%4)+1) — with .trans, (rows 2(l%4), 2(l%4)+1,
-// column l/4) — lower column (row) in the low half.
-__device__ __forceinline__ void ldsm_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-                 : "r"(addr)
-                 : "memory");
-}
-__device__ __forceinline__ void ldsm_x4_trans(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-                 : "r"(addr)
-                 : "memory");
-}
+// mma_bf16, ldsm_x4 and ldsm_x4_trans: common.cuh.
 
 // 16 bytes global -> shared, bypassing L1; the bytes past src_bytes (all 16
 // when src_bytes is 0, and then nothing is read) are zero-filled.

@@ -1,5 +1,5 @@
 //! The CUDA kernels: every source compiles for sm_80 and sm_90 with NVRTC
-//! (no GPU needed), and on a GPU the NF4 GEMM matches the CPU reference.
+//! (no GPU needed), and on a GPU every kernel matches the CPU reference.
 //! Without a driver the GPU tests say so and skip; without NVRTC the compile
 //! test skips too, unless GRAFT_REQUIRE_NVRTC=1 (CI sets it).
 #![cfg(feature = "cuda")]
@@ -26,7 +26,7 @@ fn every_source_compiles_for_every_arch_with_tensor_cores() {
                         )
                         .unwrap();
                     }
-                    if name == "nf4_gemm" {
+                    if matches!(name, "nf4_gemm" | "attention") {
                         assert!(
                             ptx.contains("mma.sync.aligned.m16n8k16"),
                             "{name}: no tensor-core mma"
@@ -566,4 +566,167 @@ fn optimizer_updates_match_the_cpu_reference() {
             );
         }
     }
+}
+
+/// Causal attention forward and backward against the CPU reference on the
+/// same bf16 inputs: ragged lengths (1, under a tile, a tile, several tiles,
+/// none a multiple of the dkdv kernel's 32-query steps but one), 4 query
+/// heads over 1, 2 and 4 kv heads, head dims 64 and 128, 1 to 3 packed
+/// segments, with and without a sliding window. Every output starts as NaN;
+/// the bound is 1e-2 relative L2 for out, lse, dq, dk and dv (bf16 outputs,
+/// probabilities rounded to bf16 for the products on both sides). The
+/// backward takes the GPU forward's own out and lse, as a training step
+/// does, runs twice and must be bit-identical. Bad shapes and segments are
+/// refused on the host.
+#[test]
+fn attention_matches_the_cpu_reference() {
+    use graft_kernels::attention::{attention, attention_grad, AttnShape};
+    use graft_kernels::cuda::{AttentionKernels, DeviceSegments};
+    let Some(gpu) = gpu() else { return };
+    let kern = AttentionKernels::new(&gpu).unwrap();
+    let s = gpu.stream();
+    let mut r = Gen::new(29);
+    let heads = 4;
+    // (tokens, kv heads, head dim, window, segments)
+    for (t, kv, d, window, segments) in [
+        (1, 1, 64, None, 1),
+        (37, 2, 64, None, 3),
+        (64, 4, 128, Some(16), 1),
+        (130, 1, 128, None, 2),
+        (200, 2, 64, Some(50), 3),
+        (333, 4, 64, None, 2),
+        (257, 1, 128, Some(64), 3),
+        (1000, 2, 128, Some(300), 2),
+    ] {
+        let what = format!(
+            "attention t={t} heads={heads}/{kv} d={d} window={window:?} segments={segments}"
+        );
+        let shape = AttnShape {
+            tokens: t,
+            n_heads: heads,
+            n_kv_heads: kv,
+            head_dim: d,
+            scale: 1.0 / (d as f32).sqrt(),
+            window,
+        };
+        let mut seg = vec![0i32; t];
+        for _ in 1..segments {
+            let cut = 1 + r.below(t.max(2) - 1);
+            seg[cut.min(t)..].iter_mut().for_each(|x| *x += 1);
+        }
+        let (qn, kn) = (t * heads * d, t * kv * d);
+        let q: Vec<bf16> = to_elem(&r.vec(qn, -2.0, 2.0));
+        let k: Vec<bf16> = to_elem(&r.vec(kn, -2.0, 2.0));
+        let v: Vec<bf16> = to_elem(&r.vec(kn, -1.0, 1.0));
+        let dout: Vec<bf16> = to_elem(&r.vec(qn, -1.0, 1.0));
+        let (mut out, mut lse) = (nan_buf::<bf16>(qn), nan_buf::<f32>(t * heads));
+        attention(&q, &k, &v, &seg, shape, &mut out, &mut lse);
+        let (mut dq, mut dk, mut dv) = (
+            nan_buf::<bf16>(qn),
+            nan_buf::<bf16>(kn),
+            nan_buf::<bf16>(kn),
+        );
+        attention_grad(
+            &q, &k, &v, &seg, &out, &lse, &dout, shape, &mut dq, &mut dk, &mut dv,
+        );
+
+        let segd = DeviceSegments::upload(&gpu, &seg).unwrap();
+        let (qd, kd, vd, dod) = (
+            s.clone_htod(&q).unwrap(),
+            s.clone_htod(&k).unwrap(),
+            s.clone_htod(&v).unwrap(),
+            s.clone_htod(&dout).unwrap(),
+        );
+        let mut outd = s.clone_htod(&nan_buf::<bf16>(qn)).unwrap();
+        let mut lsed = s.clone_htod(&nan_buf::<f32>(t * heads)).unwrap();
+        kern.forward(&qd, &kd, &vd, &segd, shape, &mut outd, &mut lsed)
+            .unwrap();
+        let close = |name: &str, e: f64| {
+            eprintln!("{what} {name}: rel L2 vs CPU {e:.2e}");
+            assert!(e < 1e-2, "{what} {name}: rel L2 {e}");
+        };
+        close("out", rel_l2(&s.clone_dtoh(&outd).unwrap(), &to_f64(&out)));
+        close("lse", rel_l2(&s.clone_dtoh(&lsed).unwrap(), &to_f64(&lse)));
+
+        let backward = || {
+            let mut delta = s.clone_htod(&nan_buf::<f32>(t * heads)).unwrap();
+            let mut dqd = s.clone_htod(&nan_buf::<bf16>(qn)).unwrap();
+            let mut dkd = s.clone_htod(&nan_buf::<bf16>(kn)).unwrap();
+            let mut dvd = s.clone_htod(&nan_buf::<bf16>(kn)).unwrap();
+            kern.backward(
+                &qd, &kd, &vd, &segd, &outd, &lsed, &dod, shape, &mut delta, &mut dqd, &mut dkd,
+                &mut dvd,
+            )
+            .unwrap();
+            [dqd, dkd, dvd].map(|x| s.clone_dtoh(&x).unwrap())
+        };
+        let got = backward();
+        for (name, g, want) in [
+            ("dq", &got[0], &dq),
+            ("dk", &got[1], &dk),
+            ("dv", &got[2], &dv),
+        ] {
+            close(name, rel_l2(g, &to_f64(want)));
+        }
+        let bits = |x: &[bf16]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let again = backward();
+        for i in 0..3 {
+            assert_eq!(
+                bits(&got[i]),
+                bits(&again[i]),
+                "{what}: backward output {i} differs between runs"
+            );
+        }
+    }
+
+    // Refused on the host, naming the bad value.
+    let ok = AttnShape {
+        tokens: 3,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 64,
+        scale: 0.125,
+        window: None,
+    };
+    let buf = |n: usize| s.clone_htod(&nan_buf::<bf16>(n)).unwrap();
+    let segd = DeviceSegments::upload(&gpu, &[0, 0, 1]).unwrap();
+    let (q, kv) = (buf(3 * 256), buf(3 * 128));
+    let mut out = buf(3 * 256);
+    let mut lse = s.clone_htod(&nan_buf::<f32>(12)).unwrap();
+    let mut run = |shape: AttnShape, q: &cudarc::driver::CudaSlice<bf16>| {
+        kern.forward(q, &kv, &kv, &segd, shape, &mut out, &mut lse)
+            .unwrap_err()
+            .to_string()
+    };
+    for (shape, want) in [
+        (AttnShape { head_dim: 96, ..ok }, "head_dim: 96"),
+        (
+            AttnShape {
+                n_kv_heads: 3,
+                ..ok
+            },
+            "4 query heads",
+        ),
+        (
+            AttnShape {
+                window: Some(0),
+                ..ok
+            },
+            "window: 0",
+        ),
+        (
+            AttnShape { tokens: 4, ..ok },
+            "segments: 3 values, the shape needs 4",
+        ),
+    ] {
+        let e = run(shape, &q);
+        assert!(e.contains(want), "{e}");
+    }
+    let e = run(ok, &buf(5));
+    assert!(e.contains("attention q: 5 values"), "{e}");
+    let e = DeviceSegments::upload(&gpu, &[3, 3, 4, 3])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("id 3 at position 3"), "{e}");
 }

@@ -4,6 +4,7 @@
 //! NVRTC is missing: every entry point returns a [`GpuError`] saying what is
 //! missing and how to proceed.
 
+mod attention;
 mod embedding;
 mod ids;
 mod loss;
@@ -11,6 +12,7 @@ mod nf4;
 mod rows;
 mod update;
 
+pub use attention::{AttentionKernels, DeviceSegments};
 pub use embedding::EmbeddingKernels;
 pub use ids::DeviceIds;
 pub use loss::LossKernels;
@@ -25,12 +27,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 /// The CUDA sources, by name. Every one is compiled in CI for [`ARCHS`].
-pub const SOURCES: [(&str, &str); 5] = [
+pub const SOURCES: [(&str, &str); 6] = [
     ("nf4_gemm", include_str!("../../cuda/nf4_gemm.cu")),
     ("rows", include_str!("../../cuda/rows.cu")),
     ("loss", include_str!("../../cuda/loss.cu")),
     ("embedding", include_str!("../../cuda/embedding.cu")),
     ("update", include_str!("../../cuda/update.cu")),
+    ("attention", include_str!("../../cuda/attention.cu")),
 ];
 
 /// Definitions every source shares, prepended before compiling.
