@@ -7,11 +7,11 @@
 // filled with 0xff bytes (bf16 NaN), so AddressSanitizer catches any access
 // past it and a read of a never-written byte poisons the result.
 //
-// The PTX primitives of common.cuh (mma.sync m16n8k16, ldmatrix) have
-// scalar twins here that reproduce their per-lane semantics from the PTX
-// ISA ("Matrix Fragments for mma.m16n8k16 with floating point type",
-// "ldmatrix"): each lane publishes its operands, then computes exactly its
-// own registers from all lanes' operands. ldmatrix also counts bank
+// The PTX primitives of common.cuh (mma.sync m16n8k16, ldmatrix, cp.async,
+// cvt.rn.bf16x2) have scalar twins here that reproduce their per-lane
+// semantics from the PTX ISA ("Matrix Fragments for mma.m16n8k16 with
+// floating point type", "ldmatrix"): each lane publishes its operands, then
+// computes exactly its own registers from all lanes' operands. ldmatrix also counts bank
 // conflicts (8 row addresses of one matrix in fewer than 8 distinct 16-byte
 // bank groups).
 #pragma once
@@ -38,9 +38,11 @@ Dim3 blockDim, gridDim;
 #define __forceinline__ inline
 #define __shared__ static
 #define __launch_bounds__(...)
+#define __constant__ static
 #define __restrict__ __restrict
 #define GRAFT_EMULATE_PTX
 
+struct uint2 { unsigned x, y; };
 struct uint4 { unsigned x, y, z, w; };
 static uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 static int min(int a, int b) { return a < b ? a : b; }
@@ -48,6 +50,13 @@ static int max(int a, int b) { return a > b ? a : b; }
 [[noreturn]] static void __trap() {
     fprintf(stderr, "__trap() in block (%u, %u) thread %u\n", blockIdx.x, blockIdx.y, threadIdx.x);
     abort();
+}
+// prmt: byte i of the result is byte (s >> 4i) & 7 of the pair (x low, y high).
+static unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+    const uint64_t v = (uint64_t)y << 32 | x;
+    unsigned r = 0;
+    for (int i = 0; i < 4; ++i) r |= (unsigned)(v >> (8 * ((s >> (4 * i)) & 7)) & 0xff) << (8 * i);
+    return r;
 }
 static float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 static float __uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
@@ -88,6 +97,26 @@ static unsigned smem_u32(const void* p) {
     return (unsigned)(c - g_smem);
 }
 static unsigned dynamic_smem_bytes() { return (unsigned)g_smem_size; }
+
+// cp.async: the copy is done at once (a refinement of the asynchronous
+// one, so the group waits are no-ops): src_bytes from src, zeros to 16.
+static void cp_async16(unsigned dst, const void* src, unsigned src_bytes) {
+    assert(dst % 16 == 0 && dst + 16 <= g_smem_size && src_bytes <= 16);
+    std::memcpy(g_smem + dst, src, src_bytes);
+    std::memset(g_smem + dst + src_bytes, 0, 16 - src_bytes);
+}
+static void cp_async_commit() {}
+template <int N> static void cp_async_wait() {}
+
+// cvt.rn.bf16x2.f32: both halves rounded to nearest even, `lo` low.
+static unsigned pack_bf16x2(float lo, float hi) {
+    auto rn = [](float f) {
+        unsigned u = __float_as_uint(f);
+        if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;  // canonical NaN
+        return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    };
+    return rn(lo) | rn(hi) << 16;
+}
 
 static uint16_t half_of(unsigned r, int hi) { return (uint16_t)(hi ? r >> 16 : r & 0xffffu); }
 static float bf16_bits_to_f32(uint16_t h) { return __uint_as_float((unsigned)h << 16); }

@@ -55,12 +55,13 @@ __device__ __forceinline__ float block_max(float v) {
     return block_reduce(v, -__int_as_float(0x7f800000), MaxOp());
 }
 
-// Tensor-core and shared-memory primitives (PTX). scripts/emulate_cuda.h
+// Tensor-core, shared-memory and cp.async primitives (PTX). scripts/emulate_cuda.h
 // defines GRAFT_EMULATE_PTX and gives scalar twins with the same per-lane
 // semantics, so the kernels that use them also run on the CPU.
 #ifndef GRAFT_EMULATE_PTX
-// A kernel's dynamic shared memory, 16-byte aligned.
-#define DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+// A kernel's dynamic shared memory, 1024-byte aligned (the NF4 GEMM's
+// swizzled layouts assume whole 1024-byte lines).
+#define DYNAMIC_SMEM(name) extern __shared__ __align__(1024) unsigned char name[]
 
 // The shared-window address of a pointer into shared memory (what ldmatrix
 // takes).
@@ -101,5 +102,24 @@ __device__ __forceinline__ void ldsm_x4_trans(u32 addr, u32& r0, u32& r1, u32& r
                  : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
                  : "r"(addr)
                  : "memory");
+}
+
+// 16 bytes global -> shared, bypassing L1; the bytes past src_bytes (all 16
+// when src_bytes is 0, and then nothing is read) are zero-filled.
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, u32 src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Packs two floats as bf16x2, rounding to nearest even: `lo` in the low half.
+__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
+    u32 d;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
 }
 #endif

@@ -100,26 +100,7 @@ struct Nf4 {
 
 // ---------------------------------------------------------------- PTX helpers
 
-// mma_bf16, ldsm_x4 and ldsm_x4_trans: common.cuh.
-
-// 16 bytes global -> shared, bypassing L1; the bytes past src_bytes (all 16
-// when src_bytes is 0, and then nothing is read) are zero-filled.
-__device__ __forceinline__ void cp_async16(u32 dst, const void* src, u32 src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-// Packs two floats as bf16x2, rounding to nearest even: `lo` in the low half.
-__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
-    u32 d;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
-    return d;
-}
+// mma_bf16, ldsm_x4, ldsm_x4_trans, cp_async16 and pack_bf16x2: common.cuh.
 
 // ------------------------------------------------------------ shared layouts
 //
@@ -183,7 +164,7 @@ template <bool TRANS>
 __device__ __forceinline__ void nf4_gemm(const bf16_t* __restrict__ x, const Nf4& w,
                                          const Epi& e, bf16_t* __restrict__ y, int M, int N,
                                          int K) {
-    extern __shared__ __align__(1024) unsigned char smem[];
+    DYNAMIC_SMEM(smem);
     // Inner (reduction) length and output width.
     const int inner = TRANS ? N : K;
     const int width = TRANS ? K : N;
@@ -191,14 +172,10 @@ __device__ __forceinline__ void nf4_gemm(const bf16_t* __restrict__ x, const Nf4
     const int wm = warp >> 1, wn = warp & 1;
     const int m0 = blockIdx.y * BM, c0 = blockIdx.x * BN;
     const int T = (inner + BK - 1) / BK;  // k tiles
-    const u32 sbase = (u32)__cvta_generic_to_shared(smem);
+    const u32 sbase = smem_u32(smem);
     const float* lut = (const float*)(smem + OFF_LUT);
 
-    {
-        u32 dsz;
-        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dsz));
-        if (dsz < SMEM_BYTES) __trap();  // launched with too little shared memory
-    }
+    if (dynamic_smem_bytes() < SMEM_BYTES) __trap();  // launched with too little shared memory
     if (tid < 16) ((float*)(smem + OFF_LUT))[tid] = NF4[tid];
     // nested_map in shared memory: the absmax of each tile is finished from
     // it, so no global load stands between a warp and its mma.
