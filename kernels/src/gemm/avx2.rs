@@ -22,6 +22,7 @@ pub(super) static MICRO: Micro<f32> = Micro {
     kernel,
     rows_kernel: None,
     rows_align: 1,
+    rows_per_set: usize::MAX,
     setup: None,
 };
 

@@ -83,6 +83,11 @@ pub(super) struct Micro<E> {
     /// 64-byte AMX tile row across two cache lines loads at half speed; the
     /// broadcasts of AVX512-BF16 read aligned pairs).
     pub rows_align: usize,
+    /// The most of the mr rows read in place that may share an L1 set
+    /// (rows a multiple of 4 KiB apart do; stored rows of 2048 or 4096
+    /// bf16 would put every row in one set and thrash it): above it, A is
+    /// packed, unless one B panel is all that reads it.
+    pub rows_per_set: usize,
     /// Run by each task before its first kernel call, on the task's thread
     /// (AMX loads its tile configuration here: `ldtilecfg` costs as much as
     /// a quarter of a 32×32×512 kernel call).
@@ -334,6 +339,7 @@ fn run_k_block<E: Packed, S: Source>(
             kc.is_multiple_of(u.step_align * E::K)
                 && (2 * ld).is_multiple_of(u.rows_align)
                 && at.is_multiple_of(u.rows_align)
+                && (u.mr.div_ceil(l1_sets_spanned(2 * ld)) <= u.rows_per_set || cols.1 <= u.nr)
         })
         .map(|(d, ld)| (&d[i0 * ld + p0..], ld));
     // The panels in `d` from row `r0` of the block.
@@ -383,6 +389,16 @@ fn run_k_block<E: Packed, S: Source>(
     } else {
         task(0);
     }
+}
+
+/// How many L1 sets rows `stride` bytes apart fall into, with the 4 KiB
+/// set period of the L1 caches these kernels run on (32 or 48 KiB, 8 or
+/// 12 ways, 64-byte lines).
+fn l1_sets_spanned(stride: usize) -> usize {
+    const PERIOD: usize = 4096;
+    const LINE: usize = 64;
+    let common = 1usize << stride.trailing_zeros().min(PERIOD.trailing_zeros());
+    (PERIOD / common).min(PERIOD / LINE)
 }
 
 /// Part `i` of `0..total` cut into `parts` near-equal contiguous ranges.
@@ -587,5 +603,22 @@ unsafe fn tile<E: Packed>(
     for i in 0..rows {
         // SAFETY: as above; the kernel wrote every element of `t`.
         unsafe { std::ptr::copy_nonoverlapping(tp.add(i * u.nr), c.add(i * out.ldc), cols) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::l1_sets_spanned;
+
+    #[test]
+    fn rows_of_power_of_two_strides_share_sets() {
+        // 1024, 2048, 2816 and 4096 bf16 per row.
+        assert_eq!(l1_sets_spanned(2048), 2);
+        assert_eq!(l1_sets_spanned(4096), 1);
+        assert_eq!(l1_sets_spanned(5632), 8);
+        assert_eq!(l1_sets_spanned(8192), 1);
+        // Other strides spread over all 64.
+        assert_eq!(l1_sets_spanned(2 * 1001), 64);
+        assert_eq!(l1_sets_spanned(2 * 11008), 8);
     }
 }
