@@ -53,6 +53,7 @@ static int max(int a, int b) { return a > b ? a : b; }
 }
 // prmt: byte i of the result is byte (s >> 4i) & 7 of the pair (x low, y high).
 static unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+    assert((s & 0x8888u) == 0);  // no sign-replicate selectors: not twinned
     const uint64_t v = (uint64_t)y << 32 | x;
     unsigned r = 0;
     for (int i = 0; i < 4; ++i) r |= (unsigned)(v >> (8 * ((s >> (4 * i)) & 7)) & 0xff) << (8 * i);
@@ -98,15 +99,31 @@ static unsigned smem_u32(const void* p) {
 }
 static unsigned dynamic_smem_bytes() { return (unsigned)g_smem_size; }
 
-// cp.async: the copy is done at once (a refinement of the asynchronous
-// one, so the group waits are no-ops): src_bytes from src, zeros to 16.
+// cp.async: each thread's copies land in shared memory only when a
+// cp.async.wait_group retires their group (all but the newest N committed
+// groups), never earlier, so a wait that is missing or too loose leaves
+// stale bytes that poison the result. The source is read at issue (global
+// inputs do not change during a kernel): src_bytes from src, zeros to 16.
+struct AsyncCopy { unsigned dst; unsigned char bytes[16]; };
+thread_local std::vector<AsyncCopy> t_async_open;
+thread_local std::vector<std::vector<AsyncCopy>> t_async_groups;
 static void cp_async16(unsigned dst, const void* src, unsigned src_bytes) {
     assert(dst % 16 == 0 && dst + 16 <= g_smem_size && src_bytes <= 16);
-    std::memcpy(g_smem + dst, src, src_bytes);
-    std::memset(g_smem + dst + src_bytes, 0, 16 - src_bytes);
+    assert(src_bytes == 0 || (uintptr_t)src % 16 == 0);  // cp.async.cg needs 16-byte sources
+    AsyncCopy c{dst, {}};
+    std::memcpy(c.bytes, src, src_bytes);
+    t_async_open.push_back(c);
 }
-static void cp_async_commit() {}
-template <int N> static void cp_async_wait() {}
+static void cp_async_commit() {
+    t_async_groups.push_back(std::move(t_async_open));
+    t_async_open.clear();
+}
+template <int N> static void cp_async_wait() {
+    while (t_async_groups.size() > (size_t)N) {
+        for (const AsyncCopy& c : t_async_groups.front()) std::memcpy(g_smem + c.dst, c.bytes, 16);
+        t_async_groups.erase(t_async_groups.begin());
+    }
+}
 
 // cvt.rn.bf16x2.f32: both halves rounded to nearest even, `lo` low.
 static unsigned pack_bf16x2(float lo, float hi) {
@@ -201,6 +218,8 @@ static void launch(Dim3 grid, unsigned block, size_t smem, const std::function<v
             for (unsigned t = 0; t < block; ++t)
                 ts.emplace_back([&, t, bx, by] {
                     threadIdx.x = t;
+                    t_async_open.clear();
+                    t_async_groups.clear();
                     blockIdx.x = bx;
                     blockIdx.y = by;
                     k();

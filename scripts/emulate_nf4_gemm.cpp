@@ -8,8 +8,8 @@
 // as NaN; relative L2 above 1e-2 fails. About a minute on the 2-core CPU
 // machine:
 //
-//   g++ -std=c++20 -O1 -g -fsanitize=address,undefined -ffp-contract=off -pthread \
-//       scripts/emulate_nf4_gemm.cpp -o /tmp/emulate_nf4 && /tmp/emulate_nf4
+//   g++ -std=c++20 -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined \
+//       -ffp-contract=off -pthread scripts/emulate_nf4_gemm.cpp -o /tmp/emulate_nf4 && /tmp/emulate_nf4
 #include "emulate_cuda.h"
 
 // The source as NVRTC sees it: common.cuh first.
@@ -48,7 +48,7 @@ static void run(const Case& c) {
     for (auto& v : la) v = uni(-1.f, 1.f);
     for (auto& v : lb) v = uni(-0.5f, 0.5f);
     for (auto& v : cs) v = uni(0.5f, 1.5f);
-    const float s = 2.f;
+    const float s = 16.f / std::sqrt(20.f);  // rsLoRA's: not a power of two
     const int lb_n = c.trans ? 1 : c.r, lb_r = c.trans ? width : 1;
     auto rb = [](float v) { return (double)bf16_to_f32(f32_to_bf16(v)); };
     std::vector<double> want((size_t)c.m * width);
@@ -98,6 +98,9 @@ int main() {
         {37, 200, 192, 4, true, false, false, false},
         {37, 200, 192, 4, false, true, true, true},
         {37, 200, 192, 4, true, true, true, true},
+        // An odd width: scalar stores, and X rows that are not 16-byte runs.
+        {37, 201, 192, 4, false, true, true, true},
+        {37, 201, 192, 4, true, true, true, true},
         {300, 136, 128, 20, false, true, false, false},
         {300, 136, 128, 20, true, true, false, false},
         {300, 136, 128, 16, false, false, true, true},

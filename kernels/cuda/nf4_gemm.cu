@@ -34,10 +34,11 @@
 // MAX_DYNAMIC_SHARED_SIZE_BYTES to it. It fits every sm_80+ part (sm_86/89/
 // 120 allow 99 KB per block). nested_map must have 256 entries.
 //
-// Epilogue (Epi below, all optional): the LoRA term s·(A_l·B_lᵀ) of rank r,
-// a bf16 addend and a per-column scale, so that y = colscale ⊙ (X·op(W) +
-// s·A_l·B_lᵀ + addend) is one kernel (the fusion pass's NF4 + LoRA + DoRA
-// group). The LoRA factors are f32; like the CPU's bf16 GEMM, each value is
+// Epilogue (Epi below, all optional): the LoRA term s·Σ_r la[m, r]·lb(n, r)
+// of rank r, a bf16 addend and a per-column scale, so that y = col_scale ⊙
+// (X·op(W) + LoRA + addend) is one kernel (the fusion pass's NF4 + LoRA +
+// DoRA group; la is x·lora_Aᵀ with lb lora_B in the forward, dy·lora_B with
+// lb lora_A in the input gradient). The LoRA factors are f32; like the CPU's bf16 GEMM, each value is
 // rounded to bf16 after its scale and the products summed in f32 (here on
 // the CUDA cores, after the main loop, from shared memory: r·BM·BN FMAs
 // per block against the main loop's K·BM·BN tensor-core MACs).
@@ -465,11 +466,15 @@ __device__ __forceinline__ void nf4_gemm(const bf16_t* __restrict__ x, const Nf4
                 const float v = (m < M && r < e.r) ? e.s * e.la[(long long)m * e.r + r] : 0.f;
                 las[row * EPI_LD + q % EPI_R] = bf16_to_f32(f32_to_bf16(v));
             }
+            // Consecutive threads take consecutive addresses of lb: columns
+            // fastest when lb is [r, width] (the input gradient's lora_A).
+            const bool cols_fast = e.lb_n == 1;
             for (int q = tid; q < BN * EPI_R; q += THREADS) {
-                const int col = q / EPI_R, r = r0 + q % EPI_R, n = c0 + col;
+                const int col = cols_fast ? q % BN : q / EPI_R;
+                const int rr = cols_fast ? q / BN : q % EPI_R, r = r0 + rr, n = c0 + col;
                 const float v =
                     (n < width && r < e.r) ? e.lb[(long long)n * e.lb_n + (long long)r * e.lb_r] : 0.f;
-                lbs[col * EPI_LD + q % EPI_R] = bf16_to_f32(f32_to_bf16(v));
+                lbs[col * EPI_LD + rr] = bf16_to_f32(f32_to_bf16(v));
             }
             __syncthreads();
 #pragma unroll 1

@@ -174,12 +174,19 @@ impl Nf4Gemm {
             int("nf4 gemm LoRA stride", lb_n)?,
             int("nf4 gemm LoRA stride", lb_r)?,
         );
+        let (mi, ni, ki) = (
+            int("nf4 gemm rows", m)?,
+            int("nf4 gemm weight rows", w.rows)?,
+            int("nf4 gemm weight columns", w.cols)?,
+        );
+        if m == 0 || width == 0 {
+            return Ok(()); // nothing to write; a grid of zero blocks is no launch
+        }
         let cfg = LaunchConfig {
             grid_dim: (width.div_ceil(TILE_N) as u32, m.div_ceil(TILE_M) as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: SMEM_BYTES,
         };
-        let (mi, ni, ki) = (m as i32, w.rows as i32, w.cols as i32);
         let f = if tb { &self.fwd } else { &self.dgrad };
         // An absent piece is a null pointer, which the kernel skips.
         let null = 0u64;

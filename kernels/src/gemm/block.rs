@@ -111,7 +111,8 @@ const PACK_COLS: usize = 128;
 const MAX_TILE: usize = 32 * 32;
 
 /// B slabs per super-slab: the columns whose f32 accumulators a non-f32
-/// output keeps at once (with MC rows: 1008×2560×4 B ≈ 10 MB for AVX-512).
+/// output keeps at once (with an m block of up to 1.25·mc rows:
+/// 1260×2560×4 B ≈ 13 MB for AVX-512).
 const SLABS_PER_SUPER: usize = 4;
 
 /// Below this many multiply-adds (m·k·n: ~15 µs on one core here) one

@@ -381,7 +381,8 @@ pub fn gemm_sum_on<T: Elem>(
             .iter()
             .map(|t| {
                 // A power-of-two scale (LoRA's alpha/r) moves to a dense b
-                // no larger than a, the same product exactly: scaling costs
+                // no larger than a, the same product exactly unless a scaled
+                // value leaves the normal range (subnormal or infinite): scaling costs
                 // a pass through f32 in packing, and stored bf16 rows are
                 // read in place only unscaled (LoRA's `2·dy·B` and
                 // `2·dyᵀ·(x·Aᵀ)` scale their small factor instead of dy).
