@@ -144,11 +144,12 @@ proptest! {
 }
 
 /// Every blocking loop taken more than once with a ragged last block: m past
-/// both paths' m block (1008 and 1020 rows), k past three k blocks, n past
-/// both paths' B slab (640 and 512 columns).
+/// every path's m block (up to 1.25·mc: 1260 rows for AVX-512, 1275 for
+/// AVX2, 1280 for AMX), k past three k blocks, n past the B slabs (640 and
+/// 512 columns).
 #[test]
 fn blocks_in_every_dimension() {
-    let (m, k, n) = (1031, 777, 673);
+    let (m, k, n) = (1291, 777, 673);
     for (ta, tb) in [(false, false), (true, true)] {
         check_all_paths(m, k, n, ta, tb, 7).unwrap();
     }

@@ -1,36 +1,38 @@
-//! The AVX512-BF16 micro-kernel: a 14×32 tile of `c` in 28 zmm f32
+//! The AVX512-BF16 micro-kernel: a 12×32 tile of `c` in 24 zmm f32
 //! accumulators, fed by `vdpbf16ps`, which multiplies 16 pairs of bf16 per
 //! vector and adds both products to each f32 lane: twice the multiply-adds
 //! of an f32 FMA per instruction, from half the bytes of packed panels.
 //!
 //! Per step (two k): two 64-byte loads of the B panel (32 columns × a pair)
-//! and 14 pair broadcasts of the A panel feed 28 dot products; the same
-//! register budget as the f32 kernel.
+//! and 12 pair broadcasts of the A panel feed 24 dot products. 12 rows, not
+//! the f32 kernel's 14: measured on Zen 4 (gemm_probe, alternated), equal
+//! at large M and 4-7% faster at M = 128 (a 7B step's tokens: ten 14-row
+//! panels for 128 rows were 9% padding, eleven 12-row ones are 3%).
 
 use super::block::Micro;
 use super::operand::Pair;
 use std::arch::x86_64::*;
 
-const MR: usize = 14;
+const MR: usize = 12;
 const NR: usize = 32;
 
 /// The f32 kernel's blocking in bytes (pairs are 4 bytes like an f32): an
-/// A panel is 14×384 pairs = 21 KiB, a B slab 384×640 pairs = 960 KiB, now
+/// A panel is 12×384 pairs = 18 KiB, a B slab 384×640 pairs = 960 KiB, now
 /// covering 768 k.
 pub(super) static MICRO: Micro<Pair> = Micro {
     mr: MR,
     nr: NR,
     kc: 768,
-    mc: 72 * MR,
+    mc: 84 * MR,
     nc: 20 * NR,
     step_align: 1,
     a_tiled: false,
     kernel,
     rows_kernel: Some(rows_kernel),
     rows_align: 4,
-    // Measured (gemm_probe, one core): 14 rows 2 KiB apart (7 to a set)
-    // read in place 2-4% faster than packed; 4 or 8 KiB apart (all 14 in
-    // one set) 20% slower.
+    // Measured (gemm_probe, one core, with 14-row tiles): 14 rows 2 KiB
+    // apart (7 to a set) read in place 2-4% faster than packed; 4 or 8 KiB
+    // apart (all 14 in one set) 20% slower.
     rows_per_set: 7,
     setup: None,
 };
@@ -50,7 +52,7 @@ unsafe fn kernel(
 }
 
 /// See [`super::block::RowsKernel`] for the contract: A's pairs read
-/// straight from 14 stored rows `lda` bf16 apart, which saves the pass
+/// straight from 12 stored rows `lda` bf16 apart, which saves the pass
 /// that packing them would be when few columns reuse the panel (LoRA's
 /// `x·Aᵀ` and `dy·B`).
 #[target_feature(enable = "avx512f,avx512bf16")]

@@ -103,7 +103,7 @@ impl<E: Packed> Micro<E> {
 
 /// Columns of `op(a)ᵀ` per packing call when a stored row holds a run of
 /// them (AMX's tiled panels always, else when `op(a)ᵀ` is stored as is):
-/// one panel's 14 or 32 columns are too short a run to read well.
+/// one panel's 12, 14 or 32 columns are too short a run to read well.
 const PACK_COLS: usize = 128;
 
 /// The largest register tile (AMX's 32×32 of four tiles): ragged edge

@@ -45,7 +45,7 @@ pub enum Path {
     /// AVX-512F: a 14×32 f32 register tile, operands widened likewise.
     Avx512,
     /// AVX-512F for f32 operands, and for bf16 ones (and NF4 weights in bf16
-    /// compute) the AVX512-BF16 dot-product kernel on the same 14×32 tile.
+    /// compute) the AVX512-BF16 dot-product kernel on a 12×32 tile.
     Avx512Bf16,
     /// AVX-512F for f32 operands, AMX tiles (32×32) for bf16 ones.
     Amx,
