@@ -13,7 +13,7 @@ mod gpu {
     use cudarc::driver::CudaSlice;
     use graft::engine::rng::Rng;
     use graft::kernels::bf16;
-    use graft::kernels::cuda::{DeviceNf4, Gpu, Nf4Gemm};
+    use graft::kernels::cuda::{DeviceNf4, Gpu, LoraTerm, Nf4Epilogue, Nf4Gemm};
     use graft::kernels::nf4::quantize;
     use std::time::{Duration, Instant};
 
@@ -34,7 +34,12 @@ mod gpu {
         y: CudaSlice<bf16>,
         dx: CudaSlice<bf16>,
         wd: CudaSlice<bf16>,
+        // LoRA's rank-16 factors for the fused forward: `ax [m, r]`, `lb [n, r]`.
+        ax: CudaSlice<f32>,
+        lb: CudaSlice<f32>,
     }
+
+    const RANK: usize = 16;
 
     fn random_bf16(rng: &mut Rng, n: usize, scale: f32) -> Vec<bf16> {
         (0..n)
@@ -59,6 +64,16 @@ mod gpu {
             y: s.alloc_zeros(m * n).unwrap(),
             dx: s.alloc_zeros(m * k).unwrap(),
             wd: s.clone_htod(&wd).unwrap(),
+            ax: s
+                .clone_htod(&(0..m * RANK).map(|_| rng.normal()).collect::<Vec<f32>>())
+                .unwrap(),
+            lb: s
+                .clone_htod(
+                    &(0..n * RANK)
+                        .map(|_| rng.normal() * 0.01)
+                        .collect::<Vec<f32>>(),
+                )
+                .unwrap(),
         }
     }
 
@@ -89,12 +104,15 @@ mod gpu {
         unsafe { blas.gemm(cfg, b, a, c) }.unwrap();
     }
 
-    /// The four timed operations of a case.
-    const OPS: [&str; 4] = [
+    /// The timed operations of a case: each NF4 product beside cuBLAS's, and
+    /// last the forward with LoRA's term in its epilogue (its cost is the
+    /// difference to the plain forward).
+    const OPS: [&str; 5] = [
         "nf4 forward",
         "cublas bf16 forward",
         "nf4 input-grad",
         "cublas bf16 input-grad",
+        "nf4 forward + LoRA r=16",
     ];
 
     fn launch(op: usize, c: &mut Case, gemm: &Nf4Gemm, blas: &CudaBlas) {
@@ -104,7 +122,20 @@ mod gpu {
             // Same FLOPs and operand sizes as x·Wᵀ: [m,k]·[k,n].
             1 => cublas(blas, &c.x, &c.wd, &mut c.y, m, k, n),
             2 => gemm.run(&c.dy, &c.w, m, false, &mut c.dx).unwrap(),
-            _ => cublas(blas, &c.dy, &c.wd, &mut c.dx, m, n, k),
+            3 => cublas(blas, &c.dy, &c.wd, &mut c.dx, m, n, k),
+            _ => {
+                let lora = LoraTerm {
+                    a: &c.ax,
+                    b: &c.lb,
+                    r: RANK,
+                    scale: 2.0,
+                };
+                let epi = Nf4Epilogue {
+                    lora: Some(lora),
+                    ..Default::default()
+                };
+                gemm.run_fused(&c.x, &c.w, m, true, &epi, &mut c.y).unwrap()
+            }
         }
     }
 
@@ -154,7 +185,7 @@ mod gpu {
         println!("|---|---|---|---|---|---|---|");
         for c in cases.iter_mut() {
             let flops = 2.0 * (c.m * c.k * c.n) as f64;
-            let mut ms = [0f64; 4];
+            let mut ms = [0f64; OPS.len()];
             for (op, slot) in ms.iter_mut().enumerate() {
                 timed(&gpu, 5, || launch(op, c, &gemm, &blas));
                 let mut runs: Vec<f64> = (0..7)
@@ -166,10 +197,14 @@ mod gpu {
                 *slot = runs[3];
             }
             for (op, name) in OPS.iter().enumerate() {
-                let ratio = if op % 2 == 0 {
-                    format!("{:.0}%", 100.0 * ms[op + 1] / ms[op])
-                } else {
-                    "-".into()
+                let ratio = match op {
+                    0 | 2 => format!("{:.0}%", 100.0 * ms[op + 1] / ms[op]),
+                    4 => format!(
+                        "{:.0}% (+{:.0}% over nf4 forward)",
+                        100.0 * ms[1] / ms[4],
+                        100.0 * (ms[4] / ms[0] - 1.0)
+                    ),
+                    _ => "-".into(),
                 };
                 println!(
                     "| {} | {} | {} | {name} | {:.3} | {:.0} | {ratio} |",

@@ -666,12 +666,16 @@ fn attention_matches_the_cpu_reference() {
             [dqd, dkd, dvd].map(|x| s.clone_dtoh(&x).unwrap())
         };
         let got = backward();
+        // dq and dk vanish where a query sees one key (softmax's gradient is
+        // zero there): measure them against the incoming gradient's size
+        // then, not against a zero reference's rounding noise.
+        let floor = 1e-2 * norm(&to_f64(&dout));
         for (name, g, want) in [
             ("dq", &got[0], &dq),
             ("dk", &got[1], &dk),
             ("dv", &got[2], &dv),
         ] {
-            close(name, rel_l2(g, &to_f64(want)));
+            close(name, rel_l2_floor(g, &to_f64(want), floor));
         }
         let bits = |x: &[bf16]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         let again = backward();
