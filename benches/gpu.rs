@@ -34,6 +34,8 @@ mod gpu {
         y: CudaSlice<bf16>,
         dx: CudaSlice<bf16>,
         wd: CudaSlice<bf16>,
+        // W dequantized on the device, for the dequantize-then-cuBLAS ops.
+        wq: CudaSlice<bf16>,
         // LoRA's rank-16 factors for the fused forward: `ax [m, r]`, `lb [n, r]`.
         ax: CudaSlice<f32>,
         lb: CudaSlice<f32>,
@@ -64,6 +66,7 @@ mod gpu {
             y: s.alloc_zeros(m * n).unwrap(),
             dx: s.alloc_zeros(m * k).unwrap(),
             wd: s.clone_htod(&wd).unwrap(),
+            wq: s.alloc_zeros(n * k).unwrap(),
             ax: s
                 .clone_htod(&(0..m * RANK).map(|_| rng.normal()).collect::<Vec<f32>>())
                 .unwrap(),
@@ -104,15 +107,45 @@ mod gpu {
         unsafe { blas.gemm(cfg, b, a, c) }.unwrap();
     }
 
-    /// The timed operations of a case: each NF4 product beside cuBLAS's, and
-    /// last the forward with LoRA's term in its epilogue (its cost is the
-    /// difference to the plain forward).
-    const OPS: [&str; 5] = [
+    /// Row-major `c[m,n] = a[m,k]·b[n,k]ᵀ` through cuBLAS (b as a weight is
+    /// stored, the forward's layout).
+    fn cublas_t(
+        blas: &CudaBlas,
+        a: &CudaSlice<bf16>,
+        b: &CudaSlice<bf16>,
+        c: &mut CudaSlice<bf16>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha: bf16::ONE,
+            lda: k as i32,
+            ldb: k as i32,
+            beta: bf16::ZERO,
+            ldc: n as i32,
+        };
+        // SAFETY: the buffers hold n·k, m·k and m·n values.
+        unsafe { blas.gemm(cfg, b, a, c) }.unwrap();
+    }
+
+    /// The timed operations of a case: each fused NF4 product beside
+    /// cuBLAS's, the forward with LoRA's term in its epilogue (its cost is
+    /// the difference to the plain forward), and each product as the GPU
+    /// executor runs it: W dequantized to bf16, then cuBLAS.
+    const OPS: [&str; 7] = [
         "nf4 forward",
         "cublas bf16 forward",
         "nf4 input-grad",
         "cublas bf16 input-grad",
         "nf4 forward + LoRA r=16",
+        "dequantize + cublas forward",
+        "dequantize + cublas input-grad",
     ];
 
     fn launch(op: usize, c: &mut Case, gemm: &Nf4Gemm, blas: &CudaBlas) {
@@ -123,6 +156,13 @@ mod gpu {
             1 => cublas(blas, &c.x, &c.wd, &mut c.y, m, k, n),
             2 => gemm.run(&c.dy, &c.w, m, false, &mut c.dx).unwrap(),
             3 => cublas(blas, &c.dy, &c.wd, &mut c.dx, m, n, k),
+            5 | 6 => {
+                gemm.dequantize(&c.w, &mut c.wq).unwrap();
+                match op {
+                    5 => cublas_t(blas, &c.x, &c.wq, &mut c.y, m, k, n),
+                    _ => cublas(blas, &c.dy, &c.wq, &mut c.dx, m, n, k),
+                }
+            }
             _ => {
                 let lora = LoraTerm {
                     a: &c.ax,

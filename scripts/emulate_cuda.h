@@ -241,11 +241,13 @@ static void expect(bool ok, const char* what, double e) {
     fflush(stdout);
     if (!ok) ++fails;
 }
-static double rel_l2(const std::vector<double>& a, const std::vector<double>& b) {
+// ||a - b|| / max(||b||, floor): a floor for outputs that can vanish, whose
+// reference is then only rounding noise.
+static double rel_l2(const std::vector<double>& a, const std::vector<double>& b, double floor = 0) {
     double d = 0, n = 0;
     for (size_t i = 0; i < a.size(); ++i) {
         if (!std::isfinite(a[i]) || !std::isfinite(b[i])) return INFINITY;
         d += (a[i] - b[i]) * (a[i] - b[i]); n += b[i] * b[i];
     }
-    return std::sqrt(d) / std::max(std::sqrt(n), 1e-300);
+    return std::sqrt(d) / std::max({std::sqrt(n), floor, 1e-300});
 }

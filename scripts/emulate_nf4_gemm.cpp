@@ -84,6 +84,18 @@ static void run(const Case& c) {
     std::vector<double> got(y.size());
     for (size_t i = 0; i < y.size(); ++i) got[i] = bf16_to_f32(y[i]);
     char what[160];
+    // The whole-weight dequantization (for cuBLAS): every value bit-exact
+    // with the tiles' numerics above, on a grid smaller than the weight so
+    // the grid-stride loop turns over.
+    std::vector<bf16_t> wd(nw, 0x7fc0);
+    launch(Dim3{2, 1, 1}, 64, 0, [&] {
+        nf4_dequantize(packed.data(), absmax.data(), nested_scales.data(), nested_map.data(), offset, wd.data(),
+                       (long long)(nw / 8));
+    });
+    size_t differ = 0;
+    for (size_t e = 0; e < nw; ++e) differ += bf16_to_f32(wd[e]) != w[e] || std::isnan(bf16_to_f32(wd[e]));
+    snprintf(what, sizeof what, "nf4 dequantize n=%d k=%d: values that differ", c.n, c.k);
+    expect(differ == 0, what, (double)differ);
     snprintf(what, sizeof what, "nf4 %s m=%d n=%d k=%d r=%d lora=%d addend=%d scale=%d",
              c.trans ? "dgrad" : "fwd  ", c.m, c.n, c.k, c.r, c.lora, c.addend, c.scale);
     const double e = rel_l2(got, want);

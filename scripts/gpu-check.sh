@@ -21,7 +21,9 @@ export GRAFT_REQUIRE_NVRTC=1 GRAFT_CACHE_DIR="${GRAFT_CACHE_DIR:-$out/cache}"
 if command -v cargo >/dev/null; then
   scripts/gpu-build.sh > "$out/build.log" 2>&1 || { echo "build failed: see $out/build.log"; exit 1; }
 fi
-[ -x .gpu-bin/cuda-tests ] && [ -x .gpu-bin/gpu-bench ] || { echo "no .gpu-bin/: run scripts/gpu-build.sh first"; exit 1; }
+for b in cuda-tests gpu-bench executor-tests gpu-step trainer; do
+  [ -x .gpu-bin/$b ] || { echo "no .gpu-bin/$b: run scripts/gpu-build.sh first"; exit 1; }
+done
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
@@ -29,7 +31,24 @@ cat "$out/gpu.txt"
 echo "== GPU tests"
 .gpu-bin/cuda-tests --test-threads=1 --nocapture > "$out/tests.log" 2>&1
 tests_rc=$?
-grep -E "rel L2|SKIPPED|test result|panicked|FAILED" "$out/tests.log"
+grep -E "SKIPPED|test result|panicked|FAILED|values differ" "$out/tests.log"
+
+echo "== GPU executor against the CPU executor (QLoRA steps, the eval loss)"
+.gpu-bin/executor-tests --test-threads=1 --nocapture > "$out/executor.log" 2>&1
+exec_rc=$?
+grep -E "worst|loss GPU|eval loss|SKIPPED|test result|panicked" "$out/executor.log"
+
+echo "== the embedded default trained on the GPU (trainer run --device gpu)"
+rm -rf "$out/default-run"
+.gpu-bin/trainer run --device gpu --set output.dir="$out/default-run" > "$out/default.log" 2>&1
+default_rc=$?
+grep -E "device|exact match|step 260|error" "$out/default.log"
+rm -rf "$out/default-run"
+
+echo "== Llama-2-7B-shaped QLoRA step (batch 1 x 2048, r=16 all linear; with and without recomputation)"
+.gpu-bin/gpu-step 2048 32 2 > "$out/step7b.log" 2>&1
+step_rc=$?
+cat "$out/step7b.log"
 
 echo "== GPU benches (criterion)"
 .gpu-bin/gpu-bench --bench --measurement-time 2 > "$out/bench.log" 2>&1
@@ -42,16 +61,18 @@ grep -E "^GPU:|^\|" "$out/bench.log"
 san_rc=0
 if command -v compute-sanitizer >/dev/null; then
   echo "== compute-sanitizer"
-  # tool:test-name filter ("match" is in the name of every test that launches a kernel).
-  for run in memcheck:match racecheck:attention racecheck:nf4_gemm_epilogue; do
-    tool=${run%%:*} filter=${run#*:}
-    log="$out/sanitize-$tool-$filter.log"
-    timeout 180 compute-sanitizer --tool "$tool" --error-exitcode 9 .gpu-bin/cuda-tests "$filter" --test-threads=1 > "$log" 2>&1
+  # ("match" is in the name of every kernel test that launches a kernel.)
+  # tool:binary:filter; the executor's test runs whole training steps.
+  for run in memcheck:cuda-tests:match racecheck:cuda-tests:attention \
+             racecheck:cuda-tests:nf4_gemm_epilogue memcheck:executor-tests:gpu_step; do
+    IFS=: read -r tool bin filter <<< "$run"
+    log="$out/sanitize-$tool-$bin-$filter.log"
+    timeout 180 compute-sanitizer --tool "$tool" --error-exitcode 9 ".gpu-bin/$bin" "$filter" --test-threads=1 > "$log" 2>&1
     rc=$?
-    echo "$tool on '$filter': rc=$rc, $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1)"
+    echo "$tool on $bin '$filter': rc=$rc, $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1)"
     [ $rc -eq 9 ] && san_rc=9
   done
 fi
 
-echo "tests rc=$tests_rc bench rc=$bench_rc sanitizer rc=$san_rc (logs in $out)"
-[ $tests_rc -eq 0 ] && [ $bench_rc -eq 0 ] && [ $san_rc -eq 0 ]
+echo "tests rc=$tests_rc executor rc=$exec_rc bench rc=$bench_rc default rc=$default_rc 7B step rc=$step_rc sanitizer rc=$san_rc (logs in $out)"
+[ $tests_rc -eq 0 ] && [ $exec_rc -eq 0 ] && [ $bench_rc -eq 0 ] && [ $default_rc -eq 0 ] && [ $step_rc -eq 0 ] && [ $san_rc -eq 0 ]

@@ -118,33 +118,7 @@ impl CpuExecutor {
     /// Runs `plan` and returns its outputs as owned tensors, in plan order.
     pub fn run(&mut self, plan: &Plan, feeds: &Feeds) -> Result<Vec<Tensor>, EngineError> {
         let g = plan.graph();
-        for leaf in plan.leaves() {
-            let name = g.leaf_name(leaf).unwrap_or("?");
-            let (shape, dtype, ..) = feeds
-                .view(leaf)
-                .ok_or_else(|| EngineError::Unbound(name.to_string()))?;
-            let ty = g.ty(leaf);
-            if shape != ty.shape.as_slice() || dtype != ty.dtype {
-                return Err(EngineError::Feed {
-                    name: name.to_string(),
-                    want: format!("{} {:?}", ty.dtype, ty.shape),
-                    got: format!("{dtype} {shape:?}"),
-                });
-            }
-        }
-        for &n in plan.schedule() {
-            let node = g.node(n);
-            for &i in node.op.in_place_inputs() {
-                let target = node.inputs[i];
-                if !feeds.view(target).is_some_and(|v| v.4) {
-                    return Err(EngineError::Compile(format!(
-                        "`{}` is updated in place by the plan ({}): bind it with Feeds::bind_mut",
-                        g.leaf_name(target).unwrap_or("?"),
-                        node.op.name()
-                    )));
-                }
-            }
-        }
+        check_feeds(plan, feeds)?;
         // Eight words more, to start the arena on a cache line: the plan's
         // offsets are cache-line aligned, and AMX reads bf16 rows in place
         // only when they are.
@@ -300,6 +274,40 @@ impl CpuExecutor {
             })
             .collect()
     }
+}
+
+/// Fails unless every leaf of `plan` is bound with the declared shape and
+/// dtype, and every parameter the plan updates in place is bound for it.
+pub(crate) fn check_feeds(plan: &Plan, feeds: &Feeds) -> Result<(), EngineError> {
+    let g = plan.graph();
+    for leaf in plan.leaves() {
+        let name = g.leaf_name(leaf).unwrap_or("?");
+        let (shape, dtype, ..) = feeds
+            .view(leaf)
+            .ok_or_else(|| EngineError::Unbound(name.to_string()))?;
+        let ty = g.ty(leaf);
+        if shape != ty.shape.as_slice() || dtype != ty.dtype {
+            return Err(EngineError::Feed {
+                name: name.to_string(),
+                want: format!("{} {:?}", ty.dtype, ty.shape),
+                got: format!("{dtype} {shape:?}"),
+            });
+        }
+    }
+    for &n in plan.schedule() {
+        let node = g.node(n);
+        for &i in node.op.in_place_inputs() {
+            let target = node.inputs[i];
+            if !feeds.view(target).is_some_and(|v| v.4) {
+                return Err(EngineError::Compile(format!(
+                    "`{}` is updated in place by the plan ({}): bind it with Feeds::bind_mut",
+                    g.leaf_name(target).unwrap_or("?"),
+                    node.op.name()
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn f<T: bytemuck::Pod>(b: &[u8]) -> &[T] {

@@ -1,5 +1,5 @@
 //! graft-engine: tensors, storage, compiling graphs into plans, and running
-//! plans on a backend (the CPU here).
+//! plans on a backend: the CPU, or an NVIDIA GPU (feature `cuda`).
 //!
 //! A research prototype links this crate, records a graph with
 //! [`graft_ir::Graph`], marks what it trains, compiles and runs:
@@ -33,7 +33,10 @@
 //! ```
 
 pub mod alloc;
+mod device;
 mod executor;
+#[cfg(feature = "cuda")]
+mod gpu;
 mod nf4;
 pub mod optim;
 mod plan;
@@ -41,7 +44,10 @@ mod profile;
 pub mod rng;
 mod tensor;
 
+pub use device::{Device, Executor};
 pub use executor::{CpuExecutor, Feeds};
+#[cfg(feature = "cuda")]
+pub use gpu::{gpu_unsupported, GpuExecutor, RunPhases};
 pub use graft_ir as ir;
 pub use graft_kernels as kernels;
 pub use plan::{
@@ -69,4 +75,6 @@ pub enum EngineError {
     },
     #[error("{op}: {msg}")]
     Kernel { op: &'static str, msg: String },
+    #[error("GPU: {0}")]
+    Gpu(String),
 }

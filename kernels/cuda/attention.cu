@@ -28,9 +28,9 @@
 //                 alone owns each key row, so results are deterministic).
 //   attn_dq_D:    one block per (64 queries, head): loops over key tiles as
 //                 the forward, accumulating dq in registers.
-// D (head dim) is 64 or 128. Tiles live in dynamic shared memory, rows
+// D (head dim) is 32, 64 or 128. Tiles live in dynamic shared memory, rows
 // padded by 8 elements (16 bytes) so the 8 rows an ldmatrix reads fall in 8
-// distinct bank groups (row stride 9 or 17 chunks of 16 bytes, odd): no
+// distinct bank groups (row stride 5, 9 or 17 chunks of 16 bytes, odd): no
 // conflicts. The launch passes attn_smem_bytes(kernel, D) (mirrored in
 // kernels/src/cuda/attention.rs); a kernel given less traps.
 
@@ -433,5 +433,6 @@ __device__ void attn_dkdv(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
         attn_dkdv<D>(q, k, v, dout, lse, delta, dk, dv, AttnArgs{run_start, t, n_heads, group, window, scale}); \
     }
 
+ATTN_ENTRIES(32)
 ATTN_ENTRIES(64)
 ATTN_ENTRIES(128)

@@ -15,6 +15,13 @@ __device__ __forceinline__ bf16_t f32_to_bf16(float f) {
     return (bf16_t)(u >> 16);
 }
 
+// Element k of an f32 or bf16 array as f32, and back (rounded to nearest
+// even): kernels generic over their storage type.
+__device__ __forceinline__ float ld(const float* p, size_t k) { return p[k]; }
+__device__ __forceinline__ float ld(const bf16_t* p, size_t k) { return bf16_to_f32(p[k]); }
+__device__ __forceinline__ void st(float* p, size_t k, float v) { p[k] = v; }
+__device__ __forceinline__ void st(bf16_t* p, size_t k, float v) { p[k] = f32_to_bf16(v); }
+
 // Reductions over a block (blockDim.x a multiple of 32, at most 1024). Every
 // thread of the block must call them (they hold barriers) and every thread
 // gets the result. The order of additions depends on blockDim.x only, so a

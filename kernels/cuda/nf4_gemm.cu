@@ -555,3 +555,35 @@ nf4_gemm_dgrad(const bf16_t* dy, const unsigned char* packed, const unsigned cha
     Nf4 w = {packed, absmax, nested_scales, nested_map, offset};
     nf4_gemm<true>(dy, w, Epi EPI_ARGS, dx, M, N, K);
 }
+
+// ------------------------------------------------------- whole-weight dequant
+//
+// dequant(W) into global memory, bf16 [N * K] in W's order, for products
+// that go through cuBLAS instead of the kernel above (faster on sm_90 at
+// every training shape measured: docs/GPU.md). Numerics as the tiles':
+// NF4[code]·absmax in f32 (absmax multiply-then-add), rounded to nearest
+// even. Each thread turns one 32-bit word of codes (8 weights, inside one
+// 64-block) into one 16-byte store; n8 = N·K / 8. The code book is read from
+// shared memory: its 16 floats sit in 16 distinct banks, so lanes reading
+// different codes never conflict (the constant bank would serialize them).
+extern "C" __global__ void nf4_dequantize(const unsigned char* packed, const unsigned char* absmax,
+                                          const float* nested_scales, const float* nested_map,
+                                          float offset, bf16_t* out, long long n8) {
+    __shared__ float lut[16];
+    if (threadIdx.x < 16) lut[threadIdx.x] = NF4[threadIdx.x];
+    __syncthreads();
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n8;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long b = i >> 3;  // 8 words of codes per 64-block
+        const float am = nested_map[absmax[b]] * nested_scales[b >> 8] + offset;
+        const u32 word = ((const u32*)packed)[i];
+        u32 p[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            // Byte j: element 2j in the high nibble, 2j + 1 in the low one.
+            const u32 byte = (word >> (8 * j)) & 0xffu;
+            p[j] = pack_bf16x2(lut[byte >> 4] * am, lut[byte & 15u] * am);
+        }
+        ((uint4*)out)[i] = make_uint4(p[0], p[1], p[2], p[3]);
+    }
+}

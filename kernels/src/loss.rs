@@ -5,7 +5,8 @@ use crate::simd::vectorized;
 use crate::{Elem, IndexError};
 use rayon::prelude::*;
 
-pub(crate) fn check_labels(labels: &[i32], vocab: usize, ignore: i32) -> Result<usize, IndexError> {
+/// Checks every label is in `0..vocab` or `ignore`; returns how many are counted.
+pub fn check_labels(labels: &[i32], vocab: usize, ignore: i32) -> Result<usize, IndexError> {
     let mut counted = 0;
     for (position, &l) in labels.iter().enumerate() {
         if l == ignore {

@@ -87,6 +87,25 @@ fn nf4_gemm_matches_the_cpu_reference() {
             eprintln!("nf4 gemm m={m} n={n} k={k} tb={tb}: rel L2 vs CPU {e:.2e}");
             assert!(e < 1e-2, "m={m} n={n} k={k} tb={tb}: rel L2 {e}");
         }
+        // The whole weight dequantized (the executor's path to cuBLAS):
+        // bit for bit the CPU's dequantized values rounded to bf16.
+        let mut wd = s
+            .clone_htod(&vec![bf16::from_f32(f32::NAN); n * k])
+            .unwrap();
+        gemm.dequantize(&dw, &mut wd).unwrap();
+        let got: Vec<bf16> = s.clone_dtoh(&wd).unwrap();
+        let mut row = vec![0f32; k];
+        let mut differ = 0;
+        for (o, got_row) in got.chunks(k).enumerate() {
+            wv.dequantize_into(o * k, &mut row);
+            differ += got_row
+                .iter()
+                .zip(&row)
+                .filter(|(g, w)| g.to_bits() != bf16::from_f32(**w).to_bits())
+                .count();
+        }
+        eprintln!("nf4 dequantize n={n} k={k}: {differ} values differ from the CPU's");
+        assert_eq!(differ, 0, "nf4 dequantize n={n} k={k}");
     }
 }
 
@@ -408,6 +427,28 @@ fn cross_entropy_matches_the_cpu_reference() {
             eprintln!("{what} mean loss {got_loss}: rel L2 vs CPU {e:.2e}");
             assert!(e < 1e-5, "{what} mean loss: {got_loss} vs {want_loss}");
         }
+        // The loss alone (eval plans), of the same bf16 logits and of f32
+        // ones, against the CPU's: the same value up to summation order.
+        let logits32: Vec<f32> = r.vec(rows * vocab, -range, range);
+        let want32 = cross_entropy(&logits32, &labels, ignore).unwrap();
+        let l32 = s.clone_htod(&logits32).unwrap();
+        for (kind, want) in [("bf16", want_loss), ("f32", want32)] {
+            let mut rl = s.clone_htod(&nan_buf::<f32>(rows)).unwrap();
+            let mut lo = s.clone_htod(&[f32::NAN]).unwrap();
+            match kind {
+                "bf16" => k.loss_only(&ld, &ids, ignore, &mut rl, &mut lo),
+                _ => k.loss_only(&l32, &ids, ignore, &mut rl, &mut lo),
+            }
+            .unwrap();
+            let got = s.clone_dtoh(&lo).unwrap()[0];
+            if counted == 0 {
+                assert!(got.is_nan(), "{what} {kind} loss alone: {got}");
+                continue;
+            }
+            let e = rel_l2_floor(&[got], &[want as f64], 1.0);
+            eprintln!("{what} {kind} loss alone {got}: rel L2 vs CPU {e:.2e}");
+            assert!(e < 1e-5, "{what} {kind} loss alone: {got} vs {want}");
+        }
     }
     // A label outside the vocabulary that is not the ignore index.
     let (rows, vocab) = (3, 10);
@@ -596,6 +637,8 @@ fn attention_matches_the_cpu_reference() {
     for (t, kv, d, window, segments) in [
         (1, 1, 64, None, 1),
         (37, 2, 64, None, 3),
+        (96, 2, 32, None, 2),
+        (150, 1, 32, Some(40), 3),
         (64, 4, 128, Some(16), 1),
         (130, 1, 128, None, 2),
         (200, 2, 64, Some(50), 3),

@@ -179,6 +179,39 @@ impl CausalLm {
         })
     }
 
+    /// A model of `config` with random weights and no checkpoint (benches
+    /// and GPU checks of shapes no test can download): weights uniform with
+    /// standard deviation 0.02 in `opts.dtype` (uniform: a third of the time
+    /// of normal draws over a 7B model's embeddings), or, for linears with
+    /// `opts.quantize`, random NF4 codes with the scales that quantizing
+    /// such weights gives (drawn directly: seconds, not the minutes of
+    /// quantizing a 7B model); norms 1.
+    pub fn random(config: ModelConfig, opts: &LoadOptions, seed: u64) -> Result<Self, ModelError> {
+        use graft_engine::rng::Rng;
+        let mut rng = Rng::new(seed);
+        let mut weights = HashMap::new();
+        for (name, shape) in config.expected_tensors() {
+            let numel: usize = shape.iter().product();
+            let t = if name.ends_with("norm.weight") {
+                Tensor::from_f32(&shape, &vec![1.0; numel])?.to_dtype(opts.dtype)?
+            } else if let (true, Some(block)) = (config.is_linear_weight(&name), opts.quantize) {
+                random_nf4(&shape, block, &mut rng)?
+            } else {
+                // Uniform on ±a has standard deviation a/√3.
+                let a = 0.02 * 3f32.sqrt();
+                let w: Vec<f32> = (0..numel).map(|_| rng.uniform(-a, a)).collect();
+                Tensor::from_f32(&shape, &w)?.to_dtype(opts.dtype)?
+            };
+            weights.insert(name, t);
+        }
+        Ok(CausalLm {
+            config,
+            dir: PathBuf::from("<random>"),
+            dtype: opts.dtype,
+            weights,
+        })
+    }
+
     pub fn weight(&self, name: &str) -> Option<&Tensor> {
         self.weights.get(name)
     }
@@ -480,4 +513,34 @@ impl Recorded {
         }
         Ok(feeds)
     }
+}
+
+/// A random NF4 weight: a sample of N(0, 0.02²) quantized for real gives
+/// valid scales and code maps; codes and block scales are then drawn.
+fn random_nf4(
+    shape: &[usize],
+    block: usize,
+    rng: &mut graft_engine::rng::Rng,
+) -> Result<Tensor, ModelError> {
+    use graft_engine::ir::Nf4Layout;
+    use graft_engine::kernels::nf4::{quantize, Nf4Parts};
+    let sample: Vec<f32> = (0..block * 256).map(|_| 0.02 * rng.normal()).collect();
+    let p = quantize(&sample, block).map_err(|e| ModelError::Input(format!("nf4: {e}")))?;
+    let l = Nf4Layout::new(shape.iter().product(), block);
+    let mut packed = vec![0u8; l.packed.len()];
+    for c in packed.chunks_mut(8) {
+        c.copy_from_slice(&rng.next_u64().to_le_bytes()[..c.len()]);
+    }
+    let absmax = (0..l.blocks)
+        .map(|_| p.absmax[(rng.next_u64() % p.absmax.len() as u64) as usize])
+        .collect();
+    let parts = Nf4Parts {
+        block,
+        packed,
+        absmax,
+        nested_scales: vec![p.nested_scales[0]; l.nested_blocks],
+        offset: p.offset,
+        nested_map: p.nested_map,
+    };
+    Ok(Tensor::from_nf4(shape, &parts)?)
 }

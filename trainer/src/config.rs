@@ -4,6 +4,7 @@
 //! An unknown key is an error naming it and the nearest valid key; a wrong
 //! type names the key and what it should be.
 
+use graft_engine::Device;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use toml::{Table, Value};
@@ -140,6 +141,30 @@ pub struct TrainSection {
     /// Recompute each layer's activations in the backward pass instead of
     /// keeping them (`passes::recompute`).
     pub gradient_checkpointing: bool,
+    /// Where the training step runs: cpu, gpu, or auto (the GPU when one is
+    /// usable and has a kernel for every node of the step).
+    #[serde(with = "device_name")]
+    pub device: Device,
+}
+
+/// `train.device` as the strings cpu, gpu and auto.
+mod device_name {
+    use graft_engine::Device;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Device, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match d {
+            Device::Cpu => "cpu",
+            Device::Gpu => "gpu",
+            Device::Auto => "auto",
+        })
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Device, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]

@@ -21,8 +21,8 @@ const BQ: usize = 32;
 const PAD: usize = 8;
 const THREADS: u32 = 128;
 
-/// The head dims that have kernels (`attn_*_64`, `attn_*_128`).
-const HEAD_DIMS: [usize; 2] = [64, 128];
+/// The head dims that have kernels (`attn_*_32`, `attn_*_64`, `attn_*_128`).
+pub const HEAD_DIMS: [usize; 3] = [32, 64, 128];
 
 #[derive(Clone, Copy)]
 enum Kernel {
@@ -163,7 +163,7 @@ impl AttentionKernels {
         let (t, d, heads, kv_heads) = (s.tokens, s.head_dim, s.n_heads, s.n_kv_heads);
         let dim = HEAD_DIMS.iter().position(|&x| x == d).ok_or_else(|| {
             GpuError::Shape(format!(
-                "attention head_dim: {d} has no GPU kernel (64 or 128)"
+                "attention head_dim: {d} has no GPU kernel (32, 64 or 128)"
             ))
         })?;
         if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {

@@ -3,13 +3,15 @@
 //! [`crate::loss::cross_entropy`] with [`crate::loss::cross_entropy_grad`].
 
 use super::ids::index_error;
-use super::{check, driver, int, one_block, per_row, DeviceIds, Gpu, GpuError};
+use super::{check, driver, int, one_block, per_row, DeviceElem, DeviceIds, Gpu, GpuError};
 use crate::bf16;
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, PushKernelArg};
 use std::sync::Arc;
 
 pub struct LossKernels {
     fwd_bwd: CudaFunction,
+    /// The loss alone, by logits type ([`DeviceElem::INDEX`]).
+    loss_rows: [CudaFunction; 2],
     mean: CudaFunction,
     stream: Arc<CudaStream>,
 }
@@ -20,6 +22,7 @@ impl LossKernels {
         let f = |name| m.load_function(name).map_err(driver);
         Ok(LossKernels {
             fwd_bwd: f("cross_entropy_fwd_bwd")?,
+            loss_rows: [f("cross_entropy_rows_f32")?, f("cross_entropy_rows_bf16")?],
             mean: f("mean_loss")?,
             stream: gpu.stream().clone(),
         })
@@ -43,20 +46,40 @@ impl LossKernels {
         row_loss: &mut CudaSlice<f32>,
         loss: &mut CudaSlice<f32>,
     ) -> Result<(), GpuError> {
+        let vocab = logits.len() / labels.len().max(1);
+        let counted =
+            crate::loss::check_labels(labels.host(), vocab, ignore).map_err(index_error)?;
+        self.rows(
+            logits,
+            labels,
+            ignore,
+            dloss / counted as f32,
+            dlogits,
+            row_loss,
+        )?;
+        self.mean(row_loss, counted, loss)
+    }
+
+    /// The per-row part of [`Self::cross_entropy`] (one chunk of a longer
+    /// batch): `row_loss` and `dlogits = c·(softmax − onehot)`. Returns how
+    /// many rows were counted.
+    pub fn rows(
+        &self,
+        logits: &CudaSlice<bf16>,
+        labels: &DeviceIds,
+        ignore: i32,
+        c: f32,
+        dlogits: &mut CudaSlice<bf16>,
+        row_loss: &mut CudaSlice<f32>,
+    ) -> Result<usize, GpuError> {
         let rows = labels.len();
         let vocab = logits.len() / rows.max(1);
         check("cross_entropy logits", logits.len(), rows * vocab)?;
         check("cross_entropy dlogits", dlogits.len(), rows * vocab)?;
         check("cross_entropy row_loss", row_loss.len(), rows)?;
-        check("cross_entropy loss", loss.len(), 1)?;
         let counted =
             crate::loss::check_labels(labels.host(), vocab, ignore).map_err(index_error)?;
-        let (v, r) = (
-            int("cross_entropy vocab", vocab)?,
-            int("cross_entropy tokens", rows)?,
-        );
-        // The CPU's scale, in f32 as there.
-        let c = dloss / counted as f32;
+        let v = int("cross_entropy vocab", vocab)?;
         if rows > 0 {
             let mut l = self.stream.launch_builder(&self.fwd_bwd);
             l.arg(logits)
@@ -66,14 +89,55 @@ impl LossKernels {
                 .arg(&v)
                 .arg(&ignore)
                 .arg(&c);
-            // SAFETY: arguments match the kernel; one block per row, each
-            // within its checked `vocab` values; labels checked above.
+            // SAFETY: arguments match; one block per row of `vocab` values.
             unsafe { l.launch(per_row(rows)) }.map_err(driver)?;
         }
+        Ok(counted)
+    }
+
+    /// The mean cross-entropy alone (an eval plan's loss), of f32 or bf16
+    /// `logits[tokens, vocab]`: `row_loss` as [`Self::cross_entropy`]'s.
+    pub fn loss_only<T: DeviceElem>(
+        &self,
+        logits: &CudaSlice<T>,
+        labels: &DeviceIds,
+        ignore: i32,
+        row_loss: &mut CudaSlice<f32>,
+        loss: &mut CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        let rows = labels.len();
+        let vocab = logits.len() / rows.max(1);
+        check("cross_entropy logits", logits.len(), rows * vocab)?;
+        check("cross_entropy row_loss", row_loss.len(), rows)?;
+        let counted =
+            crate::loss::check_labels(labels.host(), vocab, ignore).map_err(index_error)?;
+        let v = int("cross_entropy vocab", vocab)?;
+        if rows > 0 {
+            let mut l = self.stream.launch_builder(&self.loss_rows[T::INDEX]);
+            l.arg(logits)
+                .arg(labels.device())
+                .arg(&mut *row_loss)
+                .arg(&v)
+                .arg(&ignore);
+            // SAFETY: arguments match; one block per row of `vocab` values.
+            unsafe { l.launch(per_row(rows)) }.map_err(driver)?;
+        }
+        self.mean(row_loss, counted, loss)
+    }
+
+    /// `loss[0] = Σ row_loss / counted` (f64 sum; NaN when `counted` is 0).
+    pub fn mean(
+        &self,
+        row_loss: &CudaSlice<f32>,
+        counted: usize,
+        loss: &mut CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        check("mean loss", loss.len(), 1)?;
+        let r = int("cross_entropy tokens", row_loss.len())?;
         let counted = counted as f64;
         let mut l = self.stream.launch_builder(&self.mean);
-        l.arg(&*row_loss).arg(&r).arg(&counted).arg(loss);
-        // SAFETY: arguments match; the kernel reads `rows` losses, writes one.
+        l.arg(row_loss).arg(&r).arg(&counted).arg(loss);
+        // SAFETY: arguments match; one block reduces the rows.
         unsafe { l.launch(one_block()) }.map_err(driver)?;
         Ok(())
     }

@@ -5,6 +5,7 @@
 //! missing and how to proceed.
 
 mod attention;
+mod elementwise;
 mod embedding;
 mod ids;
 mod loss;
@@ -12,7 +13,8 @@ mod nf4;
 mod rows;
 mod update;
 
-pub use attention::{AttentionKernels, DeviceSegments};
+pub use attention::{AttentionKernels, DeviceSegments, HEAD_DIMS as ATTENTION_HEAD_DIMS};
+pub use elementwise::{DeviceElem, ElementwiseKernels};
 pub use embedding::EmbeddingKernels;
 pub use ids::DeviceIds;
 pub use loss::LossKernels;
@@ -20,20 +22,23 @@ pub use nf4::{DeviceNf4, LoraTerm, Nf4Epilogue, Nf4Gemm};
 pub use rows::RowKernels;
 pub use update::UpdateKernels;
 
-use cudarc::driver::{CudaContext, CudaModule, CudaStream, LaunchConfig};
+use cudarc::driver::{
+    CudaContext, CudaModule, CudaSlice, CudaStream, LaunchConfig, PinnedHostSlice,
+};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 /// The CUDA sources, by name. Every one is compiled in CI for [`ARCHS`].
-pub const SOURCES: [(&str, &str); 6] = [
+pub const SOURCES: [(&str, &str); 7] = [
     ("nf4_gemm", include_str!("../../cuda/nf4_gemm.cu")),
     ("rows", include_str!("../../cuda/rows.cu")),
     ("loss", include_str!("../../cuda/loss.cu")),
     ("embedding", include_str!("../../cuda/embedding.cu")),
     ("update", include_str!("../../cuda/update.cu")),
     ("attention", include_str!("../../cuda/attention.cu")),
+    ("elementwise", include_str!("../../cuda/elementwise.cu")),
 ];
 
 /// Definitions every source shares, prepended before compiling.
@@ -189,6 +194,11 @@ impl Gpu {
             let name = ctx.name().unwrap_or_default();
             return Err(GpuError::TooOld { name, major, minor });
         }
+        // One stream orders every launch and copy, so cudarc's per-buffer
+        // events for cross-stream ordering would only cost time; without
+        // them a buffer can also be borrowed from raw memory (`borrow`).
+        // SAFETY: set before any buffer of this context exists.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         Ok(Gpu {
             ctx,
@@ -208,6 +218,65 @@ impl Gpu {
         &self.stream
     }
 
+    /// Page-locked host memory for fast copies to and from this GPU
+    /// (cacheable, unlike cudarc's write-combined default, which the host
+    /// reads slowly). Its bytes start unset.
+    pub fn pinned(&self, len: usize) -> Result<PinnedHostSlice<u8>, GpuError> {
+        // SAFETY: callers write every byte they read (copies from the device).
+        unsafe { self.ctx.alloc_pinned_with_flags::<u8>(len.max(1), 0) }.map_err(driver)
+    }
+
+    /// Device memory in use on this GPU, by every process (total - free).
+    pub fn memory_in_use(&self) -> Result<usize, GpuError> {
+        let (free, total) = self.ctx.mem_get_info().map_err(driver)?;
+        Ok(total - free)
+    }
+
+    /// A typed window of memory that another allocation owns, which every
+    /// launcher takes as it takes an owned buffer (an executor's values in
+    /// its one arena). Two windows may overlap: where a kernel allows its
+    /// output to alias an input, its launcher says so.
+    ///
+    /// # Safety
+    /// `ptr .. ptr + len·size_of::<T>()` must lie inside a live allocation
+    /// of this GPU that outlives the window, aligned for `T`.
+    pub unsafe fn borrow<T>(&self, ptr: u64, len: usize) -> Borrowed<T> {
+        Borrowed(Some(self.stream.upgrade_device_ptr(ptr, len)))
+    }
+}
+
+/// See [`Gpu::borrow`]: a buffer that is never freed.
+pub struct Borrowed<T>(Option<CudaSlice<T>>);
+
+impl<T> std::ops::Deref for Borrowed<T> {
+    type Target = CudaSlice<T>;
+    fn deref(&self) -> &CudaSlice<T> {
+        self.0.as_ref().expect("a window is live until dropped")
+    }
+}
+
+impl<T> std::ops::DerefMut for Borrowed<T> {
+    fn deref_mut(&mut self) -> &mut CudaSlice<T> {
+        self.0.as_mut().expect("a window is live until dropped")
+    }
+}
+
+impl<T> Drop for Borrowed<T> {
+    fn drop(&mut self) {
+        // Lets go of the pointer without freeing what another owner holds.
+        if let Some(s) = self.0.take() {
+            s.leak();
+        }
+    }
+}
+
+/// The device address of a buffer (for windows into it: [`Gpu::borrow`]).
+pub fn device_addr<T>(s: &CudaSlice<T>) -> u64 {
+    use cudarc::driver::DevicePtr;
+    s.device_ptr(s.stream()).0
+}
+
+impl Gpu {
     /// The module of source `name`, compiled for this GPU (memory, then the
     /// disk cache keyed by source hash, architecture and NVRTC version, then
     /// NVRTC).

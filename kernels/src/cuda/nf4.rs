@@ -23,6 +23,13 @@ pub struct DeviceNf4 {
 }
 
 impl DeviceNf4 {
+    /// Device bytes of the codes and their scales.
+    pub fn device_bytes(&self) -> usize {
+        self.packed.len()
+            + self.absmax.len()
+            + 4 * (self.nested_scales.len() + self.nested_map.len())
+    }
+
     /// Uploads `w`. The kernel needs block 64, a row length that is a
     /// multiple of 64 (true of every Llama-family linear) and the 256-entry
     /// nested map of double quantization (it copies all of it to shared
@@ -81,6 +88,7 @@ pub struct Nf4Epilogue<'a> {
 pub struct Nf4Gemm {
     fwd: CudaFunction,
     dgrad: CudaFunction,
+    dequant: CudaFunction,
     stream: Arc<CudaStream>,
 }
 
@@ -107,8 +115,30 @@ impl Nf4Gemm {
         Ok(Nf4Gemm {
             fwd,
             dgrad,
+            dequant: m.load_function("nf4_dequantize").map_err(driver)?,
             stream: gpu.stream().clone(),
         })
+    }
+
+    /// `out = dequant(W)` as bf16 `[rows, cols]`, bit for bit the values
+    /// the GEMM multiplies (for a product through cuBLAS instead).
+    pub fn dequantize(&self, w: &DeviceNf4, out: &mut CudaSlice<bf16>) -> Result<(), GpuError> {
+        let n = w.rows * w.cols;
+        check("nf4 dequantize out", out.len(), n)?;
+        // `upload` took whole 64-blocks: n is a multiple of 8.
+        let n8 = (n / 8) as i64;
+        let mut l = self.stream.launch_builder(&self.dequant);
+        l.arg(&w.packed)
+            .arg(&w.absmax)
+            .arg(&w.nested_scales)
+            .arg(&w.nested_map)
+            .arg(&w.offset)
+            .arg(out)
+            .arg(&n8);
+        // SAFETY: the arguments match the kernel; out holds the n values the
+        // grid-stride loop writes, 8 per word of the n/2 code bytes.
+        unsafe { l.launch(super::elementwise(n / 8)) }.map_err(driver)?;
+        Ok(())
     }
 
     /// `y[m, rows] = x[m, cols]·Wᵀ` when `tb`, else `y[m, cols] = x[m, rows]·W`.

@@ -2,7 +2,7 @@
 //! adapter) on a configuration's eval set.
 
 use super::CliError;
-use graft_engine::CpuExecutor;
+use graft_engine::Executor;
 use graft_trainer::generate::{exact_match, stop_tokens};
 use graft_trainer::run::session::Session;
 use graft_trainer::run::{EvalPlan, RunError};
@@ -26,7 +26,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
     })?;
     let data = s.prepare(&path)?;
     println!("eval data: {}", data.summary());
-    let loss = EvalPlan::new(&s, &data.docs)?.loss(&s, &mut CpuExecutor::new())?;
+    let loss = EvalPlan::new(&s, &data.docs)?.loss(&s, &mut Executor::new(s.cfg.train.device)?)?;
     println!("eval loss {loss:.4}");
     if !data.references.is_empty() {
         let stop = stop_tokens(&s.tokenizer, &s.specials.eos);

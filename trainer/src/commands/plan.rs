@@ -1,7 +1,8 @@
 //! `trainer plan`: the training step `trainer run` would compile for a
 //! configuration, without and with the fusion pass and activation
 //! recomputation: node count, fusion groups, recomputed blocks and the
-//! memory plan's peak; `--dump` lists the plan the run takes.
+//! memory plan's peak, and whether the GPU runs it whole; `--dump` lists
+//! the plan the run takes.
 
 use super::CliError;
 use graft_engine::Plan;
@@ -51,6 +52,22 @@ pub fn run(args: Args) -> Result<(), CliError> {
             compiled(fuse, recompute)?.plan(),
             fuse && recompute == ckpt,
         );
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let step = compiled(true, ckpt)?;
+        match graft_engine::gpu_unsupported(step.plan()).as_slice() {
+            [] => println!("  GPU: every node of this run's plan has a kernel"),
+            missing => {
+                let (n, why) = &missing[0];
+                println!(
+                    "  GPU: {} nodes have no kernel (first: %{} {}: {why}); --device auto runs this plan on the CPU",
+                    missing.len(),
+                    n.0,
+                    step.plan().graph().node(*n).op.name()
+                );
+            }
+        }
     }
     Ok(())
 }

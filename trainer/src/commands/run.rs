@@ -19,11 +19,17 @@ pub struct ConfigArgs {
     /// Override one key, e.g. `--set train.lr=1e-4` (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     sets: Vec<String>,
+    /// Where the step runs: cpu, gpu or auto (the same as `--set
+    /// train.device=...`).
+    #[arg(long, value_name = "cpu|gpu|auto")]
+    device: Option<String>,
 }
 
 impl ConfigArgs {
     pub fn load(&self) -> Result<Config, CliError> {
-        load_config(self.config.as_deref(), &self.sets)
+        let mut sets = self.sets.clone();
+        sets.extend(self.device.iter().map(|d| format!("train.device={d}")));
+        load_config(self.config.as_deref(), &sets)
     }
 }
 

@@ -17,8 +17,8 @@ use checkpoint::TrainerState;
 use graft_engine::ir::AdaLomoSpec;
 use graft_engine::rng::Rng;
 use graft_engine::{
-    compile, compile_fused_with, compile_training_with, CompileOptions, CpuExecutor, FusedRule,
-    Plan, Tensor,
+    compile, compile_fused_with, compile_training_with, CompileOptions, Executor, FusedRule, Plan,
+    Tensor,
 };
 use graft_models::{CausalLm, Lora, ModelError, RecordOptions, Recorded};
 use optimizer::Optimizer;
@@ -144,7 +144,7 @@ impl EvalPlan {
     }
 
     /// The mean loss over every counted token.
-    pub fn loss(&self, s: &Session, exec: &mut CpuExecutor) -> Result<f32, RunError> {
+    pub fn loss(&self, s: &Session, exec: &mut Executor) -> Result<f32, RunError> {
         let (mut sum, mut n) = (0f64, 0usize);
         for p in &self.batches {
             let out = exec.run(
@@ -359,12 +359,14 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
     std::fs::create_dir_all(&out_dir)
         .map_err(|e| RunError::Io(format!("{}: {e}", out_dir.display())))?;
     let mut metrics = metrics::Metrics::open(&out_dir, resume_from.is_some().then_some(st.step))?;
+    let mut exec = Executor::new(cfg.train.device)?;
+    exec.require_gpu(stepper.plan())?;
+    println!("device: {}", exec.placement(stepper.plan()));
     let accuracy_before = if st.step == 0 { accuracy(&s)? } else { None };
     if let Some(a) = accuracy_before {
         show("before", a);
         metrics.log(json!({"step": 0, "accuracy": a.0 as f64 / a.1 as f64}))?;
     }
-    let mut exec = CpuExecutor::new();
     exec.profile_ops(opts.profile);
     let bar = progress_bar(opts.progress, total, st.step);
     let say = |line: String| match &bar {

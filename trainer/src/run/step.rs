@@ -8,7 +8,7 @@ use super::RunError;
 use crate::data::batch::Packed;
 use graft_engine::ir::{DType, ValueId};
 use graft_engine::optim::clip_grad_norm;
-use graft_engine::{CpuExecutor, FusedInputs, Plan, Tensor};
+use graft_engine::{Executor, FusedInputs, Plan, Tensor};
 use graft_models::checkpoint::Checkpoint;
 use graft_models::Recorded;
 
@@ -117,7 +117,7 @@ impl Stepper {
     /// lost, the checkpoints on disk are not).
     pub fn step(
         &mut self,
-        exec: &mut CpuExecutor,
+        exec: &mut Executor,
         s: &mut Session,
         rec: &Recorded,
         group: &[Packed],
@@ -174,7 +174,7 @@ impl Stepper {
                 let batch = &group[0].batch;
                 let one = Tensor::from_f32(&[1], &[1.0])?;
                 let t = Tensor::from_f32(&[1], &[(*steps + 1) as f32])?;
-                let mut run = |exec: &mut CpuExecutor, s: &mut Session, lr: f32, c: &Tensor| {
+                let mut run = |exec: &mut Executor, s: &mut Session, lr: f32, c: &Tensor| {
                     let lr = Tensor::from_f32(&[1], &[lr])?;
                     let mut feeds = rec.feeds_mut(&mut s.model, batch)?;
                     feeds.bind(inputs.lr, &lr).bind(inputs.coef, c);

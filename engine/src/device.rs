@@ -1,0 +1,146 @@
+//! Where plans run: the CPU, a GPU, or (`Auto`) the GPU for every plan it
+//! runs whole and the CPU for the others, so one binary uses a GPU where
+//! the driver and NVRTC are present and still runs everywhere else.
+
+use crate::executor::{CpuExecutor, Feeds};
+use crate::plan::Plan;
+use crate::profile::OpProfile;
+use crate::tensor::Tensor;
+use crate::EngineError;
+
+/// Which device runs plans.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// A GPU, or an error when none is usable; a plan the GPU cannot run
+    /// whole runs on the CPU (see [`Executor::require_gpu`] for the plans
+    /// that must not).
+    Gpu,
+    /// The GPU where one is usable and runs a plan whole, else the CPU.
+    Auto,
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Device, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "gpu" => Ok(Device::Gpu),
+            "auto" => Ok(Device::Auto),
+            other => Err(format!("device `{other}`: expected cpu, gpu or auto")),
+        }
+    }
+}
+
+/// Runs plans on the chosen device.
+pub struct Executor {
+    cpu: CpuExecutor,
+    #[cfg(feature = "cuda")]
+    gpu: Option<crate::gpu::GpuExecutor>,
+    device: Device,
+    /// Why `Auto` runs on the CPU, when it does for lack of a usable GPU.
+    no_gpu: Option<String>,
+}
+
+impl Executor {
+    /// An executor for `device`: `Gpu` fails here when no GPU is usable.
+    pub fn new(device: Device) -> Result<Executor, EngineError> {
+        let mut e = Executor {
+            cpu: CpuExecutor::new(),
+            #[cfg(feature = "cuda")]
+            gpu: None,
+            device,
+            no_gpu: None,
+        };
+        if device == Device::Cpu {
+            return Ok(e);
+        }
+        #[cfg(feature = "cuda")]
+        match crate::gpu::GpuExecutor::new(0) {
+            Ok(g) => e.gpu = Some(g),
+            Err(EngineError::Gpu(why)) if device == Device::Auto => e.no_gpu = Some(why),
+            Err(err) => return Err(err),
+        }
+        #[cfg(not(feature = "cuda"))]
+        match device {
+            Device::Auto => e.no_gpu = Some("built without the `cuda` feature".into()),
+            _ => {
+                return Err(EngineError::Gpu(
+                    "this build has no GPU support (the `cuda` feature): use --device cpu".into(),
+                ))
+            }
+        }
+        Ok(e)
+    }
+
+    /// Where `plan` would run, in words: the GPU's name, or the CPU and why.
+    pub fn placement(&self, plan: &Plan) -> String {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            let name = format!("GPU {} ({})", g.gpu().name(), g.gpu().arch());
+            return match crate::gpu::gpu_unsupported(plan).first() {
+                None => name,
+                Some((n, why)) => format!(
+                    "CPU: {name} has no kernel for node %{} ({}): {why}",
+                    n.0,
+                    plan.graph().node(*n).op.name()
+                ),
+            };
+        }
+        let _ = plan;
+        match &self.no_gpu {
+            Some(why) => format!("CPU; no usable GPU: {why}"),
+            None => "CPU".into(),
+        }
+    }
+
+    /// Under [`Device::Gpu`], fails unless the GPU runs `plan` whole, naming
+    /// the first node it cannot run (checked before a run starts, not after
+    /// its first steps).
+    pub fn require_gpu(&self, plan: &Plan) -> Result<(), EngineError> {
+        #[cfg(feature = "cuda")]
+        if let (Device::Gpu, Some((n, why))) =
+            (self.device, crate::gpu::gpu_unsupported(plan).first())
+        {
+            return Err(EngineError::Gpu(format!(
+                "node %{} ({}) has no GPU kernel yet: {why}; use --device cpu or auto",
+                n.0,
+                plan.graph().node(*n).op.name()
+            )));
+        }
+        let _ = plan;
+        Ok(())
+    }
+
+    /// Runs `plan` on the GPU if this executor has one and it runs the plan
+    /// whole, else on the CPU; outputs are host tensors either way.
+    pub fn run(&mut self, plan: &Plan, feeds: &Feeds) -> Result<Vec<Tensor>, EngineError> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &mut self.gpu {
+            if crate::gpu::gpu_unsupported(plan).is_empty() {
+                return g.run(plan, feeds);
+            }
+        }
+        self.cpu.run(plan, feeds)
+    }
+
+    /// Times every node on both devices (see [`CpuExecutor::profile_ops`]).
+    pub fn profile_ops(&mut self, on: bool) {
+        self.cpu.profile_ops(on);
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &mut self.gpu {
+            g.profile_ops(on);
+        }
+    }
+
+    /// The profile of the device that ran nodes (the GPU's if it ran any).
+    pub fn op_profile(&self) -> Option<&OpProfile> {
+        #[cfg(feature = "cuda")]
+        if let Some(p) = self.gpu.as_ref().and_then(|g| g.op_profile()) {
+            if p.seconds() > 0.0 {
+                return Some(p);
+            }
+        }
+        self.cpu.op_profile()
+    }
+}

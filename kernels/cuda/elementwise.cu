@@ -1,0 +1,63 @@
+// Elementwise kernels of a training plan's glue: casts between f32 and
+// bf16, add, scale by a device scalar, fill, and dropout, for f32 and bf16.
+// Math is f32 as in the CPU reference (kernels/src/elementwise.rs), outputs
+// rounded to nearest even; dropout draws the same mask bit for bit
+// (`dropout_keep`). Every kernel is a grid-stride loop over n elements; an
+// output may alias an input (each element is read before it is written, by
+// the same thread).
+
+// bf16_t, u32, the bf16 conversions and ld/st: common.cuh.
+
+#define GRID_STRIDE(k, n) \
+    for (size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x; k < (n); k += (size_t)gridDim.x * blockDim.x)
+
+
+template <typename S, typename D>
+__device__ void cast_impl(const S* x, D* y, size_t n) {
+    GRID_STRIDE(k, n) st(y, k, ld(x, k));
+}
+extern "C" __global__ void cast_f32_bf16(const float* x, bf16_t* y, size_t n) { cast_impl(x, y, n); }
+extern "C" __global__ void cast_bf16_f32(const bf16_t* x, float* y, size_t n) { cast_impl(x, y, n); }
+
+template <typename T>
+__device__ void add_impl(const T* a, const T* b, T* y, size_t n) {
+    GRID_STRIDE(k, n) st(y, k, ld(a, k) + ld(b, k));
+}
+extern "C" __global__ void add_f32(const float* a, const float* b, float* y, size_t n) { add_impl(a, b, y, n); }
+extern "C" __global__ void add_bf16(const bf16_t* a, const bf16_t* b, bf16_t* y, size_t n) { add_impl(a, b, y, n); }
+
+// y = x * s[0], the scalar read on the device (a loss scale computed there).
+template <typename T>
+__device__ void scale_impl(const T* x, const float* s, T* y, size_t n) {
+    float c = s[0];
+    GRID_STRIDE(k, n) st(y, k, ld(x, k) * c);
+}
+extern "C" __global__ void scale_f32(const float* x, const float* s, float* y, size_t n) { scale_impl(x, s, y, n); }
+extern "C" __global__ void scale_bf16(const bf16_t* x, const float* s, bf16_t* y, size_t n) { scale_impl(x, s, y, n); }
+
+extern "C" __global__ void fill_f32(float* y, float v, size_t n) { GRID_STRIDE(k, n) y[k] = v; }
+extern "C" __global__ void fill_bf16(bf16_t* y, float v, size_t n) { GRID_STRIDE(k, n) st(y, k, v); }
+
+// splitmix64 of (seed << 32) ^ index, as elementwise.rs's dropout_keep.
+__device__ __forceinline__ bool dropout_keep(u32 seed, size_t index, float p) {
+    unsigned long long z = ((unsigned long long)seed << 32) ^ (unsigned long long)index ^ 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    float u = (float)(z >> 40) / 16777216.0f;
+    return u >= p;
+}
+
+// y = x * mask / (1 - p), the seed read on the device.
+template <typename T>
+__device__ void dropout_impl(const T* x, const u32* seed, float p, T* y, size_t n) {
+    u32 s = seed[0];
+    float keep_scale = 1.0f / (1.0f - p);
+    GRID_STRIDE(k, n) st(y, k, dropout_keep(s, k, p) ? ld(x, k) * keep_scale : 0.0f);
+}
+extern "C" __global__ void dropout_f32(const float* x, const u32* seed, float p, float* y, size_t n) {
+    dropout_impl(x, seed, p, y, n);
+}
+extern "C" __global__ void dropout_bf16(const bf16_t* x, const u32* seed, float p, bf16_t* y, size_t n) {
+    dropout_impl(x, seed, p, y, n);
+}

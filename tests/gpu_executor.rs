@@ -1,0 +1,302 @@
+//! The GPU executor on a QLoRA training step of a Llama-shaped model (head
+//! dim 64, GQA, dropout on the adapters): which plans it takes (checked
+//! without a GPU), and, on a GPU, the same loss and gradients as the CPU
+//! executor. The GPU part skips with a message where no GPU is usable.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use common::rel_l2;
+use graft::engine::{
+    compile, compile_training_with, gpu_unsupported, CompileOptions, CpuExecutor, GpuExecutor, Plan,
+};
+use graft::ir::DType;
+use graft::models::{
+    Batch, CausalLm, LoadOptions, Lora, LoraConfig, ModelConfig, RecordOptions, Recorded, Targets,
+};
+use std::path::Path;
+
+const CONFIG: &str = r#"{
+  "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+  "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+  "vocab_size": 1000, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+  "max_position_embeddings": 512, "hidden_act": "silu", "tie_word_embeddings": false
+}"#;
+
+fn model() -> CausalLm {
+    let config = ModelConfig::parse(CONFIG, Path::new("<test config>")).unwrap();
+    let opts = LoadOptions {
+        dtype: DType::BF16,
+        quantize: Some(64),
+    };
+    CausalLm::random(config, &opts, 5).unwrap()
+}
+
+fn lora(m: &CausalLm, use_dora: bool) -> Lora {
+    let cfg = LoraConfig {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.1,
+        targets: Targets::AllLinear,
+        use_rslora: false,
+        use_dora,
+    };
+    let mut lora = Lora::init(cfg, &m.config, 7).unwrap();
+    if use_dora {
+        lora.init_magnitudes(m).unwrap();
+    }
+    // B away from zero, so every adapter term (and its gradient) matters.
+    for (i, md) in lora.modules.iter_mut().enumerate() {
+        let b = md.b.as_f32_mut().unwrap();
+        b.iter_mut()
+            .enumerate()
+            .for_each(|(j, x)| *x = ((i + j) % 7) as f32 * 0.01 - 0.03);
+    }
+    lora
+}
+
+/// Two sequences of 80 tokens: 160 rows, ragged against every 64-row tile.
+fn batch() -> Batch {
+    let seqs: Vec<Vec<i32>> = (0..2)
+        .map(|s| (0..80).map(|t| (s * 311 + t * 37) % 1000).collect())
+        .collect();
+    let refs: Vec<&[i32]> = seqs.iter().map(Vec::as_slice).collect();
+    Batch::new(&refs, None, 3).unwrap()
+}
+
+/// The eval plan `trainer run` measures its eval loss with: the forward
+/// pass and the loss (cross-entropy of f32 logits), no gradients.
+fn eval(m: &CausalLm, lora: &Lora) -> (Recorded, Plan) {
+    let opts = RecordOptions {
+        lora: Some(lora),
+        loss: true,
+        ..Default::default()
+    };
+    let rec = m.record(batch().tokens(), opts).unwrap();
+    let plan = compile(rec.graph.clone(), &[rec.loss.unwrap()]).unwrap();
+    (rec, plan)
+}
+
+fn step(m: &CausalLm, lora: &Lora, dropout: bool, recompute: bool) -> (Recorded, Plan) {
+    let opts = RecordOptions {
+        lora: Some(lora),
+        train_lora: true,
+        loss: true,
+        dropout,
+        ..Default::default()
+    };
+    let rec = m.record(batch().tokens(), opts).unwrap();
+    let o = CompileOptions {
+        fuse: true,
+        checkpoints: match recompute {
+            true => rec.layer_inputs.clone(),
+            false => Vec::new(),
+        },
+    };
+    let plan = compile_training_with(rec.graph.clone(), rec.loss.unwrap(), &[], &o).unwrap();
+    (rec, plan)
+}
+
+#[test]
+fn every_node_of_a_qlora_step_has_a_gpu_kernel() {
+    let m = model();
+    let l = lora(&m, false);
+    for (dropout, recompute) in [(false, false), (true, false), (true, true)] {
+        let (_, plan) = step(&m, &l, dropout, recompute);
+        let missing = gpu_unsupported(&plan);
+        assert!(
+            missing.is_empty(),
+            "dropout={dropout} recompute={recompute}: {missing:?}"
+        );
+    }
+    let (_, plan) = eval(&m, &l);
+    let missing = gpu_unsupported(&plan);
+    assert!(missing.is_empty(), "eval: {missing:?}");
+}
+
+#[test]
+fn a_plan_the_gpu_cannot_run_is_refused_naming_its_nodes() {
+    // DoRA's weight norms and magnitude gradient have no GPU kernels yet.
+    let m = model();
+    let (_, plan) = step(&m, &lora(&m, true), false, false);
+    let missing = gpu_unsupported(&plan);
+    let names: Vec<&str> = missing
+        .iter()
+        .map(|(n, _)| plan.graph().node(*n).op.name())
+        .collect();
+    assert!(names.contains(&"dora_inv_norm"), "{missing:?}");
+    // Without a GPU, opening one says what is missing and how to go on;
+    // with one, running the plan names the first node it cannot run.
+    match GpuExecutor::new(0) {
+        Err(e) => assert!(e.to_string().contains("--device cpu"), "{e}"),
+        Ok(mut gpu) => {
+            let (rec, plan) = step(&m, &lora(&m, true), false, false);
+            let l = lora(&m, true);
+            let err = gpu
+                .run(&plan, &rec.feeds(&m, Some(&l), &batch()).unwrap())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("dora_inv_norm") && err.contains("--device cpu"),
+                "{err}"
+            );
+        }
+    }
+}
+
+/// The same model computing in f32: the same NF4 codes (the random draws do
+/// not depend on the dtype) and the bf16 model's other weights widened.
+fn model_f32(m: &CausalLm) -> CausalLm {
+    let opts = LoadOptions {
+        dtype: DType::F32,
+        quantize: Some(64),
+    };
+    let mut f = CausalLm::random(m.config.clone(), &opts, 5).unwrap();
+    for (name, w) in f.weights_mut().iter_mut() {
+        if w.dtype() == DType::F32 {
+            *w = m.weight(name).unwrap().to_dtype(DType::F32).unwrap();
+        }
+    }
+    f
+}
+
+/// The reference the GPU test measures against: the CPU's bf16 step is
+/// close to its f32 twin (same NF4 codes), so the twin is the same model.
+#[test]
+fn the_f32_twin_computes_the_same_step() {
+    let (m, b) = (model(), batch());
+    let m32 = model_f32(&m);
+    let l = lora(&m, false);
+    let (rec, plan) = step(&m, &l, true, false);
+    let (rec32, plan32) = step(&m32, &l, true, false);
+    let bf = CpuExecutor::new()
+        .run(&plan, &rec.feeds(&m, Some(&l), &b).unwrap())
+        .unwrap();
+    let f = CpuExecutor::new()
+        .run(&plan32, &rec32.feeds(&m32, Some(&l), &b).unwrap())
+        .unwrap();
+    let (lb, lf) = (bf[0].as_f32().unwrap()[0], f[0].as_f32().unwrap()[0]);
+    assert!(((lb - lf) / lf).abs() < 1e-2, "loss bf16 {lb} f32 {lf}");
+    for (i, (x, y)) in bf.iter().zip(&f).enumerate().skip(1) {
+        let e = rel_l2(&x.to_f32_vec().unwrap(), &y.to_f32_vec().unwrap());
+        let name = plan.graph().leaf_name(plan.grads()[i - 1].0).unwrap_or("?");
+        eprintln!("gradient of {name}: bf16 to f32 rel L2 {e:.2e}");
+        assert!(e < 3e-2, "gradient of {name}: bf16 to f32 rel L2 {e}");
+    }
+}
+
+/// The GPU's bf16 step against an f32 step of the same model on the CPU,
+/// beside the CPU's own bf16 step: loss and every adapter gradient. Two
+/// bf16 computations differ from each other by about as much as each
+/// differs from f32, so the bound is the CPU's distance to f32: the GPU
+/// must be no further (×1.5, + 1e-3 for gradients near zero).
+#[test]
+fn gpu_step_matches_the_cpu_step() {
+    let mut gpu = match GpuExecutor::new(0) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("SKIPPED (no usable GPU): {e}");
+            return;
+        }
+    };
+    let (m, b) = (model(), batch());
+    let m32 = model_f32(&m);
+    // Every case runs before the verdict, so one GPU run shows them all.
+    let mut failed = Vec::new();
+    for dropout in [true, false] {
+        let mut l = lora(&m, false);
+        let (rec, plan) = step(&m, &l, dropout, false);
+        let (rec32, plan32) = step(&m32, &l, dropout, false);
+        // Twice: the second run after the adapters changed, so trainable
+        // parameters must be uploaded again while the base stays resident.
+        for round in 0..2 {
+            let what = format!("dropout={dropout} round {round}");
+            let feeds = rec.feeds(&m, Some(&l), &b).unwrap();
+            let cpu = CpuExecutor::new().run(&plan, &feeds).unwrap();
+            let f32_ref = CpuExecutor::new()
+                .run(&plan32, &rec32.feeds(&m32, Some(&l), &b).unwrap())
+                .unwrap();
+            let got = match gpu.run(&plan, &feeds) {
+                Ok(got) => got,
+                Err(e) => {
+                    failed.push(format!("{what}: {e}"));
+                    continue;
+                }
+            };
+            assert_eq!(cpu.len(), got.len());
+            let loss = |t: &[graft::engine::Tensor]| t[0].as_f32().unwrap()[0];
+            let (lg, lc, lf) = (loss(&got), loss(&cpu), loss(&f32_ref));
+            eprintln!("{what}: loss GPU {lg} CPU bf16 {lc} CPU f32 {lf}");
+            if !(lg.is_finite() && ((lg - lf) / lf).abs() < 1e-2) {
+                failed.push(format!("{what}: loss GPU {lg} against f32 {lf}"));
+            }
+            let mut worst = (0f64, 0f64, "");
+            for (i, ((g, c), f)) in got.iter().zip(&cpu).zip(&f32_ref).enumerate().skip(1) {
+                let f = f.to_f32_vec().unwrap();
+                let e_gpu = rel_l2(&g.to_f32_vec().unwrap(), &f);
+                let e_cpu = rel_l2(&c.to_f32_vec().unwrap(), &f);
+                let name = plan.graph().leaf_name(plan.grads()[i - 1].0).unwrap_or("?");
+                assert_eq!(
+                    plan32.graph().leaf_name(plan32.grads()[i - 1].0),
+                    Some(name)
+                );
+                eprintln!("{what}: gradient of {name}: rel L2 to f32: GPU {e_gpu:.2e}, CPU bf16 {e_cpu:.2e}");
+                if e_gpu >= 1.5 * e_cpu + 1e-3 || e_gpu >= 3e-2 {
+                    failed.push(format!(
+                        "{what}: gradient of {name}: GPU {e_gpu:.2e} from f32, CPU bf16 {e_cpu:.2e}"
+                    ));
+                }
+                if e_gpu > worst.0 {
+                    worst = (e_gpu, e_cpu, name);
+                }
+            }
+            eprintln!(
+                "{what}: {} gradients, worst rel L2 to f32 GPU {:.2e} (CPU bf16 {:.2e}) in {}",
+                got.len() - 1,
+                worst.0,
+                worst.1,
+                worst.2
+            );
+            for md in l.modules.iter_mut() {
+                md.b.as_f32_mut()
+                    .unwrap()
+                    .iter_mut()
+                    .for_each(|x| *x *= -2.0);
+            }
+        }
+    }
+    assert!(failed.is_empty(), "{failed:#?}");
+}
+
+/// The eval loss on the GPU against the CPU's bf16 and f32 ones.
+#[test]
+fn gpu_eval_loss_matches_the_cpu() {
+    let mut gpu = match GpuExecutor::new(0) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("SKIPPED (no usable GPU): {e}");
+            return;
+        }
+    };
+    let (m, b) = (model(), batch());
+    let m32 = model_f32(&m);
+    let l = lora(&m, false);
+    let (rec, plan) = eval(&m, &l);
+    let (rec32, plan32) = eval(&m32, &l);
+    let feeds = rec.feeds(&m, Some(&l), &b).unwrap();
+    let loss = |t: Vec<graft::engine::Tensor>| t[0].as_f32().unwrap()[0];
+    let got = loss(gpu.run(&plan, &feeds).unwrap());
+    let cpu = loss(CpuExecutor::new().run(&plan, &feeds).unwrap());
+    let f32_ref = loss(
+        CpuExecutor::new()
+            .run(&plan32, &rec32.feeds(&m32, Some(&l), &b).unwrap())
+            .unwrap(),
+    );
+    eprintln!("eval loss: GPU {got}, CPU bf16 {cpu}, CPU f32 {f32_ref}");
+    let (e_gpu, e_cpu) = ((got - f32_ref).abs(), (cpu - f32_ref).abs());
+    assert!(
+        got.is_finite() && e_gpu <= 1.5 * e_cpu + 1e-3 * f32_ref.abs(),
+        "eval loss: GPU {got}, CPU bf16 {cpu}, f32 {f32_ref}"
+    );
+}
