@@ -51,7 +51,7 @@ step_rc=$?
 cat "$out/step7b.log"
 
 echo "== GPU benches (criterion)"
-.gpu-bin/gpu-bench --bench --measurement-time 2 > "$out/bench.log" 2>&1
+.gpu-bin/gpu-bench --bench --measurement-time 1 > "$out/bench.log" 2>&1
 bench_rc=$?
 grep -E "^GPU:|^\|" "$out/bench.log"
 

@@ -1,14 +1,17 @@
 //! The GPU executor on a QLoRA training step of a Llama-shaped model (head
 //! dim 64, GQA, dropout on the adapters): which plans it takes (checked
-//! without a GPU), and, on a GPU, the same loss and gradients as the CPU
-//! executor. The GPU part skips with a message where no GPU is usable.
+//! without a GPU), and, on a GPU, the loss and gradients against the CPU's
+//! (bf16 and an f32 twin), the eval loss, and AdamW steps on the device.
+//! The GPU part skips with a message where no GPU is usable.
 #![cfg(feature = "cuda")]
 
 mod common;
 
 use common::rel_l2;
+use graft::engine::optim::{AdamW, AdamWConfig};
 use graft::engine::{
-    compile, compile_training_with, gpu_unsupported, CompileOptions, CpuExecutor, GpuExecutor, Plan,
+    compile, compile_training_with, gpu_unsupported, CompileOptions, CpuExecutor, DeviceAdamW,
+    GpuExecutor, Plan, Tensor,
 };
 use graft::ir::DType;
 use graft::models::{
@@ -190,7 +193,10 @@ fn the_f32_twin_computes_the_same_step() {
 /// beside the CPU's own bf16 step: loss and every adapter gradient. Two
 /// bf16 computations differ from each other by about as much as each
 /// differs from f32, so the bound is the CPU's distance to f32: the GPU
-/// must be no further (×1.5, + 1e-3 for gradients near zero).
+/// must be no further than twice it (+ 1e-3 for gradients near zero). The
+/// GPU rounds some partial sums to bf16 that the CPU keeps in f32 (each
+/// cuBLAS product of a group rounds its output), so it may be somewhat
+/// further; a wrong term or index is off by far more.
 #[test]
 fn gpu_step_matches_the_cpu_step() {
     let mut gpu = match GpuExecutor::new(0) {
@@ -242,7 +248,7 @@ fn gpu_step_matches_the_cpu_step() {
                     Some(name)
                 );
                 eprintln!("{what}: gradient of {name}: rel L2 to f32: GPU {e_gpu:.2e}, CPU bf16 {e_cpu:.2e}");
-                if e_gpu >= 1.5 * e_cpu + 1e-3 || e_gpu >= 3e-2 {
+                if e_gpu >= 2.0 * e_cpu + 1e-3 || e_gpu >= 3e-2 {
                     failed.push(format!(
                         "{what}: gradient of {name}: GPU {e_gpu:.2e} from f32, CPU bf16 {e_cpu:.2e}"
                     ));
@@ -299,4 +305,63 @@ fn gpu_eval_loss_matches_the_cpu() {
         got.is_finite() && e_gpu <= 1.5 * e_cpu + 1e-3 * f32_ref.abs(),
         "eval loss: GPU {got}, CPU bf16 {cpu}, f32 {f32_ref}"
     );
+}
+
+/// `train_step` keeps the adapters on the device and updates them there:
+/// each step equals the host's AdamW applied to the GPU's own gradients of
+/// the same parameters, and the second step reads the device's parameters,
+/// not the stale ones the feeds still bind.
+#[test]
+fn device_adamw_steps_match_the_host_optimizer() {
+    let (mut trainer, mut reference) = match (GpuExecutor::new(0), GpuExecutor::new(0)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("SKIPPED (no usable GPU): {e}");
+            return;
+        }
+    };
+    let (m, b) = (model(), batch());
+    let l = lora(&m, false);
+    let (rec, plan) = step(&m, &l, false, false);
+    let feeds = rec.feeds(&m, Some(&l), &b).unwrap();
+    let mut host: Vec<Tensor> = plan
+        .grads()
+        .iter()
+        .map(|&(p, _)| feeds.get(p).unwrap().clone())
+        .collect();
+    let sizes: Vec<usize> = host.iter().map(Tensor::numel).collect();
+    let mut adam = AdamW::new(AdamWConfig::default(), &sizes);
+    let mut dev = DeviceAdamW::new(AdamWConfig::default());
+    let lr = 1e-3;
+    for round in 0..2 {
+        let (loss_ref, grads) = {
+            let mut f = rec.feeds(&m, Some(&l), &b).unwrap();
+            for (&(p, _), t) in plan.grads().iter().zip(&host) {
+                f.bind(p, t);
+            }
+            let out = reference.run(&plan, &f).unwrap();
+            let grads: Vec<Vec<f32>> = out[1..].iter().map(|t| t.to_f32_vec().unwrap()).collect();
+            (out[0].as_f32().unwrap()[0], grads)
+        };
+        let mut params: Vec<&mut [f32]> =
+            host.iter_mut().map(|t| t.as_f32_mut().unwrap()).collect();
+        let g: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
+        adam.step(&mut params, &g, lr).unwrap();
+        // The original feeds: stale from the second round on.
+        let loss = trainer.train_step(&plan, &feeds, &mut dev, lr).unwrap();
+        eprintln!("round {round}: loss {loss} (reference {loss_ref})");
+        assert!(
+            ((loss - loss_ref) / loss_ref).abs() < 1e-6,
+            "round {round}: loss {loss} vs {loss_ref}"
+        );
+        let got = trainer.download_params(&plan).unwrap();
+        assert_eq!(got.len(), host.len());
+        for ((name, t), want) in got.iter().zip(&host) {
+            let e = rel_l2(&t.to_f32_vec().unwrap(), &want.to_f32_vec().unwrap());
+            assert!(
+                e < 1e-5,
+                "round {round}: {name} rel L2 {e} to the host's AdamW"
+            );
+        }
+    }
 }

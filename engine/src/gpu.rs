@@ -10,6 +10,7 @@
 //! refused whole, naming the node.
 
 use crate::executor::{check_feeds, Feeds};
+use crate::optim::AdamWConfig;
 use crate::plan::Plan;
 use crate::profile::OpProfile;
 use crate::tensor::Tensor;
@@ -24,8 +25,9 @@ use graft_kernels::bf16;
 use graft_kernels::cuda::{
     device_addr, AttentionKernels, Borrowed, DeviceIds, DeviceNf4, DeviceSegments,
     ElementwiseKernels, EmbeddingKernels, Gpu, GpuError, LoraTerm, LossKernels, Nf4Epilogue,
-    Nf4Gemm, RowKernels, ATTENTION_HEAD_DIMS,
+    Nf4Gemm, RowKernels, UpdateKernels, ATTENTION_HEAD_DIMS,
 };
+use graft_kernels::update::AdamWStep;
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -59,6 +61,7 @@ struct Kernels {
     emb: EmbeddingKernels,
     loss: LossKernels,
     ew: ElementwiseKernels,
+    update: UpdateKernels,
 }
 
 /// Runs plans on a GPU. Keeps its arena, scratch and frozen weights between
@@ -75,6 +78,28 @@ pub struct GpuExecutor {
     /// run several times slower (160 MB of a 7B step's LoRA gradients took
     /// 157 ms on an H200).
     staging: Option<PinnedHostSlice<u8>>,
+    /// Trainable parameters that live on the device (`train_step`).
+    device_owned: std::collections::HashSet<ValueId>,
+}
+
+/// AdamW on the GPU for [`GpuExecutor::train_step`]: the same update as the
+/// engine's `AdamW` (`UpdateKernels::adamw`, bit for bit), its moments on
+/// the device.
+pub struct DeviceAdamW {
+    pub config: AdamWConfig,
+    /// Steps taken (the bias corrections' exponent).
+    pub step: u64,
+    moments: HashMap<ValueId, (CudaSlice<f32>, CudaSlice<f32>)>,
+}
+
+impl DeviceAdamW {
+    pub fn new(config: AdamWConfig) -> DeviceAdamW {
+        DeviceAdamW {
+            config,
+            step: 0,
+            moments: HashMap::new(),
+        }
+    }
 }
 
 /// Where the last run's wall time went, in seconds.
@@ -102,6 +127,7 @@ impl GpuExecutor {
             emb: EmbeddingKernels::new(&gpu).map_err(gpu_err)?,
             loss: LossKernels::new(&gpu).map_err(gpu_err)?,
             ew: ElementwiseKernels::new(&gpu).map_err(gpu_err)?,
+            update: UpdateKernels::new(&gpu).map_err(gpu_err)?,
         };
         Ok(GpuExecutor {
             gpu,
@@ -112,6 +138,7 @@ impl GpuExecutor {
             profile: None,
             phases: RunPhases::default(),
             staging: None,
+            device_owned: Default::default(),
         })
     }
 
@@ -160,6 +187,108 @@ impl GpuExecutor {
 
     /// Runs `plan` and returns its outputs as host tensors, in plan order.
     pub fn run(&mut self, plan: &Plan, feeds: &Feeds) -> Result<Vec<Tensor>, EngineError> {
+        self.execute(plan, feeds)?;
+        self.download(plan, plan.outputs())
+    }
+
+    /// One training step that stays on the GPU: runs the training `plan`
+    /// (outputs `[loss, gradients..]`), then `opt` at `lr` on every
+    /// trainable parameter from its gradient where the plan left it, and
+    /// returns the loss alone. The parameters are uploaded from `feeds` at
+    /// their first step and are the device's from then on: later bindings
+    /// are not read, and [`Self::download_params`] copies them back.
+    pub fn train_step(
+        &mut self,
+        plan: &Plan,
+        feeds: &Feeds,
+        opt: &mut DeviceAdamW,
+        lr: f64,
+    ) -> Result<f32, EngineError> {
+        let g = plan.graph();
+        for &(p, gv) in plan.grads() {
+            if g.dtype(p) != DType::F32 || g.dtype(gv) != DType::F32 {
+                return Err(EngineError::Gpu(format!(
+                    "`{}`: AdamW on the GPU takes f32 parameters, not {}",
+                    g.leaf_name(p).unwrap_or("?"),
+                    g.dtype(p)
+                )));
+            }
+            self.device_owned.insert(p);
+        }
+        self.execute(plan, feeds)?;
+        opt.step += 1;
+        let c = opt.config;
+        let st = AdamWStep::new(lr, c.beta1, c.beta2, c.eps, c.weight_decay, opt.step as i32);
+        let s = self.gpu.stream().clone();
+        let arena = device_addr(self.arena.as_ref().expect("execute allocated it"));
+        for &(p, gv) in plan.grads() {
+            let n = g.ty(p).numel();
+            let (m, v) = match opt.moments.entry(p) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert((
+                    s.alloc_zeros::<f32>(n)
+                        .map_err(|e| oom("AdamW moments", 8 * n, e))?,
+                    s.alloc_zeros::<f32>(n)
+                        .map_err(|e| oom("AdamW moments", 8 * n, e))?,
+                )),
+            };
+            let Some(Resident {
+                data: Leaf::Bytes(buf),
+                ..
+            }) = self.leaves.get(&p)
+            else {
+                unreachable!("execute uploaded every leaf");
+            };
+            let goff = plan
+                .memory()
+                .offset(gv)
+                .expect("gradients are computed values");
+            // SAFETY: the parameter's own buffer and the gradient's arena
+            // range, each of n f32, alive until the kernel has run (the
+            // stream orders it before any later use of either).
+            let (mut pw, gw) = unsafe {
+                (
+                    self.gpu.borrow::<f32>(device_addr(buf), n),
+                    self.gpu.borrow::<f32>(arena + goff as u64, n),
+                )
+            };
+            self.k
+                .update
+                .adamw(&mut pw, &gw, m, v, &st)
+                .map_err(gpu_err)?;
+        }
+        let loss = self.download(plan, &plan.outputs()[..1])?;
+        Ok(loss[0].as_f32()?[0])
+    }
+
+    /// The trainable parameters of `plan` that [`Self::train_step`] holds on
+    /// the device, copied back as host tensors (checkpoints, evaluation).
+    pub fn download_params(&self, plan: &Plan) -> Result<Vec<(String, Tensor)>, EngineError> {
+        let g = plan.graph();
+        let s = self.gpu.stream();
+        plan.grads()
+            .iter()
+            .filter(|(p, _)| self.device_owned.contains(p))
+            .map(|&(p, _)| {
+                let Some(Resident {
+                    data: Leaf::Bytes(buf),
+                    ..
+                }) = self.leaves.get(&p)
+                else {
+                    return Err(EngineError::Gpu(format!("%{} was never uploaded", p.0)));
+                };
+                let bytes = s
+                    .clone_dtoh(buf)
+                    .map_err(|e| EngineError::Gpu(e.to_string()))?;
+                let name = g.leaf_name(p).unwrap_or("?").to_string();
+                Ok((name, Tensor::from_bytes(g.shape(p), g.dtype(p), &bytes)?))
+            })
+            .collect()
+    }
+
+    /// Uploads what changed and runs every node of `plan`, waiting for the
+    /// GPU: its values are then in the arena.
+    fn execute(&mut self, plan: &Plan, feeds: &Feeds) -> Result<(), EngineError> {
         if let Some((n, why)) = gpu_unsupported(plan).into_iter().next() {
             let op = plan.graph().node(n).op.name();
             return Err(EngineError::Gpu(format!(
@@ -228,8 +357,18 @@ impl GpuExecutor {
             }
         }
         s.synchronize().map_err(drv)?;
+        self.phases.upload = (t1 - t0).as_secs_f64();
+        self.phases.compute = t1.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Copies values `outs` of the last run back through page-locked staging.
+    fn download(&mut self, plan: &Plan, outs: &[ValueId]) -> Result<Vec<Tensor>, EngineError> {
         let t2 = Instant::now();
-        let outs = plan.outputs();
+        let g = plan.graph();
+        let s = self.gpu.stream().clone();
+        let drv = |e: cudarc::driver::DriverError| EngineError::Gpu(e.to_string());
+        let arena = device_addr(self.arena.as_ref().expect("execute allocated it"));
         let spans: Vec<(usize, usize)> = outs
             .iter()
             .scan(0, |off, &o| {
@@ -250,8 +389,12 @@ impl GpuExecutor {
             .as_mut_slice()
             .map_err(drv)?;
         for (&o, &(at, n)) in outs.iter().zip(&spans) {
-            s.memcpy_dtoh(&*run.view::<u8>(o, n), &mut staged[at..at + n])
-                .map_err(drv)?;
+            // SAFETY: the value's n bytes, in the arena or its leaf's buffer.
+            let src = unsafe {
+                self.gpu
+                    .borrow::<u8>(value_addr(plan, &self.leaves, arena, o), n)
+            };
+            s.memcpy_dtoh(&*src, &mut staged[at..at + n]).map_err(drv)?;
         }
         s.synchronize().map_err(drv)?;
         let out = outs
@@ -259,11 +402,7 @@ impl GpuExecutor {
             .zip(&spans)
             .map(|(&o, &(at, n))| Tensor::from_bytes(g.shape(o), g.dtype(o), &staged[at..at + n]))
             .collect();
-        self.phases = RunPhases {
-            upload: (t1 - t0).as_secs_f64(),
-            compute: (t2 - t1).as_secs_f64(),
-            download: t2.elapsed().as_secs_f64(),
-        };
+        self.phases.download = t2.elapsed().as_secs_f64();
         out
     }
 
@@ -288,7 +427,10 @@ impl GpuExecutor {
                     ..
                 }
             );
-            if frozen && self.leaves.get(&v).is_some_and(|r| r.host == host) {
+            let resident = self.leaves.get(&v);
+            if (frozen && resident.is_some_and(|r| r.host == host))
+                || (self.device_owned.contains(&v) && resident.is_some())
+            {
                 continue;
             }
             let name = g.leaf_name(v).unwrap_or("?");
@@ -527,6 +669,24 @@ struct Run<'a> {
     inv_freq: HashMap<usize, CudaSlice<f32>>,
 }
 
+/// The device address of value `v` of `plan`: its offset in the arena at
+/// `arena`, or its leaf's own buffer.
+fn value_addr(plan: &Plan, leaves: &HashMap<ValueId, Resident>, arena: u64, v: ValueId) -> u64 {
+    match plan.graph().value(v).source {
+        Source::Node { .. } => {
+            arena
+                + plan
+                    .memory()
+                    .offset(v)
+                    .expect("every computed value has an offset") as u64
+        }
+        _ => match &leaves[&v].data {
+            Leaf::Bytes(b) => device_addr(b),
+            Leaf::Nf4(_) => unreachable!("NF4 leaves are read through `nf4`"),
+        },
+    }
+}
+
 /// cuBLAS's name of a dtype.
 fn blas_type(d: DType) -> Result<cudaDataType, String> {
     match d {
@@ -550,20 +710,7 @@ impl<'a> Run<'a> {
 
     /// The device address of value `v`.
     fn addr(&self, v: ValueId) -> u64 {
-        match self.graph().value(v).source {
-            Source::Node { .. } => {
-                self.arena
-                    + self
-                        .plan
-                        .memory()
-                        .offset(v)
-                        .expect("every computed value has an offset") as u64
-            }
-            _ => match &self.leaves[&v].data {
-                Leaf::Bytes(b) => device_addr(b),
-                Leaf::Nf4(_) => unreachable!("NF4 leaves are read through `nf4`"),
-            },
-        }
+        value_addr(self.plan, self.leaves, self.arena, v)
     }
 
     /// Value `v` as `len` elements of `T`.
@@ -912,10 +1059,10 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// `epilogue([addend +] Σ op(x)·op(W) + dense terms)`: each NF4 weight
-    /// dequantized to bf16 in scratch (bit for bit the fused GEMM's values)
-    /// and multiplied by cuBLAS, every product summed into the output
-    /// (beta = 1), then the dense (LoRA) terms. On an H200 this beats the
+    /// `epilogue([addend +] dense terms + Σ op(x)·op(W))`: the dense (LoRA)
+    /// terms by cuBLAS, then each NF4 weight dequantized to bf16 in scratch
+    /// (bit for bit the fused GEMM's values) and multiplied by cuBLAS, every
+    /// product summed into the output (beta = 1). On an H200 this beats the
     /// fused GEMM at every training shape measured (docs/GPU.md): cuBLAS
     /// runs at 700-800 TFLOP/s, and dequantizing a 4096 x 11008 weight
     /// moves 113 MB, about 30 µs.
@@ -928,20 +1075,24 @@ impl<'a> Run<'a> {
     ) -> Result<(), String> {
         let g = self.graph();
         let (ins, y) = (&node.inputs, node.outputs[0]);
+        // Each product rounds the running sum to bf16 (the CPU rounds once),
+        // so the small dense (LoRA) terms go first: their roundings are of
+        // small values, and only the NF4 products round large ones.
         let mut start = Start::Zero;
         if addend {
             self.copy_addend(node, terms)?;
-            start = Start::Accumulate;
-        }
-        for (i, t) in terms.iter().enumerate().filter(|(_, t)| t.nf4) {
-            let beta = if start == Start::Zero { 0.0 } else { 1.0 };
-            self.nf4_product(ins[2 * i], ins[2 * i + 1], y, t.tb, t.scale, beta)?;
             start = Start::Accumulate;
         }
         let dense: Vec<usize> = (0..terms.len()).filter(|&i| !terms[i].nf4).collect();
         if !dense.is_empty() {
             let off = nf4_scratch(g, node, terms);
             self.dense_terms(node, terms, &dense, start, true, off)?;
+            start = Start::Accumulate;
+        }
+        for (i, t) in terms.iter().enumerate().filter(|(_, t)| t.nf4) {
+            let beta = if start == Start::Zero { 0.0 } else { 1.0 };
+            self.nf4_product(ins[2 * i], ins[2 * i + 1], y, t.tb, t.scale, beta)?;
+            start = Start::Accumulate;
         }
         if let Some(Epilogue::Rope(spec)) = epilogue {
             self.rope(y, *ins.last().expect("its input"), spec, false, y)?;
