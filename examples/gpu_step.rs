@@ -18,18 +18,20 @@ use graft::models::{
 use std::path::Path;
 use std::time::Instant;
 
-fn arg(i: usize, default: usize) -> usize {
-    std::env::args()
-        .nth(i)
-        .map(|a| a.parse().expect("arguments are numbers"))
-        .unwrap_or(default)
+fn arg(i: usize, default: usize) -> Result<usize, String> {
+    match std::env::args().nth(i) {
+        Some(a) => a.parse().map_err(|_| {
+            format!("argument {i} is `{a}`: expected a whole number (see the usage above main)")
+        }),
+        None => Ok(default),
+    }
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Freed tensors' pages are reused, not faulted in again (as `trainer`).
     graft::engine::alloc::retain_freed_memory();
-    let (tokens, layers) = (arg(1, 2048), arg(2, 32));
-    let modes: &[bool] = match arg(3, 1) {
+    let (tokens, layers) = (arg(1, 2048)?, arg(2, 32)?);
+    let modes: &[bool] = match arg(3, 1)? {
         0 => &[false],
         1 => &[true],
         _ => &[true, false],
@@ -128,7 +130,7 @@ fn time_steps(
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
-    let used = gpu.gpu().memory_in_use()? - base_mem;
+    let used = gpu.gpu().memory_in_use()?.saturating_sub(base_mem);
     println!(
         "step (forward + backward, gradients to the host): median {:.1} ms -> {:.0} tokens/s; device memory held {:.2} GB (executor {:.2} GB)",
         median * 1e3,
@@ -149,7 +151,7 @@ fn time_steps(
     }
     full.sort_by(f64::total_cmp);
     let median = full[full.len() / 2];
-    let used = gpu.gpu().memory_in_use()? - base_mem;
+    let used = gpu.gpu().memory_in_use()?.saturating_sub(base_mem);
     println!(
         "full training step (forward + backward + AdamW on the device): median {:.1} ms -> {:.0} tokens/s; device memory held {:.2} GB (executor {:.2} GB)",
         median * 1e3,

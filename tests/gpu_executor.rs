@@ -275,7 +275,11 @@ fn gpu_step_matches_the_cpu_step() {
     assert!(failed.is_empty(), "{failed:#?}");
 }
 
-/// The eval loss on the GPU against the CPU's bf16 and f32 ones.
+/// The eval loss on the GPU against the CPU's bf16 and f32 ones; then, on
+/// the same executor, a training step (another plan of the same model,
+/// whose value ids differ) and the eval again after the adapters changed
+/// in place, as `trainer run` does between evaluations: the GPU must see
+/// the new adapters, not its earlier copies.
 #[test]
 fn gpu_eval_loss_matches_the_cpu() {
     let mut gpu = match GpuExecutor::new(0) {
@@ -287,24 +291,37 @@ fn gpu_eval_loss_matches_the_cpu() {
     };
     let (m, b) = (model(), batch());
     let m32 = model_f32(&m);
-    let l = lora(&m, false);
-    let (rec, plan) = eval(&m, &l);
-    let (rec32, plan32) = eval(&m32, &l);
-    let feeds = rec.feeds(&m, Some(&l), &b).unwrap();
-    let loss = |t: Vec<graft::engine::Tensor>| t[0].as_f32().unwrap()[0];
-    let got = loss(gpu.run(&plan, &feeds).unwrap());
-    let cpu = loss(CpuExecutor::new().run(&plan, &feeds).unwrap());
-    let f32_ref = loss(
-        CpuExecutor::new()
-            .run(&plan32, &rec32.feeds(&m32, Some(&l), &b).unwrap())
-            .unwrap(),
-    );
-    eprintln!("eval loss: GPU {got}, CPU bf16 {cpu}, CPU f32 {f32_ref}");
-    let (e_gpu, e_cpu) = ((got - f32_ref).abs(), (cpu - f32_ref).abs());
-    assert!(
-        got.is_finite() && e_gpu <= 1.5 * e_cpu + 1e-3 * f32_ref.abs(),
-        "eval loss: GPU {got}, CPU bf16 {cpu}, f32 {f32_ref}"
-    );
+    let mut l = lora(&m, false);
+    let loss = |t: Vec<Tensor>| t[0].as_f32().unwrap()[0];
+    for round in 0..2 {
+        let (rec, plan) = eval(&m, &l);
+        let (rec32, plan32) = eval(&m32, &l);
+        let feeds = rec.feeds(&m, Some(&l), &b).unwrap();
+        let got = loss(gpu.run(&plan, &feeds).unwrap());
+        let cpu = loss(CpuExecutor::new().run(&plan, &feeds).unwrap());
+        let f32_ref = loss(
+            CpuExecutor::new()
+                .run(&plan32, &rec32.feeds(&m32, Some(&l), &b).unwrap())
+                .unwrap(),
+        );
+        eprintln!("round {round}: eval loss: GPU {got}, CPU bf16 {cpu}, CPU f32 {f32_ref}");
+        let (e_gpu, e_cpu) = ((got - f32_ref).abs(), (cpu - f32_ref).abs());
+        assert!(
+            got.is_finite() && e_gpu <= 1.5 * e_cpu + 1e-3 * f32_ref.abs(),
+            "round {round}: eval loss: GPU {got}, CPU bf16 {cpu}, f32 {f32_ref}"
+        );
+        // A training step's plan on the same executor, then new adapters
+        // written in place (their host addresses unchanged).
+        let (srec, splan) = step(&m, &l, false, false);
+        gpu.run(&splan, &srec.feeds(&m, Some(&l), &b).unwrap())
+            .unwrap();
+        for md in l.modules.iter_mut() {
+            md.b.as_f32_mut()
+                .unwrap()
+                .iter_mut()
+                .for_each(|x| *x = -3.0 * *x + 0.01);
+        }
+    }
 }
 
 /// `train_step` keeps the adapters on the device and updates them there:

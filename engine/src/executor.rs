@@ -47,11 +47,14 @@ impl<'a> Feeds<'a> {
     pub fn bind_mut(&mut self, v: ValueId, t: &'a mut Tensor) -> &mut Self {
         let (shape, dtype) = (t.shape().to_vec(), t.dtype());
         let b = t.bytes_mut();
+        let (ptr, len) = (b.as_mut_ptr(), b.len());
+        // The plan writes through `ptr`: no stamp names what it will hold.
+        t.mark_volatile();
         self.map.insert(
             v,
             Bound::Exclusive {
-                ptr: b.as_mut_ptr(),
-                len: b.len(),
+                ptr,
+                len,
                 shape,
                 dtype,
                 _lent: std::marker::PhantomData,
@@ -317,14 +320,14 @@ fn fm<T: bytemuck::Pod>(b: &mut [u8]) -> &mut [T] {
     bytemuck::cast_slice_mut(b)
 }
 
-fn act(a: Activation) -> Act {
+pub(crate) fn act(a: Activation) -> Act {
     match a {
         Activation::Silu => Act::Silu,
         Activation::GeluTanh => Act::GeluTanh,
     }
 }
 
-fn attn_shape(spec: &graft_ir::AttentionSpec, tokens: usize) -> AttnShape {
+pub(crate) fn attn_shape(spec: &graft_ir::AttentionSpec, tokens: usize) -> AttnShape {
     AttnShape {
         tokens,
         n_heads: spec.n_heads,

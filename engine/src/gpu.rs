@@ -1,15 +1,15 @@
 //! The GPU executor: runs a plan's schedule on one NVIDIA GPU, its values at
 //! the memory plan's offsets in one device arena (the CPU executor's layout),
 //! with the kernels of `graft_kernels::cuda` and cuBLAS for dense products.
-//! Frozen weights are uploaded on the first run and stay; inputs and
-//! trainable parameters are copied in on every run; only the plan's outputs
-//! come back.
+//! Leaves stay on the device by name and are copied again only when their
+//! host contents change (`Tensor::stamp`), so a base model is uploaded
+//! once; only the plan's outputs come back.
 //!
 //! Which ops run here is decided before anything is launched
 //! ([`gpu_unsupported`], which needs no GPU): a plan with any other op is
 //! refused whole, naming the node.
 
-use crate::executor::{check_feeds, Feeds};
+use crate::executor::{act, attn_shape, check_feeds, Feeds};
 use crate::optim::AdamWConfig;
 use crate::plan::Plan;
 use crate::profile::OpProfile;
@@ -18,14 +18,12 @@ use crate::EngineError;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaSlice, PinnedHostSlice};
-use graft_ir::{Activation, DType, Epilogue, NodeId, Op, Source, ValueId};
-use graft_kernels::activation::Act;
-use graft_kernels::attention::AttnShape;
+use graft_ir::{DType, Epilogue, NodeId, Op, Source, ValueId};
 use graft_kernels::bf16;
 use graft_kernels::cuda::{
     device_addr, AttentionKernels, Borrowed, DeviceIds, DeviceNf4, DeviceSegments,
-    ElementwiseKernels, EmbeddingKernels, Gpu, GpuError, LoraTerm, LossKernels, Nf4Epilogue,
-    Nf4Gemm, RowKernels, UpdateKernels, ATTENTION_HEAD_DIMS,
+    ElementwiseKernels, EmbeddingKernels, Gpu, GpuError, LossKernels, Nf4Gemm, RowKernels,
+    UpdateKernels, ATTENTION_HEAD_DIMS,
 };
 use graft_kernels::update::AdamWStep;
 use std::collections::HashMap;
@@ -39,11 +37,15 @@ fn gpu_err(e: GpuError) -> EngineError {
     EngineError::Gpu(e.to_string())
 }
 
-/// A leaf kept on the device between runs.
+/// A leaf kept on the device between runs, by leaf name: the same name is
+/// the same tensor in every plan of a model (a training and an eval plan
+/// share the base), while value ids differ from plan to plan.
 struct Resident {
-    /// The host bytes it was uploaded from (address, length): a frozen
-    /// weight is uploaded again only when its binding changes.
-    host: (usize, usize),
+    /// The stamp of the host tensor it was copied from
+    /// ([`Tensor::stamp`]): uploaded again when that changes.
+    stamp: u64,
+    dtype: DType,
+    bytes: usize,
     data: Leaf,
 }
 
@@ -71,15 +73,15 @@ pub struct GpuExecutor {
     k: Kernels,
     arena: Option<CudaSlice<u8>>,
     scratch: Option<CudaSlice<u8>>,
-    leaves: HashMap<ValueId, Resident>,
+    leaves: HashMap<String, Resident>,
     profile: Option<OpProfile>,
     phases: RunPhases,
     /// Page-locked staging for the outputs: copies from pageable memory
     /// run several times slower (160 MB of a 7B step's LoRA gradients took
     /// 157 ms on an H200).
     staging: Option<PinnedHostSlice<u8>>,
-    /// Trainable parameters that live on the device (`train_step`).
-    device_owned: std::collections::HashSet<ValueId>,
+    /// Trainable parameters that live on the device (`train_step`), by name.
+    device_owned: std::collections::HashSet<String>,
 }
 
 /// AdamW on the GPU for [`GpuExecutor::train_step`]: the same update as the
@@ -89,7 +91,8 @@ pub struct DeviceAdamW {
     pub config: AdamWConfig,
     /// Steps taken (the bias corrections' exponent).
     pub step: u64,
-    moments: HashMap<ValueId, (CudaSlice<f32>, CudaSlice<f32>)>,
+    /// By parameter name.
+    moments: HashMap<String, (CudaSlice<f32>, CudaSlice<f32>)>,
 }
 
 impl DeviceAdamW {
@@ -117,8 +120,7 @@ impl GpuExecutor {
     /// Opens GPU `ordinal` and compiles the kernels (NVRTC, cached on disk).
     pub fn new(ordinal: usize) -> Result<GpuExecutor, EngineError> {
         let gpu = Gpu::open(ordinal).map_err(gpu_err)?;
-        let blas = CudaBlas::new(gpu.stream().clone())
-            .map_err(|e| EngineError::Gpu(format!("cuBLAS: {e}")))?;
+        let blas = gpu.cublas().map_err(gpu_err)?;
         let k = Kernels {
             blas,
             nf4: Nf4Gemm::new(&gpu).map_err(gpu_err)?,
@@ -213,7 +215,12 @@ impl GpuExecutor {
                     g.dtype(p)
                 )));
             }
-            self.device_owned.insert(p);
+            // Owned from now on: copied from `feeds` this once, whatever an
+            // earlier `run` left resident.
+            let name = leaf_key(g, p);
+            if self.device_owned.insert(name.clone()) {
+                self.leaves.remove(&name);
+            }
         }
         self.execute(plan, feeds)?;
         opt.step += 1;
@@ -223,26 +230,28 @@ impl GpuExecutor {
         let arena = device_addr(self.arena.as_ref().expect("execute allocated it"));
         for &(p, gv) in plan.grads() {
             let n = g.ty(p).numel();
-            let (m, v) = match opt.moments.entry(p) {
+            let name = leaf_key(g, p);
+            let (m, v) = match opt.moments.entry(name.clone()) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => e.insert((
                     s.alloc_zeros::<f32>(n)
-                        .map_err(|e| oom("AdamW moments", 8 * n, e))?,
+                        .map_err(|e| oom("AdamW's first moment", 4 * n, e))?,
                     s.alloc_zeros::<f32>(n)
-                        .map_err(|e| oom("AdamW moments", 8 * n, e))?,
+                        .map_err(|e| oom("AdamW's second moment", 4 * n, e))?,
                 )),
             };
             let Some(Resident {
                 data: Leaf::Bytes(buf),
                 ..
-            }) = self.leaves.get(&p)
+            }) = self.leaves.get(&name)
             else {
-                unreachable!("execute uploaded every leaf");
+                return Err(EngineError::Gpu(format!("`{name}` is not on the device")));
             };
-            let goff = plan
-                .memory()
-                .offset(gv)
-                .expect("gradients are computed values");
+            let goff = plan.memory().offset(gv).ok_or_else(|| {
+                EngineError::Gpu(format!(
+                    "the gradient of `{name}` is not computed by the plan"
+                ))
+            })?;
             // SAFETY: the parameter's own buffer and the gradient's arena
             // range, each of n f32, alive until the kernel has run (the
             // stream orders it before any later use of either).
@@ -268,19 +277,23 @@ impl GpuExecutor {
         let s = self.gpu.stream();
         plan.grads()
             .iter()
-            .filter(|(p, _)| self.device_owned.contains(p))
-            .map(|&(p, _)| {
+            .map(|&(p, _)| (p, leaf_key(g, p)))
+            .filter(|(_, name)| self.device_owned.contains(name))
+            .map(|(p, name)| {
                 let Some(Resident {
                     data: Leaf::Bytes(buf),
                     ..
-                }) = self.leaves.get(&p)
+                }) = self.leaves.get(&name)
                 else {
-                    return Err(EngineError::Gpu(format!("%{} was never uploaded", p.0)));
+                    return Err(EngineError::Gpu(format!("`{name}` was never uploaded")));
                 };
-                let bytes = s
-                    .clone_dtoh(buf)
-                    .map_err(|e| EngineError::Gpu(e.to_string()))?;
-                let name = g.leaf_name(p).unwrap_or("?").to_string();
+                // The value's own bytes (a buffer holds at least one).
+                let n = g.ty(p).bytes();
+                let mut bytes = vec![0u8; n];
+                if n > 0 {
+                    s.memcpy_dtoh(&buf.slice(..n), &mut bytes)
+                        .map_err(|e| EngineError::Gpu(e.to_string()))?;
+                }
                 Ok((name, Tensor::from_bytes(g.shape(p), g.dtype(p), &bytes)?))
             })
             .collect()
@@ -325,6 +338,7 @@ impl GpuExecutor {
             leaves: &self.leaves,
             arena: device_addr(self.arena.as_ref().expect("allocated above")),
             scratch: device_addr(self.scratch.as_ref().expect("allocated above")),
+            scratch_len: self.scratch.as_ref().map_or(0, |b| b.len()),
             segments: HashMap::new(),
             inv_freq: HashMap::new(),
         };
@@ -389,11 +403,9 @@ impl GpuExecutor {
             .as_mut_slice()
             .map_err(drv)?;
         for (&o, &(at, n)) in outs.iter().zip(&spans) {
+            let addr = value_addr(plan, &self.leaves, arena, o).map_err(EngineError::Gpu)?;
             // SAFETY: the value's n bytes, in the arena or its leaf's buffer.
-            let src = unsafe {
-                self.gpu
-                    .borrow::<u8>(value_addr(plan, &self.leaves, arena, o), n)
-            };
+            let src = unsafe { self.gpu.borrow::<u8>(addr, n) };
             s.memcpy_dtoh(&*src, &mut staged[at..at + n]).map_err(drv)?;
         }
         s.synchronize().map_err(drv)?;
@@ -406,35 +418,27 @@ impl GpuExecutor {
         out
     }
 
-    /// Copies the plan's leaves to the device: frozen parameters once per
-    /// binding, inputs and trainable parameters every run.
+    /// Copies the plan's leaves to the device, each only when its host
+    /// contents changed since it was last copied (a new stamp); parameters
+    /// the device owns (`train_step`) never again.
     fn upload_leaves(&mut self, plan: &Plan, feeds: &Feeds) -> Result<(), EngineError> {
         let g = plan.graph();
         let s = self.gpu.stream().clone();
         for v in plan.leaves() {
+            let name = leaf_key(g, v);
             let t = feeds.get(v).ok_or_else(|| {
                 EngineError::Gpu(format!(
-                    "`{}` is bound for in-place updates, which the GPU executor does not run yet",
-                    g.leaf_name(v).unwrap_or("?")
+                    "`{name}` is bound for in-place updates, which the GPU executor does not run yet"
                 ))
             })?;
             let bytes = t.bytes();
-            let host = (bytes.as_ptr() as usize, bytes.len());
-            let frozen = matches!(
-                g.value(v).source,
-                Source::Param {
-                    trainable: false,
-                    ..
-                }
-            );
-            let resident = self.leaves.get(&v);
-            if (frozen && resident.is_some_and(|r| r.host == host))
-                || (self.device_owned.contains(&v) && resident.is_some())
-            {
-                continue;
+            let same = |r: &Resident| r.dtype == t.dtype() && r.bytes == bytes.len();
+            match self.leaves.get(&name) {
+                Some(r) if same(r) && self.device_owned.contains(&name) => continue,
+                Some(r) if same(r) && t.stamp() != 0 && r.stamp == t.stamp() => continue,
+                _ => {}
             }
-            let name = g.leaf_name(v).unwrap_or("?");
-            let data = match (t.dtype(), self.leaves.remove(&v)) {
+            let data = match (t.dtype(), self.leaves.remove(&name)) {
                 (DType::Nf4 { block }, _) => {
                     let w = crate::nf4::nf4_view(bytes, t.shape(), block as usize)?;
                     Leaf::Nf4(
@@ -446,22 +450,41 @@ impl GpuExecutor {
                     _,
                     Some(Resident {
                         data: Leaf::Bytes(mut buf),
+                        bytes: n,
                         ..
                     }),
-                ) if buf.len() == bytes.len() => {
+                ) if n == bytes.len() && !bytes.is_empty() => {
                     s.memcpy_htod(bytes, &mut buf)
                         .map_err(|e| EngineError::Gpu(format!("uploading `{name}`: {e}")))?;
                     Leaf::Bytes(buf)
                 }
                 // A zero-byte tensor still gets an address.
                 _ if bytes.is_empty() => {
-                    Leaf::Bytes(s.alloc_zeros::<u8>(1).map_err(|e| oom(name, 1, e))?)
+                    Leaf::Bytes(s.alloc_zeros::<u8>(1).map_err(|e| oom(&name, 1, e))?)
                 }
-                _ => Leaf::Bytes(s.clone_htod(bytes).map_err(|e| oom(name, bytes.len(), e))?),
+                _ => Leaf::Bytes(
+                    s.clone_htod(bytes)
+                        .map_err(|e| oom(&name, bytes.len(), e))?,
+                ),
             };
-            self.leaves.insert(v, Resident { host, data });
+            let r = Resident {
+                stamp: t.stamp(),
+                dtype: t.dtype(),
+                bytes: bytes.len(),
+                data,
+            };
+            self.leaves.insert(name, r);
         }
         Ok(())
+    }
+}
+
+/// The key of a leaf's device copy: its name (the same tensor in every
+/// plan of a model), or its value id where a graph left it unnamed.
+fn leaf_key(g: &graft_ir::Graph, v: ValueId) -> String {
+    match g.leaf_name(v) {
+        Some(name) => name.to_string(),
+        None => format!("%{}", v.0),
     }
 }
 
@@ -498,26 +521,33 @@ pub fn gpu_unsupported(plan: &Plan) -> Vec<(NodeId, String)> {
                 .then(|| "not bf16 with an even head dim".into()),
             Op::GatedAct(_) => (!all_bf16(&[0, 1])).then(|| "not bf16".into()),
             Op::GatedActGrad(_) => (!all_bf16(&[0, 1, 2])).then(|| "not bf16".into()),
-            Op::Attention(spec) | Op::AttentionGrad(spec) => (!all_bf16(&[0, 1, 2])
-                || !ATTENTION_HEAD_DIMS.contains(&spec.head_dim))
-            .then(|| {
-                format!(
-                    "needs bf16 and a head dim in {ATTENTION_HEAD_DIMS:?}, not {}",
-                    spec.head_dim
-                )
-            }),
+            Op::Attention(spec) | Op::AttentionGrad(spec) => {
+                if !all_bf16(&[0, 1, 2]) {
+                    Some(format!("{} q, k, v (the kernels take bf16)", dt(0)))
+                } else if !ATTENTION_HEAD_DIMS.contains(&spec.head_dim) {
+                    Some(format!(
+                        "head dim {} (kernels for {ATTENTION_HEAD_DIMS:?})",
+                        spec.head_dim
+                    ))
+                } else {
+                    None
+                }
+            }
             Op::MatMul { .. } => {
                 let ok = dt(0) == dt(1) && float(dt(0));
                 (!ok).then(|| format!("{} by {}", dt(0), dt(1)))
             }
-            Op::Nf4MatMul { .. } => (!all_bf16(&[0])).then(|| "activations not bf16".into()),
+            Op::Nf4MatMul { compute, .. } => match (*compute, all_bf16(&[0])) {
+                (DType::BF16, true) => nf4_unsupported(g, node.inputs[1]),
+                _ => Some("needs bf16 activations and compute".into()),
+            },
             Op::MatMulSum {
                 terms,
                 addend,
+                compute,
                 out,
                 epilogue,
-                ..
-            } => matmul_sum_unsupported(g, node, terms, *addend, *out, epilogue.as_ref()),
+            } => matmul_sum_unsupported(g, node, terms, *addend, *compute, *out, epilogue.as_ref()),
             Op::CrossEntropy { .. } => (!float(dt(0))).then(|| format!("{} logits", dt(0))),
             Op::LinearCrossEntropy { .. } => {
                 (!all_bf16(&[0, 1])).then(|| "hidden states or weight not bf16".into())
@@ -537,47 +567,71 @@ fn matmul_sum_unsupported(
     node: &graft_ir::Node,
     terms: &[graft_ir::Product],
     addend: bool,
+    compute: DType,
     out: DType,
     epilogue: Option<&Epilogue>,
 ) -> Option<String> {
     let dt = |i: usize| g.dtype(node.inputs[i]);
-    let nf4: Vec<usize> = (0..terms.len()).filter(|&i| terms[i].nf4).collect();
     if addend && dt(2 * terms.len()) != out {
         return Some("an addend of another dtype than the output".into());
     }
-    if nf4.is_empty() {
-        // Dense: cuBLAS, f32 operands rounded to bf16 first.
-        if !matches!(out, DType::F32 | DType::BF16) {
-            return Some(format!("writes {out}"));
-        }
-        if matches!(epilogue, Some(Epilogue::ScaleCols)) {
-            return Some("a column scale on dense products".into());
-        }
-        if matches!(epilogue, Some(Epilogue::Rope(_))) && out != DType::BF16 {
-            return Some("RoPE on f32".into());
-        }
-        return (0..2 * terms.len())
-            .find(|&i| !matches!(dt(i), DType::F32 | DType::BF16))
-            .map(|i| format!("operand {i} is {}", dt(i)));
+    // DoRA's column scale: its group runs once DoRA's other ops do.
+    if matches!(epilogue, Some(Epilogue::ScaleCols)) {
+        return Some("a column scale (DoRA) on the GPU".into());
     }
-    if out != DType::BF16 {
-        return Some(format!("an NF4 product written as {out}"));
+    if matches!(epilogue, Some(Epilogue::Rope(_))) && out != DType::BF16 {
+        return Some("RoPE on f32".into());
     }
-    // The fused GEMM (column scales) has no scale of its own; cuBLAS has.
-    let fused = matches!(epilogue, Some(Epilogue::ScaleCols));
-    for &i in &nf4 {
-        if dt(2 * i) != DType::BF16 || terms[i].ta || (fused && terms[i].scale != 1.0) {
-            return Some(format!(
-                "NF4 term {i} is not bf16 x·op(W) with a scale the GEMM takes"
-            ));
+    // cuBLAS: bf16 operands write f32 or bf16, f32 ones only f32; NF4
+    // weights are dequantized to bf16.
+    let nf4 = terms.iter().any(|t| t.nf4);
+    let outs: &[DType] = match (nf4, compute) {
+        (true, DType::BF16) => &[DType::BF16],
+        (false, DType::BF16) => &[DType::F32, DType::BF16],
+        (false, DType::F32) => &[DType::F32],
+        _ => &[],
+    };
+    if !outs.contains(&out) {
+        return Some(format!("{compute} compute writing {out}"));
+    }
+    // NF4 products: bf16 x·op(W) through cuBLAS; dense ones: f32 or bf16
+    // operands, cast to the compute type.
+    for (i, t) in terms.iter().enumerate() {
+        if t.nf4 && (dt(2 * i) != DType::BF16 || t.ta) {
+            return Some(format!("NF4 term {i} is not bf16 x·op(W)"));
+        }
+        if let Some(why) = t
+            .nf4
+            .then(|| nf4_unsupported(g, node.inputs[2 * i + 1]))
+            .flatten()
+        {
+            return Some(why);
+        }
+        let dense = if t.nf4 {
+            vec![2 * i]
+        } else {
+            vec![2 * i, 2 * i + 1]
+        };
+        if let Some(&j) = dense
+            .iter()
+            .find(|&&j| !matches!(dt(j), DType::F32 | DType::BF16))
+        {
+            return Some(format!("operand {j} is {}", dt(j)));
         }
     }
-    // Dense terms ride in NF4 epilogues (LoRA's form) or go through cuBLAS.
-    (0..terms.len())
-        .filter(|&i| !terms[i].nf4)
-        .flat_map(|i| [2 * i, 2 * i + 1])
-        .find(|&i| !matches!(dt(i), DType::F32 | DType::BF16))
-        .map(|i| format!("operand {i} is {}", dt(i)))
+    None
+}
+
+/// Why an NF4 weight cannot go to the GPU, if it cannot: the device copy
+/// takes bitsandbytes' block 64 and rows of whole blocks.
+fn nf4_unsupported(g: &graft_ir::Graph, w: ValueId) -> Option<String> {
+    let (ty, name) = (g.ty(w), leaf_key(g, w));
+    match (ty.dtype, ty.shape.last()) {
+        (DType::Nf4 { block: 64 }, Some(cols)) if cols % 64 == 0 => None,
+        (dtype, cols) => Some(format!(
+            "`{name}` is {dtype} with rows of {cols:?}: the GPU takes NF4 block 64 and rows of a multiple of 64"
+        )),
+    }
 }
 
 /// How a sum begins in its output.
@@ -609,17 +663,6 @@ fn nf4_scratch(g: &graft_ir::Graph, node: &graft_ir::Node, terms: &[graft_ir::Pr
         .map(|i| (g.ty(node.inputs[2 * i + 1]).numel() * 2).div_ceil(ALIGN) * ALIGN)
         .max()
         .unwrap_or(0)
-}
-
-/// Whether dense term `i` is LoRA's `s·a·op(b)` as the NF4 epilogue takes
-/// it: f32 `a [m, r]` not transposed, f32 `b`.
-fn is_lora_term(
-    g: &graft_ir::Graph,
-    ins: &[ValueId],
-    terms: &[graft_ir::Product],
-    i: usize,
-) -> bool {
-    !terms[i].ta && g.dtype(ins[2 * i]) == DType::F32 && g.dtype(ins[2 * i + 1]) == DType::F32
 }
 
 /// Scratch bytes the plan needs beside its arena (the largest of any node).
@@ -661,9 +704,10 @@ struct Run<'a> {
     k: &'a Kernels,
     plan: &'a Plan,
     feeds: &'a Feeds<'a>,
-    leaves: &'a HashMap<ValueId, Resident>,
+    leaves: &'a HashMap<String, Resident>,
     arena: u64,
     scratch: u64,
+    scratch_len: usize,
     segments: HashMap<ValueId, DeviceSegments>,
     /// RoPE's inverse frequencies on the device, by host table address.
     inv_freq: HashMap<usize, CudaSlice<f32>>,
@@ -671,18 +715,26 @@ struct Run<'a> {
 
 /// The device address of value `v` of `plan`: its offset in the arena at
 /// `arena`, or its leaf's own buffer.
-fn value_addr(plan: &Plan, leaves: &HashMap<ValueId, Resident>, arena: u64, v: ValueId) -> u64 {
-    match plan.graph().value(v).source {
-        Source::Node { .. } => {
-            arena
-                + plan
-                    .memory()
-                    .offset(v)
-                    .expect("every computed value has an offset") as u64
-        }
-        _ => match &leaves[&v].data {
-            Leaf::Bytes(b) => device_addr(b),
-            Leaf::Nf4(_) => unreachable!("NF4 leaves are read through `nf4`"),
+fn value_addr(
+    plan: &Plan,
+    leaves: &HashMap<String, Resident>,
+    arena: u64,
+    v: ValueId,
+) -> Result<u64, String> {
+    let g = plan.graph();
+    match g.value(v).source {
+        Source::Node { .. } => plan
+            .memory()
+            .offset(v)
+            .map(|off| arena + off as u64)
+            .ok_or_else(|| format!("%{} has no place in the memory plan", v.0)),
+        _ => match leaves.get(&leaf_key(g, v)).map(|r| &r.data) {
+            Some(Leaf::Bytes(b)) => Ok(device_addr(b)),
+            Some(Leaf::Nf4(_)) => Err(format!(
+                "`{}` is NF4: only an NF4 product reads it",
+                leaf_key(g, v)
+            )),
+            None => Err(format!("`{}` is not on the device", leaf_key(g, v))),
         },
     }
 }
@@ -709,34 +761,49 @@ impl<'a> Run<'a> {
     }
 
     /// The device address of value `v`.
-    fn addr(&self, v: ValueId) -> u64 {
+    fn addr(&self, v: ValueId) -> Result<u64, String> {
         value_addr(self.plan, self.leaves, self.arena, v)
     }
 
-    /// Value `v` as `len` elements of `T`.
-    fn view<T>(&self, v: ValueId, len: usize) -> Borrowed<T> {
+    /// Value `v` as `len` elements of `T` (its numel, or its byte count as
+    /// u8), no more than the value holds.
+    fn view<T>(&self, v: ValueId, len: usize) -> Result<Borrowed<T>, String> {
+        let have = self.graph().ty(v).bytes();
+        if len * std::mem::size_of::<T>() > have {
+            return Err(format!("%{}: {len} elements past its {have} bytes", v.0));
+        }
         // SAFETY: the arena holds every computed value at its offset and
-        // each leaf has its own buffer of the value's size; `len` is the
-        // value's element count in `T` (callers pass the value's numel or
-        // byte count).
-        unsafe { self.gpu.borrow(self.addr(v), len) }
+        // each leaf has its own buffer of at least the value's size; the
+        // window is no longer (checked above). The window is not moved out
+        // of (see `Gpu::borrow`).
+        Ok(unsafe { self.gpu.borrow(self.addr(v)?, len) })
     }
 
     /// Value `v` as its own elements of `T`.
-    fn val<T>(&self, v: ValueId) -> Borrowed<T> {
-        self.view(v, self.graph().ty(v).numel())
+    fn val<T>(&self, v: ValueId) -> Result<Borrowed<T>, String> {
+        let n = self.graph().ty(v).bytes() / std::mem::size_of::<T>();
+        self.view(v, n)
     }
 
     /// `len` elements of `T` at byte `off` of the scratch buffer.
-    fn scratch<T>(&self, off: usize, len: usize) -> Borrowed<T> {
-        // SAFETY: `scratch_bytes` sized the buffer for every node's carving.
-        unsafe { self.gpu.borrow(self.scratch + off as u64, len) }
+    fn scratch<T>(&self, off: usize, len: usize) -> Result<Borrowed<T>, String> {
+        if off + len * std::mem::size_of::<T>() > self.scratch_len {
+            return Err(format!(
+                "scratch: {} bytes at {off} past its {} (a sizing bug)",
+                len * std::mem::size_of::<T>(),
+                self.scratch_len
+            ));
+        }
+        // SAFETY: inside the scratch buffer (checked above), which lives
+        // as long as the run.
+        Ok(unsafe { self.gpu.borrow(self.scratch + off as u64, len) })
     }
 
     fn nf4(&self, v: ValueId) -> Result<&'a DeviceNf4, String> {
-        match self.leaves.get(&v).map(|r| &r.data) {
+        let name = leaf_key(self.graph(), v);
+        match self.leaves.get(&name).map(|r| &r.data) {
             Some(Leaf::Nf4(w)) => Ok(w),
-            _ => Err(format!("%{} is not an NF4 weight bound as a leaf", v.0)),
+            _ => Err(format!("`{name}` is not an NF4 weight bound as a leaf")),
         }
     }
 
@@ -806,11 +873,11 @@ impl<'a> Run<'a> {
         .map_err(|e| format!("cuBLAS: {e}"))
     }
 
-    fn mat(&self, v: ValueId) -> Mat {
-        Mat {
-            addr: self.addr(v),
+    fn mat(&self, v: ValueId) -> Result<Mat, String> {
+        Ok(Mat {
+            addr: self.addr(v)?,
             dtype: self.graph().dtype(v),
-        }
+        })
     }
 
     /// Runs node `n`.
@@ -823,19 +890,19 @@ impl<'a> Run<'a> {
         let shape = |v: ValueId| g.shape(v);
         match &node.op {
             Op::Fill { value, dtype, .. } => match dtype {
-                DType::F32 => k.ew.fill(&mut *self.val::<f32>(outs[0]), *value),
-                _ => k.ew.fill(&mut *self.val::<bf16>(outs[0]), *value),
+                DType::F32 => k.ew.fill(&mut *self.val::<f32>(outs[0])?, *value),
+                _ => k.ew.fill(&mut *self.val::<bf16>(outs[0])?, *value),
             }
             .map_err(e),
             Op::Cast(_) => {
                 let (from, to) = (g.dtype(ins[0]), g.dtype(outs[0]));
                 match (from, to) {
                     (DType::F32, DType::BF16) => {
-                        k.ew.to_bf16(&self.val(ins[0]), &mut self.val(outs[0]))
+                        k.ew.to_bf16(&*self.val::<f32>(ins[0])?, &mut *self.val::<bf16>(outs[0])?)
                             .map_err(e)
                     }
                     (DType::BF16, DType::F32) => {
-                        k.ew.to_f32(&self.val(ins[0]), &mut self.val(outs[0]))
+                        k.ew.to_f32(&*self.val::<bf16>(ins[0])?, &mut *self.val::<f32>(outs[0])?)
                             .map_err(e)
                     }
                     _ => {
@@ -843,8 +910,8 @@ impl<'a> Run<'a> {
                         self.gpu
                             .stream()
                             .memcpy_dtod(
-                                &*self.view::<u8>(ins[0], bytes),
-                                &mut *self.view::<u8>(outs[0], bytes),
+                                &*self.view::<u8>(ins[0], bytes)?,
+                                &mut *self.view::<u8>(outs[0], bytes)?,
                             )
                             .map_err(|e| e.to_string())
                     }
@@ -852,38 +919,42 @@ impl<'a> Run<'a> {
             }
             Op::Dropout { p } => match g.dtype(ins[0]) {
                 DType::F32 => k.ew.dropout::<f32>(
-                    &self.val(ins[0]),
-                    &self.val(ins[1]),
+                    &*self.val::<f32>(ins[0])?,
+                    &*self.val::<u32>(ins[1])?,
                     *p,
-                    &mut self.val(outs[0]),
+                    &mut *self.val::<f32>(outs[0])?,
                 ),
                 _ => k.ew.dropout::<bf16>(
-                    &self.val(ins[0]),
-                    &self.val(ins[1]),
+                    &*self.val::<bf16>(ins[0])?,
+                    &*self.val::<u32>(ins[1])?,
                     *p,
-                    &mut self.val(outs[0]),
+                    &mut *self.val::<bf16>(outs[0])?,
                 ),
             }
             .map_err(e),
             Op::Add => match g.dtype(ins[0]) {
-                DType::F32 => {
-                    k.ew.add::<f32>(&self.val(ins[0]), &self.val(ins[1]), &mut self.val(outs[0]))
-                }
-                _ => {
-                    k.ew.add::<bf16>(&self.val(ins[0]), &self.val(ins[1]), &mut self.val(outs[0]))
-                }
+                DType::F32 => k.ew.add::<f32>(
+                    &*self.val::<f32>(ins[0])?,
+                    &*self.val::<f32>(ins[1])?,
+                    &mut *self.val::<f32>(outs[0])?,
+                ),
+                _ => k.ew.add::<bf16>(
+                    &*self.val::<bf16>(ins[0])?,
+                    &*self.val::<bf16>(ins[1])?,
+                    &mut *self.val::<bf16>(outs[0])?,
+                ),
             }
             .map_err(e),
             Op::ScaleBy => match g.dtype(ins[0]) {
                 DType::F32 => k.ew.scale_by::<f32>(
-                    &self.val(ins[0]),
-                    &self.val(ins[1]),
-                    &mut self.val(outs[0]),
+                    &*self.val::<f32>(ins[0])?,
+                    &*self.val::<f32>(ins[1])?,
+                    &mut *self.val::<f32>(outs[0])?,
                 ),
                 _ => k.ew.scale_by::<bf16>(
-                    &self.val(ins[0]),
-                    &self.val(ins[1]),
-                    &mut self.val(outs[0]),
+                    &*self.val::<bf16>(ins[0])?,
+                    &*self.val::<f32>(ins[1])?,
+                    &mut *self.val::<bf16>(outs[0])?,
                 ),
             }
             .map_err(e),
@@ -891,32 +962,32 @@ impl<'a> Run<'a> {
                 let ids = DeviceIds::upload(self.gpu, self.host_i32(ins[1])?).map_err(e)?;
                 k.emb
                     .embedding(
-                        &self.val(ins[0]),
+                        &*self.val::<bf16>(ins[0])?,
                         &ids,
                         shape(ins[0])[1],
-                        &mut self.val(outs[0]),
+                        &mut *self.val::<bf16>(outs[0])?,
                     )
                     .map_err(e)
             }
             Op::RmsNorm { eps, unit_offset } => k
                 .rows
                 .rms_norm(
-                    &self.val(ins[0]),
-                    &self.val(ins[1]),
+                    &*self.val::<bf16>(ins[0])?,
+                    &*self.val::<bf16>(ins[1])?,
                     *eps,
                     *unit_offset,
-                    &mut self.val(outs[0]),
+                    &mut *self.val::<bf16>(outs[0])?,
                 )
                 .map_err(e),
             Op::RmsNormGradInput { eps, unit_offset } => k
                 .rows
                 .rms_norm_grad_input(
-                    &self.val(ins[0]),
-                    &self.val(ins[1]),
-                    &self.val(ins[2]),
+                    &*self.val::<bf16>(ins[0])?,
+                    &*self.val::<bf16>(ins[1])?,
+                    &*self.val::<bf16>(ins[2])?,
                     *eps,
                     *unit_offset,
-                    &mut self.val(outs[0]),
+                    &mut *self.val::<bf16>(outs[0])?,
                 )
                 .map_err(e),
             Op::Rope { spec, inverse } => self.rope(ins[0], ins[1], spec, *inverse, outs[0]),
@@ -924,26 +995,26 @@ impl<'a> Run<'a> {
                 .rows
                 .gated_act(
                     act(*a),
-                    &self.val(ins[0]),
-                    &self.val(ins[1]),
-                    &mut self.val(outs[0]),
+                    &*self.val::<bf16>(ins[0])?,
+                    &*self.val::<bf16>(ins[1])?,
+                    &mut *self.val::<bf16>(outs[0])?,
                 )
                 .map_err(e),
             Op::GatedActGrad(a) => k
                 .rows
                 .gated_act_grad(
                     act(*a),
-                    &self.val(ins[0]),
-                    &self.val(ins[1]),
-                    &self.val(ins[2]),
-                    &mut self.val(outs[0]),
-                    &mut self.val(outs[1]),
+                    &*self.val::<bf16>(ins[0])?,
+                    &*self.val::<bf16>(ins[1])?,
+                    &*self.val::<bf16>(ins[2])?,
+                    &mut *self.val::<bf16>(outs[0])?,
+                    &mut *self.val::<bf16>(outs[1])?,
                 )
                 .map_err(e),
             Op::Attention(spec) => {
                 let s = attn_shape(spec, shape(ins[0])[0]);
-                let (q, kk, v) = (self.val(ins[0]), self.val(ins[1]), self.val(ins[2]));
-                let (mut out, mut lse) = (self.val(outs[0]), self.val(outs[1]));
+                let (q, kk, v) = (self.val(ins[0])?, self.val(ins[1])?, self.val(ins[2])?);
+                let (mut out, mut lse) = (self.val(outs[0])?, self.val(outs[1])?);
                 let seg = self.segments(ins[3])?;
                 k.attn
                     .forward(&q, &kk, &v, seg, s, &mut out, &mut lse)
@@ -951,12 +1022,14 @@ impl<'a> Run<'a> {
             }
             Op::AttentionGrad(spec) => {
                 let s = attn_shape(spec, shape(ins[0])[0]);
-                let vals: Vec<Borrowed<bf16>> =
-                    [0, 1, 2, 4, 6].iter().map(|&i| self.val(ins[i])).collect();
-                let lse = self.val::<f32>(ins[5]);
-                let mut delta = self.scratch::<f32>(0, s.tokens * s.n_heads);
+                let vals = [0, 1, 2, 4, 6]
+                    .iter()
+                    .map(|&i| self.val::<bf16>(ins[i]))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let lse = self.val::<f32>(ins[5])?;
+                let mut delta = self.scratch::<f32>(0, s.tokens * s.n_heads)?;
                 let (mut dq, mut dk, mut dv) =
-                    (self.val(outs[0]), self.val(outs[1]), self.val(outs[2]));
+                    (self.val(outs[0])?, self.val(outs[1])?, self.val(outs[2])?);
                 let seg = self.segments(ins[3])?;
                 k.attn
                     .backward(
@@ -969,7 +1042,7 @@ impl<'a> Run<'a> {
                 let (a, b) = (shape(ins[0]), shape(ins[1]));
                 let (m, kk) = if *ta { (a[1], a[0]) } else { (a[0], a[1]) };
                 let nn = if *tb { b[0] } else { b[1] };
-                let (ma, mb, mc) = (self.mat(ins[0]), self.mat(ins[1]), self.mat(outs[0]));
+                let (ma, mb, mc) = (self.mat(ins[0])?, self.mat(ins[1])?, self.mat(outs[0])?);
                 self.gemm(ma, mb, mc, (m, kk, nn), (*ta, *tb), 1.0, 0.0)
             }
             Op::Nf4MatMul { tb, .. } => self.nf4_product(ins[0], ins[1], outs[0], *tb, 1.0, 0.0),
@@ -998,18 +1071,18 @@ impl<'a> Run<'a> {
             } => self.linear_cross_entropy(node, *ignore_index, *chunk),
             Op::CrossEntropy { ignore_index } => {
                 let ids = DeviceIds::upload(self.gpu, self.host_i32(ins[1])?).map_err(e)?;
-                let mut rows = self.scratch::<f32>(0, ids.len());
-                let mut loss = self.val::<f32>(outs[0]);
+                let mut rows = self.scratch::<f32>(0, ids.len())?;
+                let mut loss = self.val::<f32>(outs[0])?;
                 match g.dtype(ins[0]) {
                     DType::F32 => k.loss.loss_only::<f32>(
-                        &self.val(ins[0]),
+                        &*self.val(ins[0])?,
                         &ids,
                         *ignore_index,
                         &mut rows,
                         &mut loss,
                     ),
                     _ => k.loss.loss_only::<bf16>(
-                        &self.val(ins[0]),
+                        &*self.val::<bf16>(ins[0])?,
                         &ids,
                         *ignore_index,
                         &mut rows,
@@ -1034,39 +1107,28 @@ impl<'a> Run<'a> {
         self.k
             .rows
             .rope(
-                &self.val::<bf16>(x),
-                &self.val::<i32>(positions),
+                &*self.val::<bf16>(x)?,
+                &*self.val::<i32>(positions)?,
                 inv,
                 spec.n_heads,
                 inverse,
-                &mut self.val::<bf16>(y),
+                &mut *self.val::<bf16>(y)?,
             )
             .map_err(|e| e.to_string())
-    }
-
-    /// An NF4 group: dequantize-then-cuBLAS ([`Self::nf4_sum_cublas`]) unless
-    /// it scales columns (DoRA), which only the fused GEMM's epilogue does.
-    fn nf4_sum(
-        &self,
-        node: &graft_ir::Node,
-        terms: &[graft_ir::Product],
-        addend: bool,
-        epilogue: Option<&Epilogue>,
-    ) -> Result<(), String> {
-        match epilogue {
-            Some(Epilogue::ScaleCols) => self.nf4_sum_fused(node, terms, addend, epilogue),
-            _ => self.nf4_sum_cublas(node, terms, addend, epilogue),
-        }
     }
 
     /// `epilogue([addend +] dense terms + Σ op(x)·op(W))`: the dense (LoRA)
     /// terms by cuBLAS, then each NF4 weight dequantized to bf16 in scratch
     /// (bit for bit the fused GEMM's values) and multiplied by cuBLAS, every
-    /// product summed into the output (beta = 1). On an H200 this beats the
-    /// fused GEMM at every training shape measured (docs/GPU.md): cuBLAS
-    /// runs at 700-800 TFLOP/s, and dequantizing a 4096 x 11008 weight
-    /// moves 113 MB, about 30 µs.
-    fn nf4_sum_cublas(
+    /// product summed into the output (beta = 1). Where the CPU differs:
+    /// it rounds the sum to bf16 once (here each product rounds the running
+    /// sum), applies RoPE before that rounding (here after), and rounds a
+    /// term's `scale·a` (here the scale is cuBLAS's alpha on the rounded
+    /// `a`: the same for LoRA's power-of-two scales, not for rsLoRA's). On an H200 this beats the
+    /// fused NF4 GEMM 2-3.5x at every training shape measured (docs/GPU.md):
+    /// cuBLAS runs at 650-800 TFLOP/s, and dequantizing a 4096 x 11008
+    /// weight moves 113 MB, about 30 µs.
+    fn nf4_sum(
         &self,
         node: &graft_ir::Node,
         terms: &[graft_ir::Product],
@@ -1093,87 +1155,6 @@ impl<'a> Run<'a> {
             let beta = if start == Start::Zero { 0.0 } else { 1.0 };
             self.nf4_product(ins[2 * i], ins[2 * i + 1], y, t.tb, t.scale, beta)?;
             start = Start::Accumulate;
-        }
-        if let Some(Epilogue::Rope(spec)) = epilogue {
-            self.rope(y, *ins.last().expect("its input"), spec, false, y)?;
-        }
-        Ok(())
-    }
-
-    /// `epilogue([addend +] Σ op(x)·op(W) + Σ s·la·op(lb))` with NF4
-    /// weights in the fused NF4 GEMM: one per weight, each later one adding
-    /// the previous output (read and written in place, element by element,
-    /// in its epilogue), each LoRA term in the epilogue of an NF4 product of
-    /// its layout, the column scale in the last. Dense terms left over (more
-    /// than the NF4 products take) are summed by cuBLAS first.
-    fn nf4_sum_fused(
-        &self,
-        node: &graft_ir::Node,
-        terms: &[graft_ir::Product],
-        addend: bool,
-        epilogue: Option<&Epilogue>,
-    ) -> Result<(), String> {
-        let g = self.graph();
-        let (ins, y) = (&node.inputs, node.outputs[0]);
-        let nf4: Vec<usize> = (0..terms.len()).filter(|&i| terms[i].nf4).collect();
-        // The LoRA term each NF4 product takes in its epilogue, if any.
-        let mut host: Vec<Option<usize>> = vec![None; nf4.len()];
-        let mut rest = Vec::new();
-        for i in (0..terms.len()).filter(|&i| !terms[i].nf4) {
-            let slot =
-                (0..nf4.len()).find(|&j| host[j].is_none() && terms[nf4[j]].tb == terms[i].tb);
-            match slot {
-                Some(j) if is_lora_term(g, ins, terms, i) => host[j] = Some(i),
-                _ => rest.push(i),
-            }
-        }
-        let mut addend_buf = addend.then(|| self.val::<bf16>(ins[2 * terms.len()]));
-        if !rest.is_empty() {
-            self.dense_terms(node, terms, &rest, Start::from(addend), true, 0)?;
-            addend_buf = Some(self.val::<bf16>(y));
-        }
-        let col_scale = match epilogue {
-            Some(Epilogue::ScaleCols) => Some(self.val::<f32>(*ins.last().expect("its input"))),
-            _ => None,
-        };
-        let m = g.shape(y)[0];
-        let mut out = self.val::<bf16>(y);
-        // The running sum, read back as the next product's addend.
-        let prev = self.val::<bf16>(y);
-        for (j, &i) in nf4.iter().enumerate() {
-            // LoRA's factors, alive for the launch that borrows them.
-            let factors = host[j].map(|d| {
-                let (a, b) = (ins[2 * d], ins[2 * d + 1]);
-                (
-                    self.val::<f32>(a),
-                    self.val::<f32>(b),
-                    g.shape(a)[1],
-                    terms[d].scale,
-                )
-            });
-            let epi = Nf4Epilogue {
-                lora: factors.as_ref().map(|(a, b, r, scale)| LoraTerm {
-                    a,
-                    b,
-                    r: *r,
-                    scale: *scale,
-                }),
-                addend: if j == 0 {
-                    addend_buf.as_deref()
-                } else {
-                    Some(&*prev)
-                },
-                col_scale: if j + 1 == nf4.len() {
-                    col_scale.as_deref()
-                } else {
-                    None
-                },
-            };
-            let w = self.nf4(ins[2 * i + 1])?;
-            self.k
-                .nf4
-                .run_fused(&self.val(ins[2 * i]), w, m, terms[i].tb, &epi, &mut out)
-                .map_err(|e| e.to_string())?;
         }
         if let Some(Epilogue::Rope(spec)) = epilogue {
             self.rope(y, *ins.last().expect("its input"), spec, false, y)?;
@@ -1215,7 +1196,7 @@ impl<'a> Run<'a> {
     ) -> Result<(), String> {
         let g = self.graph();
         let (ins, y) = (&node.inputs, node.outputs[0]);
-        let c = self.mat(y);
+        let c = self.mat(y)?;
         if start == Start::Addend {
             self.copy_addend(node, terms)?;
         }
@@ -1228,7 +1209,7 @@ impl<'a> Run<'a> {
         };
         let mut off = off;
         let mut operand = |v: ValueId| -> Result<Mat, String> {
-            let m = self.mat(v);
+            let m = self.mat(v)?;
             if m.dtype == want {
                 return Ok(m);
             }
@@ -1237,11 +1218,11 @@ impl<'a> Run<'a> {
                 DType::BF16 => self
                     .k
                     .ew
-                    .to_bf16(&self.val::<f32>(v), &mut self.scratch::<bf16>(off, n)),
+                    .to_bf16(&*self.val::<f32>(v)?, &mut *self.scratch::<bf16>(off, n)?),
                 _ => self
                     .k
                     .ew
-                    .to_f32(&self.val::<bf16>(v), &mut self.scratch::<f32>(off, n)),
+                    .to_f32(&*self.val::<bf16>(v)?, &mut *self.scratch::<f32>(off, n)?),
             };
             cast.map_err(|e| e.to_string())?;
             let addr = self.scratch + off as u64;
@@ -1272,7 +1253,7 @@ impl<'a> Run<'a> {
         beta: f32,
     ) -> Result<(), String> {
         let w = self.nf4(w)?;
-        let mut wd = self.scratch::<bf16>(0, w.rows * w.cols);
+        let mut wd = self.scratch::<bf16>(0, w.rows * w.cols)?;
         self.k
             .nf4
             .dequantize(w, &mut wd)
@@ -1288,9 +1269,9 @@ impl<'a> Run<'a> {
         };
         let m = self.graph().shape(y)[0];
         self.gemm(
-            self.mat(x),
+            self.mat(x)?,
             b,
-            self.mat(y),
+            self.mat(y)?,
             (m, inner, width),
             (false, tb),
             scale,
@@ -1309,8 +1290,8 @@ impl<'a> Run<'a> {
         self.gpu
             .stream()
             .memcpy_dtod(
-                &*self.view::<u8>(node.inputs[2 * terms.len()], bytes),
-                &mut *self.view::<u8>(y, bytes),
+                &*self.view::<u8>(node.inputs[2 * terms.len()], bytes)?,
+                &mut *self.view::<u8>(y, bytes)?,
             )
             .map_err(|e| e.to_string())
     }
@@ -1334,7 +1315,7 @@ impl<'a> Run<'a> {
         let c = chunk.clamp(1, t.max(1));
         let up = |b: usize| b.div_ceil(ALIGN) * ALIGN;
         let (logits_off, dlogits_off, rows_off) = (0, up(c * v * 2), 2 * up(c * v * 2));
-        let (hm, wm, dhm) = (self.mat(h), self.mat(w), self.mat(dh));
+        let (hm, wm, dhm) = (self.mat(h)?, self.mat(w)?, self.mat(dh)?);
         let scale = 1.0 / counted.max(1) as f32;
         for start in (0..t).step_by(c) {
             let rows = c.min(t - start);
@@ -1364,12 +1345,12 @@ impl<'a> Run<'a> {
             self.k
                 .loss
                 .rows(
-                    &self.scratch(logits_off, rows * v),
+                    &*self.scratch::<bf16>(logits_off, rows * v)?,
                     &ids,
                     ignore,
                     scale,
-                    &mut self.scratch(dlogits_off, rows * v),
-                    &mut self.scratch(rows_off + start * 4, rows),
+                    &mut *self.scratch::<bf16>(dlogits_off, rows * v)?,
+                    &mut *self.scratch::<f32>(rows_off + start * 4, rows)?,
                 )
                 .map_err(|e| e.to_string())?;
             self.gemm(
@@ -1384,25 +1365,11 @@ impl<'a> Run<'a> {
         }
         self.k
             .loss
-            .mean(&self.scratch(rows_off, t), counted, &mut self.val(loss))
+            .mean(
+                &*self.scratch::<f32>(rows_off, t)?,
+                counted,
+                &mut *self.val::<f32>(loss)?,
+            )
             .map_err(|e| e.to_string())
-    }
-}
-
-fn act(a: Activation) -> Act {
-    match a {
-        Activation::Silu => Act::Silu,
-        Activation::GeluTanh => Act::GeluTanh,
-    }
-}
-
-fn attn_shape(spec: &graft_ir::AttentionSpec, tokens: usize) -> AttnShape {
-    AttnShape {
-        tokens,
-        n_heads: spec.n_heads,
-        n_kv_heads: spec.n_kv_heads,
-        head_dim: spec.head_dim,
-        scale: spec.scale,
-        window: spec.window,
     }
 }

@@ -22,6 +22,18 @@ pub struct Tensor {
     shape: Vec<usize>,
     dtype: DType,
     storage: Storage,
+    /// Names these contents: unique to a tensor's creation and renewed by
+    /// every mutable borrow (a clone keeps it: same contents), so a device
+    /// copy tagged with it is current while the stamps match. 0: contents
+    /// may change behind the tensor's back (lent for in-place updates).
+    stamp: u64,
+}
+
+/// A stamp no tensor has had (see [`Tensor::stamp`]).
+fn next_stamp() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 fn owned_from_bytes(bytes: &[u8]) -> Storage {
@@ -51,6 +63,7 @@ impl Tensor {
             shape: shape.to_vec(),
             dtype,
             storage: owned_from_bytes(bytes),
+            stamp: next_stamp(),
         })
     }
 
@@ -75,6 +88,7 @@ impl Tensor {
                 shape: shape.to_vec(),
                 dtype,
                 storage: Storage::Mapped { map, range },
+                stamp: next_stamp(),
             })
         } else {
             Self::from_bytes(shape, dtype, &map[range])
@@ -102,6 +116,7 @@ impl Tensor {
                 words: vec![0; len.div_ceil(8)],
                 len,
             },
+            stamp: next_stamp(),
         }
     }
 
@@ -128,8 +143,23 @@ impl Tensor {
         }
     }
 
+    /// Identifies the current contents: two tensors (or one at two times)
+    /// with the same non-zero stamp hold the same bytes. What a device keeps
+    /// a copy by (the GPU executor uploads a leaf again when it changes).
+    pub fn stamp(&self) -> u64 {
+        self.stamp
+    }
+
+    /// Lent for in-place updates through a raw pointer: its contents may
+    /// change without a new stamp, so none is trusted until the next
+    /// mutable borrow.
+    pub(crate) fn mark_volatile(&mut self) {
+        self.stamp = 0;
+    }
+
     /// Mutable bytes, copying a mapped tensor into owned memory first.
     pub fn bytes_mut(&mut self) -> &mut [u8] {
+        self.stamp = next_stamp();
         if let Storage::Mapped { .. } = self.storage {
             self.storage = owned_from_bytes(self.bytes());
         }
@@ -215,5 +245,32 @@ impl Tensor {
             }
         };
         Tensor::from_bytes(&self.shape, dtype, &bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Stamps name contents: new for every tensor and every mutable borrow,
+    /// kept by a clone, and 0 (unknown) while lent for in-place updates.
+    #[test]
+    fn stamps_change_with_contents() {
+        let mut a = Tensor::from_f32(&[2], &[1.0, 2.0]).unwrap();
+        let b = Tensor::from_f32(&[2], &[1.0, 2.0]).unwrap();
+        assert_ne!(a.stamp(), b.stamp());
+        assert_ne!(a.stamp(), 0);
+        let c = a.clone();
+        assert_eq!(c.stamp(), a.stamp());
+        let before = a.stamp();
+        a.as_f32_mut().unwrap()[0] = 3.0;
+        assert_ne!(a.stamp(), before);
+        assert_ne!(a.stamp(), c.stamp());
+        let mut feeds = crate::Feeds::new();
+        feeds.bind_mut(graft_ir::ValueId(0), &mut a);
+        drop(feeds);
+        assert_eq!(a.stamp(), 0);
+        a.bytes_mut();
+        assert_ne!(a.stamp(), 0);
     }
 }

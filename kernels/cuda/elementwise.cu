@@ -3,8 +3,8 @@
 // Math is f32 as in the CPU reference (kernels/src/elementwise.rs), outputs
 // rounded to nearest even; dropout draws the same mask bit for bit
 // (`dropout_keep`). Every kernel is a grid-stride loop over n elements; an
-// output may alias an input (each element is read before it is written, by
-// the same thread).
+// output may alias an input of its own type (each element is read before it
+// is written, by the same thread); a cast's may not.
 
 // bf16_t, u32, the bf16 conversions and ld/st: common.cuh.
 

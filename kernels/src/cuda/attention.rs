@@ -163,7 +163,7 @@ impl AttentionKernels {
         let (t, d, heads, kv_heads) = (s.tokens, s.head_dim, s.n_heads, s.n_kv_heads);
         let dim = HEAD_DIMS.iter().position(|&x| x == d).ok_or_else(|| {
             GpuError::Shape(format!(
-                "attention head_dim: {d} has no GPU kernel (32, 64 or 128)"
+                "attention head_dim: {d} has no GPU kernel (kernels for {HEAD_DIMS:?})"
             ))
         })?;
         if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {

@@ -51,6 +51,8 @@ pub const ARCHS: [&str; 2] = ["sm_80", "sm_90"];
 pub enum GpuError {
     #[error("no CUDA driver (libcuda.so) could be loaded: run on the CPU (--device cpu) or install the NVIDIA driver")]
     NoDriver,
+    #[error("cuBLAS (libcublas.so) could not be loaded: install the CUDA toolkit or `pip install nvidia-cublas` and put its lib folder on LD_LIBRARY_PATH, or run on the CPU (--device cpu)")]
+    NoCublas,
     #[error("NVRTC (libnvrtc.so) could not be loaded: install the CUDA toolkit or `pip install nvidia-cuda-nvrtc` and put its lib folder on LD_LIBRARY_PATH, or run on the CPU (--device cpu)")]
     NoNvrtc,
     #[error("GPU {name} is sm_{major}{minor}; Graft needs sm_80 or newer (use --device cpu)")]
@@ -171,7 +173,6 @@ pub fn compile_ptx(name: &str, src: &str, arch: &str) -> Result<String, GpuError
     }
 }
 
-/// A stable 64-bit FNV-1a hash, for cache keys that survive rebuilds.
 /// Where compiled PTX is cached.
 fn cache_dir() -> Option<PathBuf> {
     Some(crate::cache::cache_root()?.join("ptx"))
@@ -226,6 +227,14 @@ impl Gpu {
         unsafe { self.ctx.alloc_pinned_with_flags::<u8>(len.max(1), 0) }.map_err(driver)
     }
 
+    /// A cuBLAS handle on this GPU's stream (loading cuBLAS the first time:
+    /// a missing library is `GpuError::NoCublas`, not a panic).
+    pub fn cublas(&self) -> Result<cudarc::cublas::CudaBlas, GpuError> {
+        let stream = self.stream.clone();
+        guarded(GpuError::NoCublas, || cudarc::cublas::CudaBlas::new(stream))?
+            .map_err(|e| GpuError::Driver(format!("cuBLAS: {e}")))
+    }
+
     /// Device memory in use on this GPU, by every process (total - free).
     pub fn memory_in_use(&self) -> Result<usize, GpuError> {
         let (free, total) = self.ctx.mem_get_info().map_err(driver)?;
@@ -239,7 +248,10 @@ impl Gpu {
     ///
     /// # Safety
     /// `ptr .. ptr + len·size_of::<T>()` must lie inside a live allocation
-    /// of this GPU that outlives the window, aligned for `T`.
+    /// of this GPU that outlives the window, aligned for `T`; and the
+    /// `CudaSlice` the window derefs to must never be moved out of it
+    /// (`mem::replace`, `mem::swap`): dropped elsewhere, it would free
+    /// memory its owner still holds.
     pub unsafe fn borrow<T>(&self, ptr: u64, len: usize) -> Borrowed<T> {
         Borrowed(Some(self.stream.upgrade_device_ptr(ptr, len)))
     }

@@ -51,6 +51,9 @@ impl RowKernels {
         let rows = x.len() / h.max(1);
         check("rms_norm x", x.len(), rows * h)?;
         check("rms_norm y", y.len(), rows * h)?;
+        if rows == 0 {
+            return Ok(()); // no rows: a grid of zero blocks is no launch
+        }
         let (hi, unit) = (h as i32, unit_offset as i32);
         let mut l = self.stream.launch_builder(&self.rms_fwd);
         l.arg(x).arg(w).arg(y).arg(&hi).arg(&eps).arg(&unit);
@@ -74,6 +77,9 @@ impl RowKernels {
         let rows = x.len() / h.max(1);
         for (what, len) in [("x", x.len()), ("dy", dy.len()), ("dx", dx.len())] {
             check(&format!("rms_norm_grad_input {what}"), len, rows * h)?;
+        }
+        if rows == 0 {
+            return Ok(());
         }
         let (hi, unit) = (h as i32, unit_offset as i32);
         let mut l = self.stream.launch_builder(&self.rms_bwd);

@@ -26,7 +26,11 @@ pub fn run(args: Args) -> Result<(), CliError> {
     })?;
     let data = s.prepare(&path)?;
     println!("eval data: {}", data.summary());
-    let loss = EvalPlan::new(&s, &data.docs)?.loss(&s, &mut Executor::new(s.cfg.train.device)?)?;
+    let eval = EvalPlan::new(&s, &data.docs)?;
+    let mut exec = Executor::new(s.cfg.train.device)?;
+    exec.require_gpu(eval.plan())?;
+    println!("device: {}", exec.placement(eval.plan()));
+    let loss = eval.loss(&s, &mut exec)?;
     println!("eval loss {loss:.4}");
     if !data.references.is_empty() {
         let stop = stop_tokens(&s.tokenizer, &s.specials.eos);

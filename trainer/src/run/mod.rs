@@ -143,6 +143,11 @@ impl EvalPlan {
         Ok(EvalPlan { rec, plan, batches })
     }
 
+    /// The compiled eval step.
+    pub fn plan(&self) -> &graft_engine::Plan {
+        &self.plan
+    }
+
     /// The mean loss over every counted token.
     pub fn loss(&self, s: &Session, exec: &mut Executor) -> Result<f32, RunError> {
         let (mut sum, mut n) = (0f64, 0usize);
@@ -318,6 +323,10 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
     let full = cfg.adapter.method == Method::Full;
     let recompute = cfg.train.gradient_checkpointing;
     let (rec, mut stepper) = step_plan(&s, rows * row_len, true, recompute)?;
+    // The device before anything is written: `--device gpu` that cannot
+    // run the step fails here.
+    let mut exec = Executor::new(cfg.train.device)?;
+    exec.require_gpu(stepper.plan())?;
     let names = stepper.names();
     if names.is_empty() {
         return Err(RunError::Invalid(
@@ -356,12 +365,10 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
         stepper.plan().peak_bytes() as f64 / 1e6
     );
 
+    println!("device: {}", exec.placement(stepper.plan()));
     std::fs::create_dir_all(&out_dir)
         .map_err(|e| RunError::Io(format!("{}: {e}", out_dir.display())))?;
     let mut metrics = metrics::Metrics::open(&out_dir, resume_from.is_some().then_some(st.step))?;
-    let mut exec = Executor::new(cfg.train.device)?;
-    exec.require_gpu(stepper.plan())?;
-    println!("device: {}", exec.placement(stepper.plan()));
     let accuracy_before = if st.step == 0 { accuracy(&s)? } else { None };
     if let Some(a) = accuracy_before {
         show("before", a);
