@@ -10,8 +10,8 @@ mod common;
 use common::rel_l2;
 use graft::engine::optim::{AdamW, AdamWConfig};
 use graft::engine::{
-    compile, compile_training_with, gpu_unsupported, CompileOptions, CpuExecutor, DeviceAdamW,
-    GpuExecutor, Plan, Tensor,
+    compile, compile_training_with, gpu_unsupported, CompileOptions, CpuExecutor, Device,
+    DeviceAdamW, Executor, GpuExecutor, Plan, Tensor,
 };
 use graft::ir::DType;
 use graft::models::{
@@ -162,6 +162,40 @@ fn model_f32(m: &CausalLm) -> CausalLm {
         }
     }
     f
+}
+
+/// `Executor`: `Auto` runs on the GPU where one opens and otherwise on the
+/// CPU, saying why; `Gpu` without one is one error naming what is missing;
+/// `Cpu` is the CPU executor. The same step's loss either way.
+#[test]
+fn the_executor_picks_its_device() {
+    let (m, b) = (model(), batch());
+    let l = lora(&m, false);
+    let (rec, plan) = step(&m, &l, true, false);
+    let feeds = rec.feeds(&m, Some(&l), &b).unwrap();
+    let loss = |t: Vec<Tensor>| t[0].as_f32().unwrap()[0];
+    let want = loss(CpuExecutor::new().run(&plan, &feeds).unwrap());
+    let mut cpu = Executor::new(Device::Cpu).unwrap();
+    assert_eq!(cpu.placement(&plan), "CPU");
+    assert_eq!(loss(cpu.run(&plan, &feeds).unwrap()), want);
+    let mut auto = Executor::new(Device::Auto).unwrap();
+    let place = auto.placement(&plan);
+    let got = loss(auto.run(&plan, &feeds).unwrap());
+    match GpuExecutor::new(0) {
+        Err(e) => {
+            assert!(place.starts_with("CPU; no usable GPU"), "{place}");
+            assert_eq!(got, want, "auto without a GPU is the CPU");
+            let e2 = Executor::new(Device::Gpu).err().expect("no GPU opens");
+            assert!(e2.to_string().contains("--device cpu"), "{e} / {e2}");
+        }
+        Ok(_) => {
+            assert!(place.starts_with("GPU"), "{place}");
+            assert!(
+                ((got - want) / want).abs() < 1e-2,
+                "auto on the GPU: {got} vs {want}"
+            );
+        }
+    }
 }
 
 /// The reference the GPU test measures against: the CPU's bf16 step is

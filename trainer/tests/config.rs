@@ -65,6 +65,8 @@ fn defaults_are_qlora_and_documented() {
         "micro_batch_size",
         "grad_accum",
         "seed",
+        "gradient_checkpointing",
+        "device",
         "dir",
         "log_steps",
         "eval_steps",
@@ -128,4 +130,9 @@ fn wrong_types_and_values_name_the_key() {
     assert!(e.contains("`adapter.target_modules`"), "{e}");
     let e = err(None, &["train.lr"]);
     assert!(e.contains("section.key=value"), "{e}");
+    let e = err(None, &["train.device=tpu"]);
+    assert!(
+        e.contains("`train.device`") && e.contains("cpu, gpu or auto"),
+        "{e}"
+    );
 }

@@ -300,6 +300,19 @@ fn bad_input_is_one_clear_error() {
     let e = err(&run_cli(&tmp("bad-resume"), &[], &["--resume"]));
     assert!(e.contains("no checkpoint to resume from"), "{e}");
 
+    // `--device gpu` where no GPU opens: one line saying what is missing,
+    // before the run writes anything. (Skipped where a GPU does open.)
+    let gpu_out = tmp("no-gpu");
+    let o = run_cli(&gpu_out, &[], &["--device", "gpu"]);
+    if !o.status.success() {
+        let e = err(&o);
+        assert!(e.contains("GPU") && e.contains("--device cpu"), "{e}");
+        assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
+        assert!(!gpu_out.exists(), "{} was written", gpu_out.display());
+    } else {
+        eprintln!("a GPU opened here: `--device gpu` ran");
+    }
+
     // A GRAFT_CPU that is no path, or one this CPU cannot take (when there
     // is one here), stops the run before any work.
     use graft_engine::kernels::gemm::Path as CpuPath;
