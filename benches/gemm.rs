@@ -13,6 +13,19 @@ use graft::engine::rng::Rng;
 use graft::kernels::gemm::{gemm_on, Path};
 use graft::kernels::{bf16, Elem};
 
+/// `v` as `T` in a buffer where it starts on a 64-byte line (returned with
+/// its offset), as the executor's arena places every value: AMX and the
+/// AVX512-BF16 kernel read a's rows in place only when they are aligned.
+fn aligned<T: Elem>(v: &[f32]) -> (Vec<T>, usize) {
+    let mut store = vec![T::from_f32(0.0); v.len() + 64];
+    let off = store.as_ptr().align_offset(64);
+    store[off..off + v.len()]
+        .iter_mut()
+        .zip(v)
+        .for_each(|(d, &s)| *d = T::from_f32(s));
+    (store, off)
+}
+
 /// One product on every supported path.
 #[allow(clippy::too_many_arguments)]
 fn paths<T: Elem>(
@@ -21,12 +34,13 @@ fn paths<T: Elem>(
     b: &[f32],
     (m, k, n, tb): (usize, usize, usize, bool),
 ) {
-    let a: Vec<T> = a.iter().map(|&v| T::from_f32(v)).collect();
-    let b: Vec<T> = b.iter().map(|&v| T::from_f32(v)).collect();
-    let mut out: Vec<T> = vec![T::from_f32(0.0); m * n];
+    let ((a, ao), (b, bo)) = (aligned::<T>(a), aligned::<T>(b));
+    let (a, b) = (&a[ao..ao + m * k], &b[bo..bo + k * n]);
+    let (mut out, oo) = aligned::<T>(&vec![0.0; m * n]);
+    let out = &mut out[oo..oo + m * n];
     for path in Path::ALL.into_iter().filter(|p| p.is_supported()) {
         g.bench_function(path.name(), |bench| {
-            bench.iter(|| gemm_on(path, &a, &b, &mut out, m, k, n, false, tb))
+            bench.iter(|| gemm_on(path, a, b, out, m, k, n, false, tb))
         });
     }
 }
