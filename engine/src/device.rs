@@ -37,6 +37,8 @@ pub struct Executor {
     cpu: CpuExecutor,
     #[cfg(feature = "cuda")]
     gpu: Option<crate::gpu::GpuExecutor>,
+    // Read only where a GPU can be present.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     device: Device,
     /// Why `Auto` runs on the CPU, when it does for lack of a usable GPU.
     no_gpu: Option<String>,
