@@ -157,7 +157,13 @@ impl Visible {
     /// Queries `i0..i1` of a sequence whose query `i` sees keys
     /// `starts[i]..=i` (the same positions as the queries).
     fn block(starts: &[usize], i0: usize, i1: usize) -> Visible {
-        let lo = starts[i0..i1].iter().copied().min().unwrap_or(i0);
+        // From an even key: the bf16 dot-product instructions (AVX512-BF16,
+        // AMX) multiply keys two at a time, so a range that started at an
+        // odd key in one call and an even one in another would pair, and
+        // round, the same keys differently; cached generation (whose first
+        // block starts mid-way) must match whole-sequence attention bit for
+        // bit. The extra key is masked like any other.
+        let lo = starts[i0..i1].iter().copied().min().unwrap_or(i0) & !1;
         Visible {
             lo,
             keys: i1 - lo,
