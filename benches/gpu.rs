@@ -80,8 +80,10 @@ mod gpu {
         }
     }
 
-    /// Row-major `c[m,n] = a[m,k]·b[k,n]` through cuBLAS (column-major, so
-    /// it computes cᵀ = bᵀ·aᵀ).
+    /// Row-major `c[m,n] = a[m,k]·op(b)` through cuBLAS, `b` stored
+    /// `[k, n]`, or `[n, k]` when `tb` (a weight as stored: the forward's
+    /// layout). cuBLAS is column-major, so this computes cᵀ = op(b)ᵀ·aᵀ.
+    #[allow(clippy::too_many_arguments)]
     fn cublas(
         blas: &CudaBlas,
         a: &CudaSlice<bf16>,
@@ -90,47 +92,24 @@ mod gpu {
         m: usize,
         k: usize,
         n: usize,
+        tb: bool,
     ) {
         let cfg = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_N,
+            transa: match tb {
+                true => cublasOperation_t::CUBLAS_OP_T,
+                false => cublasOperation_t::CUBLAS_OP_N,
+            },
             transb: cublasOperation_t::CUBLAS_OP_N,
             m: n as i32,
             n: m as i32,
             k: k as i32,
             alpha: bf16::ONE,
-            lda: n as i32,
+            lda: (if tb { k } else { n }) as i32,
             ldb: k as i32,
             beta: bf16::ZERO,
             ldc: n as i32,
         };
         // SAFETY: the buffers hold k·n, m·k and m·n values.
-        unsafe { blas.gemm(cfg, b, a, c) }.unwrap();
-    }
-
-    /// Row-major `c[m,n] = a[m,k]·b[n,k]ᵀ` through cuBLAS (b as a weight is
-    /// stored, the forward's layout).
-    fn cublas_t(
-        blas: &CudaBlas,
-        a: &CudaSlice<bf16>,
-        b: &CudaSlice<bf16>,
-        c: &mut CudaSlice<bf16>,
-        m: usize,
-        k: usize,
-        n: usize,
-    ) {
-        let cfg = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_T,
-            transb: cublasOperation_t::CUBLAS_OP_N,
-            m: n as i32,
-            n: m as i32,
-            k: k as i32,
-            alpha: bf16::ONE,
-            lda: k as i32,
-            ldb: k as i32,
-            beta: bf16::ZERO,
-            ldc: n as i32,
-        };
-        // SAFETY: the buffers hold n·k, m·k and m·n values.
         unsafe { blas.gemm(cfg, b, a, c) }.unwrap();
     }
 
@@ -153,14 +132,14 @@ mod gpu {
         match op {
             0 => gemm.run(&c.x, &c.w, m, true, &mut c.y).unwrap(),
             // Same FLOPs and operand sizes as x·Wᵀ: [m,k]·[k,n].
-            1 => cublas(blas, &c.x, &c.wd, &mut c.y, m, k, n),
+            1 => cublas(blas, &c.x, &c.wd, &mut c.y, m, k, n, false),
             2 => gemm.run(&c.dy, &c.w, m, false, &mut c.dx).unwrap(),
-            3 => cublas(blas, &c.dy, &c.wd, &mut c.dx, m, n, k),
+            3 => cublas(blas, &c.dy, &c.wd, &mut c.dx, m, n, k, false),
             5 | 6 => {
                 gemm.dequantize(&c.w, &mut c.wq).unwrap();
                 match op {
-                    5 => cublas_t(blas, &c.x, &c.wq, &mut c.y, m, k, n),
-                    _ => cublas(blas, &c.dy, &c.wq, &mut c.dx, m, n, k),
+                    5 => cublas(blas, &c.x, &c.wq, &mut c.y, m, k, n, true),
+                    _ => cublas(blas, &c.dy, &c.wq, &mut c.dx, m, n, k, false),
                 }
             }
             _ => {

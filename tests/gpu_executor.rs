@@ -68,6 +68,13 @@ fn batch() -> Batch {
     Batch::new(&refs, None, 3).unwrap()
 }
 
+/// A GPU executor, or None with a visible message where no GPU is usable.
+fn gpu() -> Option<GpuExecutor> {
+    GpuExecutor::new(0)
+        .map_err(|e| eprintln!("SKIPPED (no usable GPU): {e}"))
+        .ok()
+}
+
 /// The eval plan `trainer run` measures its eval loss with: the forward
 /// pass and the loss (cross-entropy of f32 logits), no gradients.
 fn eval(m: &CausalLm, lora: &Lora) -> (Recorded, Plan) {
@@ -233,13 +240,7 @@ fn the_f32_twin_computes_the_same_step() {
 /// further; a wrong term or index is off by far more.
 #[test]
 fn gpu_step_matches_the_cpu_step() {
-    let mut gpu = match GpuExecutor::new(0) {
-        Ok(g) => g,
-        Err(e) => {
-            eprintln!("SKIPPED (no usable GPU): {e}");
-            return;
-        }
-    };
+    let Some(mut gpu) = gpu() else { return };
     let (m, b) = (model(), batch());
     let m32 = model_f32(&m);
     // Every case runs before the verdict, so one GPU run shows them all.
@@ -316,13 +317,7 @@ fn gpu_step_matches_the_cpu_step() {
 /// the new adapters, not its earlier copies.
 #[test]
 fn gpu_eval_loss_matches_the_cpu() {
-    let mut gpu = match GpuExecutor::new(0) {
-        Ok(g) => g,
-        Err(e) => {
-            eprintln!("SKIPPED (no usable GPU): {e}");
-            return;
-        }
-    };
+    let Some(mut gpu) = gpu() else { return };
     let (m, b) = (model(), batch());
     let m32 = model_f32(&m);
     let mut l = lora(&m, false);
@@ -364,12 +359,8 @@ fn gpu_eval_loss_matches_the_cpu() {
 /// not the stale ones the feeds still bind.
 #[test]
 fn device_adamw_steps_match_the_host_optimizer() {
-    let (mut trainer, mut reference) = match (GpuExecutor::new(0), GpuExecutor::new(0)) {
-        (Ok(a), Ok(b)) => (a, b),
-        (Err(e), _) | (_, Err(e)) => {
-            eprintln!("SKIPPED (no usable GPU): {e}");
-            return;
-        }
+    let (Some(mut trainer), Some(mut reference)) = (gpu(), gpu()) else {
+        return;
     };
     let (m, b) = (model(), batch());
     let l = lora(&m, false);

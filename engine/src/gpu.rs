@@ -634,27 +634,6 @@ fn nf4_unsupported(g: &graft_ir::Graph, w: ValueId) -> Option<String> {
     }
 }
 
-/// How a sum begins in its output.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Start {
-    /// From zero: the first product overwrites.
-    Zero,
-    /// From the group's addend, copied in first.
-    Addend,
-    /// From what the output already holds.
-    Accumulate,
-}
-
-impl From<bool> for Start {
-    fn from(addend: bool) -> Start {
-        if addend {
-            Start::Addend
-        } else {
-            Start::Zero
-        }
-    }
-}
-
 /// Scratch bytes of an NF4 group's largest dequantized weight: the dense
 /// terms' casts go after it.
 fn nf4_scratch(g: &graft_ir::Graph, node: &graft_ir::Node, terms: &[graft_ir::Product]) -> usize {
@@ -1052,19 +1031,13 @@ impl<'a> Run<'a> {
                 compute,
                 epilogue,
                 ..
-            } => {
-                if terms.iter().any(|t| t.nf4) {
-                    self.nf4_sum(node, terms, *addend, epilogue.as_ref())
-                } else {
-                    self.dense_sum(
-                        node,
-                        terms,
-                        *addend,
-                        *compute == DType::BF16,
-                        epilogue.as_ref(),
-                    )
-                }
-            }
+            } => self.matmul_sum(
+                node,
+                terms,
+                *addend,
+                *compute == DType::BF16,
+                epilogue.as_ref(),
+            ),
             Op::LinearCrossEntropy {
                 ignore_index,
                 chunk,
@@ -1117,53 +1090,19 @@ impl<'a> Run<'a> {
             .map_err(|e| e.to_string())
     }
 
-    /// `epilogue([addend +] dense terms + Σ op(x)·op(W))`: the dense (LoRA)
-    /// terms by cuBLAS, then each NF4 weight dequantized to bf16 in scratch
-    /// (bit for bit the fused GEMM's values) and multiplied by cuBLAS, every
-    /// product summed into the output (beta = 1). Where the CPU differs:
-    /// it rounds the sum to bf16 once (here each product rounds the running
-    /// sum), applies RoPE before that rounding (here after), and rounds a
-    /// term's `scale·a` (here the scale is cuBLAS's alpha on the rounded
-    /// `a`: the same for LoRA's power-of-two scales, not for rsLoRA's). On an H200 this beats the
-    /// fused NF4 GEMM 2-3.5x at every training shape measured (docs/GPU.md):
-    /// cuBLAS runs at 650-800 TFLOP/s, and dequantizing a 4096 x 11008
-    /// weight moves 113 MB, about 30 µs.
-    fn nf4_sum(
-        &self,
-        node: &graft_ir::Node,
-        terms: &[graft_ir::Product],
-        addend: bool,
-        epilogue: Option<&Epilogue>,
-    ) -> Result<(), String> {
-        let g = self.graph();
-        let (ins, y) = (&node.inputs, node.outputs[0]);
-        // Each product rounds the running sum to bf16 (the CPU rounds once),
-        // so the small dense (LoRA) terms go first: their roundings are of
-        // small values, and only the NF4 products round large ones.
-        let mut start = Start::Zero;
-        if addend {
-            self.copy_addend(node, terms)?;
-            start = Start::Accumulate;
-        }
-        let dense: Vec<usize> = (0..terms.len()).filter(|&i| !terms[i].nf4).collect();
-        if !dense.is_empty() {
-            let off = nf4_scratch(g, node, terms);
-            self.dense_terms(node, terms, &dense, start, true, off)?;
-            start = Start::Accumulate;
-        }
-        for (i, t) in terms.iter().enumerate().filter(|(_, t)| t.nf4) {
-            let beta = if start == Start::Zero { 0.0 } else { 1.0 };
-            self.nf4_product(ins[2 * i], ins[2 * i + 1], y, t.tb, t.scale, beta)?;
-            start = Start::Accumulate;
-        }
-        if let Some(Epilogue::Rope(spec)) = epilogue {
-            self.rope(y, *ins.last().expect("its input"), spec, false, y)?;
-        }
-        Ok(())
-    }
-
-    /// `epilogue([addend +] Σ scale·op(a)·op(b))` with dense operands.
-    fn dense_sum(
+    /// A fusion group `epilogue([addend +] dense terms + Σ x·op(W))`: the
+    /// addend copied into the output, the dense (LoRA) terms by cuBLAS, then
+    /// each NF4 weight dequantized to bf16 in scratch (bit for bit the fused
+    /// GEMM's values) and multiplied by cuBLAS, every product summed into
+    /// the output (beta = 1); RoPE last. Each product rounds the running sum
+    /// to bf16, so the small dense terms go first: their roundings are of
+    /// small values. Where the CPU differs: it rounds the sum once, applies
+    /// RoPE before that rounding, and rounds a term's `scale·a` (here the
+    /// scale is cuBLAS's alpha on the rounded `a`: the same for LoRA's
+    /// power-of-two scales, not for rsLoRA's). On an H200 the NF4 products
+    /// beat the fused NF4 GEMM 2-3.5x at every training shape measured
+    /// (docs/GPU.md).
+    fn matmul_sum(
         &self,
         node: &graft_ir::Node,
         terms: &[graft_ir::Product],
@@ -1171,17 +1110,39 @@ impl<'a> Run<'a> {
         bf16_compute: bool,
         epilogue: Option<&Epilogue>,
     ) -> Result<(), String> {
-        let all: Vec<usize> = (0..terms.len()).collect();
-        self.dense_terms(node, terms, &all, Start::from(addend), bf16_compute, 0)?;
+        let g = self.graph();
+        let (ins, y) = (&node.inputs, node.outputs[0]);
+        // Whether the output already holds part of the sum.
+        let mut started = addend;
+        if addend {
+            let bytes = g.ty(y).bytes();
+            self.gpu
+                .stream()
+                .memcpy_dtod(
+                    &*self.view::<u8>(ins[2 * terms.len()], bytes)?,
+                    &mut *self.view::<u8>(y, bytes)?,
+                )
+                .map_err(|e| e.to_string())?;
+        }
+        let dense: Vec<usize> = (0..terms.len()).filter(|&i| !terms[i].nf4).collect();
+        if !dense.is_empty() {
+            let off = nf4_scratch(g, node, terms);
+            self.dense_terms(node, terms, &dense, started, bf16_compute, off)?;
+            started = true;
+        }
+        for (i, t) in terms.iter().enumerate().filter(|(_, t)| t.nf4) {
+            let beta = if started { 1.0 } else { 0.0 };
+            self.nf4_product(ins[2 * i], ins[2 * i + 1], y, t.tb, t.scale, beta)?;
+            started = true;
+        }
         if let Some(Epilogue::Rope(spec)) = epilogue {
-            let (x, y) = (*node.inputs.last().expect("its input"), node.outputs[0]);
-            self.rope(y, x, spec, false, y)?;
+            self.rope(y, *ins.last().expect("its input"), spec, false, y)?;
         }
         Ok(())
     }
 
     /// `Σ scale·op(a)·op(b)` over the dense terms `idx` into the node's
-    /// output, which `start` says how to begin: cuBLAS, one product per term
+    /// output, added to what it holds when `accumulate`: cuBLAS, one product per term
     /// summed in (beta = 1), f32 operands rounded to bf16 first under bf16
     /// compute (as the CPU's bf16 GEMM rounds them) into scratch from byte
     /// `off`.
@@ -1190,17 +1151,14 @@ impl<'a> Run<'a> {
         node: &graft_ir::Node,
         terms: &[graft_ir::Product],
         idx: &[usize],
-        start: Start,
+        accumulate: bool,
         bf16_compute: bool,
         off: usize,
     ) -> Result<(), String> {
         let g = self.graph();
         let (ins, y) = (&node.inputs, node.outputs[0]);
         let c = self.mat(y)?;
-        if start == Start::Addend {
-            self.copy_addend(node, terms)?;
-        }
-        let mut beta = if start == Start::Zero { 0.0 } else { 1.0 };
+        let mut beta = if accumulate { 1.0 } else { 0.0 };
         // cuBLAS takes one input type: bf16 under bf16 compute, else f32.
         let want = if bf16_compute {
             DType::BF16
@@ -1277,23 +1235,6 @@ impl<'a> Run<'a> {
             scale,
             beta,
         )
-    }
-
-    /// Copies a group's addend (its input after the terms) into its output.
-    fn copy_addend(
-        &self,
-        node: &graft_ir::Node,
-        terms: &[graft_ir::Product],
-    ) -> Result<(), String> {
-        let y = node.outputs[0];
-        let bytes = self.graph().ty(y).bytes();
-        self.gpu
-            .stream()
-            .memcpy_dtod(
-                &*self.view::<u8>(node.inputs[2 * terms.len()], bytes)?,
-                &mut *self.view::<u8>(y, bytes)?,
-            )
-            .map_err(|e| e.to_string())
     }
 
     /// The loss and `dh` (for dloss = 1) of `softmax(h·Wᵀ)` against the
