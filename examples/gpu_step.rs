@@ -1,12 +1,12 @@
 //! A QLoRA training step of a Llama-2-7B-shaped model on the GPU (issue 7's
 //! check): random NF4 base (hidden 4096, intermediate 11008, 32 heads of
-//! 128, vocab 32000), LoRA r=16 on all seven linears, one sequence of
+//! 128, vocab 32000), LoRA (or DoRA) r=16 on all seven linears, one sequence of
 //! `tokens` tokens, through the GPU executor: forward and backward with the
 //! gradients copied back to the host, then the full step with AdamW on the
 //! device (adapters resident, only the loss copied back). Prints tokens/s,
 //! the device memory held, and the time per op kind of one step.
 //!
-//! Run: `cargo run --release --example gpu_step -- [tokens=2048] [layers=32] [recompute=1]`
+//! Run: `cargo run --release --example gpu_step -- [tokens=2048] [layers=32] [recompute=1] [lora|dora]`
 //! (recompute: 0 keeps every activation, 1 recomputes each layer, 2 times both).
 
 use graft::engine::optim::AdamWConfig;
@@ -31,6 +31,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Freed tensors' pages are reused, not faulted in again (as `trainer`).
     graft::engine::alloc::retain_freed_memory();
     let (tokens, layers) = (arg(1, 2048)?, arg(2, 32)?);
+    let use_dora = match std::env::args().nth(4).as_deref() {
+        None | Some("lora") => false,
+        Some("dora") => true,
+        Some(other) => return Err(format!("argument 4 is `{other}`: expected lora or dora").into()),
+    };
     let modes: &[bool] = match arg(3, 1)? {
         0 => &[false],
         1 => &[true],
@@ -56,9 +61,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         dropout: 0.0,
         targets: Targets::AllLinear,
         use_rslora: false,
-        use_dora: false,
+        use_dora,
     };
-    let lora = Lora::init(lora_cfg, &model.config, 2)?;
+    let mut lora = Lora::init(lora_cfg, &model.config, 2)?;
+    if use_dora {
+        lora.init_magnitudes(&model)?;
+    }
     let ids: Vec<i32> = (0..tokens as i32)
         .map(|t| (t * 7919 + 13) % 32000)
         .collect();
@@ -74,7 +82,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     let feeds = rec.feeds(&model, Some(&lora), &batch)?;
     println!(
-        "{layers} layers, {tokens} tokens: model recorded in {:.1} s",
+        "{layers} layers, {tokens} tokens, {}: model recorded in {:.1} s",
+        if use_dora { "DoRA" } else { "LoRA" },
         t0.elapsed().as_secs_f64()
     );
     for &recompute in modes {

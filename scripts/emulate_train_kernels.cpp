@@ -1,4 +1,5 @@
-// The training-step kernels (kernels/cuda/{loss,embedding,update}.cu) run
+// The training-step kernels (kernels/cuda/{loss,embedding,update,
+// elementwise,dora}.cu) run
 // on the CPU by emulation, checked against f64 / operation-by-operation
 // references: a check of their index math, barriers and reductions that
 // needs no GPU (the GPU tests in kernels/tests/cuda.rs are the real check).
@@ -14,6 +15,8 @@
 #include "../kernels/cuda/loss.cu"
 #include "../kernels/cuda/embedding.cu"
 #include "../kernels/cuda/update.cu"
+#include "../kernels/cuda/elementwise.cu"
+#include "../kernels/cuda/dora.cu"
 
 static bf16_t to_bf16(float f) { return f32_to_bf16(f); }
 static float from_bf16(bf16_t h) { return bf16_to_f32(h); }
@@ -137,6 +140,86 @@ static void test_opt(size_t n, unsigned threads, unsigned max_blocks) {
     }
 }
 
+// The elementwise glue, bit for bit against kernels/src/elementwise.rs's
+// arithmetic (f32 math, one rounding to the output type): mul, scale,
+// mul_cols of every type pair, DoRA's combine; sum_rows against f64.
+template <typename T> static float ldv(const std::vector<T>& v, size_t k) { return ld(v.data(), k); }
+template <typename T> static std::vector<T> rand_vec(size_t n, float lo, float hi) {
+    std::vector<T> v(n);
+    for (size_t k = 0; k < n; ++k) st(v.data(), k, uni(lo, hi));
+    return v;
+}
+template <typename T> static bool same(const std::vector<T>& a, const std::vector<T>& b) {
+    return a.size() == b.size() && !std::memcmp(a.data(), b.data(), sizeof(T) * a.size());
+}
+
+template <typename T, typename V>
+static void test_elementwise(int rows, int cols, unsigned threads, unsigned max_blocks, const char* types) {
+    size_t n = (size_t)rows * cols;
+    unsigned grid = (unsigned)std::clamp<size_t>((n + threads - 1) / threads, 1, max_blocks);
+    auto a = rand_vec<T>(n, -3, 3), b = rand_vec<T>(n, -3, 3);
+    auto v = rand_vec<V>(cols, -2, 2);
+    std::vector<T> y(n), want(n);
+    char what[200];
+    launch(grid, threads, [&] { mul_impl(a.data(), b.data(), y.data(), n); });
+    for (size_t k = 0; k < n; ++k) st(want.data(), k, ldv(a, k) * ldv(b, k));
+    snprintf(what, sizeof what, "mul %s %dx%d grid=%u (bit-identical)", types, rows, cols, grid);
+    expect(same(y, want), what, 0);
+    launch(grid, threads, [&] { scale_impl(a.data(), 0.37f, y.data(), n); });
+    for (size_t k = 0; k < n; ++k) st(want.data(), k, ldv(a, k) * 0.37f);
+    snprintf(what, sizeof what, "scale %s %dx%d (bit-identical)", types, rows, cols);
+    expect(same(y, want), what, 0);
+    launch(grid, threads, [&] { mul_cols_impl(a.data(), v.data(), y.data(), n, (size_t)cols); });
+    for (size_t k = 0; k < n; ++k) st(want.data(), k, ldv(a, k) * ldv(v, k % cols));
+    snprintf(what, sizeof what, "mul_cols %s %dx%d (bit-identical)", types, rows, cols);
+    expect(same(y, want), what, 0);
+    // In place, as the GPU's column-scale epilogue runs it.
+    std::vector<T> x = a;
+    launch(grid, threads, [&] { mul_cols_impl(x.data(), v.data(), x.data(), n, (size_t)cols); });
+    snprintf(what, sizeof what, "mul_cols in place %s %dx%d (bit-identical)", types, rows, cols);
+    expect(same(x, want), what, 0);
+    auto lora = rand_vec<float>(n, -1, 1), sc = rand_vec<float>(cols, 0.5, 2);
+    launch(grid, threads, [&] { dora_combine_impl(a.data(), lora.data(), sc.data(), y.data(), n, (size_t)cols); });
+    for (size_t k = 0; k < n; ++k) st(want.data(), k, (ldv(a, k) + lora[k]) * sc[k % cols]);
+    snprintf(what, sizeof what, "dora_combine %s %dx%d (bit-identical)", types, rows, cols);
+    expect(same(y, want), what, 0);
+    std::vector<T> sums(cols);
+    launch((unsigned)((cols + 31) / 32), threads, [&] { sum_rows_impl(a.data(), sums.data(), rows, cols); });
+    std::vector<double> got(cols), ref(cols, 0.0);
+    for (int c = 0; c < cols; ++c) {
+        got[c] = ldv(sums, c);
+        for (int r = 0; r < rows; ++r) ref[c] += ldv(a, (size_t)r * cols + c);
+    }
+    double e = rel_l2(got, ref, std::sqrt((double)rows * cols) * 1e-3);
+    snprintf(what, sizeof what, "sum_rows %s %dx%d threads=%u rel err", types, rows, cols, threads);
+    expect(e < (sizeof(T) == 2 ? 8e-3 : 1e-5), what, e);
+}
+
+// DoRA's weight norm against f64: y[o] = 1/‖w_o + s·(b·a)_o‖.
+template <typename W>
+static void test_dora_norm(int out, int in, int r, float s, unsigned threads, const char* types) {
+    auto a = rand_vec<float>((size_t)r * in, -0.5, 0.5), b = rand_vec<float>((size_t)out * r, -0.5, 0.5);
+    auto w = rand_vec<W>((size_t)out * in, -1, 1);
+    std::vector<float> y(out, NAN);
+    launch((unsigned)((out + DORA_ROWS - 1) / DORA_ROWS), threads,
+           [&] { dora_inv_norm_impl(a.data(), b.data(), w.data(), s, out, in, r, y.data()); });
+    std::vector<double> got(y.begin(), y.end()), ref(out);
+    for (int o = 0; o < out; ++o) {
+        double sq = 0;
+        for (int i = 0; i < in; ++i) {
+            double ba = 0;
+            for (int k = 0; k < r; ++k) ba += (double)b[(size_t)o * r + k] * a[(size_t)k * in + i];
+            double v = ldv(w, (size_t)o * in + i) + s * ba;
+            sq += v * v;
+        }
+        ref[o] = 1.0 / std::sqrt(sq);
+    }
+    char what[200];
+    snprintf(what, sizeof what, "dora_inv_norm %s out=%d in=%d r=%d threads=%u rel err", types, out, in, r, threads);
+    double e = rel_l2(got, ref);
+    expect(e < 1e-5, what, e);
+}
+
 int main() {
     for (unsigned th : {64u, 256u}) {
         test_ce(1, 1, 0, -100, 1.0f, 4, th);
@@ -157,6 +240,17 @@ int main() {
     test_opt(1, 64, 4);
     test_opt(1000, 64, 4);
     test_opt(70001, 256, 16);
+    for (unsigned th : {64u, 256u}) {
+        test_elementwise<float, float>(1, 1, th, 4, "f32/f32");
+        test_elementwise<float, float>(37, 129, th, 5, "f32/f32");
+        test_elementwise<float, bf16_t>(64, 96, th, 300, "f32/bf16");
+        test_elementwise<bf16_t, float>(300, 33, th, 7, "bf16/f32");
+        test_elementwise<bf16_t, bf16_t>(5, 1000, th, 300, "bf16/bf16");
+        test_dora_norm<float>(1, 1, 1, 2.0f, th, "f32");
+        test_dora_norm<float>(19, 300, 16, 2.0f, th, "f32");
+        test_dora_norm<bf16_t>(64, 128, 8, 0.5f, th, "bf16");
+        test_dora_norm<bf16_t>(13, 520, 256, 1.0f, th, "bf16");
+    }
     printf("%d failures\n", fails);
     return fails != 0;
 }

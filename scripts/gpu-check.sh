@@ -49,6 +49,9 @@ echo "== Llama-2-7B-shaped QLoRA step (batch 1 x 2048, r=16 all linear; with and
 .gpu-bin/gpu-step 2048 32 2 > "$out/step7b.log" 2>&1
 step_rc=$?
 cat "$out/step7b.log"
+echo "== the same step with DoRA (QDoRA), per-layer recomputation"
+.gpu-bin/gpu-step 2048 32 1 dora > "$out/step7b-dora.log" 2>&1 || step_rc=$?
+grep -E "DoRA|tokens/s" "$out/step7b-dora.log"
 
 echo "== GPU benches (criterion)"
 .gpu-bin/gpu-bench --bench --measurement-time 1 > "$out/bench.log" 2>&1

@@ -1,7 +1,8 @@
-//! The GPU executor on a QLoRA training step of a Llama-shaped model (head
-//! dim 64, GQA, dropout on the adapters): which plans it takes (checked
-//! without a GPU), and, on a GPU, the loss and gradients against the CPU's
-//! (bf16 and an f32 twin), the eval loss, and AdamW steps on the device.
+//! The GPU executor on QLoRA and QDoRA training steps of a Llama-shaped
+//! model (head dim 64, GQA, dropout on the adapters): which plans it takes
+//! (checked without a GPU), and, on a GPU, the loss and gradients against
+//! the CPU's (bf16 and an f32 twin), the eval loss, and AdamW steps on the
+//! device.
 //! The GPU part skips with a message where no GPU is usable.
 #![cfg(feature = "cuda")]
 
@@ -109,46 +110,47 @@ fn step(m: &CausalLm, lora: &Lora, dropout: bool, recompute: bool) -> (Recorded,
 }
 
 #[test]
-fn every_node_of_a_qlora_step_has_a_gpu_kernel() {
+fn every_node_of_a_qlora_or_qdora_step_has_a_gpu_kernel() {
     let m = model();
-    let l = lora(&m, false);
-    for (dropout, recompute) in [(false, false), (true, false), (true, true)] {
-        let (_, plan) = step(&m, &l, dropout, recompute);
+    for use_dora in [false, true] {
+        let l = lora(&m, use_dora);
+        for (dropout, recompute) in [(false, false), (true, false), (true, true)] {
+            let (_, plan) = step(&m, &l, dropout, recompute);
+            let missing = gpu_unsupported(&plan);
+            assert!(
+                missing.is_empty(),
+                "dora={use_dora} dropout={dropout} recompute={recompute}: {missing:?}"
+            );
+        }
+        let (_, plan) = eval(&m, &l);
         let missing = gpu_unsupported(&plan);
-        assert!(
-            missing.is_empty(),
-            "dropout={dropout} recompute={recompute}: {missing:?}"
-        );
+        assert!(missing.is_empty(), "dora={use_dora} eval: {missing:?}");
     }
-    let (_, plan) = eval(&m, &l);
-    let missing = gpu_unsupported(&plan);
-    assert!(missing.is_empty(), "eval: {missing:?}");
 }
 
 #[test]
 fn a_plan_the_gpu_cannot_run_is_refused_naming_its_nodes() {
-    // DoRA's weight norms and magnitude gradient have no GPU kernels yet.
-    let m = model();
-    let (_, plan) = step(&m, &lora(&m, true), false, false);
+    // f32 compute: the GPU kernels take bf16 activations.
+    let m32 = model_f32(&model());
+    let l = lora(&m32, false);
+    let (rec, plan) = step(&m32, &l, false, false);
     let missing = gpu_unsupported(&plan);
     let names: Vec<&str> = missing
         .iter()
         .map(|(n, _)| plan.graph().node(*n).op.name())
         .collect();
-    assert!(names.contains(&"dora_inv_norm"), "{missing:?}");
+    assert!(names.contains(&"embedding"), "{missing:?}");
     // Without a GPU, opening one says what is missing and how to go on;
     // with one, running the plan names the first node it cannot run.
     match GpuExecutor::new(0) {
         Err(e) => assert!(e.to_string().contains("--device cpu"), "{e}"),
         Ok(mut gpu) => {
-            let (rec, plan) = step(&m, &lora(&m, true), false, false);
-            let l = lora(&m, true);
             let err = gpu
-                .run(&plan, &rec.feeds(&m, Some(&l), &batch()).unwrap())
+                .run(&plan, &rec.feeds(&m32, Some(&l), &batch()).unwrap())
                 .unwrap_err()
                 .to_string();
             assert!(
-                err.contains("dora_inv_norm") && err.contains("--device cpu"),
+                err.contains(names[0]) && err.contains("--device cpu"),
                 "{err}"
             );
         }
@@ -211,22 +213,27 @@ fn the_executor_picks_its_device() {
 fn the_f32_twin_computes_the_same_step() {
     let (m, b) = (model(), batch());
     let m32 = model_f32(&m);
-    let l = lora(&m, false);
-    let (rec, plan) = step(&m, &l, true, false);
-    let (rec32, plan32) = step(&m32, &l, true, false);
-    let bf = CpuExecutor::new()
-        .run(&plan, &rec.feeds(&m, Some(&l), &b).unwrap())
-        .unwrap();
-    let f = CpuExecutor::new()
-        .run(&plan32, &rec32.feeds(&m32, Some(&l), &b).unwrap())
-        .unwrap();
-    let (lb, lf) = (bf[0].as_f32().unwrap()[0], f[0].as_f32().unwrap()[0]);
-    assert!(((lb - lf) / lf).abs() < 1e-2, "loss bf16 {lb} f32 {lf}");
-    for (i, (x, y)) in bf.iter().zip(&f).enumerate().skip(1) {
-        let e = rel_l2(&x.to_f32_vec().unwrap(), &y.to_f32_vec().unwrap());
-        let name = plan.graph().leaf_name(plan.grads()[i - 1].0).unwrap_or("?");
-        eprintln!("gradient of {name}: bf16 to f32 rel L2 {e:.2e}");
-        assert!(e < 3e-2, "gradient of {name}: bf16 to f32 rel L2 {e}");
+    for use_dora in [false, true] {
+        let l = lora(&m, use_dora);
+        let (rec, plan) = step(&m, &l, true, false);
+        let (rec32, plan32) = step(&m32, &l, true, false);
+        let bf = CpuExecutor::new()
+            .run(&plan, &rec.feeds(&m, Some(&l), &b).unwrap())
+            .unwrap();
+        let f = CpuExecutor::new()
+            .run(&plan32, &rec32.feeds(&m32, Some(&l), &b).unwrap())
+            .unwrap();
+        let (lb, lf) = (bf[0].as_f32().unwrap()[0], f[0].as_f32().unwrap()[0]);
+        assert!(((lb - lf) / lf).abs() < 1e-2, "loss bf16 {lb} f32 {lf}");
+        for (i, (x, y)) in bf.iter().zip(&f).enumerate().skip(1) {
+            let e = rel_l2(&x.to_f32_vec().unwrap(), &y.to_f32_vec().unwrap());
+            let name = plan.graph().leaf_name(plan.grads()[i - 1].0).unwrap_or("?");
+            eprintln!("dora={use_dora}: gradient of {name}: bf16 to f32 rel L2 {e:.2e}");
+            assert!(
+                e < 3e-2,
+                "dora={use_dora}: gradient of {name}: bf16 to f32 rel L2 {e}"
+            );
+        }
     }
 }
 
@@ -245,14 +252,14 @@ fn gpu_step_matches_the_cpu_step() {
     let m32 = model_f32(&m);
     // Every case runs before the verdict, so one GPU run shows them all.
     let mut failed = Vec::new();
-    for dropout in [true, false] {
-        let mut l = lora(&m, false);
+    for (use_dora, dropout) in [(false, true), (false, false), (true, true), (true, false)] {
+        let mut l = lora(&m, use_dora);
         let (rec, plan) = step(&m, &l, dropout, false);
         let (rec32, plan32) = step(&m32, &l, dropout, false);
         // Twice: the second run after the adapters changed, so trainable
         // parameters must be uploaded again while the base stays resident.
         for round in 0..2 {
-            let what = format!("dropout={dropout} round {round}");
+            let what = format!("dora={use_dora} dropout={dropout} round {round}");
             let feeds = rec.feeds(&m, Some(&l), &b).unwrap();
             let cpu = CpuExecutor::new().run(&plan, &feeds).unwrap();
             let f32_ref = CpuExecutor::new()
@@ -320,9 +327,12 @@ fn gpu_eval_loss_matches_the_cpu() {
     let Some(mut gpu) = gpu() else { return };
     let (m, b) = (model(), batch());
     let m32 = model_f32(&m);
-    let mut l = lora(&m, false);
     let loss = |t: Vec<Tensor>| t[0].as_f32().unwrap()[0];
-    for round in 0..2 {
+    let mut l = lora(&m, false);
+    for (use_dora, round) in [(false, 0), (false, 1), (true, 0), (true, 1)] {
+        if round == 0 {
+            l = lora(&m, use_dora);
+        }
         let (rec, plan) = eval(&m, &l);
         let (rec32, plan32) = eval(&m32, &l);
         let feeds = rec.feeds(&m, Some(&l), &b).unwrap();
@@ -333,11 +343,13 @@ fn gpu_eval_loss_matches_the_cpu() {
                 .run(&plan32, &rec32.feeds(&m32, Some(&l), &b).unwrap())
                 .unwrap(),
         );
-        eprintln!("round {round}: eval loss: GPU {got}, CPU bf16 {cpu}, CPU f32 {f32_ref}");
+        eprintln!(
+            "dora={use_dora} round {round}: eval loss: GPU {got}, CPU bf16 {cpu}, CPU f32 {f32_ref}"
+        );
         let (e_gpu, e_cpu) = ((got - f32_ref).abs(), (cpu - f32_ref).abs());
         assert!(
             got.is_finite() && e_gpu <= 1.5 * e_cpu + 1e-3 * f32_ref.abs(),
-            "round {round}: eval loss: GPU {got}, CPU bf16 {cpu}, f32 {f32_ref}"
+            "dora={use_dora} round {round}: eval loss: GPU {got}, CPU bf16 {cpu}, f32 {f32_ref}"
         );
         // A training step's plan on the same executor, then new adapters
         // written in place (their host addresses unchanged).

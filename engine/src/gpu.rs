@@ -21,9 +21,9 @@ use cudarc::driver::{CudaSlice, PinnedHostSlice};
 use graft_ir::{DType, Epilogue, NodeId, Op, Source, ValueId};
 use graft_kernels::bf16;
 use graft_kernels::cuda::{
-    device_addr, AttentionKernels, Borrowed, DeviceIds, DeviceNf4, DeviceSegments,
+    device_addr, AttentionKernels, Borrowed, DeviceIds, DeviceNf4, DeviceSegments, DoraKernels,
     ElementwiseKernels, EmbeddingKernels, Gpu, GpuError, LossKernels, Nf4Gemm, RowKernels,
-    UpdateKernels, ATTENTION_HEAD_DIMS,
+    UpdateKernels, ATTENTION_HEAD_DIMS, DORA_MAX_RANK,
 };
 use graft_kernels::update::AdamWStep;
 use std::collections::HashMap;
@@ -32,6 +32,23 @@ use std::time::Instant;
 /// Scratch ranges are carved at this alignment (cuBLAS and the kernels'
 /// 16-byte loads need less).
 const ALIGN: usize = 256;
+
+/// Runs `$body` with `$t` the element type of float dtype `$d`: f32, or
+/// bf16 (`gpu_unsupported` lets no other float through).
+macro_rules! by_float {
+    ($d:expr, $t:ident => $body:expr) => {
+        match $d {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            _ => {
+                type $t = bf16;
+                $body
+            }
+        }
+    };
+}
 
 fn gpu_err(e: GpuError) -> EngineError {
     EngineError::Gpu(e.to_string())
@@ -63,6 +80,7 @@ struct Kernels {
     emb: EmbeddingKernels,
     loss: LossKernels,
     ew: ElementwiseKernels,
+    dora: DoraKernels,
     update: UpdateKernels,
 }
 
@@ -129,6 +147,7 @@ impl GpuExecutor {
             emb: EmbeddingKernels::new(&gpu).map_err(gpu_err)?,
             loss: LossKernels::new(&gpu).map_err(gpu_err)?,
             ew: ElementwiseKernels::new(&gpu).map_err(gpu_err)?,
+            dora: DoraKernels::new(&gpu).map_err(gpu_err)?,
             update: UpdateKernels::new(&gpu).map_err(gpu_err)?,
         };
         Ok(GpuExecutor {
@@ -511,8 +530,24 @@ pub fn gpu_unsupported(plan: &Plan) -> Vec<(NodeId, String)> {
                 let (from, to) = (dt(0), g.dtype(node.outputs[0]));
                 (!(float(from) && float(to))).then(|| format!("casts {from} to {to}"))
             }
-            Op::Dropout { .. } | Op::Add | Op::ScaleBy => {
-                (!float(dt(0))).then(|| format!("on {}", dt(0)))
+            Op::Dropout { .. }
+            | Op::Add
+            | Op::Mul
+            | Op::Scale(_)
+            | Op::ScaleBy
+            | Op::MulCols
+            | Op::SumRows => (!float(dt(0))).then(|| format!("on {}", dt(0))),
+            Op::DoraCombine => (!float(dt(0))).then(|| format!("on {}", dt(0))),
+            Op::DoraInvNorm { .. } => {
+                let rank = g.shape(node.inputs[0])[0];
+                match dt(2) {
+                    _ if rank > DORA_MAX_RANK => Some(format!(
+                        "rank {rank} (the kernel takes up to {DORA_MAX_RANK})"
+                    )),
+                    DType::Nf4 { .. } => nf4_unsupported(g, node.inputs[2]),
+                    d if float(d) => None,
+                    d => Some(format!("a {d} weight")),
+                }
             }
             Op::Embedding => (!all_bf16(&[0])).then(|| "a table that is not bf16".into()),
             Op::RmsNorm { .. } => (!all_bf16(&[0, 1])).then(|| "not bf16".into()),
@@ -575,10 +610,6 @@ fn matmul_sum_unsupported(
     if addend && dt(2 * terms.len()) != out {
         return Some("an addend of another dtype than the output".into());
     }
-    // DoRA's column scale: its group runs once DoRA's other ops do.
-    if matches!(epilogue, Some(Epilogue::ScaleCols)) {
-        return Some("a column scale (DoRA) on the GPU".into());
-    }
     if matches!(epilogue, Some(Epilogue::Rope(_))) && out != DType::BF16 {
         return Some("RoPE on f32".into());
     }
@@ -586,7 +617,7 @@ fn matmul_sum_unsupported(
     // weights are dequantized to bf16.
     let nf4 = terms.iter().any(|t| t.nf4);
     let outs: &[DType] = match (nf4, compute) {
-        (true, DType::BF16) => &[DType::BF16],
+        (true, DType::BF16) => &[DType::F32, DType::BF16],
         (false, DType::BF16) => &[DType::F32, DType::BF16],
         (false, DType::F32) => &[DType::F32],
         _ => &[],
@@ -655,6 +686,11 @@ fn scratch_bytes(plan: &Plan) -> usize {
             match &node.op {
                 Op::AttentionGrad(spec) => up(g.shape(node.inputs[0])[0] * spec.n_heads * 4),
                 Op::Nf4MatMul { .. } => up(g.ty(node.inputs[1]).numel() * 2),
+                // An NF4 weight dequantized to bf16.
+                Op::DoraInvNorm { .. } => match g.dtype(node.inputs[2]) {
+                    DType::Nf4 { .. } => up(g.ty(node.inputs[2]).numel() * 2),
+                    _ => 0,
+                },
                 Op::CrossEntropy { .. } => up(g.shape(node.inputs[0])[0] * 4),
                 Op::LinearCrossEntropy { chunk, .. } => {
                     let (t, v) = (g.shape(node.inputs[0])[0], g.shape(node.inputs[1])[0]);
@@ -868,11 +904,9 @@ impl<'a> Run<'a> {
         let k = self.k;
         let shape = |v: ValueId| g.shape(v);
         match &node.op {
-            Op::Fill { value, dtype, .. } => match dtype {
-                DType::F32 => k.ew.fill(&mut *self.val::<f32>(outs[0])?, *value),
-                _ => k.ew.fill(&mut *self.val::<bf16>(outs[0])?, *value),
+            Op::Fill { value, dtype, .. } => {
+                by_float!(dtype, T => k.ew.fill(&mut *self.val::<T>(outs[0])?, *value)).map_err(e)
             }
-            .map_err(e),
             Op::Cast(_) => {
                 let (from, to) = (g.dtype(ins[0]), g.dtype(outs[0]));
                 match (from, to) {
@@ -896,47 +930,53 @@ impl<'a> Run<'a> {
                     }
                 }
             }
-            Op::Dropout { p } => match g.dtype(ins[0]) {
-                DType::F32 => k.ew.dropout::<f32>(
-                    &*self.val::<f32>(ins[0])?,
-                    &*self.val::<u32>(ins[1])?,
-                    *p,
-                    &mut *self.val::<f32>(outs[0])?,
-                ),
-                _ => k.ew.dropout::<bf16>(
-                    &*self.val::<bf16>(ins[0])?,
-                    &*self.val::<u32>(ins[1])?,
-                    *p,
-                    &mut *self.val::<bf16>(outs[0])?,
-                ),
-            }
+            Op::Dropout { p } => by_float!(g.dtype(ins[0]), T => k.ew.dropout::<T>(
+                &*self.val(ins[0])?,
+                &*self.val::<u32>(ins[1])?,
+                *p,
+                &mut *self.val(outs[0])?,
+            ))
             .map_err(e),
-            Op::Add => match g.dtype(ins[0]) {
-                DType::F32 => k.ew.add::<f32>(
-                    &*self.val::<f32>(ins[0])?,
-                    &*self.val::<f32>(ins[1])?,
-                    &mut *self.val::<f32>(outs[0])?,
-                ),
-                _ => k.ew.add::<bf16>(
-                    &*self.val::<bf16>(ins[0])?,
-                    &*self.val::<bf16>(ins[1])?,
-                    &mut *self.val::<bf16>(outs[0])?,
-                ),
-            }
+            Op::Add | Op::Mul => by_float!(g.dtype(ins[0]), T => {
+                let (a, b) = (self.val::<T>(ins[0])?, self.val::<T>(ins[1])?);
+                let mut y = self.val::<T>(outs[0])?;
+                match node.op {
+                    Op::Add => k.ew.add(&a, &b, &mut y),
+                    _ => k.ew.mul(&a, &b, &mut y),
+                }
+            })
             .map_err(e),
-            Op::ScaleBy => match g.dtype(ins[0]) {
-                DType::F32 => k.ew.scale_by::<f32>(
-                    &*self.val::<f32>(ins[0])?,
-                    &*self.val::<f32>(ins[1])?,
-                    &mut *self.val::<f32>(outs[0])?,
-                ),
-                _ => k.ew.scale_by::<bf16>(
-                    &*self.val::<bf16>(ins[0])?,
-                    &*self.val::<f32>(ins[1])?,
-                    &mut *self.val::<bf16>(outs[0])?,
-                ),
-            }
+            Op::Scale(c) => by_float!(g.dtype(ins[0]), T => k.ew.scale::<T>(
+                &*self.val(ins[0])?,
+                *c,
+                &mut *self.val(outs[0])?,
+            ))
             .map_err(e),
+            Op::ScaleBy => by_float!(g.dtype(ins[0]), T => k.ew.scale_by::<T>(
+                &*self.val(ins[0])?,
+                &*self.val::<f32>(ins[1])?,
+                &mut *self.val(outs[0])?,
+            ))
+            .map_err(e),
+            Op::MulCols => by_float!(g.dtype(ins[0]), T => k.ew.mul_cols::<T, T>(
+                &*self.val(ins[0])?,
+                &*self.val(ins[1])?,
+                &mut *self.val(outs[0])?,
+            ))
+            .map_err(e),
+            Op::SumRows => by_float!(g.dtype(ins[0]), T => k.ew.sum_rows::<T>(
+                &*self.val(ins[0])?,
+                &mut *self.val(outs[0])?,
+            ))
+            .map_err(e),
+            Op::DoraCombine => by_float!(g.dtype(ins[0]), T => k.dora.combine::<T>(
+                &*self.val(ins[0])?,
+                &*self.val::<f32>(ins[1])?,
+                &*self.val::<f32>(ins[2])?,
+                &mut *self.val(outs[0])?,
+            ))
+            .map_err(e),
+            Op::DoraInvNorm { scaling } => self.dora_inv_norm(ins, *scaling, outs[0]),
             Op::Embedding => {
                 let ids = DeviceIds::upload(self.gpu, self.host_i32(ins[1])?).map_err(e)?;
                 k.emb
@@ -1068,6 +1108,29 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// DoRA's `1/‖w + s·(b·a)‖` per output row; an NF4 weight is
+    /// dequantized to bf16 in scratch first (the CPU widens it to f32: the
+    /// norm differs by that rounding, averaged over the row).
+    fn dora_inv_norm(&self, ins: &[ValueId], s: f32, y: ValueId) -> Result<(), String> {
+        let g = self.graph();
+        let (a, b) = (self.val::<f32>(ins[0])?, self.val::<f32>(ins[1])?);
+        let mut y = self.val::<f32>(y)?;
+        let dora = &self.k.dora;
+        match g.dtype(ins[2]) {
+            DType::Nf4 { .. } => {
+                let w = self.nf4(ins[2])?;
+                let mut wd = self.scratch::<bf16>(0, w.rows * w.cols)?;
+                self.k
+                    .nf4
+                    .dequantize(w, &mut wd)
+                    .map_err(|e| e.to_string())?;
+                dora.inv_norm(&a, &b, &*wd, s, &mut y)
+            }
+            d => by_float!(d, T => dora.inv_norm::<T>(&a, &b, &*self.val(ins[2])?, s, &mut y)),
+        }
+        .map_err(|e| e.to_string())
+    }
+
     fn rope(
         &self,
         x: ValueId,
@@ -1094,11 +1157,12 @@ impl<'a> Run<'a> {
     /// addend copied into the output, the dense (LoRA) terms by cuBLAS, then
     /// each NF4 weight dequantized to bf16 in scratch (bit for bit the fused
     /// GEMM's values) and multiplied by cuBLAS, every product summed into
-    /// the output (beta = 1); RoPE last. Each product rounds the running sum
-    /// to bf16, so the small dense terms go first: their roundings are of
-    /// small values. Where the CPU differs: it rounds the sum once, applies
-    /// RoPE before that rounding, and rounds a term's `scale·a` (here the
-    /// scale is cuBLAS's alpha on the rounded `a`: the same for LoRA's
+    /// the output (beta = 1); the epilogue last (RoPE, or DoRA's column
+    /// scale). A bf16 output rounds the running sum at each product, so the
+    /// small dense terms go first: their roundings are of small values.
+    /// Where the CPU differs: it rounds the sum once, applies the epilogue
+    /// before that rounding, and rounds a term's `scale·a` (here the scale
+    /// is cuBLAS's alpha on the rounded `a`: the same for LoRA's
     /// power-of-two scales, not for rsLoRA's). On an H200 the NF4 products
     /// beat the fused NF4 GEMM 2-3.5x at every training shape measured
     /// (docs/GPU.md).
@@ -1135,8 +1199,17 @@ impl<'a> Run<'a> {
             self.nf4_product(ins[2 * i], ins[2 * i + 1], y, t.tb, t.scale, beta)?;
             started = true;
         }
-        if let Some(Epilogue::Rope(spec)) = epilogue {
-            self.rope(y, *ins.last().expect("its input"), spec, false, y)?;
+        let last = *ins.last().expect("a group has inputs");
+        match epilogue {
+            Some(Epilogue::Rope(spec)) => self.rope(y, last, spec, false, y)?,
+            // In place: each element is read, then written, by one thread.
+            Some(Epilogue::ScaleCols) => by_float!(g.dtype(y), T => self.k.ew.mul_cols::<T, f32>(
+                &*self.val(y)?,
+                &*self.val(last)?,
+                &mut *self.val(y)?,
+            ))
+            .map_err(|e| e.to_string())?,
+            None => {}
         }
         Ok(())
     }

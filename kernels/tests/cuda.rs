@@ -782,3 +782,144 @@ fn attention_matches_the_cpu_reference() {
         .to_string();
     assert!(e.contains("id 3 at position 3"), "{e}");
 }
+
+/// The plan glue of elementwise.cu and DoRA's kernels (dora.cu) against the
+/// CPU reference on ragged shapes, f32 and bf16: add, mul, scale, dropout
+/// and the per-column multiply (every type pair, and in place) bit for bit;
+/// the sum over rows (another order of f32 additions) within 1e-5 (f32) or
+/// one bf16 rounding; DoRA's combine bit for bit and its weight norm (dense
+/// weights, and NF4 dequantized to bf16 as the executor does) within 1e-5
+/// of the CPU's f32 norm (2e-3 for the bf16-rounded NF4 weight).
+#[test]
+fn elementwise_and_dora_kernels_match_the_cpu_reference() {
+    use graft_kernels::cuda::{DeviceElem, DoraKernels, ElementwiseKernels};
+    use graft_kernels::{dora, elementwise as ew, Elem};
+    let Some(gpu) = gpu() else { return };
+    let (k, dk) = (
+        ElementwiseKernels::new(&gpu).unwrap(),
+        DoraKernels::new(&gpu).unwrap(),
+    );
+    let nf4 = Nf4Gemm::new(&gpu).unwrap();
+    let s = gpu.stream();
+    let mut r = Gen::new(31);
+    fn bits<T: Elem>(x: &[T]) -> Vec<f32> {
+        x.iter().map(|v| v.to_f32()).collect()
+    }
+    fn glue<T: Elem + DeviceElem, V: Elem + DeviceElem>(
+        gpu: &Gpu,
+        (k, dk): (&ElementwiseKernels, &DoraKernels),
+        r: &mut Gen,
+        rows: usize,
+        cols: usize,
+    ) {
+        let (s, n) = (gpu.stream(), rows * cols);
+        let what = format!("{rows}x{cols} {}", std::any::type_name::<T>());
+        let a: Vec<T> = to_elem(&r.vec(n, -3.0, 3.0));
+        let b: Vec<T> = to_elem(&r.vec(n, -3.0, 3.0));
+        let v: Vec<V> = to_elem(&r.vec(cols, -2.0, 2.0));
+        let (ad, bd, vd) = (
+            s.clone_htod(&a).unwrap(),
+            s.clone_htod(&b).unwrap(),
+            s.clone_htod(&v).unwrap(),
+        );
+        let mut yd = s.clone_htod(&nan_buf::<T>(n)).unwrap();
+        let mut want = nan_buf::<T>(n);
+        let same = |op: &str, yd: &cudarc::driver::CudaSlice<T>, want: &[T]| {
+            let got: Vec<T> = s.clone_dtoh(yd).unwrap();
+            assert_eq!(bits(&got), bits(want), "{op} {what}: not the CPU's values");
+        };
+        k.add(&ad, &bd, &mut yd).unwrap();
+        ew::add(&a, &b, &mut want);
+        same("add", &yd, &want);
+        k.mul(&ad, &bd, &mut yd).unwrap();
+        ew::mul(&a, &b, &mut want);
+        same("mul", &yd, &want);
+        k.scale(&ad, 0.37, &mut yd).unwrap();
+        ew::scale(&a, 0.37, &mut want);
+        same("scale", &yd, &want);
+        let seed = s.clone_htod(&[12345u32]).unwrap();
+        k.dropout(&ad, &seed, 0.3, &mut yd).unwrap();
+        ew::dropout(&a, 12345, 0.3, &mut want);
+        same("dropout", &yd, &want);
+        k.mul_cols(&ad, &vd, &mut yd).unwrap();
+        // ew::mul_cols's arithmetic, with v in its own type.
+        let wide: Vec<T> = a
+            .iter()
+            .enumerate()
+            .map(|(i, x)| T::from_f32(x.to_f32() * v[i % cols].to_f32()))
+            .collect();
+        same("mul_cols", &yd, &wide);
+        // In place, as the column-scale epilogue runs it.
+        let mut xd = s.clone_htod(&a).unwrap();
+        // SAFETY: a second window over xd's own buffer, alive while xd is.
+        let x_in = unsafe { gpu.borrow::<T>(graft_kernels::cuda::device_addr(&xd), n) };
+        k.mul_cols(&x_in, &vd, &mut xd).unwrap();
+        same("mul_cols in place", &xd, &wide);
+        let mut sums = s.clone_htod(&nan_buf::<T>(cols)).unwrap();
+        k.sum_rows(&ad, &mut sums).unwrap();
+        let mut want_sums = nan_buf::<T>(cols);
+        ew::sum_rows(&a, &mut want_sums);
+        let got: Vec<T> = s.clone_dtoh(&sums).unwrap();
+        let e = rel_l2(&got, &to_f64(&want_sums));
+        let tol = if std::mem::size_of::<T>() == 2 {
+            8e-3
+        } else {
+            1e-5
+        };
+        eprintln!("sum_rows {what}: rel L2 vs CPU {e:.2e}");
+        assert!(e < tol, "sum_rows {what}: rel L2 {e}");
+        let lora = r.vec(n, -1.0, 1.0);
+        let scale = r.vec(cols, 0.5, 2.0);
+        let (ld, sd) = (s.clone_htod(&lora).unwrap(), s.clone_htod(&scale).unwrap());
+        dk.combine(&ad, &ld, &sd, &mut yd).unwrap();
+        dora::dora_combine(&a, &lora, &scale, &mut want);
+        same("dora_combine", &yd, &want);
+    }
+    for (rows, cols) in [(1, 1), (37, 129), (300, 33), (5, 1000), (2048, 96)] {
+        glue::<f32, f32>(&gpu, (&k, &dk), &mut r, rows, cols);
+        glue::<bf16, bf16>(&gpu, (&k, &dk), &mut r, rows, cols);
+        glue::<bf16, f32>(&gpu, (&k, &dk), &mut r, rows, cols);
+    }
+    // The weight norm: out ragged against the kernel's 8 rows a block.
+    for (out, inp, rank, scaling) in [(1, 64, 1, 2.0), (19, 320, 16, 2.0), (1000, 512, 64, 0.5)] {
+        let a = r.vec(rank * inp, -0.5, 0.5);
+        let b = r.vec(out * rank, -0.5, 0.5);
+        let w = r.vec(out * inp, -1.0, 1.0);
+        let (ad, bd) = (s.clone_htod(&a).unwrap(), s.clone_htod(&b).unwrap());
+        let norm = |row: &(dyn Fn(usize, &mut [f32]) + Sync)| -> Vec<f64> {
+            let mut y = vec![0f32; out];
+            dora::dora_norms(|o, buf| row(o, buf), &a, &b, rank, scaling, &mut y);
+            y.iter().map(|n| 1.0 / *n as f64).collect()
+        };
+        let check = |what: &str, want: &[f64], got: Vec<f32>, tol: f64| {
+            let e = rel_l2(&got, want);
+            eprintln!("dora_inv_norm {what} out={out} in={inp} r={rank}: rel L2 vs CPU {e:.2e}");
+            assert!(e < tol, "dora_inv_norm {what} out={out}: rel L2 {e}");
+        };
+        let mut yd = s.clone_htod(&vec![f32::NAN; out]).unwrap();
+        dk.inv_norm(&ad, &bd, &s.clone_htod(&w).unwrap(), scaling, &mut yd)
+            .unwrap();
+        let want = norm(&|o, buf| buf.copy_from_slice(&w[o * inp..(o + 1) * inp]));
+        check("f32", &want, s.clone_dtoh(&yd).unwrap(), 1e-5);
+        let wb: Vec<bf16> = to_elem(&w);
+        dk.inv_norm(&ad, &bd, &s.clone_htod(&wb).unwrap(), scaling, &mut yd)
+            .unwrap();
+        let want = norm(&|o, buf| {
+            buf.iter_mut()
+                .zip(&wb[o * inp..(o + 1) * inp])
+                .for_each(|(x, w)| *x = w.to_f32())
+        });
+        check("bf16", &want, s.clone_dtoh(&yd).unwrap(), 1e-5);
+        // NF4, as the executor runs it: dequantized to bf16, then the norm.
+        let p = quantize(&w, 64).unwrap();
+        let wv = p.view(out, inp);
+        let dw = DeviceNf4::upload(&gpu, &wv).unwrap();
+        let mut wd = s
+            .clone_htod(&vec![bf16::from_f32(f32::NAN); out * inp])
+            .unwrap();
+        nf4.dequantize(&dw, &mut wd).unwrap();
+        dk.inv_norm(&ad, &bd, &wd, scaling, &mut yd).unwrap();
+        let want = norm(&|o, buf| wv.dequantize_into(o * inp, buf));
+        check("nf4", &want, s.clone_dtoh(&yd).unwrap(), 2e-3);
+    }
+}

@@ -1,9 +1,11 @@
 //! Launchers of elementwise.cu: the glue of a training plan (casts, add,
-//! scale by a device scalar, fill, dropout) on f32 and bf16, matching
-//! [`crate::elementwise`] element for element.
+//! multiply, scales, per-column multiply, sum over rows, fill, dropout) on
+//! f32 and bf16, matching [`crate::elementwise`] element for element (the
+//! sum over rows adds in another order).
 
-use super::{check, driver, elementwise, Gpu, GpuError};
+use super::{check, driver, elementwise, Gpu, GpuError, THREADS};
 use crate::bf16;
+use cudarc::driver::LaunchConfig;
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, PushKernelArg};
 use std::sync::Arc;
 
@@ -21,7 +23,12 @@ impl DeviceElem for bf16 {
 /// The kernels of elementwise.cu; each table is indexed by [`DeviceElem::INDEX`].
 pub struct ElementwiseKernels {
     add: [CudaFunction; 2],
+    mul: [CudaFunction; 2],
     scale: [CudaFunction; 2],
+    scale_by: [CudaFunction; 2],
+    /// By x's type, then v's.
+    mul_cols: [[CudaFunction; 2]; 2],
+    sum_rows: [CudaFunction; 2],
     fill: [CudaFunction; 2],
     dropout: [CudaFunction; 2],
     to_bf16: CudaFunction,
@@ -38,7 +45,11 @@ impl ElementwiseKernels {
         };
         Ok(ElementwiseKernels {
             add: pair("add")?,
+            mul: pair("mul")?,
             scale: pair("scale")?,
+            scale_by: pair("scale_by")?,
+            mul_cols: [pair("mul_cols_f32")?, pair("mul_cols_bf16")?],
+            sum_rows: pair("sum_rows")?,
             fill: pair("fill")?,
             dropout: pair("dropout")?,
             to_bf16: f("cast_f32_bf16")?,
@@ -54,13 +65,103 @@ impl ElementwiseKernels {
         b: &CudaSlice<T>,
         y: &mut CudaSlice<T>,
     ) -> Result<(), GpuError> {
+        self.binary(&self.add[T::INDEX], "add", a, b, y)
+    }
+
+    /// `y = a·b`.
+    pub fn mul<T: DeviceElem>(
+        &self,
+        a: &CudaSlice<T>,
+        b: &CudaSlice<T>,
+        y: &mut CudaSlice<T>,
+    ) -> Result<(), GpuError> {
+        self.binary(&self.mul[T::INDEX], "mul", a, b, y)
+    }
+
+    fn binary<T: DeviceElem>(
+        &self,
+        f: &CudaFunction,
+        what: &str,
+        a: &CudaSlice<T>,
+        b: &CudaSlice<T>,
+        y: &mut CudaSlice<T>,
+    ) -> Result<(), GpuError> {
         let n = y.len();
-        check("add a", a.len(), n)?;
-        check("add b", b.len(), n)?;
-        let mut l = self.stream.launch_builder(&self.add[T::INDEX]);
+        check(&format!("{what} a"), a.len(), n)?;
+        check(&format!("{what} b"), b.len(), n)?;
+        let mut l = self.stream.launch_builder(f);
         l.arg(a).arg(b).arg(y).arg(&n);
         // SAFETY: arguments match the kernel; the loop stays within n.
         unsafe { l.launch(elementwise(n)) }.map_err(driver)?;
+        Ok(())
+    }
+
+    /// `y = x·c`.
+    pub fn scale<T: DeviceElem>(
+        &self,
+        x: &CudaSlice<T>,
+        c: f32,
+        y: &mut CudaSlice<T>,
+    ) -> Result<(), GpuError> {
+        let n = y.len();
+        check("scale x", x.len(), n)?;
+        let mut l = self.stream.launch_builder(&self.scale[T::INDEX]);
+        l.arg(x).arg(&c).arg(y).arg(&n);
+        // SAFETY: as in binary.
+        unsafe { l.launch(elementwise(n)) }.map_err(driver)?;
+        Ok(())
+    }
+
+    /// `y[m, c] = x[m, c]·v[c]` over rows of `v.len()`; `y` may be `x`
+    /// (pass the same window through [`super::Gpu::borrow`] twice).
+    pub fn mul_cols<T: DeviceElem, V: DeviceElem>(
+        &self,
+        x: &CudaSlice<T>,
+        v: &CudaSlice<V>,
+        y: &mut CudaSlice<T>,
+    ) -> Result<(), GpuError> {
+        let (n, cols) = (y.len(), v.len());
+        check("mul_cols x", x.len(), n)?;
+        if cols == 0 || !n.is_multiple_of(cols) {
+            return Err(GpuError::Shape(format!(
+                "mul_cols: {n} values are not rows of {cols}"
+            )));
+        }
+        let mut l = self
+            .stream
+            .launch_builder(&self.mul_cols[T::INDEX][V::INDEX]);
+        l.arg(x).arg(v).arg(y).arg(&n).arg(&cols);
+        // SAFETY: as in binary; v is read at k % cols.
+        unsafe { l.launch(elementwise(n)) }.map_err(driver)?;
+        Ok(())
+    }
+
+    /// `y[c] = Σ_m x[m, c]` (f32 sums) over rows of `y.len()`.
+    pub fn sum_rows<T: DeviceElem>(
+        &self,
+        x: &CudaSlice<T>,
+        y: &mut CudaSlice<T>,
+    ) -> Result<(), GpuError> {
+        let cols = y.len();
+        let rows = x.len() / cols.max(1);
+        check("sum_rows x", x.len(), rows * cols)?;
+        if cols == 0 {
+            return Ok(());
+        }
+        let dim = |v: usize| {
+            i32::try_from(v).map_err(|_| GpuError::Shape(format!("sum_rows: {v} is over int")))
+        };
+        let (r, c) = (dim(rows)?, dim(cols)?);
+        let mut l = self.stream.launch_builder(&self.sum_rows[T::INDEX]);
+        l.arg(x).arg(y).arg(&r).arg(&c);
+        let cfg = LaunchConfig {
+            grid_dim: (cols.div_ceil(32) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match the kernel; one block per 32 columns, each
+        // guarded by c < cols.
+        unsafe { l.launch(cfg) }.map_err(driver)?;
         Ok(())
     }
 
@@ -74,9 +175,9 @@ impl ElementwiseKernels {
         let n = y.len();
         check("scale_by x", x.len(), n)?;
         check("scale_by s", s.len(), 1)?;
-        let mut l = self.stream.launch_builder(&self.scale[T::INDEX]);
+        let mut l = self.stream.launch_builder(&self.scale_by[T::INDEX]);
         l.arg(x).arg(s).arg(y).arg(&n);
-        // SAFETY: as in add.
+        // SAFETY: as in binary.
         unsafe { l.launch(elementwise(n)) }.map_err(driver)?;
         Ok(())
     }
@@ -85,7 +186,7 @@ impl ElementwiseKernels {
         let n = y.len();
         let mut l = self.stream.launch_builder(&self.fill[T::INDEX]);
         l.arg(y).arg(&value).arg(&n);
-        // SAFETY: as in add.
+        // SAFETY: as in binary.
         unsafe { l.launch(elementwise(n)) }.map_err(driver)?;
         Ok(())
     }
@@ -104,7 +205,7 @@ impl ElementwiseKernels {
         check("dropout seed", seed.len(), 1)?;
         let mut l = self.stream.launch_builder(&self.dropout[T::INDEX]);
         l.arg(x).arg(seed).arg(&p).arg(y).arg(&n);
-        // SAFETY: as in add.
+        // SAFETY: as in binary.
         unsafe { l.launch(elementwise(n)) }.map_err(driver)?;
         Ok(())
     }
@@ -115,7 +216,7 @@ impl ElementwiseKernels {
         check("cast x", x.len(), n)?;
         let mut l = self.stream.launch_builder(&self.to_bf16);
         l.arg(x).arg(y).arg(&n);
-        // SAFETY: as in add.
+        // SAFETY: as in binary.
         unsafe { l.launch(elementwise(n)) }.map_err(driver)?;
         Ok(())
     }
@@ -125,7 +226,7 @@ impl ElementwiseKernels {
         check("cast x", x.len(), n)?;
         let mut l = self.stream.launch_builder(&self.to_f32);
         l.arg(x).arg(y).arg(&n);
-        // SAFETY: as in add.
+        // SAFETY: as in binary.
         unsafe { l.launch(elementwise(n)) }.map_err(driver)?;
         Ok(())
     }

@@ -5,6 +5,7 @@
 //! missing and how to proceed.
 
 mod attention;
+mod dora;
 mod elementwise;
 mod embedding;
 mod ids;
@@ -14,6 +15,7 @@ mod rows;
 mod update;
 
 pub use attention::{AttentionKernels, DeviceSegments, HEAD_DIMS as ATTENTION_HEAD_DIMS};
+pub use dora::{DoraKernels, DORA_MAX_RANK};
 pub use elementwise::{DeviceElem, ElementwiseKernels};
 pub use embedding::EmbeddingKernels;
 pub use ids::DeviceIds;
@@ -31,7 +33,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 /// The CUDA sources, by name. Every one is compiled in CI for [`ARCHS`].
-pub const SOURCES: [(&str, &str); 7] = [
+pub const SOURCES: [(&str, &str); 8] = [
     ("nf4_gemm", include_str!("../../cuda/nf4_gemm.cu")),
     ("rows", include_str!("../../cuda/rows.cu")),
     ("loss", include_str!("../../cuda/loss.cu")),
@@ -39,6 +41,7 @@ pub const SOURCES: [(&str, &str); 7] = [
     ("update", include_str!("../../cuda/update.cu")),
     ("attention", include_str!("../../cuda/attention.cu")),
     ("elementwise", include_str!("../../cuda/elementwise.cu")),
+    ("dora", include_str!("../../cuda/dora.cu")),
 ];
 
 /// Definitions every source shares, prepended before compiling.
