@@ -220,6 +220,57 @@ static void test_dora_norm(int out, int in, int r, float s, unsigned threads, co
     expect(e < 1e-5, what, e);
 }
 
+// A training step's gradient handling on the device, against the trainer's
+// host loop: accumulation over micro-batches and the clip bit for bit, the
+// global norm (f64 partials per block of every tensor) to 1e-12.
+static void test_grads(std::vector<size_t> sizes, unsigned threads, unsigned max_blocks) {
+    std::vector<std::vector<float>> acc, ref;
+    for (size_t n : sizes) { acc.emplace_back(n, NAN); ref.emplace_back(n, NAN); }
+    for (int micro = 0; micro < 3; ++micro) {
+        float w = micro == 2 ? 0.25f : 0.375f;
+        for (size_t t = 0; t < sizes.size(); ++t) {
+            size_t n = sizes[t];
+            std::vector<float> g(n);
+            for (auto& x : g) x = uni(-2, 2);
+            unsigned grid = (unsigned)std::clamp<size_t>((n + threads - 1) / threads, 1, max_blocks);
+            int first = micro == 0;
+            launch(grid, threads, [&] { grad_accumulate(acc[t].data(), g.data(), w, n, first); });
+            for (size_t i = 0; i < n; ++i) ref[t][i] = first ? w * g[i] : ref[t][i] + w * g[i];
+        }
+    }
+    char what[200];
+    bool same = true;
+    for (size_t t = 0; t < sizes.size(); ++t) same &= !std::memcmp(acc[t].data(), ref[t].data(), 4 * sizes[t]);
+    snprintf(what, sizeof what, "grad_accumulate %zu tensors threads=%u (bit-identical)", sizes.size(), threads);
+    expect(same, what, 0);
+    std::vector<double> partials;
+    double want = 0;
+    for (size_t t = 0; t < sizes.size(); ++t) {
+        size_t n = sizes[t];
+        unsigned grid = (unsigned)std::clamp<size_t>((n + threads - 1) / threads, 1, max_blocks);
+        std::vector<double> part(grid, NAN);
+        launch(grid, threads, [&] { sum_squares(acc[t].data(), n, part.data()); });
+        partials.insert(partials.end(), part.begin(), part.end());
+        for (float x : ref[t]) want += (double)x * x;
+    }
+    std::vector<double> out(1, NAN);
+    launch(1, threads, [&] { sum_partials_f64(partials.data(), (int)partials.size(), out.data()); });
+    double e = std::fabs(out[0] - want) / want;
+    snprintf(what, sizeof what, "global squared norm %zu tensors threads=%u rel err", sizes.size(), threads);
+    expect(e < 1e-12, what, e);
+    for (auto [coef, maxv] : {std::pair{0.5f, 0.0f}, std::pair{1.0f, 0.3f}, std::pair{0.7f, 0.2f}}) {
+        for (size_t t = 0; t < sizes.size(); ++t) {
+            size_t n = sizes[t];
+            std::vector<float> g = acc[t], r = acc[t];
+            unsigned grid = (unsigned)std::clamp<size_t>((n + threads - 1) / threads, 1, max_blocks);
+            launch(grid, threads, [&] { grad_clip(g.data(), n, coef, maxv); });
+            for (auto& x : r) { if (coef < 1) x *= coef; if (maxv > 0) x = std::clamp(x, -maxv, maxv); }
+            snprintf(what, sizeof what, "grad_clip n=%zu coef=%g max=%g (bit-identical)", n, coef, maxv);
+            expect(!std::memcmp(g.data(), r.data(), 4 * n), what, 0);
+        }
+    }
+}
+
 int main() {
     for (unsigned th : {64u, 256u}) {
         test_ce(1, 1, 0, -100, 1.0f, 4, th);
@@ -240,6 +291,8 @@ int main() {
     test_opt(1, 64, 4);
     test_opt(1000, 64, 4);
     test_opt(70001, 256, 16);
+    test_grads({1, 1000, 70001}, 64, 16);
+    test_grads({5, 4096}, 256, 64);
     for (unsigned th : {64u, 256u}) {
         test_elementwise<float, float>(1, 1, th, 4, "f32/f32");
         test_elementwise<float, float>(37, 129, th, 5, "f32/f32");

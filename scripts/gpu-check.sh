@@ -45,6 +45,28 @@ default_rc=$?
 grep -E "device|exact match|step 260|error" "$out/default.log"
 rm -rf "$out/default-run"
 
+echo "== trainer run --device gpu: AdamW on the device with grad_accum 2 and clipping; a stopped run resumed to the same bits"
+r="$out/resume"
+rm -rf "$r"
+sets=(--set output.eval_accuracy=false --set train.max_steps=6 --set train.warmup_steps=0
+      --set train.grad_accum=2 --set output.save_steps=2 --set train.max_grad_norm=0.05
+      --set train.max_grad_value=0.002 --set output.log_steps=1)
+resume_rc=0
+.gpu-bin/trainer run --device gpu "${sets[@]}" --set output.dir="$r/whole" > "$out/resume.log" 2>&1 || resume_rc=$?
+.gpu-bin/trainer run --device gpu "${sets[@]}" --set output.dir="$r/stopped" --stop-after 3 >> "$out/resume.log" 2>&1
+.gpu-bin/trainer run --device gpu "${sets[@]}" --set output.dir="$r/stopped" --resume >> "$out/resume.log" 2>&1 || resume_rc=$?
+.gpu-bin/trainer run --device cpu "${sets[@]}" --set output.dir="$r/cpu" >> "$out/resume.log" 2>&1 || resume_rc=$?
+grep -E "^device|step 6/6" "$out/resume.log"
+losses() { python3 -c 'import json,sys; print([r["loss"] for r in map(json.loads, open(sys.argv[1])) if "loss" in r])' "$1/metrics.jsonl"; }
+echo "losses: whole $(losses "$r/whole"); resumed $(losses "$r/stopped"); CPU $(losses "$r/cpu")"
+if [ "$(losses "$r/whole")" = "$(losses "$r/stopped")" ] &&
+   cmp -s "$r/whole/adapter/adapter_model.safetensors" "$r/stopped/adapter/adapter_model.safetensors"; then
+  echo "resumed run: the same losses and adapter bits"
+else
+  echo "resumed run DIFFERS from the whole run"; resume_rc=1
+fi
+rm -rf "$r"
+
 echo "== Llama-2-7B-shaped QLoRA step (batch 1 x 2048, r=16 all linear; with and without recomputation)"
 .gpu-bin/gpu-step 2048 32 2 > "$out/step7b.log" 2>&1
 step_rc=$?
@@ -77,5 +99,5 @@ if command -v compute-sanitizer >/dev/null; then
   done
 fi
 
-echo "tests rc=$tests_rc executor rc=$exec_rc bench rc=$bench_rc default rc=$default_rc 7B step rc=$step_rc sanitizer rc=$san_rc (logs in $out)"
-[ $tests_rc -eq 0 ] && [ $exec_rc -eq 0 ] && [ $bench_rc -eq 0 ] && [ $default_rc -eq 0 ] && [ $step_rc -eq 0 ] && [ $san_rc -eq 0 ]
+echo "tests rc=$tests_rc executor rc=$exec_rc bench rc=$bench_rc default rc=$default_rc resume rc=$resume_rc 7B step rc=$step_rc sanitizer rc=$san_rc (logs in $out)"
+[ $tests_rc -eq 0 ] && [ $exec_rc -eq 0 ] && [ $bench_rc -eq 0 ] && [ $default_rc -eq 0 ] && [ $resume_rc -eq 0 ] && [ $step_rc -eq 0 ] && [ $san_rc -eq 0 ]

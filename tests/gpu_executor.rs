@@ -9,7 +9,7 @@
 mod common;
 
 use common::rel_l2;
-use graft::engine::optim::{AdamW, AdamWConfig};
+use graft::engine::optim::{clip_coef, clip_grad_norm, AdamW, AdamWConfig};
 use graft::engine::{
     compile, compile_training_with, gpu_unsupported, CompileOptions, CpuExecutor, Device,
     DeviceAdamW, Executor, GpuExecutor, Plan, Tensor,
@@ -62,11 +62,20 @@ fn lora(m: &CausalLm, use_dora: bool) -> Lora {
 
 /// Two sequences of 80 tokens: 160 rows, ragged against every 64-row tile.
 fn batch() -> Batch {
+    batch_k(0)
+}
+
+/// Another micro-batch of the same shape for each `k`.
+fn batch_k(k: i32) -> Batch {
     let seqs: Vec<Vec<i32>> = (0..2)
-        .map(|s| (0..80).map(|t| (s * 311 + t * 37) % 1000).collect())
+        .map(|s| {
+            (0..80)
+                .map(|t| (s * 311 + t * 37 + k * 101) % 1000)
+                .collect()
+        })
         .collect();
     let refs: Vec<&[i32]> = seqs.iter().map(Vec::as_slice).collect();
-    Batch::new(&refs, None, 3).unwrap()
+    Batch::new(&refs, None, 3 + k as u32).unwrap()
 }
 
 /// A GPU executor, or None with a visible message where no GPU is usable.
@@ -367,8 +376,12 @@ fn gpu_eval_loss_matches_the_cpu() {
 
 /// `train_step` keeps the adapters on the device and updates them there:
 /// each step equals the host's AdamW applied to the GPU's own gradients of
-/// the same parameters, and the second step reads the device's parameters,
-/// not the stale ones the feeds still bind.
+/// the same parameters, and later steps read the device's parameters, not
+/// the stale ones the feeds still bind. The last step is the trainer's with
+/// `grad_accum = 2`: two micro-batches' gradients summed with weights,
+/// clipped to a global norm (and to a value) and applied, against the
+/// trainer's host arithmetic on the same gradients (`clip_grad_norm`, the
+/// clamp, `AdamW`).
 #[test]
 fn device_adamw_steps_match_the_host_optimizer() {
     let (Some(mut trainer), Some(mut reference)) = (gpu(), gpu()) else {
@@ -387,22 +400,70 @@ fn device_adamw_steps_match_the_host_optimizer() {
     let mut adam = AdamW::new(AdamWConfig::default(), &sizes);
     let mut dev = DeviceAdamW::new(AdamWConfig::default());
     let lr = 1e-3;
-    for round in 0..2 {
-        let (loss_ref, grads) = {
-            let mut f = rec.feeds(&m, Some(&l), &b).unwrap();
-            for (&(p, _), t) in plan.grads().iter().zip(&host) {
+    for round in 0..3 {
+        // The reference: the GPU's gradients of the host's parameters.
+        let mut grads_of = |b: &Batch, host: &[Tensor]| {
+            let mut f = rec.feeds(&m, Some(&l), b).unwrap();
+            for (&(p, _), t) in plan.grads().iter().zip(host) {
                 f.bind(p, t);
             }
             let out = reference.run(&plan, &f).unwrap();
             let grads: Vec<Vec<f32>> = out[1..].iter().map(|t| t.to_f32_vec().unwrap()).collect();
             (out[0].as_f32().unwrap()[0], grads)
         };
-        let mut params: Vec<&mut [f32]> =
-            host.iter_mut().map(|t| t.as_f32_mut().unwrap()).collect();
-        let g: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
-        adam.step(&mut params, &g, lr).unwrap();
-        // The original feeds: stale from the second round on.
-        let loss = trainer.train_step(&plan, &feeds, &mut dev, lr).unwrap();
+        let (loss, loss_ref) = if round < 2 {
+            let (loss_ref, grads) = grads_of(&b, &host);
+            let mut params: Vec<&mut [f32]> =
+                host.iter_mut().map(|t| t.as_f32_mut().unwrap()).collect();
+            let g: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
+            adam.step(&mut params, &g, lr).unwrap();
+            // The original feeds: stale from the second round on.
+            let loss = trainer.train_step(&plan, &feeds, &mut dev, lr).unwrap();
+            (loss, loss_ref)
+        } else {
+            let (b0, b1) = (batch_k(1), batch_k(2));
+            let w = [0.375f32, 0.625];
+            let (l0, g0) = grads_of(&b0, &host);
+            let (l1, g1) = grads_of(&b1, &host);
+            let mut acc: Vec<Vec<f32>> = g0
+                .iter()
+                .map(|g| g.iter().map(|x| w[0] * x).collect())
+                .collect();
+            for (a, g) in acc.iter_mut().zip(&g1) {
+                a.iter_mut().zip(g).for_each(|(a, g)| *a += w[1] * g);
+            }
+            let loss = trainer
+                .accumulate(&plan, &rec.feeds(&m, Some(&l), &b0).unwrap(), w[0], true)
+                .unwrap()
+                * w[0]
+                + trainer
+                    .accumulate(&plan, &rec.feeds(&m, Some(&l), &b1).unwrap(), w[1], false)
+                    .unwrap()
+                    * w[1];
+            let norm = trainer.grad_norm(&plan).unwrap();
+            let mut views: Vec<&mut [f32]> = acc.iter_mut().map(Vec::as_mut_slice).collect();
+            let max_norm = 0.5 * norm;
+            let host_norm = clip_grad_norm(&mut views, max_norm);
+            eprintln!("accumulated: gradient norm GPU {norm}, host {host_norm}");
+            assert!(
+                ((norm - host_norm) / host_norm).abs() < 1e-9,
+                "norm {norm} vs {host_norm}"
+            );
+            let max_value = 0.5 * acc.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
+            acc.iter_mut()
+                .flatten()
+                .for_each(|x| *x = x.clamp(-max_value, max_value));
+            let mut params: Vec<&mut [f32]> =
+                host.iter_mut().map(|t| t.as_f32_mut().unwrap()).collect();
+            let g: Vec<&[f32]> = acc.iter().map(Vec::as_slice).collect();
+            adam.step(&mut params, &g, lr).unwrap();
+            let coef = clip_coef(norm, max_norm);
+            assert!(coef < 1.0, "clipping must act: coef {coef}");
+            trainer
+                .adamw_step(&plan, &mut dev, lr, coef, max_value)
+                .unwrap();
+            (loss, w[0] * l0 + w[1] * l1)
+        };
         eprintln!("round {round}: loss {loss} (reference {loss_ref})");
         assert!(
             ((loss - loss_ref) / loss_ref).abs() < 1e-6,
@@ -415,6 +476,15 @@ fn device_adamw_steps_match_the_host_optimizer() {
             assert!(
                 e < 1e-5,
                 "round {round}: {name} rel L2 {e} to the host's AdamW"
+            );
+        }
+        // The moments a checkpoint saves are the host optimizer's.
+        for (i, (&(p, _), (mh, vh))) in plan.grads().iter().zip(&adam.moments).enumerate() {
+            let name = plan.graph().leaf_name(p).unwrap();
+            let (md, vd) = dev.moments(trainer.gpu(), name, sizes[i]).unwrap();
+            assert!(
+                rel_l2(&md, mh) < 1e-5 && rel_l2(&vd, vh) < 1e-5,
+                "{name} moments"
             );
         }
     }

@@ -126,6 +126,15 @@ impl Executor {
         self.cpu.run(plan, feeds)
     }
 
+    /// The GPU executor, where this executor has one and it runs `plan`
+    /// whole (for steps that keep their state on the device).
+    #[cfg(feature = "cuda")]
+    pub fn gpu_for(&mut self, plan: &Plan) -> Option<&mut crate::gpu::GpuExecutor> {
+        self.gpu
+            .as_mut()
+            .filter(|_| crate::gpu::gpu_unsupported(plan).is_empty())
+    }
+
     /// Times every node on both devices (see [`CpuExecutor::profile_ops`]).
     pub fn profile_ops(&mut self, on: bool) {
         self.cpu.profile_ops(on);

@@ -26,6 +26,7 @@ use graft_kernels::cuda::{
     UpdateKernels, ATTENTION_HEAD_DIMS, DORA_MAX_RANK,
 };
 use graft_kernels::update::AdamWStep;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -100,6 +101,8 @@ pub struct GpuExecutor {
     staging: Option<PinnedHostSlice<u8>>,
     /// Trainable parameters that live on the device (`train_step`), by name.
     device_owned: std::collections::HashSet<String>,
+    /// Their gradients summed over a step's micro-batches, by name.
+    grads: HashMap<String, CudaSlice<f32>>,
 }
 
 /// AdamW on the GPU for [`GpuExecutor::train_step`]: the same update as the
@@ -120,6 +123,48 @@ impl DeviceAdamW {
             step: 0,
             moments: HashMap::new(),
         }
+    }
+
+    /// The moments `(m, v)` of parameter `name` (of `n` values), copied to
+    /// the host: zeros before its first step, as the host's AdamW starts.
+    pub fn moments(
+        &self,
+        gpu: &Gpu,
+        name: &str,
+        n: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>), EngineError> {
+        let Some((m, v)) = self.moments.get(name) else {
+            return Ok((vec![0.0; n], vec![0.0; n]));
+        };
+        let down = |d: &CudaSlice<f32>| -> Result<Vec<f32>, EngineError> {
+            if d.len() != n {
+                return Err(EngineError::Gpu(format!(
+                    "AdamW's moments of `{name}` hold {} values, not {n}",
+                    d.len()
+                )));
+            }
+            gpu.stream()
+                .clone_dtoh(d)
+                .map_err(|e| EngineError::Gpu(e.to_string()))
+        };
+        Ok((down(m)?, down(v)?))
+    }
+
+    /// Sets the moments of parameter `name` (a resumed run's).
+    pub fn set_moments(
+        &mut self,
+        gpu: &Gpu,
+        name: &str,
+        m: &[f32],
+        v: &[f32],
+    ) -> Result<(), EngineError> {
+        let up = |h: &[f32]| {
+            gpu.stream()
+                .clone_htod(h)
+                .map_err(|e| oom("AdamW's moments", 4 * h.len(), e))
+        };
+        self.moments.insert(name.to_string(), (up(m)?, up(v)?));
+        Ok(())
     }
 }
 
@@ -160,6 +205,7 @@ impl GpuExecutor {
             phases: RunPhases::default(),
             staging: None,
             device_owned: Default::default(),
+            grads: HashMap::new(),
         })
     }
 
@@ -182,7 +228,8 @@ impl GpuExecutor {
         self.phases
     }
 
-    /// Device bytes this executor holds: arena, scratch and resident leaves.
+    /// Device bytes this executor holds: arena, scratch, resident leaves and
+    /// summed gradients (an optimizer's moments are its own).
     pub fn device_bytes(&self) -> usize {
         let leaves: usize = self
             .leaves
@@ -192,9 +239,11 @@ impl GpuExecutor {
                 Leaf::Nf4(w) => w.device_bytes(),
             })
             .sum();
+        let grads: usize = self.grads.values().map(|g| 4 * g.len()).sum();
         self.arena.as_ref().map_or(0, |a| a.len())
             + self.scratch.as_ref().map_or(0, |s| s.len())
             + leaves
+            + grads
     }
 
     /// Waits for every launch so far (a run returns once its outputs are
@@ -214,10 +263,12 @@ impl GpuExecutor {
 
     /// One training step that stays on the GPU: runs the training `plan`
     /// (outputs `[loss, gradients..]`), then `opt` at `lr` on every
-    /// trainable parameter from its gradient where the plan left it, and
-    /// returns the loss alone. The parameters are uploaded from `feeds` at
-    /// their first step and are the device's from then on: later bindings
-    /// are not read, and [`Self::download_params`] copies them back.
+    /// trainable parameter, and returns the loss alone. The parameters are
+    /// uploaded from `feeds` at their first step and are the device's from
+    /// then on: later bindings are not read, and [`Self::download_params`]
+    /// copies them back. [`Self::accumulate`], [`Self::grad_norm`] and
+    /// [`Self::adamw_step`] are its parts, for gradient accumulation and
+    /// clipping.
     pub fn train_step(
         &mut self,
         plan: &Plan,
@@ -225,11 +276,28 @@ impl GpuExecutor {
         opt: &mut DeviceAdamW,
         lr: f64,
     ) -> Result<f32, EngineError> {
+        let loss = self.accumulate(plan, feeds, 1.0, true)?;
+        self.adamw_step(plan, opt, lr, 1.0, 0.0)?;
+        Ok(loss)
+    }
+
+    /// Runs the training `plan` on one micro-batch and adds `weight` times
+    /// its gradients to the step's sums on the device (replacing them when
+    /// `first`), as the trainer's host loop weighs micro-batches by their
+    /// share of the counted tokens. Makes the trainable parameters the
+    /// device's (see [`Self::train_step`]). Returns the loss.
+    pub fn accumulate(
+        &mut self,
+        plan: &Plan,
+        feeds: &Feeds,
+        weight: f32,
+        first: bool,
+    ) -> Result<f32, EngineError> {
         let g = plan.graph();
         for &(p, gv) in plan.grads() {
             if g.dtype(p) != DType::F32 || g.dtype(gv) != DType::F32 {
                 return Err(EngineError::Gpu(format!(
-                    "`{}`: AdamW on the GPU takes f32 parameters, not {}",
+                    "`{}`: training on the GPU takes f32 parameters, not {}",
                     g.leaf_name(p).unwrap_or("?"),
                     g.dtype(p)
                 )));
@@ -242,17 +310,80 @@ impl GpuExecutor {
             }
         }
         self.execute(plan, feeds)?;
-        opt.step += 1;
-        let c = opt.config;
-        let st = AdamWStep::new(lr, c.beta1, c.beta2, c.eps, c.weight_decay, opt.step as i32);
         let s = self.gpu.stream().clone();
         let arena = device_addr(self.arena.as_ref().expect("execute allocated it"));
         for &(p, gv) in plan.grads() {
             let n = g.ty(p).numel();
             let name = leaf_key(g, p);
+            let acc = match self.grads.entry(name) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => e.insert(
+                    s.alloc_zeros::<f32>(n)
+                        .map_err(|err| oom("a summed gradient", 4 * n, err))?,
+                ),
+            };
+            let off = plan.memory().offset(gv).ok_or_else(|| {
+                EngineError::Gpu(format!(
+                    "the gradient of `{}` is not computed by the plan",
+                    leaf_key(g, p)
+                ))
+            })?;
+            // SAFETY: the gradient's arena range of n f32, alive until the
+            // kernel has run (the stream orders it before any later use).
+            let gw = unsafe { self.gpu.borrow::<f32>(arena + off as u64, n) };
+            self.k
+                .update
+                .accumulate(acc, &gw, weight, first)
+                .map_err(gpu_err)?;
+        }
+        let loss = self.download(plan, &plan.outputs()[..1])?;
+        Ok(loss[0].as_f32()?[0])
+    }
+
+    /// The global L2 norm of the gradients [`Self::accumulate`] summed for
+    /// `plan`'s parameters (f64 sums, as `optim::clip_grad_norm`).
+    pub fn grad_norm(&self, plan: &Plan) -> Result<f64, EngineError> {
+        let gs = self.summed_grads(plan)?;
+        let sq = self.k.update.squared_norm(&gs).map_err(gpu_err)?;
+        Ok(sq.sqrt())
+    }
+
+    fn summed_grads(&self, plan: &Plan) -> Result<Vec<&CudaSlice<f32>>, EngineError> {
+        let g = plan.graph();
+        plan.grads()
+            .iter()
+            .map(|&(p, _)| {
+                let name = leaf_key(g, p);
+                self.grads.get(&name).ok_or_else(|| {
+                    EngineError::Gpu(format!("no gradient of `{name}` was accumulated"))
+                })
+            })
+            .collect()
+    }
+
+    /// AdamW at `lr` on every trainable parameter of `plan` from its summed
+    /// gradient, first scaled by `coef` where that is below 1 (global-norm
+    /// clipping: `optim::clip_coef`) and clamped to `±max_value` where that
+    /// is positive.
+    pub fn adamw_step(
+        &mut self,
+        plan: &Plan,
+        opt: &mut DeviceAdamW,
+        lr: f64,
+        coef: f32,
+        max_value: f32,
+    ) -> Result<(), EngineError> {
+        let g = plan.graph();
+        opt.step += 1;
+        let c = opt.config;
+        let st = AdamWStep::new(lr, c.beta1, c.beta2, c.eps, c.weight_decay, opt.step as i32);
+        let s = self.gpu.stream().clone();
+        for &(p, _) in plan.grads() {
+            let n = g.ty(p).numel();
+            let name = leaf_key(g, p);
             let (m, v) = match opt.moments.entry(name.clone()) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert((
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => e.insert((
                     s.alloc_zeros::<f32>(n)
                         .map_err(|e| oom("AdamW's first moment", 4 * n, e))?,
                     s.alloc_zeros::<f32>(n)
@@ -266,27 +397,21 @@ impl GpuExecutor {
             else {
                 return Err(EngineError::Gpu(format!("`{name}` is not on the device")));
             };
-            let goff = plan.memory().offset(gv).ok_or_else(|| {
-                EngineError::Gpu(format!(
-                    "the gradient of `{name}` is not computed by the plan"
-                ))
-            })?;
-            // SAFETY: the parameter's own buffer and the gradient's arena
-            // range, each of n f32, alive until the kernel has run (the
-            // stream orders it before any later use of either).
-            let (mut pw, gw) = unsafe {
-                (
-                    self.gpu.borrow::<f32>(device_addr(buf), n),
-                    self.gpu.borrow::<f32>(arena + goff as u64, n),
-                )
+            let Some(grad) = self.grads.get_mut(&name) else {
+                return Err(EngineError::Gpu(format!(
+                    "no gradient of `{name}` was accumulated"
+                )));
             };
+            self.k.update.clip(grad, coef, max_value).map_err(gpu_err)?;
+            // SAFETY: the parameter's own buffer of n f32, alive until the
+            // kernel has run (the stream orders it before any later use).
+            let mut pw = unsafe { self.gpu.borrow::<f32>(device_addr(buf), n) };
             self.k
                 .update
-                .adamw(&mut pw, &gw, m, v, &st)
+                .adamw(&mut pw, grad, m, v, &st)
                 .map_err(gpu_err)?;
         }
-        let loss = self.download(plan, &plan.outputs()[..1])?;
-        Ok(loss[0].as_f32()?[0])
+        Ok(())
     }
 
     /// The trainable parameters of `plan` that [`Self::train_step`] holds on

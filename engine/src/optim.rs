@@ -169,7 +169,7 @@ pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f64) -> f64 {
         .map(|&x| (x as f64) * (x as f64))
         .sum::<f64>()
         .sqrt();
-    let coef = (max_norm / (norm + 1e-6)).min(1.0) as f32;
+    let coef = clip_coef(norm, max_norm);
     if coef < 1.0 {
         grads
             .iter_mut()
@@ -177,4 +177,11 @@ pub fn clip_grad_norm(grads: &mut [&mut [f32]], max_norm: f64) -> f64 {
             .for_each(|x| *x *= coef);
     }
     norm
+}
+
+/// The factor [`clip_grad_norm`] scales gradients of global norm `norm` by
+/// (PyTorch's `clip_grad_norm_`): below 1 only where `norm` is over
+/// `max_norm`.
+pub fn clip_coef(norm: f64, max_norm: f64) -> f32 {
+    (max_norm / (norm + 1e-6)).min(1.0) as f32
 }

@@ -2,7 +2,9 @@
 //! memory, written in place — AdamW ([`crate::update::adamw_update`], which
 //! the engine's `AdamW` runs) and LOMO's fused SGD
 //! ([`crate::update::sgd_update`]) with the squared norm of the raw gradient
-//! reduced on the device. AdaLomo is not ported yet.
+//! reduced on the device; and the gradient handling of a training step that
+//! stays on the device: accumulation over micro-batches, the global norm,
+//! clipping. AdaLomo is not ported yet.
 
 use super::{check, driver, elementwise, grid_stride, int, one_block, Gpu, GpuError};
 use crate::update::AdamWStep;
@@ -11,15 +13,25 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 /// Blocks of the SGD update at most, each leaving one f64 partial sum.
 const REDUCE_BLOCKS: usize = 1024;
+/// Blocks of one tensor's sum of squares at most (a global norm takes one
+/// partial per block of every tensor).
+const NORM_BLOCKS: usize = 64;
 
 pub struct UpdateKernels {
     adamw: CudaFunction,
     sgd: CudaFunction,
     sum: CudaFunction,
+    sum_f64: CudaFunction,
+    squares: CudaFunction,
+    accumulate: CudaFunction,
+    clip: CudaFunction,
     /// The SGD update's per-block partial sums. Every use is on `stream`,
     /// which orders them; the lock only keeps two host threads from
     /// interleaving their launches.
     partials: Mutex<CudaSlice<f64>>,
+    /// The global norm's partial sums (grown to the largest call) and its
+    /// result.
+    norm: Mutex<(Option<CudaSlice<f64>>, CudaSlice<f64>)>,
     stream: Arc<CudaStream>,
 }
 
@@ -31,7 +43,12 @@ impl UpdateKernels {
             adamw: f("adamw_update")?,
             sgd: f("sgd_update")?,
             sum: f("sum_partials")?,
+            sum_f64: f("sum_partials_f64")?,
+            squares: f("sum_squares")?,
+            accumulate: f("grad_accumulate")?,
+            clip: f("grad_clip")?,
             partials: Mutex::new(gpu.stream().alloc_zeros(REDUCE_BLOCKS).map_err(driver)?),
+            norm: Mutex::new((None, gpu.stream().alloc_zeros(1).map_err(driver)?)),
             stream: gpu.stream().clone(),
         })
     }
@@ -113,5 +130,73 @@ impl UpdateKernels {
         // SAFETY: arguments match; reads the `blocks` partials written above.
         unsafe { l.launch(one_block()) }.map_err(driver)?;
         Ok(())
+    }
+
+    /// `acc = w·g` when `first`, else `acc + w·g`: a micro-batch's gradient
+    /// into the step's (the trainer's host accumulation, bit for bit).
+    pub fn accumulate(
+        &self,
+        acc: &mut CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        w: f32,
+        first: bool,
+    ) -> Result<(), GpuError> {
+        let n = acc.len();
+        check("accumulate g", g.len(), n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let first = first as i32;
+        let mut l = self.stream.launch_builder(&self.accumulate);
+        l.arg(acc).arg(g).arg(&w).arg(&n).arg(&first);
+        // SAFETY: arguments match; the grid-stride loop stays within n.
+        unsafe { l.launch(elementwise(n)) }.map_err(driver)?;
+        Ok(())
+    }
+
+    /// `g·coef` where `coef < 1` (`clip_grad_norm`'s scaling), then clamped
+    /// to `±max_value` where that is positive.
+    pub fn clip(&self, g: &mut CudaSlice<f32>, coef: f32, max_value: f32) -> Result<(), GpuError> {
+        let n = g.len();
+        if n == 0 || (coef >= 1.0 && max_value <= 0.0) {
+            return Ok(());
+        }
+        let mut l = self.stream.launch_builder(&self.clip);
+        l.arg(g).arg(&n).arg(&coef).arg(&max_value);
+        // SAFETY: arguments match; the grid-stride loop stays within n.
+        unsafe { l.launch(elementwise(n)) }.map_err(driver)?;
+        Ok(())
+    }
+
+    /// The squared L2 norm of all of `gs` together, summed in f64 in an
+    /// order that depends on the tensors' lengths only; waits for it.
+    pub fn squared_norm(&self, gs: &[&CudaSlice<f32>]) -> Result<f64, GpuError> {
+        let mut guard = self.norm.lock().unwrap_or_else(PoisonError::into_inner);
+        let (partials, out) = &mut *guard;
+        let need = (gs.len() * NORM_BLOCKS).max(1);
+        if partials.as_ref().is_none_or(|p| p.len() < need) {
+            *partials = Some(self.stream.alloc_zeros(need).map_err(driver)?);
+        }
+        let partials = partials.as_mut().expect("allocated above");
+        let mut at = 0usize;
+        for g in gs {
+            let n = g.len();
+            let cfg = grid_stride(n, NORM_BLOCKS);
+            let mut window = partials.slice_mut(at..at + cfg.grid_dim.0 as usize);
+            let mut l = self.stream.launch_builder(&self.squares);
+            l.arg(*g).arg(&n).arg(&mut window);
+            // SAFETY: arguments match; the grid-stride loop stays within n;
+            // one partial per block, inside the window.
+            unsafe { l.launch(cfg) }.map_err(driver)?;
+            at += cfg.grid_dim.0 as usize;
+        }
+        let count = int("squared_norm partials", at)?;
+        let mut l = self.stream.launch_builder(&self.sum_f64);
+        l.arg(&*partials).arg(&count).arg(&mut *out);
+        // SAFETY: arguments match; reads the `count` partials written above.
+        unsafe { l.launch(one_block()) }.map_err(driver)?;
+        let mut host = [0f64];
+        self.stream.memcpy_dtoh(&*out, &mut host).map_err(driver)?;
+        Ok(host[0])
     }
 }

@@ -18,14 +18,15 @@ fn io(path: &Path, e: std::io::Error) -> RunError {
 
 impl Metrics {
     /// Opens `dir/metrics.jsonl`: a resumed run keeps the records of steps
-    /// up to its checkpoint's (`keep_until`) and rewrites what followed; a
-    /// new run starts it empty.
+    /// up to its checkpoint's (`keep_until`), as written (parsing and
+    /// printing a float again may change its last digit), and rewrites what
+    /// followed; a new run starts it empty.
     pub fn open(dir: &Path, keep_until: Option<usize>) -> Result<Metrics, RunError> {
         let path = dir.join("metrics.jsonl");
-        let kept: String = read(&path)?
+        let kept: String = records(&path)?
             .into_iter()
-            .filter(|r| keep_until.is_some_and(|k| step_of(r) <= k))
-            .map(|r| format!("{r}\n"))
+            .filter(|(_, r)| keep_until.is_some_and(|k| step_of(r) <= k))
+            .map(|(line, _)| line + "\n")
             .collect();
         graft_models::write_atomically(&path, kept.as_bytes())?;
         let file = std::fs::OpenOptions::new()
@@ -51,6 +52,11 @@ fn step_of(r: &Value) -> usize {
 
 /// Every record of a metrics file (none if it does not exist).
 pub fn read(path: &Path) -> Result<Vec<Value>, RunError> {
+    Ok(records(path)?.into_iter().map(|(_, r)| r).collect())
+}
+
+/// Every record of a metrics file with its line as written.
+fn records(path: &Path) -> Result<Vec<(String, Value)>, RunError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -60,8 +66,9 @@ pub fn read(path: &Path) -> Result<Vec<Value>, RunError> {
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            serde_json::from_str(l)
-                .map_err(|e| RunError::Io(format!("{}:{}: {e}", path.display(), i + 1)))
+            let r = serde_json::from_str(l)
+                .map_err(|e| RunError::Io(format!("{}:{}: {e}", path.display(), i + 1)))?;
+            Ok((l.to_string(), r))
         })
         .collect()
 }

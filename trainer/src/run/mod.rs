@@ -344,6 +344,8 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
         *opt = Optimizer::new(&cfg.train, &sizes)?;
         *acc = sizes.iter().map(|&n| vec![0.0; n]).collect();
     }
+    // AdamW on a GPU that runs the step: its state stays there.
+    let mut stepper = stepper.onto_device(&mut exec);
     let mut st = TrainerState {
         config: session::config_text(cfg),
         ..Default::default()
@@ -353,7 +355,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
             dir,
             &[checkpoint::OPTIMIZER.to_string()],
         )?;
-        stepper.restore(&ckpt, &names, saved.optimizer_steps)?;
+        stepper.restore(&ckpt, &names, saved.optimizer_steps, &mut exec)?;
         st = saved.clone();
         println!("resumed from {} (step {})", dir.display(), st.step);
     }
@@ -365,7 +367,11 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
         stepper.plan().peak_bytes() as f64 / 1e6
     );
 
-    println!("device: {}", exec.placement(stepper.plan()));
+    println!(
+        "device: {}; {}",
+        exec.placement(stepper.plan()),
+        stepper.state_place()
+    );
     std::fs::create_dir_all(&out_dir)
         .map_err(|e| RunError::Io(format!("{}: {e}", out_dir.display())))?;
     let mut metrics = metrics::Metrics::open(&out_dir, resume_from.is_some().then_some(st.step))?;
@@ -459,6 +465,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
         if let Some(ev) = &eval_plan {
             if (cfg.output.eval_steps > 0 && st.step.is_multiple_of(cfg.output.eval_steps)) || last
             {
+                stepper.sync_to_host(&mut exec, &mut s, &names)?;
                 let l = ev.loss(&s, &mut exec)?;
                 eval_loss = Some(l);
                 metrics.log(json!({"step": st.step, "eval_loss": l}))?;
@@ -474,13 +481,14 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
             )));
         }
         if (cfg.output.save_steps > 0 && st.step.is_multiple_of(cfg.output.save_steps)) || last {
+            stepper.sync_to_host(&mut exec, &mut s, &names)?;
             let dir = checkpoint::save(
                 &out_dir,
                 &st,
                 cfg.output.save_total_limit,
                 &mut |d: &Path| {
                     s.save_trained(d)?;
-                    let state = stepper.state(&names)?;
+                    let state = stepper.state(&names, &mut exec)?;
                     let refs: Vec<(String, &Tensor)> =
                         state.iter().map(|(n, t)| (n.clone(), t)).collect();
                     graft_models::checkpoint::write_safetensors(
@@ -514,6 +522,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
         metrics::loss_svg(&records).as_bytes(),
     )?;
     let output = out_dir.join(if full { "model" } else { "adapter" });
+    stepper.sync_to_host(&mut exec, &mut s, &names)?;
     s.check_trained()?;
     s.save_trained(&output)?;
     let accuracy_after = accuracy(&s)?;

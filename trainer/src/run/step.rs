@@ -1,6 +1,8 @@
-//! One optimizer step over a group of micro-batches, in one of two ways:
+//! One optimizer step over a group of micro-batches, in one of three ways:
 //! gradients out of the plan, accumulated and handed to the optimizer
-//! (AdamW, SGD), or LOMO's update fused into the backward pass.
+//! (AdamW, SGD) on the host; the same for AdamW on the GPU, where the
+//! gradients, the trained tensors and AdamW's moments stay; or LOMO's
+//! update fused into the backward pass.
 
 use super::optimizer::Optimizer;
 use super::session::Session;
@@ -18,6 +20,14 @@ pub enum Stepper {
         opt: Optimizer,
         /// The accumulated gradient of each trained tensor.
         acc: Vec<Vec<f32>>,
+    },
+    /// AdamW on the GPU: gradients summed, clipped and applied there as
+    /// `Separate` does on the host; the trained tensors are the device's
+    /// between steps ([`Stepper::sync_to_host`] copies them back).
+    #[cfg(feature = "cuda")]
+    Device {
+        plan: Plan,
+        opt: graft_engine::DeviceAdamW,
     },
     /// LOMO / AdaLomo: plan outputs `[loss, ‖grad‖² per parameter..]`.
     Fused {
@@ -42,7 +52,67 @@ impl Stepper {
     pub fn plan(&self) -> &Plan {
         match self {
             Stepper::Separate { plan, .. } | Stepper::Fused { plan, .. } => plan,
+            #[cfg(feature = "cuda")]
+            Stepper::Device { plan, .. } => plan,
         }
+    }
+
+    /// AdamW's step moves to the GPU where `exec` runs the plan there.
+    pub fn onto_device(self, exec: &mut Executor) -> Stepper {
+        #[cfg(feature = "cuda")]
+        if let Stepper::Separate {
+            plan,
+            opt: Optimizer::AdamW(a),
+            acc,
+        } = self
+        {
+            if exec.gpu_for(&plan).is_some() {
+                let opt = graft_engine::DeviceAdamW::new(a.config);
+                return Stepper::Device { plan, opt };
+            }
+            return Stepper::Separate {
+                plan,
+                opt: Optimizer::AdamW(a),
+                acc,
+            };
+        }
+        let _ = exec;
+        self
+    }
+
+    /// Where the optimizer's state lives, in words (`trainer run`'s device
+    /// line).
+    pub fn state_place(&self) -> &'static str {
+        match self {
+            #[cfg(feature = "cuda")]
+            Stepper::Device { .. } => "the trained tensors and AdamW's state on the GPU",
+            Stepper::Fused { .. } => "the update fused into the backward pass",
+            Stepper::Separate { .. } => "the optimizer on the host",
+        }
+    }
+
+    /// Copies the trained tensors back into the host model where the step
+    /// keeps them on the device (before they are saved or read there).
+    pub fn sync_to_host(
+        &self,
+        exec: &mut Executor,
+        s: &mut Session,
+        names: &[String],
+    ) -> Result<(), RunError> {
+        #[cfg(feature = "cuda")]
+        if let Stepper::Device { plan, .. } = self {
+            let gpu = device(exec, plan)?;
+            let params = gpu.download_params(plan)?;
+            let mut host = super::trained(&mut s.model, s.lora.as_mut(), names)?;
+            for (name, t) in params {
+                let i = names.iter().position(|n| *n == name).ok_or_else(|| {
+                    RunError::Invalid(format!("trained tensor `{name}` not found"))
+                })?;
+                host[i].copy_from_slice(t.as_f32()?);
+            }
+        }
+        let _ = (exec, s, names);
+        Ok(())
     }
 
     /// Names of the trained tensors, in the plan's order.
@@ -50,6 +120,8 @@ impl Stepper {
         let plan = self.plan();
         let params: Vec<ValueId> = match self {
             Stepper::Separate { plan, .. } => plan.grads().iter().map(|(p, _)| *p).collect(),
+            #[cfg(feature = "cuda")]
+            Stepper::Device { plan, .. } => plan.grads().iter().map(|(p, _)| *p).collect(),
             Stepper::Fused { plan, .. } => plan.updated().to_vec(),
         };
         params
@@ -67,15 +139,33 @@ impl Stepper {
     pub fn optimizer_steps(&self) -> u64 {
         match self {
             Stepper::Separate { opt, .. } => opt.steps(),
+            #[cfg(feature = "cuda")]
+            Stepper::Device { opt, .. } => opt.step,
             Stepper::Fused { steps, .. } => *steps,
         }
     }
 
     /// The optimizer state as named tensors (PyTorch's slot names; AdaLomo's
     /// `<param>.adalomo_row` / `.adalomo_col`).
-    pub fn state(&self, names: &[String]) -> Result<Vec<(String, Tensor)>, RunError> {
+    pub fn state(
+        &self,
+        names: &[String],
+        exec: &mut Executor,
+    ) -> Result<Vec<(String, Tensor)>, RunError> {
+        let _ = &exec;
         match self {
             Stepper::Separate { opt, .. } => opt.state(names),
+            #[cfg(feature = "cuda")]
+            Stepper::Device { plan, opt } => {
+                let gpu = device(exec, plan)?;
+                let mut out = Vec::new();
+                for (name, n) in names.iter().zip(param_sizes(plan)) {
+                    let (m, v) = opt.moments(gpu.gpu(), name, n)?;
+                    out.push((format!("{name}.exp_avg"), Tensor::from_f32(&[n], &m)?));
+                    out.push((format!("{name}.exp_avg_sq"), Tensor::from_f32(&[n], &v)?));
+                }
+                Ok(out)
+            }
             Stepper::Fused { state, .. } => Ok(names
                 .iter()
                 .zip(state)
@@ -95,9 +185,25 @@ impl Stepper {
         ckpt: &Checkpoint,
         names: &[String],
         steps: u64,
+        exec: &mut Executor,
     ) -> Result<(), RunError> {
+        let _ = &exec;
         match self {
             Stepper::Separate { opt, .. } => opt.restore(ckpt, names, steps),
+            #[cfg(feature = "cuda")]
+            Stepper::Device { plan, opt } => {
+                let gpu = device(exec, plan)?;
+                for (name, n) in names.iter().zip(param_sizes(plan)) {
+                    let load = |slot: &str| -> Result<Vec<f32>, RunError> {
+                        Ok(ckpt
+                            .load(&format!("{name}.{slot}"), &[n], DType::F32)?
+                            .to_f32_vec()?)
+                    };
+                    opt.set_moments(gpu.gpu(), name, &load("exp_avg")?, &load("exp_avg_sq")?)?;
+                }
+                opt.step = steps;
+                Ok(())
+            }
             Stepper::Fused {
                 state, steps: done, ..
             } => {
@@ -165,6 +271,29 @@ impl Stepper {
                 opt.step(&mut params, &grads, lr)?;
                 Ok(Stepped { loss, norm })
             }
+            #[cfg(feature = "cuda")]
+            Stepper::Device { plan, opt } => {
+                let gpu = device(exec, plan)?;
+                let mut loss = 0f64;
+                for (i, p) in group.iter().enumerate() {
+                    let w = p.counted as f32 / n_total as f32;
+                    let feeds = rec.feeds(&s.model, s.lora.as_ref(), &p.batch)?;
+                    let l = gpu.accumulate(plan, &feeds, w, i == 0)?;
+                    loss += l as f64 * p.counted as f64 / n_total as f64;
+                }
+                let loss = loss as f32;
+                let norm = gpu.grad_norm(plan)?;
+                if !loss.is_finite() || !norm.is_finite() {
+                    return Ok(Stepped { loss, norm });
+                }
+                let coef = if max_norm > 0.0 {
+                    graft_engine::optim::clip_coef(norm, max_norm)
+                } else {
+                    1.0
+                };
+                gpu.adamw_step(plan, opt, lr, coef, max_value as f32)?;
+                Ok(Stepped { loss, norm })
+            }
             Stepper::Fused {
                 plan,
                 inputs,
@@ -207,4 +336,24 @@ impl Stepper {
             }
         }
     }
+}
+
+/// The GPU executor that runs `plan` (a `Device` stepper's).
+#[cfg(feature = "cuda")]
+fn device<'a>(
+    exec: &'a mut Executor,
+    plan: &Plan,
+) -> Result<&'a mut graft_engine::GpuExecutor, RunError> {
+    exec.gpu_for(plan).ok_or_else(|| {
+        RunError::Invalid("the step's state is on a GPU this executor no longer runs it on".into())
+    })
+}
+
+/// The number of values of each trained tensor of `plan`, in its order.
+#[cfg(feature = "cuda")]
+fn param_sizes(plan: &Plan) -> Vec<usize> {
+    plan.grads()
+        .iter()
+        .map(|&(p, _)| plan.graph().ty(p).numel())
+        .collect()
 }
