@@ -137,6 +137,53 @@ fn every_node_of_a_qlora_or_qdora_step_has_a_gpu_kernel() {
     }
 }
 
+/// Every elementwise chain of the QLoRA and QDoRA steps (with and without
+/// recomputation) and of their eval plans: its generated CUDA source
+/// compiles with NVRTC for every architecture (no GPU needed; skipped
+/// without NVRTC unless GRAFT_REQUIRE_NVRTC is set, as CI sets it).
+#[test]
+fn every_generated_chain_compiles() {
+    use graft::engine::kernels::cuda::{compile_ptx, GpuError, ARCHS};
+    let m = model();
+    let mut sources = std::collections::BTreeMap::new();
+    for use_dora in [false, true] {
+        let l = lora(&m, use_dora);
+        let plans = [
+            step(&m, &l, true, false).1,
+            step(&m, &l, true, true).1,
+            eval(&m, &l).1,
+        ];
+        for plan in &plans {
+            let g = plan.graph();
+            for &n in plan.schedule() {
+                if let graft::ir::Op::Elementwise(p) = &g.node(n).op {
+                    let dtypes: Vec<DType> = g.node(n).inputs.iter().map(|&i| g.dtype(i)).collect();
+                    let (name, src) = graft::engine::chain::kernel_name(p, &dtypes).unwrap();
+                    sources.insert(name, src);
+                }
+            }
+        }
+    }
+    assert!(sources.len() >= 4, "{} distinct chains", sources.len());
+    for (name, src) in &sources {
+        for arch in ARCHS {
+            match compile_ptx(name, src, arch) {
+                Ok(ptx) => assert!(ptx.contains(&format!(".entry {name}")), "{name} {arch}"),
+                Err(GpuError::NoNvrtc) if std::env::var("GRAFT_REQUIRE_NVRTC").is_err() => {
+                    eprintln!("SKIPPED: {}", GpuError::NoNvrtc);
+                    return;
+                }
+                Err(e) => panic!("{e}\n{src}"),
+            }
+        }
+    }
+    let longest = sources.values().max_by_key(|s| s.len()).expect("chains");
+    eprintln!(
+        "{} generated chains compiled for {ARCHS:?}; the longest:\n{longest}",
+        sources.len()
+    );
+}
+
 #[test]
 fn a_plan_the_gpu_cannot_run_is_refused_naming_its_nodes() {
     // f32 compute: the GPU kernels take bf16 activations.

@@ -241,6 +241,14 @@ impl CpuExecutor {
                 None => &mut [],
             };
             let out_dtype = g.dtype(node.outputs[0]);
+            if let Op::Elementwise(p) = &node.op {
+                return crate::chain::run_cpu(p, &ins, &in_tys, outs[0]).map_err(|msg| {
+                    EngineError::Kernel {
+                        op: node.op.name(),
+                        msg,
+                    }
+                });
+            }
             let main = match &node.op {
                 Op::Fill { dtype, .. } => *dtype,
                 _ => g.dtype(node.inputs[0]),
@@ -498,6 +506,7 @@ fn exec<T: Elem + bytemuck::Pod>(
         Op::SgdUpdate { .. } | Op::AdaLomoUpdate(_) => {
             return Err("runs in place, before dispatch".into())
         }
+        Op::Elementwise(_) => return Err("runs before dispatch (chain::run_cpu)".into()),
         Op::DoraInvNorm { scaling } => {
             let (r, inp) = (shapes[0][0], shapes[0][1]);
             let (a, b, y) = (f::<f32>(ins[0]), f::<f32>(ins[1]), fm::<f32>(o0));

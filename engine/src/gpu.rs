@@ -17,7 +17,7 @@ use crate::tensor::Tensor;
 use crate::EngineError;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaSlice, PinnedHostSlice};
+use cudarc::driver::{CudaFunction, CudaSlice, PinnedHostSlice};
 use graft_ir::{DType, Epilogue, NodeId, Op, Source, ValueId};
 use graft_kernels::bf16;
 use graft_kernels::cuda::{
@@ -103,6 +103,8 @@ pub struct GpuExecutor {
     device_owned: std::collections::HashSet<String>,
     /// Their gradients summed over a step's micro-batches, by name.
     grads: HashMap<String, CudaSlice<f32>>,
+    /// Compiled elementwise chains, by kernel name (the source's hash).
+    chains: HashMap<String, CudaFunction>,
 }
 
 /// AdamW on the GPU for [`GpuExecutor::train_step`]: the same update as the
@@ -206,6 +208,7 @@ impl GpuExecutor {
             staging: None,
             device_owned: Default::default(),
             grads: HashMap::new(),
+            chains: HashMap::new(),
         })
     }
 
@@ -294,14 +297,18 @@ impl GpuExecutor {
         first: bool,
     ) -> Result<f32, EngineError> {
         let g = plan.graph();
-        for &(p, gv) in plan.grads() {
-            if g.dtype(p) != DType::F32 || g.dtype(gv) != DType::F32 {
-                return Err(EngineError::Gpu(format!(
-                    "`{}`: training on the GPU takes f32 parameters, not {}",
-                    g.leaf_name(p).unwrap_or("?"),
-                    g.dtype(p)
-                )));
-            }
+        if let Some(&(p, _)) = plan
+            .grads()
+            .iter()
+            .find(|&&(p, gv)| g.dtype(p) != DType::F32 || g.dtype(gv) != DType::F32)
+        {
+            return Err(EngineError::Gpu(format!(
+                "`{}`: training on the GPU takes f32 parameters, not {}",
+                g.leaf_name(p).unwrap_or("?"),
+                g.dtype(p)
+            )));
+        }
+        for &(p, _) in plan.grads() {
             // Owned from now on: copied from `feeds` this once, whatever an
             // earlier `run` left resident.
             let name = leaf_key(g, p);
@@ -374,9 +381,9 @@ impl GpuExecutor {
         max_value: f32,
     ) -> Result<(), EngineError> {
         let g = plan.graph();
-        opt.step += 1;
+        let t = opt.step + 1;
         let c = opt.config;
-        let st = AdamWStep::new(lr, c.beta1, c.beta2, c.eps, c.weight_decay, opt.step as i32);
+        let st = AdamWStep::new(lr, c.beta1, c.beta2, c.eps, c.weight_decay, t as i32);
         let s = self.gpu.stream().clone();
         for &(p, _) in plan.grads() {
             let n = g.ty(p).numel();
@@ -392,11 +399,17 @@ impl GpuExecutor {
             };
             let Some(Resident {
                 data: Leaf::Bytes(buf),
+                bytes,
                 ..
             }) = self.leaves.get(&name)
             else {
                 return Err(EngineError::Gpu(format!("`{name}` is not on the device")));
             };
+            if *bytes != 4 * n {
+                return Err(EngineError::Gpu(format!(
+                    "`{name}` on the device holds {bytes} bytes, not {n} f32"
+                )));
+            }
             let Some(grad) = self.grads.get_mut(&name) else {
                 return Err(EngineError::Gpu(format!(
                     "no gradient of `{name}` was accumulated"
@@ -411,6 +424,7 @@ impl GpuExecutor {
                 .adamw(&mut pw, grad, m, v, &st)
                 .map_err(gpu_err)?;
         }
+        opt.step = t;
         Ok(())
     }
 
@@ -426,6 +440,7 @@ impl GpuExecutor {
             .map(|(p, name)| {
                 let Some(Resident {
                     data: Leaf::Bytes(buf),
+                    bytes: held,
                     ..
                 }) = self.leaves.get(&name)
                 else {
@@ -433,6 +448,11 @@ impl GpuExecutor {
                 };
                 // The value's own bytes (a buffer holds at least one).
                 let n = g.ty(p).bytes();
+                if *held != n {
+                    return Err(EngineError::Gpu(format!(
+                        "`{name}` on the device holds {held} bytes, not {n}"
+                    )));
+                }
                 let mut bytes = vec![0u8; n];
                 if n > 0 {
                     s.memcpy_dtoh(&buf.slice(..n), &mut bytes)
@@ -474,9 +494,29 @@ impl GpuExecutor {
                     .map_err(|e| oom("scratch", scratch, e))?,
             );
         }
+        // The plan's elementwise chains: generated, compiled once each.
+        let g = plan.graph();
+        let mut chain_fns = HashMap::new();
+        for &n in plan.schedule() {
+            if let Op::Elementwise(p) = &g.node(n).op {
+                let dtypes: Vec<DType> = g.node(n).inputs.iter().map(|&i| g.dtype(i)).collect();
+                let (name, src) =
+                    crate::chain::kernel_name(p, &dtypes).map_err(EngineError::Gpu)?;
+                let f = match self.chains.get(&name) {
+                    Some(f) => f.clone(),
+                    None => {
+                        let f = self.gpu.generated_kernel(&name, &src).map_err(gpu_err)?;
+                        self.chains.insert(name, f.clone());
+                        f
+                    }
+                };
+                chain_fns.insert(n, f);
+            }
+        }
         let mut run = Run {
             gpu: &self.gpu,
             k: &self.k,
+            chains: chain_fns,
             plan,
             feeds,
             leaves: &self.leaves,
@@ -486,7 +526,6 @@ impl GpuExecutor {
             segments: HashMap::new(),
             inv_freq: HashMap::new(),
         };
-        let g = plan.graph();
         let t1 = Instant::now();
         // RoPE's frequencies, once per distinct table.
         for &n in plan.schedule() {
@@ -663,6 +702,16 @@ pub fn gpu_unsupported(plan: &Plan) -> Vec<(NodeId, String)> {
             | Op::MulCols
             | Op::SumRows => (!float(dt(0))).then(|| format!("on {}", dt(0))),
             Op::DoraCombine => (!float(dt(0))).then(|| format!("on {}", dt(0))),
+            Op::Elementwise(p) => {
+                let f16 = |d: &DType| *d == DType::F16;
+                let dtypes: Vec<DType> = node.inputs.iter().map(|&i| g.dtype(i)).collect();
+                let rounds_f16 = p
+                    .code
+                    .iter()
+                    .any(|i| matches!(i, graft_ir::Instr::Round(_, DType::F16)));
+                (dtypes.iter().any(f16) || f16(&p.out) || rounds_f16)
+                    .then(|| "f16 values (the GPU's chains take f32 and bf16)".into())
+            }
             Op::DoraInvNorm { .. } => {
                 let rank = g.shape(node.inputs[0])[0];
                 match dt(2) {
@@ -842,6 +891,8 @@ fn scratch_bytes(plan: &Plan) -> usize {
 struct Run<'a> {
     gpu: &'a Gpu,
     k: &'a Kernels,
+    /// The compiled kernel of each elementwise chain of the plan.
+    chains: HashMap<NodeId, CudaFunction>,
     plan: &'a Plan,
     feeds: &'a Feeds<'a>,
     leaves: &'a HashMap<String, Resident>,
@@ -1102,6 +1153,19 @@ impl<'a> Run<'a> {
             ))
             .map_err(e),
             Op::DoraInvNorm { scaling } => self.dora_inv_norm(ins, *scaling, outs[0]),
+            Op::Elementwise(_) => {
+                let f = &self.chains[&n];
+                let inputs = ins
+                    .iter()
+                    .map(|&i| self.val::<u8>(i))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let refs: Vec<&CudaSlice<u8>> = inputs.iter().map(|b| &**b).collect();
+                let y = outs[0];
+                let cols = shape(y).last().copied().unwrap_or(1).max(1);
+                self.gpu
+                    .launch_elementwise(f, &refs, &mut *self.val::<u8>(y)?, g.ty(y).numel(), cols)
+                    .map_err(e)
+            }
             Op::Embedding => {
                 let ids = DeviceIds::upload(self.gpu, self.host_i32(ins[1])?).map_err(e)?;
                 k.emb

@@ -33,6 +33,7 @@
 //! ```
 
 pub mod alloc;
+pub mod chain;
 mod device;
 mod executor;
 #[cfg(feature = "cuda")]

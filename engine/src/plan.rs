@@ -3,8 +3,8 @@
 
 use crate::EngineError;
 use graft_ir::passes::{
-    elide_loss_casts, fuse_linear_loss, fuse_products, live_schedule, place_in_place, plan_memory,
-    recompute, Fusion, MemoryPlan, Recompute,
+    elide_loss_casts, fuse_elementwise, fuse_linear_loss, fuse_products, live_schedule,
+    place_in_place, plan_memory, recompute, Fusion, MemoryPlan, Recompute,
 };
 use graft_ir::{backward, AdaLomoSpec, DType, Gradients, Graph, NodeId, Op, Source, ValueId};
 
@@ -106,11 +106,13 @@ impl Plan {
     /// nodes) with the memory plan's peak.
     pub fn dump(&self) -> String {
         format!(
-            "{}{} nodes; fusion: {} groups replacing {} nodes; recomputation: {} blocks, {} nodes copied\npeak arena: {} bytes (without reuse: {})\n",
+            "{}{} nodes; fusion: {} groups replacing {} nodes, {} elementwise chains replacing {}; recomputation: {} blocks, {} nodes copied\npeak arena: {} bytes (without reuse: {})\n",
             self.graph.dump(Some(&self.schedule)),
             self.schedule.len(),
             self.fusion.groups,
             self.fusion.absorbed,
+            self.fusion.chains,
+            self.fusion.chained,
             self.recompute.blocks,
             self.recompute.cloned,
             self.memory.peak_bytes,
@@ -140,7 +142,11 @@ pub fn compile_with(
         }
     }
     let fusion = match opts.fuse {
-        true => fuse_products(&mut graph, outputs)?,
+        true => {
+            let mut f = fuse_products(&mut graph, outputs)?;
+            (f.chains, f.chained) = fuse_elementwise(&mut graph, outputs)?;
+            f
+        }
         false => Fusion::default(),
     };
     let schedule = place_in_place(&graph, &live_schedule(&graph, outputs));

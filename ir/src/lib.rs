@@ -10,11 +10,13 @@ pub mod dtype;
 pub mod graph;
 pub mod op;
 pub mod passes;
+pub mod program;
 
 pub use autograd::{backward, Gradients};
 pub use dtype::{DType, Nf4Layout, NF4_NESTED_BLOCK};
 pub use graph::{Graph, Node, NodeId, Source, Value, ValueId};
 pub use op::{Activation, AdaLomoSpec, AttentionSpec, Epilogue, Op, Product, RopeSpec, TypeInfo};
+pub use program::{Instr, Operand, Program};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IrError {

@@ -129,6 +129,10 @@ pub enum Op {
         /// Applied to the f32 sum before it is rounded; its input last.
         epilogue: Option<Epilogue>,
     },
+    /// A chain of elementwise ops in one pass over the output (made by
+    /// `passes::fuse_elementwise`, after autograd): its inputs are the
+    /// program's, in order.
+    Elementwise(crate::program::Program),
     /// `x[M,N] + b[N]` broadcast over rows.
     AddBias,
     /// `x[M,N]`, `v[N]` -> `x·v` per column (same dtype).
@@ -265,6 +269,7 @@ impl Op {
             Op::MatMul { .. } => "matmul",
             Op::Nf4MatMul { .. } => "nf4_matmul",
             Op::MatMulSum { .. } => "matmul_sum",
+            Op::Elementwise(_) => "elementwise",
             Op::AddBias => "add_bias",
             Op::MulCols => "mul_cols",
             Op::DoraCombine => "dora_combine",
@@ -300,6 +305,9 @@ impl Op {
     pub fn label(&self) -> String {
         if let Op::LinearCrossEntropy { chunk, .. } = self {
             return format!("linear_cross_entropy[{chunk} tokens a chunk]");
+        }
+        if let Op::Elementwise(p) = self {
+            return format!("elementwise[{}]", p.ops.join("·"));
         }
         let Op::MatMulSum {
             terms,
@@ -345,6 +353,7 @@ impl Op {
                 epilogue,
                 ..
             } => 2 * terms.len() + usize::from(*addend) + usize::from(epilogue.is_some()),
+            Op::Elementwise(p) => p.inputs.len(),
             Op::SumRows | Op::Scale(_) | Op::Cast(_) => 1,
             Op::MatMul { .. }
             | Op::Nf4MatMul { .. }
@@ -816,6 +825,36 @@ impl Op {
                     TypeInfo::new(vec![1], DType::F32),
                     TypeInfo::new(h.shape.clone(), h.dtype),
                 ])
+            }
+            Op::Elementwise(p) => {
+                use crate::program::Operand;
+                p.check().map_err(|m| self.err(m))?;
+                let full: Vec<&TypeInfo> = p
+                    .inputs
+                    .iter()
+                    .zip(ins)
+                    .filter(|(o, _)| **o == Operand::Full)
+                    .map(|(_, t)| *t)
+                    .collect();
+                let Some(first) = full.first() else {
+                    return Err(self.err("no input shaped as the output".into()));
+                };
+                let cols = first.shape.last().copied().unwrap_or(1);
+                for (i, (o, t)) in p.inputs.iter().zip(ins).enumerate() {
+                    let ok = match o {
+                        Operand::Full => t.shape == first.shape,
+                        Operand::Cols => t.shape == [cols],
+                        Operand::Scalar => t.shape == [1],
+                    };
+                    let float_or_seed = t.dtype.is_float() || *o == Operand::Scalar;
+                    if !ok || !float_or_seed {
+                        return Err(self.err(format!(
+                            "input {i} ({o:?}) is {} {:?} against the output's {:?}",
+                            t.dtype, t.shape, first.shape
+                        )));
+                    }
+                }
+                out(first.shape.clone(), p.out)
             }
             Op::ScaleBy => {
                 float(ins[0], "x")?;

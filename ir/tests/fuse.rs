@@ -38,6 +38,7 @@ fn an_adapted_linear_becomes_one_sum_of_two_products() {
             absorbed: 6,
             read_through: 1,
             epilogues: 0,
+            ..Default::default()
         }
     );
     let Op::MatMulSum {

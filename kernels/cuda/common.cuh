@@ -22,6 +22,17 @@ __device__ __forceinline__ float ld(const bf16_t* p, size_t k) { return bf16_to_
 __device__ __forceinline__ void st(float* p, size_t k, float v) { p[k] = v; }
 __device__ __forceinline__ void st(bf16_t* p, size_t k, float v) { p[k] = f32_to_bf16(v); }
 
+// Whether dropout keeps element `index` for `seed`: splitmix64 of
+// (seed << 32) ^ index, as elementwise.rs's dropout_keep.
+__device__ __forceinline__ bool dropout_keep(u32 seed, size_t index, float p) {
+    unsigned long long z = ((unsigned long long)seed << 32) ^ (unsigned long long)index ^ 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    float u = (float)(z >> 40) / 16777216.0f;
+    return u >= p;
+}
+
 // Reductions over a block (blockDim.x a multiple of 32, at most 1024). Every
 // thread of the block must call them (they hold barriers) and every thread
 // gets the result. The order of additions depends on blockDim.x only, so a

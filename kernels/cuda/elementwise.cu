@@ -7,7 +7,7 @@
 // output may alias an input of its own type (each element is read before it
 // is written, by the same thread); a cast's may not.
 
-// bf16_t, u32, the bf16 conversions and ld/st: common.cuh.
+// bf16_t, u32, the bf16 conversions, ld/st and dropout_keep: common.cuh.
 
 #define GRID_STRIDE(k, n) \
     for (size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x; k < (n); k += (size_t)gridDim.x * blockDim.x)
@@ -88,16 +88,6 @@ extern "C" __global__ void sum_rows_bf16(const bf16_t* x, bf16_t* y, int rows, i
 
 extern "C" __global__ void fill_f32(float* y, float v, size_t n) { GRID_STRIDE(k, n) y[k] = v; }
 extern "C" __global__ void fill_bf16(bf16_t* y, float v, size_t n) { GRID_STRIDE(k, n) st(y, k, v); }
-
-// splitmix64 of (seed << 32) ^ index, as elementwise.rs's dropout_keep.
-__device__ __forceinline__ bool dropout_keep(u32 seed, size_t index, float p) {
-    unsigned long long z = ((unsigned long long)seed << 32) ^ (unsigned long long)index ^ 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    float u = (float)(z >> 40) / 16777216.0f;
-    return u >= p;
-}
 
 // y = x * mask / (1 - p), the seed read on the device.
 template <typename T>

@@ -923,3 +923,72 @@ fn elementwise_and_dora_kernels_match_the_cpu_reference() {
         check("nf4", &want, s.clone_dtoh(&yd).unwrap(), 2e-3);
     }
 }
+
+/// The device-side gradient handling of a training step against the
+/// trainer's host arithmetic: two micro-batches summed with weights
+/// (`acc = w·g`, then `acc + w·g`) and the clip (scale, then clamp) bit for
+/// bit; the global squared norm of several tensors within 1e-12.
+#[test]
+fn gradient_accumulation_and_clipping_match_the_cpu() {
+    use graft_kernels::cuda::UpdateKernels;
+    let Some(gpu) = gpu() else { return };
+    let k = UpdateKernels::new(&gpu).unwrap();
+    let s = gpu.stream();
+    let mut r = Gen::new(41);
+    let sizes = [1usize, 1000, 70_001, 16 * 4096];
+    let mut host: Vec<Vec<f32>> = Vec::new();
+    let mut dev = Vec::new();
+    for &n in &sizes {
+        let (g0, g1) = (r.vec(n, -2.0, 2.0), r.vec(n, -2.0, 2.0));
+        let (w0, w1) = (0.375f32, 0.625f32);
+        let mut acc = s.clone_htod(&vec![f32::NAN; n]).unwrap();
+        k.accumulate(&mut acc, &s.clone_htod(&g0).unwrap(), w0, true)
+            .unwrap();
+        k.accumulate(&mut acc, &s.clone_htod(&g1).unwrap(), w1, false)
+            .unwrap();
+        let want: Vec<f32> = g0.iter().zip(&g1).map(|(a, b)| w0 * a + w1 * b).collect();
+        let got: Vec<f32> = s.clone_dtoh(&acc).unwrap();
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "accumulate n={n}: not the host's sums"
+        );
+        host.push(want);
+        dev.push(acc);
+    }
+    let refs: Vec<&cudarc::driver::CudaSlice<f32>> = dev.iter().collect();
+    let sq = k.squared_norm(&refs).unwrap();
+    let want: f64 = host
+        .iter()
+        .flatten()
+        .map(|&x| (x as f64) * (x as f64))
+        .sum();
+    let e = ((sq - want) / want).abs();
+    eprintln!("squared norm of {} tensors: rel err {e:.2e}", sizes.len());
+    assert!(e < 1e-12, "squared norm {sq} vs {want}");
+    for (coef, max_value) in [(0.5f32, 0.0f32), (1.0, 0.3), (0.7, 0.2)] {
+        for (n, h) in sizes.iter().zip(&host) {
+            let mut x = s.clone_htod(h).unwrap();
+            k.clip(&mut x, coef, max_value).unwrap();
+            let want: Vec<f32> = h
+                .iter()
+                .map(|&v| {
+                    let v = if coef < 1.0 { v * coef } else { v };
+                    if max_value > 0.0 {
+                        v.clamp(-max_value, max_value)
+                    } else {
+                        v
+                    }
+                })
+                .collect();
+            let got: Vec<f32> = s.clone_dtoh(&x).unwrap();
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "clip n={n} coef={coef} max={max_value}"
+            );
+        }
+    }
+}

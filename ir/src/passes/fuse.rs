@@ -54,6 +54,10 @@ pub struct Fusion {
     pub read_through: usize,
     /// Groups that took the elementwise op after them as their epilogue.
     pub epilogues: usize,
+    /// Elementwise chains made (`passes::fuse_elementwise`) and the nodes
+    /// they replaced.
+    pub chains: usize,
+    pub chained: usize,
 }
 
 /// One operand of a sum.

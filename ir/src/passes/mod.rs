@@ -2,6 +2,7 @@
 //! schedule or a plan, or rewrites the graph (fusion) into one that
 //! computes the same values (up to rounding: a fused sum rounds once).
 
+mod chains;
 mod dce;
 mod fuse;
 mod inplace;
@@ -10,6 +11,7 @@ mod loss_cast;
 mod memory;
 mod recompute;
 
+pub use chains::fuse_elementwise;
 pub use dce::live_schedule;
 pub use fuse::{fuse_products, Fusion};
 pub use inplace::place_in_place;

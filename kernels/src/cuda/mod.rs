@@ -25,7 +25,8 @@ pub use rows::RowKernels;
 pub use update::UpdateKernels;
 
 use cudarc::driver::{
-    CudaContext, CudaModule, CudaSlice, CudaStream, LaunchConfig, PinnedHostSlice,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PinnedHostSlice,
+    PushKernelArg,
 };
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -296,14 +297,53 @@ impl Gpu {
     /// disk cache keyed by source hash, architecture and NVRTC version, then
     /// NVRTC).
     pub fn module(&self, name: &str) -> Result<Arc<CudaModule>, GpuError> {
-        if let Some(m) = self.modules.lock().expect("module cache lock").get(name) {
-            return Ok(m.clone());
-        }
         let src = SOURCES
             .iter()
             .find(|(n, _)| *n == name)
             .map(|(_, s)| *s)
             .ok_or_else(|| GpuError::Shape(format!("no CUDA source named `{name}`")))?;
+        self.module_of(name, src)
+    }
+
+    /// Kernel `name` of a generated source `src` (an elementwise chain's:
+    /// the engine writes it), compiled through the same caches; `name` must
+    /// identify `src` (the engine names chains by their source's hash).
+    pub fn generated_kernel(&self, name: &str, src: &str) -> Result<CudaFunction, GpuError> {
+        self.module_of(name, src)?
+            .load_function(name)
+            .map_err(driver)
+    }
+
+    /// Launches a generated elementwise kernel (`generated_kernel`) over
+    /// `n` output elements in rows of `cols`: its parameters are the inputs'
+    /// addresses, the output's, then `n` and `cols`.
+    pub fn launch_elementwise(
+        &self,
+        f: &CudaFunction,
+        ins: &[&CudaSlice<u8>],
+        out: &mut CudaSlice<u8>,
+        n: usize,
+        cols: usize,
+    ) -> Result<(), GpuError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let mut l = self.stream.launch_builder(f);
+        for i in ins {
+            l.arg(*i);
+        }
+        l.arg(out).arg(&n).arg(&cols);
+        // SAFETY: the caller's kernel takes exactly these parameters (the
+        // engine generates both); its grid-stride loop stays within n, and
+        // each input holds n, cols or 1 elements as its program reads it.
+        unsafe { l.launch(elementwise(n)) }.map_err(driver)?;
+        Ok(())
+    }
+
+    fn module_of(&self, name: &str, src: &str) -> Result<Arc<CudaModule>, GpuError> {
+        if let Some(m) = self.modules.lock().expect("module cache lock").get(name) {
+            return Ok(m.clone());
+        }
         let (vmaj, vmin) = nvrtc_version()?;
         let key = crate::cache::fnv1a(&[
             COMMON.as_bytes(),

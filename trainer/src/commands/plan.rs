@@ -34,9 +34,10 @@ pub fn run(args: Args) -> Result<(), CliError> {
     println!("training step: micro-batch {rows} × {row_len} tokens");
     let line = |what: &str, p: &Plan, taken: bool| {
         println!(
-            "  {what:<26} {:>6} nodes, {:>4} fusion groups, {:>3} blocks recomputed, peak arena {:>9.1} MiB{}",
+            "  {what:<26} {:>6} nodes, {:>4} fusion groups, {:>4} elementwise chains, {:>3} blocks recomputed, peak arena {:>9.1} MiB{}",
             p.schedule().len(),
             p.fusion().groups,
+            p.fusion().chains,
             p.recompute().blocks,
             p.peak_bytes() as f64 / (1 << 20) as f64,
             if taken { "  <- this run" } else { "" }
