@@ -12,7 +12,7 @@ use graft_kernels::{bf16, f16, Elem};
 use rayon::prelude::*;
 
 /// Elements each instruction runs over at a time.
-const LANES: usize = 64;
+const LANES: usize = 256;
 /// Elements per parallel task (a chain's elements are independent).
 const CHUNK: usize = 1 << 14;
 
@@ -86,11 +86,14 @@ fn run_typed<O: Elem>(p: &Program, inputs: &[Input], cols: usize, out: &mut [O])
         .enumerate()
         .for_each(|(c, chunk)| {
             let mut regs = vec![[0f32; LANES]; p.code.len()];
-            vectorized(|| {
-                for (b, block) in chunk.chunks_mut(LANES).enumerate() {
-                    run_block(p, inputs, cols, c * CHUNK + b * LANES, &mut regs, block);
-                }
-            })
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (b, block) in chunk.chunks_mut(LANES).enumerate() {
+                        run_block(p, inputs, cols, c * CHUNK + b * LANES, &mut regs, block);
+                    }
+                },
+            )
         });
 }
 
@@ -115,27 +118,25 @@ fn run_block<O: Elem>(
                 Operand::Cols => gather(inputs[i], y, |j| (k0 + j) % cols),
                 Operand::Scalar => gather(inputs[i], y, |_| 0),
             },
-            Instr::Add(a, b) => {
-                let (a, b) = (reg(a), reg(b));
-                y.iter_mut().enumerate().for_each(|(j, y)| *y = a[j] + b[j]);
-            }
-            Instr::Mul(a, b) => {
-                let (a, b) = (reg(a), reg(b));
-                y.iter_mut().enumerate().for_each(|(j, y)| *y = a[j] * b[j]);
-            }
-            Instr::Scale(x, s) => {
-                let x = reg(x);
-                y.iter_mut().enumerate().for_each(|(j, y)| *y = x[j] * s);
-            }
+            // Zipped, not indexed: no bounds checks, so the loops vectorize.
+            Instr::Add(a, b) => y
+                .iter_mut()
+                .zip(reg(a).iter().zip(reg(b)))
+                .for_each(|(y, (a, b))| *y = a + b),
+            Instr::Mul(a, b) => y
+                .iter_mut()
+                .zip(reg(a).iter().zip(reg(b)))
+                .for_each(|(y, (a, b))| *y = a * b),
+            Instr::Scale(x, s) => y.iter_mut().zip(reg(x)).for_each(|(y, x)| *y = x * s),
             Instr::Dropout { x, seed, p } => {
                 let (x, keep_scale) = (reg(x), 1.0 / (1.0 - p));
                 let Input::U32(s) = inputs[seed] else {
                     unreachable!("ir::Op::infer checks the seed is u32")
                 };
                 let s = s[0];
-                y.iter_mut().enumerate().for_each(|(j, y)| {
+                y.iter_mut().zip(x).enumerate().for_each(|(j, (y, x))| {
                     *y = match dropout_keep(s, k0 + j, p) {
-                        true => x[j] * keep_scale,
+                        true => x * keep_scale,
                         false => 0.0,
                     }
                 });
@@ -145,12 +146,12 @@ fn run_block<O: Elem>(
                 match d {
                     DType::BF16 => y
                         .iter_mut()
-                        .enumerate()
-                        .for_each(|(j, y)| *y = bf16::from_f32(x[j]).to_f32()),
+                        .zip(x)
+                        .for_each(|(y, x)| *y = bf16::from_f32(*x).to_f32()),
                     DType::F16 => y
                         .iter_mut()
-                        .enumerate()
-                        .for_each(|(j, y)| *y = f16::from_f32(x[j]).to_f32()),
+                        .zip(x)
+                        .for_each(|(y, x)| *y = f16::from_f32(*x).to_f32()),
                     _ => y.copy_from_slice(x),
                 }
             }

@@ -90,18 +90,31 @@ pub fn dropout_keep(seed: u32, index: usize, p: f32) -> bool {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^= z >> 31;
-    let u = (z >> 40) as f32 / (1u64 << 24) as f32;
+    // z >> 40 < 2^24: exact through u32 (which vectorizes; u64 to f32 does
+    // not without AVX-512DQ).
+    let u = ((z >> 40) as u32) as f32 / (1u64 << 24) as f32;
     u >= p
 }
 
 /// `y = x·mask/(1-p)`; applying it to `dy` with the same seed is the VJP.
+/// In parallel over chunks, each element's mask from its own index.
 pub fn dropout<T: Elem>(x: &[T], seed: u32, p: f32, y: &mut [T]) {
     let keep_scale = 1.0 / (1.0 - p);
-    for (i, (y, x)) in y.iter_mut().zip(x).enumerate() {
-        *y = if dropout_keep(seed, i, p) {
-            T::from_f32(x.to_f32() * keep_scale)
-        } else {
-            T::from_f32(0.0)
-        };
-    }
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .enumerate()
+        .for_each(|(c, (y, x))| {
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (i, (y, x)) in y.iter_mut().zip(x).enumerate() {
+                        *y = if dropout_keep(seed, c * CHUNK + i, p) {
+                            T::from_f32(x.to_f32() * keep_scale)
+                        } else {
+                            T::from_f32(0.0)
+                        };
+                    }
+                },
+            )
+        });
 }
