@@ -11,8 +11,8 @@ mod common;
 use common::rel_l2;
 use graft::engine::optim::{clip_coef, clip_grad_norm, AdamW, AdamWConfig};
 use graft::engine::{
-    compile, compile_training_with, gpu_unsupported, CompileOptions, CpuExecutor, Device,
-    DeviceAdamW, Executor, GpuExecutor, Plan, Tensor,
+    compile, compile_training_with, device_bytes_needed, gpu_unsupported, CompileOptions,
+    CpuExecutor, Device, DeviceAdamW, Executor, GpuExecutor, Plan, Tensor,
 };
 use graft::ir::DType;
 use graft::models::{
@@ -525,6 +525,17 @@ fn device_adamw_steps_match_the_host_optimizer() {
                 "round {round}: {name} rel L2 {e} to the host's AdamW"
             );
         }
+        // What the executor and the optimizer hold is the plan-time
+        // estimate `check_fits` compares with the free memory.
+        let (held, need) = (
+            trainer.device_bytes() + dev.device_bytes(),
+            device_bytes_needed(&plan),
+        );
+        eprintln!("round {round}: device bytes held {held}, estimated {need}");
+        assert!(
+            (held as f64 - need as f64).abs() <= 0.02 * need as f64,
+            "held {held} vs estimated {need}"
+        );
         // The moments a checkpoint saves are the host optimizer's.
         for (i, (&(p, _), (mh, vh))) in plan.grads().iter().zip(&adam.moments).enumerate() {
             let name = plan.graph().leaf_name(p).unwrap();

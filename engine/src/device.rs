@@ -97,18 +97,26 @@ impl Executor {
     }
 
     /// Under [`Device::Gpu`], fails unless the GPU runs `plan` whole, naming
-    /// the first node it cannot run (checked before a run starts, not after
-    /// its first steps).
+    /// the first node it cannot run; and wherever the GPU would run `plan`,
+    /// fails unless it fits in the GPU's free memory (checked before a run
+    /// starts, not at its first step).
     pub fn require_gpu(&self, plan: &Plan) -> Result<(), EngineError> {
         #[cfg(feature = "cuda")]
-        if let (Device::Gpu, Some((n, why))) =
-            (self.device, crate::gpu::gpu_unsupported(plan).first())
-        {
-            return Err(EngineError::Gpu(format!(
-                "node %{} ({}) has no GPU kernel yet: {why}; use --device cpu or auto",
-                n.0,
-                plan.graph().node(*n).op.name()
-            )));
+        if self.device == Device::Gpu {
+            if let Some((n, why)) = crate::gpu::gpu_unsupported(plan).first() {
+                return Err(EngineError::Gpu(format!(
+                    "node %{} ({}) has no GPU kernel yet: {why}; use --device cpu or auto",
+                    n.0,
+                    plan.graph().node(*n).op.name()
+                )));
+            }
+        }
+        // Whatever the device setting: a plan the GPU would take must fit.
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            if crate::gpu::gpu_unsupported(plan).is_empty() {
+                g.check_fits(plan)?;
+            }
         }
         let _ = plan;
         Ok(())

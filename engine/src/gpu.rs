@@ -127,6 +127,14 @@ impl DeviceAdamW {
         }
     }
 
+    /// Device bytes of the moments.
+    pub fn device_bytes(&self) -> usize {
+        self.moments
+            .values()
+            .map(|(m, v)| 4 * (m.len() + v.len()))
+            .sum()
+    }
+
     /// The moments `(m, v)` of parameter `name` (of `n` values), copied to
     /// the host: zeros before its first step, as the host's AdamW starts.
     pub fn moments(
@@ -214,6 +222,32 @@ impl GpuExecutor {
 
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
+    }
+
+    /// Fails unless `plan` fits in the device memory free now beside what
+    /// this executor holds ([`device_bytes_needed`], with a margin for the
+    /// driver and cuBLAS), naming both sizes and what to change: checked
+    /// before a run starts, so a step too large for the GPU is one clear
+    /// error, not an allocation failure at its first step.
+    pub fn check_fits(&self, plan: &Plan) -> Result<(), EngineError> {
+        let need = device_bytes_needed(plan);
+        let (free, total) = self.gpu.memory_free_total().map_err(gpu_err)?;
+        // Held buffers are reused or replaced by the plan's own.
+        let have = free + self.device_bytes();
+        // cuBLAS's workspace, page-locked staging's bookkeeping, fragmentation.
+        let margin = 512 << 20;
+        if need + margin > have {
+            let gb = |b: usize| b as f64 / 1e9;
+            return Err(EngineError::Gpu(format!(
+                "the step needs about {:.2} GB of GPU memory (arena {:.2}, weights and inputs, adapters' state) and {} has {:.2} GB free of {:.2}; turn on train.gradient_checkpointing, lower train.micro_batch_size or data.max_seq_len, or use --device cpu",
+                gb(need + margin),
+                gb(plan.peak_bytes()),
+                self.gpu.name(),
+                gb(have),
+                gb(total)
+            )));
+        }
+        Ok(())
     }
 
     /// Starts (or, with `false`, stops) timing every node by kind; each node
@@ -847,6 +881,22 @@ fn nf4_scratch(g: &graft_ir::Graph, node: &graft_ir::Node, terms: &[graft_ir::Pr
         .map(|i| (g.ty(node.inputs[2 * i + 1]).numel() * 2).div_ceil(ALIGN) * ALIGN)
         .max()
         .unwrap_or(0)
+}
+
+/// Device bytes running `plan` on a fresh executor takes: its arena and
+/// scratch, every leaf (NF4 weights at their packed size), and for a
+/// training plan each trainable parameter's summed gradient and AdamW's two
+/// moments (the device-resident step's). Needs no GPU; the driver's own
+/// context and cuBLAS's workspace come on top.
+pub fn device_bytes_needed(plan: &Plan) -> usize {
+    let g = plan.graph();
+    let leaves: usize = plan.leaves().iter().map(|&v| g.ty(v).bytes()).sum();
+    let state: usize = plan
+        .grads()
+        .iter()
+        .map(|&(p, _)| 3 * 4 * g.ty(p).numel())
+        .sum();
+    plan.peak_bytes() + scratch_bytes(plan) + leaves + state
 }
 
 /// Scratch bytes the plan needs beside its arena (the largest of any node).

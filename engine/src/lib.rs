@@ -48,7 +48,7 @@ mod tensor;
 pub use device::{Device, Executor};
 pub use executor::{CpuExecutor, Feeds};
 #[cfg(feature = "cuda")]
-pub use gpu::{gpu_unsupported, DeviceAdamW, GpuExecutor, RunPhases};
+pub use gpu::{device_bytes_needed, gpu_unsupported, DeviceAdamW, GpuExecutor, RunPhases};
 pub use graft_ir as ir;
 pub use graft_kernels as kernels;
 pub use plan::{

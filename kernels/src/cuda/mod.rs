@@ -245,6 +245,11 @@ impl Gpu {
         Ok(total - free)
     }
 
+    /// Device memory free now and in all, in bytes.
+    pub fn memory_free_total(&self) -> Result<(usize, usize), GpuError> {
+        self.ctx.mem_get_info().map_err(driver)
+    }
+
     /// A typed window of memory that another allocation owns, which every
     /// launcher takes as it takes an owned buffer (an executor's values in
     /// its one arena). Two windows may overlap: where a kernel allows its
