@@ -21,7 +21,7 @@ export GRAFT_REQUIRE_NVRTC=1 GRAFT_CACHE_DIR="${GRAFT_CACHE_DIR:-$out/cache}"
 if command -v cargo >/dev/null; then
   scripts/gpu-build.sh > "$out/build.log" 2>&1 || { echo "build failed: see $out/build.log"; exit 1; }
 fi
-for b in cuda-tests gpu-bench executor-tests gpu-step trainer; do
+for b in cuda-tests gpu-bench executor-tests chain-tests gpu-step trainer; do
   [ -x .gpu-bin/$b ] || { echo "no .gpu-bin/$b: run scripts/gpu-build.sh first"; exit 1; }
 done
 
@@ -33,10 +33,11 @@ echo "== GPU tests"
 tests_rc=$?
 grep -E "SKIPPED|test result|panicked|FAILED|values differ" "$out/tests.log"
 
-echo "== GPU executor against the CPU executor (QLoRA steps, the eval loss)"
+echo "== GPU executor against the CPU executor (QLoRA and QDoRA steps, the eval loss; random elementwise chains)"
 .gpu-bin/executor-tests --test-threads=1 --nocapture > "$out/executor.log" 2>&1
 exec_rc=$?
-grep -E "worst|loss GPU|eval loss|SKIPPED|test result|panicked" "$out/executor.log"
+.gpu-bin/chain-tests gpu_ --nocapture >> "$out/executor.log" 2>&1 || exec_rc=$?
+grep -E "worst|loss GPU|eval loss|chains:|SKIPPED|test result|panicked" "$out/executor.log"
 
 echo "== the embedded default trained on the GPU (trainer run --device gpu)"
 rm -rf "$out/default-run"

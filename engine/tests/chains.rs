@@ -19,7 +19,9 @@ struct Case {
     outputs: Vec<ValueId>,
 }
 
-fn random_graph(m: usize, n: usize, ops: usize, seed: u64) -> Case {
+/// A random graph over `floats` (each op's operands drawn from earlier
+/// values, casts to any of `floats`).
+fn random_graph(m: usize, n: usize, ops: usize, seed: u64, floats: &[DType]) -> Case {
     let mut r = Rng::new(seed);
     let mut g = Graph::new();
     let mut feeds = Vec::new();
@@ -36,13 +38,13 @@ fn random_graph(m: usize, n: usize, ops: usize, seed: u64) -> Case {
     };
     let mut pool: Vec<ValueId> = (0..3)
         .map(|i| {
-            let d = FLOATS[(r.next_u64() % 3) as usize];
+            let d = floats[r.next_u64() as usize % floats.len()];
             leaf(&mut g, &mut r, &format!("x{i}"), &[m, n], d)
         })
         .collect();
     let s = leaf(&mut g, &mut r, "s", &[1], DType::F32);
     let scale = leaf(&mut g, &mut r, "scale", &[n], DType::F32);
-    let cols: Vec<ValueId> = FLOATS
+    let cols: Vec<ValueId> = floats
         .iter()
         .map(|&d| leaf(&mut g, &mut r, &format!("v{d}"), &[n], d))
         .collect();
@@ -61,7 +63,9 @@ fn random_graph(m: usize, n: usize, ops: usize, seed: u64) -> Case {
             false => g.cast(v, da).unwrap(),
         };
         let y = match r.next_u64() % 8 {
-            0 => g.cast(a, FLOATS[(r.next_u64() % 3) as usize]).unwrap(),
+            0 => g
+                .cast(a, floats[r.next_u64() as usize % floats.len()])
+                .unwrap(),
             1 => {
                 let b = pick(&mut r, &pool);
                 let b = as_a(&mut g, b);
@@ -76,7 +80,7 @@ fn random_graph(m: usize, n: usize, ops: usize, seed: u64) -> Case {
             4 => g.apply(Op::ScaleBy, &[a, s]).unwrap()[0],
             5 => g.dropout(a, seed_v, r.uniform(0.0, 0.6)).unwrap(),
             6 => {
-                let v = cols[FLOATS.iter().position(|&d| d == da).unwrap()];
+                let v = cols[floats.iter().position(|&d| d == da).unwrap()];
                 g.mul_cols(a, v).unwrap()
             }
             _ => {
@@ -121,7 +125,7 @@ proptest! {
     fn fused_chains_compute_the_unfused_bits(
         m in 1usize..40, n in 1usize..300, ops in 1usize..14, seed: u64
     ) {
-        let c = random_graph(m, n, ops, seed);
+        let c = random_graph(m, n, ops, seed, &FLOATS);
         let (plan, fused) = run(&c, true);
         let (_, plain) = run(&c, false);
         for (i, (f, p)) in fused.iter().zip(&plain).enumerate() {
@@ -178,4 +182,50 @@ fn a_chain_forms_and_stops_at_kept_values() {
         assert_eq!(plan.fusion().chains, chains, "{}", plan.dump());
         assert_eq!(plan.schedule().len(), nodes, "{}", plan.dump());
     }
+}
+
+/// On a GPU: random graphs of f32 and bf16 values (the GPU's chains take no
+/// f16) through the GPU executor, against the CPU's bits: the chains as
+/// generated kernels, the lone elementwise ops left unfused on
+/// elementwise.cu's. Skips with a message where no GPU is usable.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_chains_compute_the_cpu_bits() {
+    use graft_engine::{gpu_unsupported, GpuExecutor};
+    let mut gpu = match GpuExecutor::new(0) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("SKIPPED (no usable GPU): {e}");
+            return;
+        }
+    };
+    let mut r = Rng::new(99);
+    let (mut ran, mut chains) = (0, 0);
+    for case in 0..100u64 {
+        let (m, n) = (
+            1 + r.next_u64() as usize % 300,
+            1 + r.next_u64() as usize % 200,
+        );
+        let c = random_graph(m, n, 1 + case as usize % 13, r.next_u64(), &FLOATS[..2]);
+        let (plan, cpu) = run(&c, true);
+        assert!(gpu_unsupported(&plan).is_empty(), "{}", plan.dump());
+        let mut feeds = Feeds::new();
+        for (v, t) in &c.feeds {
+            feeds.bind(*v, t);
+        }
+        let got = gpu.run(&plan, &feeds).unwrap();
+        for (i, (g, w)) in got.iter().zip(&cpu).enumerate() {
+            let (gb, wb) = (g.to_f32_vec().unwrap(), w.to_f32_vec().unwrap());
+            let differ = gb
+                .iter()
+                .zip(&wb)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(differ, 0, "case {case} output {i}:\n{}", plan.dump());
+        }
+        ran += 1;
+        chains += plan.fusion().chains;
+    }
+    eprintln!("{ran} graphs on the GPU, {chains} chains: the CPU's bits");
+    assert!(chains >= 50, "{ran} graphs, {chains} chains");
 }
