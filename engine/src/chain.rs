@@ -115,7 +115,16 @@ fn run_block<O: Elem>(
         match *ins {
             Instr::Load(i) => match p.inputs[i] {
                 Operand::Full => gather(inputs[i], y, |j| k0 + j),
-                Operand::Cols => gather(inputs[i], y, |j| (k0 + j) % cols),
+                Operand::Cols => {
+                    // Row pieces: no division per element, and each piece
+                    // a contiguous (vectorized) widening copy.
+                    let (mut at, mut c) = (0, k0 % cols);
+                    while at < n {
+                        let take = (cols - c).min(n - at);
+                        gather(inputs[i], &mut y[at..at + take], |j| c + j);
+                        (at, c) = (at + take, 0);
+                    }
+                }
                 Operand::Scalar => gather(inputs[i], y, |_| 0),
             },
             // Zipped, not indexed: no bounds checks, so the loops vectorize.

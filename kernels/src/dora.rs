@@ -3,6 +3,7 @@
 //! `B [out, r]`. The sum `B·A` is formed first, then scaled and added to
 //! `W`, as PEFT's `get_weight_norm` does; f32 throughout.
 
+use crate::simd::vectorized;
 use rayon::prelude::*;
 
 /// `row(o, buf)` writes row `o` of W (as f32) into `buf` (`in` values).
@@ -15,22 +16,31 @@ pub fn dora_norms(
     y: &mut [f32],
 ) {
     let inp = a.len() / r.max(1);
-    y.par_iter_mut().enumerate().for_each(|(o, y)| {
-        let mut w = vec![0f32; inp];
-        row(o, &mut w);
-        let b_row = &b[o * r..(o + 1) * r];
-        let mut sq = 0f32;
-        for (i, w) in w.iter().enumerate() {
-            let ba: f32 = b_row
-                .iter()
-                .enumerate()
-                .map(|(k, bk)| bk * a[k * inp + i])
-                .sum();
-            let v = w + s * ba;
-            sq += v * v;
-        }
-        *y = sq.sqrt();
-    });
+    y.par_iter_mut().enumerate().for_each_init(
+        || (vec![0f32; inp], vec![0f32; inp]),
+        |(w, ba), (o, y)| {
+            row(o, w);
+            let b_row = &b[o * r..(o + 1) * r];
+            // (B·A)_o as rows of A scaled and added in k order: each
+            // element's sum is the same sequence of roundings as a dot
+            // product over k, with A read contiguously.
+            ba.fill(0.0);
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (bk, a_row) in b_row.iter().zip(a.chunks_exact(inp.max(1))) {
+                        ba.iter_mut().zip(a_row).for_each(|(x, a)| *x += bk * a);
+                    }
+                },
+            );
+            let mut sq = 0f32;
+            for (w, ba) in w.iter().zip(ba.iter()) {
+                let v = w + s * ba;
+                sq += v * v;
+            }
+            *y = sq.sqrt();
+        },
+    );
 }
 
 /// DoRA's epilogue: `y = scale ⊙ (base + lora)` per column, the sum and the
