@@ -21,8 +21,8 @@ use cudarc::driver::{CudaFunction, CudaSlice, PinnedHostSlice};
 use graft_ir::{DType, Epilogue, NodeId, Op, Source, ValueId};
 use graft_kernels::bf16;
 use graft_kernels::cuda::{
-    device_addr, AttentionKernels, Borrowed, DeviceIds, DeviceNf4, DeviceSegments, DoraKernels,
-    ElementwiseKernels, EmbeddingKernels, Gpu, GpuError, LossKernels, Nf4Gemm, RowKernels,
+    device_addr, AttentionKernels, Borrowed, DeviceNf4, DeviceSegments, DoraKernels,
+    ElementwiseKernels, EmbeddingKernels, Gpu, GpuError, Ids, LossKernels, Nf4Gemm, RowKernels,
     UpdateKernels, ATTENTION_HEAD_DIMS, DORA_MAX_RANK,
 };
 use graft_kernels::update::AdamWStep;
@@ -105,6 +105,11 @@ pub struct GpuExecutor {
     grads: HashMap<String, CudaSlice<f32>>,
     /// Compiled elementwise chains, by kernel name (the source's hash).
     chains: HashMap<String, CudaFunction>,
+    /// Attention's segments by leaf name, with the stamp of the host tensor
+    /// they came from.
+    segments: HashMap<String, (u64, DeviceSegments)>,
+    /// RoPE's inverse frequencies, by their bits.
+    inv_freq: HashMap<Vec<u32>, CudaSlice<f32>>,
 }
 
 /// AdamW on the GPU for [`GpuExecutor::train_step`]: the same update as the
@@ -217,6 +222,8 @@ impl GpuExecutor {
             device_owned: Default::default(),
             grads: HashMap::new(),
             chains: HashMap::new(),
+            segments: HashMap::new(),
+            inv_freq: HashMap::new(),
         })
     }
 
@@ -547,7 +554,46 @@ impl GpuExecutor {
                 chain_fns.insert(n, f);
             }
         }
-        let mut run = Run {
+        // Attention's segments and RoPE's frequencies, kept between runs
+        // (no allocation in a training loop): segments refreshed in place
+        // when their host tensor changes, frequencies by their values.
+        for &n in plan.schedule() {
+            match &g.node(n).op {
+                Op::Attention(_) | Op::AttentionGrad(_) => {
+                    let v = g.node(n).inputs[3];
+                    let t = feeds
+                        .get(v)
+                        .ok_or_else(|| EngineError::Gpu(format!("segments %{} unbound", v.0)))?;
+                    let (host, stamp) = (t.as_i32()?, t.stamp());
+                    let seg_err = |e: GpuError| EngineError::Gpu(format!("segments: {e}"));
+                    match self.segments.entry(leaf_key(g, v)) {
+                        Entry::Occupied(mut e) => {
+                            let (held, seg) = e.get_mut();
+                            if stamp == 0 || *held != stamp {
+                                seg.update(&self.gpu, host).map_err(seg_err)?;
+                                *held = stamp;
+                            }
+                        }
+                        Entry::Vacant(e) => {
+                            let seg = DeviceSegments::upload(&self.gpu, host).map_err(seg_err)?;
+                            e.insert((stamp, seg));
+                        }
+                    }
+                }
+                Op::Rope { spec, .. }
+                | Op::MatMulSum {
+                    epilogue: Some(Epilogue::Rope(spec)),
+                    ..
+                } => {
+                    let bits: Vec<u32> = spec.inv_freq.iter().map(|f| f.to_bits()).collect();
+                    if let Entry::Vacant(e) = self.inv_freq.entry(bits) {
+                        e.insert(s.clone_htod(&spec.inv_freq[..]).map_err(drv)?);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let run = Run {
             gpu: &self.gpu,
             k: &self.k,
             chains: chain_fns,
@@ -557,25 +603,10 @@ impl GpuExecutor {
             arena: device_addr(self.arena.as_ref().expect("allocated above")),
             scratch: device_addr(self.scratch.as_ref().expect("allocated above")),
             scratch_len: self.scratch.as_ref().map_or(0, |b| b.len()),
-            segments: HashMap::new(),
-            inv_freq: HashMap::new(),
+            segments: &self.segments,
+            inv_freq: &self.inv_freq,
         };
         let t1 = Instant::now();
-        // RoPE's frequencies, once per distinct table.
-        for &n in plan.schedule() {
-            let spec = match &g.node(n).op {
-                Op::Rope { spec, .. } => spec,
-                Op::MatMulSum {
-                    epilogue: Some(Epilogue::Rope(spec)),
-                    ..
-                } => spec,
-                _ => continue,
-            };
-            let key = spec.inv_freq.as_ptr() as usize;
-            if let std::collections::hash_map::Entry::Vacant(slot) = run.inv_freq.entry(key) {
-                slot.insert(s.clone_htod(&spec.inv_freq[..]).map_err(drv)?);
-            }
-        }
         for &n in plan.schedule() {
             let t0 = Instant::now();
             run.node(n).map_err(|msg| EngineError::Kernel {
@@ -949,9 +980,10 @@ struct Run<'a> {
     arena: u64,
     scratch: u64,
     scratch_len: usize,
-    segments: HashMap<ValueId, DeviceSegments>,
-    /// RoPE's inverse frequencies on the device, by host table address.
-    inv_freq: HashMap<usize, CudaSlice<f32>>,
+    /// Each segments leaf's run starts, by leaf name.
+    segments: &'a HashMap<String, (u64, DeviceSegments)>,
+    /// RoPE's inverse frequencies on the device, by their bits.
+    inv_freq: &'a HashMap<Vec<u32>, CudaSlice<f32>>,
 }
 
 /// The device address of value `v` of `plan`: its offset in the arena at
@@ -1057,13 +1089,30 @@ impl<'a> Run<'a> {
             .map_err(|e| e.to_string())
     }
 
-    fn segments(&mut self, v: ValueId) -> Result<&DeviceSegments, String> {
-        if !self.segments.contains_key(&v) {
-            let seg =
-                DeviceSegments::upload(self.gpu, self.host_i32(v)?).map_err(|e| e.to_string())?;
-            self.segments.insert(v, seg);
-        }
-        Ok(&self.segments[&v])
+    /// Elements `start..start + len` of the i32 leaf `v` (token ids,
+    /// labels): its host copy, to check, and a window into its resident
+    /// device copy, to read: lent as they are, nothing uploaded again.
+    fn ids(
+        &self,
+        v: ValueId,
+        start: usize,
+        len: usize,
+    ) -> Result<(&'a [i32], Borrowed<i32>), String> {
+        let host = self.host_i32(v)?;
+        let part = host
+            .get(start..start + len)
+            .ok_or_else(|| format!("%{}: rows {start}..{} of {}", v.0, start + len, host.len()))?;
+        // SAFETY: the leaf's own buffer holds all of `host` (uploaded from
+        // it), so the window lies inside it; it lives as long as the run.
+        let dev = unsafe { self.gpu.borrow(self.addr(v)? + 4 * start as u64, len) };
+        Ok((part, dev))
+    }
+
+    fn segments(&self, v: ValueId) -> Result<&'a DeviceSegments, String> {
+        self.segments
+            .get(&leaf_key(self.graph(), v))
+            .map(|(_, seg)| seg)
+            .ok_or_else(|| format!("segments %{} were not uploaded", v.0))
     }
 
     /// Row-major `c[m,n] = alpha·op(a)·op(b) + beta·c` through cuBLAS
@@ -1122,7 +1171,7 @@ impl<'a> Run<'a> {
     }
 
     /// Runs node `n`.
-    fn node(&mut self, n: NodeId) -> Result<(), String> {
+    fn node(&self, n: NodeId) -> Result<(), String> {
         let g = self.graph();
         let node = g.node(n);
         let (ins, outs) = (&node.inputs, &node.outputs);
@@ -1217,11 +1266,13 @@ impl<'a> Run<'a> {
                     .map_err(e)
             }
             Op::Embedding => {
-                let ids = DeviceIds::upload(self.gpu, self.host_i32(ins[1])?).map_err(e)?;
+                let n = g.ty(ins[1]).numel();
+                let (host, dev) = self.ids(ins[1], 0, n)?;
+                let ids = Ids::new(host, &dev).map_err(e)?;
                 k.emb
                     .embedding(
                         &*self.val::<bf16>(ins[0])?,
-                        &ids,
+                        ids,
                         shape(ins[0])[1],
                         &mut *self.val::<bf16>(outs[0])?,
                     )
@@ -1322,20 +1373,22 @@ impl<'a> Run<'a> {
                 chunk,
             } => self.linear_cross_entropy(node, *ignore_index, *chunk),
             Op::CrossEntropy { ignore_index } => {
-                let ids = DeviceIds::upload(self.gpu, self.host_i32(ins[1])?).map_err(e)?;
+                let n = g.ty(ins[1]).numel();
+                let (host, dev) = self.ids(ins[1], 0, n)?;
+                let ids = Ids::new(host, &dev).map_err(e)?;
                 let mut rows = self.scratch::<f32>(0, ids.len())?;
                 let mut loss = self.val::<f32>(outs[0])?;
                 match g.dtype(ins[0]) {
                     DType::F32 => k.loss.loss_only::<f32>(
                         &*self.val(ins[0])?,
-                        &ids,
+                        ids,
                         *ignore_index,
                         &mut rows,
                         &mut loss,
                     ),
                     _ => k.loss.loss_only::<bf16>(
                         &*self.val::<bf16>(ins[0])?,
-                        &ids,
+                        ids,
                         *ignore_index,
                         &mut rows,
                         &mut loss,
@@ -1378,7 +1431,11 @@ impl<'a> Run<'a> {
         inverse: bool,
         y: ValueId,
     ) -> Result<(), String> {
-        let inv = &self.inv_freq[&(spec.inv_freq.as_ptr() as usize)];
+        let bits: Vec<u32> = spec.inv_freq.iter().map(|f| f.to_bits()).collect();
+        let inv = self
+            .inv_freq
+            .get(&bits)
+            .ok_or("RoPE's frequencies were not uploaded")?;
         self.k
             .rows
             .rope(
@@ -1593,13 +1650,13 @@ impl<'a> Run<'a> {
                 1.0,
                 0.0,
             )?;
-            let ids = DeviceIds::upload(self.gpu, &host[start..start + rows])
-                .map_err(|e| e.to_string())?;
+            let (part, dev) = self.ids(labels, start, rows)?;
+            let ids = Ids::new(part, &dev).map_err(|e| e.to_string())?;
             self.k
                 .loss
                 .rows(
                     &*self.scratch::<bf16>(logits_off, rows * v)?,
-                    &ids,
+                    ids,
                     ignore,
                     scale,
                     &mut *self.scratch::<bf16>(dlogits_off, rows * v)?,

@@ -403,7 +403,7 @@ fn cross_entropy_matches_the_cpu_reference() {
         let mut dd = s.clone_htod(&nan_buf::<bf16>(rows * vocab)).unwrap();
         let mut rl = s.clone_htod(&nan_buf::<f32>(rows)).unwrap();
         let mut lo = s.clone_htod(&[f32::NAN]).unwrap();
-        k.cross_entropy(&ld, &ids, ignore, dloss, &mut dd, &mut rl, &mut lo)
+        k.cross_entropy(&ld, ids.view(), ignore, dloss, &mut dd, &mut rl, &mut lo)
             .unwrap();
         let got_loss = s.clone_dtoh(&lo).unwrap()[0];
         let e = rel_l2(&s.clone_dtoh(&dd).unwrap(), &to_f64(&want_grad));
@@ -436,8 +436,8 @@ fn cross_entropy_matches_the_cpu_reference() {
             let mut rl = s.clone_htod(&nan_buf::<f32>(rows)).unwrap();
             let mut lo = s.clone_htod(&[f32::NAN]).unwrap();
             match kind {
-                "bf16" => k.loss_only(&ld, &ids, ignore, &mut rl, &mut lo),
-                _ => k.loss_only(&l32, &ids, ignore, &mut rl, &mut lo),
+                "bf16" => k.loss_only(&ld, ids.view(), ignore, &mut rl, &mut lo),
+                _ => k.loss_only(&l32, ids.view(), ignore, &mut rl, &mut lo),
             }
             .unwrap();
             let got = s.clone_dtoh(&lo).unwrap()[0];
@@ -459,7 +459,7 @@ fn cross_entropy_matches_the_cpu_reference() {
     for bad in [10, -1] {
         let ids = DeviceIds::upload(&gpu, &[0, bad, -100]).unwrap();
         let e = k
-            .cross_entropy(&ld, &ids, -100, 1.0, &mut dd, &mut rl, &mut lo)
+            .cross_entropy(&ld, ids.view(), -100, 1.0, &mut dd, &mut rl, &mut lo)
             .unwrap_err()
             .to_string();
         assert!(e.contains(&format!("label {bad} at position 1")), "{e}");
@@ -498,7 +498,7 @@ fn embedding_matches_the_cpu_reference() {
         embedding(&table, &ids, h, &mut want).unwrap();
         let td = s.clone_htod(&table).unwrap();
         let mut yd = s.clone_htod(&nan_buf::<bf16>(tokens * h)).unwrap();
-        k.embedding(&td, &dev, h, &mut yd).unwrap();
+        k.embedding(&td, dev.view(), h, &mut yd).unwrap();
         let e = rel_l2(&s.clone_dtoh(&yd).unwrap(), &to_f64(&want));
         eprintln!("{what} forward: rel L2 vs CPU {e:.2e}");
         assert!(e < 1e-2, "{what} forward: rel L2 {e}");
@@ -521,7 +521,10 @@ fn embedding_matches_the_cpu_reference() {
     for bad in [5, -1] {
         let ids = DeviceIds::upload(&gpu, &[0, 4, bad]).unwrap();
         let want = format!("token id {bad} at position 2");
-        let e = k.embedding(&td, &ids, h, &mut yd).unwrap_err().to_string();
+        let e = k
+            .embedding(&td, ids.view(), h, &mut yd)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(&want), "{e}");
         let e = k
             .embedding_grad(&dyd, &ids, h, &mut dtd)

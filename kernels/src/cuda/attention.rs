@@ -53,35 +53,58 @@ pub struct DeviceSegments {
     len: usize,
 }
 
+/// Where each token's run of equal ids starts (one entry at least: device
+/// buffers are never empty); an id that comes back after another is an
+/// error naming its position.
+fn run_starts(seg: &[i32]) -> Result<Vec<i32>, GpuError> {
+    int("attention segments", seg.len())?;
+    let mut seen = HashSet::new();
+    let mut run_start: Vec<i32> = Vec::with_capacity(seg.len().max(1));
+    for (i, &id) in seg.iter().enumerate() {
+        if i > 0 && id == seg[i - 1] {
+            run_start.push(run_start[i - 1]);
+            continue;
+        }
+        if !seen.insert(id) {
+            return Err(GpuError::Shape(format!(
+                "attention segments: id {id} at position {i} comes back after another id \
+                 (segments must be contiguous runs)"
+            )));
+        }
+        run_start.push(i as i32);
+    }
+    if run_start.is_empty() {
+        run_start.push(0);
+    }
+    Ok(run_start)
+}
+
 impl DeviceSegments {
     /// Uploads one id per token. Segments must be contiguous runs (as the
     /// attention op documents): an id that comes back after another is
     /// refused, naming its position.
     pub fn upload(gpu: &Gpu, seg: &[i32]) -> Result<DeviceSegments, GpuError> {
-        int("attention segments", seg.len())?;
-        let mut seen = HashSet::new();
-        let mut run_start: Vec<i32> = Vec::with_capacity(seg.len().max(1));
-        for (i, &id) in seg.iter().enumerate() {
-            if i > 0 && id == seg[i - 1] {
-                run_start.push(run_start[i - 1]);
-                continue;
-            }
-            if !seen.insert(id) {
-                return Err(GpuError::Shape(format!(
-                    "attention segments: id {id} at position {i} comes back after another id \
-                     (segments must be contiguous runs)"
-                )));
-            }
-            run_start.push(i as i32);
-        }
-        // Device buffers are never empty (no zero-byte allocation).
-        if run_start.is_empty() {
-            run_start.push(0);
-        }
         Ok(DeviceSegments {
-            run_start: gpu.stream().clone_htod(&run_start).map_err(driver)?,
+            run_start: gpu.stream().clone_htod(&run_starts(seg)?).map_err(driver)?,
             len: seg.len(),
         })
+    }
+
+    /// Replaces the ids with `seg`'s (the next batch's), in the same
+    /// device buffer when the length is the same: no allocation in a
+    /// training loop of fixed-shape batches.
+    pub fn update(&mut self, gpu: &Gpu, seg: &[i32]) -> Result<(), GpuError> {
+        let starts = run_starts(seg)?;
+        if starts.len() == self.run_start.len() {
+            gpu.stream()
+                .memcpy_htod(&starts, &mut self.run_start)
+                .map_err(driver)?;
+            self.len = seg.len();
+            Ok(())
+        } else {
+            *self = DeviceSegments::upload(gpu, seg)?;
+            Ok(())
+        }
     }
 
     pub fn len(&self) -> usize {

@@ -4,7 +4,7 @@
 //! [`crate::embedding::embedding`] and [`crate::embedding::embedding_grad`].
 
 use super::ids::index_error;
-use super::{check, driver, elementwise, int, per_row, DeviceIds, Gpu, GpuError};
+use super::{check, driver, elementwise, int, per_row, DeviceIds, Gpu, GpuError, Ids};
 use crate::bf16;
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, PushKernelArg};
 use std::sync::Arc;
@@ -38,7 +38,7 @@ impl EmbeddingKernels {
     pub fn embedding(
         &self,
         table: &CudaSlice<bf16>,
-        ids: &DeviceIds,
+        ids: Ids,
         h: usize,
         y: &mut CudaSlice<bf16>,
     ) -> Result<(), GpuError> {

@@ -56,10 +56,54 @@ impl DeviceIds {
     pub(crate) fn device(&self) -> &CudaSlice<i32> {
         &self.dev
     }
+    /// The ids lent to a launcher.
+    pub fn view(&self) -> Ids<'_> {
+        Ids {
+            host: &self.host,
+            dev: &self.dev,
+        }
+    }
     /// The grouping for the embedding gradient: `order`, `starts` and the
     /// number of distinct ids.
     pub(crate) fn groups(&self) -> (&CudaSlice<i32>, &CudaSlice<i32>, usize) {
         (&self.order, &self.starts, self.groups)
+    }
+}
+
+/// Ids on the device with their host copy, borrowed: what the embedding
+/// and loss launchers read. A plan's token ids and labels are leaves
+/// already resident on the device, so a step lends them as they are (no
+/// copy, no allocation); [`DeviceIds::view`] lends an uploaded set.
+#[derive(Clone, Copy)]
+pub struct Ids<'a> {
+    host: &'a [i32],
+    dev: &'a CudaSlice<i32>,
+}
+
+impl<'a> Ids<'a> {
+    /// `dev` must hold the same values as `host` (at least as many).
+    pub fn new(host: &'a [i32], dev: &'a CudaSlice<i32>) -> Result<Ids<'a>, GpuError> {
+        if dev.len() < host.len() {
+            return Err(GpuError::Shape(format!(
+                "ids: {} on the device for {} on the host",
+                dev.len(),
+                host.len()
+            )));
+        }
+        super::int("ids", host.len())?;
+        Ok(Ids { host, dev })
+    }
+    pub fn len(&self) -> usize {
+        self.host.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.host.is_empty()
+    }
+    pub fn host(&self) -> &'a [i32] {
+        self.host
+    }
+    pub(crate) fn device(&self) -> &'a CudaSlice<i32> {
+        self.dev
     }
 }
 

@@ -3,7 +3,7 @@
 //! [`crate::loss::cross_entropy`] with [`crate::loss::cross_entropy_grad`].
 
 use super::ids::index_error;
-use super::{check, driver, int, one_block, per_row, DeviceElem, DeviceIds, Gpu, GpuError};
+use super::{check, driver, int, one_block, per_row, DeviceElem, Gpu, GpuError, Ids};
 use crate::bf16;
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, PushKernelArg};
 use std::sync::Arc;
@@ -39,7 +39,7 @@ impl LossKernels {
     pub fn cross_entropy(
         &self,
         logits: &CudaSlice<bf16>,
-        labels: &DeviceIds,
+        labels: Ids,
         ignore: i32,
         dloss: f32,
         dlogits: &mut CudaSlice<bf16>,
@@ -66,7 +66,7 @@ impl LossKernels {
     pub fn rows(
         &self,
         logits: &CudaSlice<bf16>,
-        labels: &DeviceIds,
+        labels: Ids,
         ignore: i32,
         c: f32,
         dlogits: &mut CudaSlice<bf16>,
@@ -100,7 +100,7 @@ impl LossKernels {
     pub fn loss_only<T: DeviceElem>(
         &self,
         logits: &CudaSlice<T>,
-        labels: &DeviceIds,
+        labels: Ids,
         ignore: i32,
         row_loss: &mut CudaSlice<f32>,
         loss: &mut CudaSlice<f32>,

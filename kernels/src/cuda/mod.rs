@@ -18,7 +18,7 @@ pub use attention::{AttentionKernels, DeviceSegments, HEAD_DIMS as ATTENTION_HEA
 pub use dora::{DoraKernels, DORA_MAX_RANK};
 pub use elementwise::{DeviceElem, ElementwiseKernels};
 pub use embedding::EmbeddingKernels;
-pub use ids::DeviceIds;
+pub use ids::{DeviceIds, Ids};
 pub use loss::LossKernels;
 pub use nf4::{DeviceNf4, LoraTerm, Nf4Epilogue, Nf4Gemm};
 pub use rows::RowKernels;
