@@ -90,7 +90,8 @@ if command -v compute-sanitizer >/dev/null; then
   # ("match" is in the name of every kernel test that launches a kernel.)
   # tool:binary:filter; the executor's test runs whole training steps.
   for run in memcheck:cuda-tests:match racecheck:cuda-tests:attention \
-             racecheck:cuda-tests:nf4_gemm_epilogue memcheck:executor-tests:gpu_step; do
+             racecheck:cuda-tests:nf4_gemm_epilogue memcheck:executor-tests:gpu_step \
+             memcheck:chain-tests:gpu_; do
     IFS=: read -r tool bin filter <<< "$run"
     log="$out/sanitize-$tool-$bin-$filter.log"
     timeout 180 compute-sanitizer --tool "$tool" --error-exitcode 9 ".gpu-bin/$bin" "$filter" --test-threads=1 > "$log" 2>&1
