@@ -192,11 +192,14 @@ pub fn cuda_source(p: &Program, dtypes: &[DType], name: &str) -> Result<String, 
     params.push("size_t n".into());
     params.push("size_t cols".into());
     let mut body = String::new();
+    if p.inputs.contains(&Operand::Cols) {
+        body.push_str("        const size_t col = k % cols;\n");
+    }
     for (r, ins) in p.code.iter().enumerate() {
         let e = match *ins {
             Instr::Load(i) => match p.inputs[i] {
                 Operand::Full => format!("ld(in{i}, k)"),
-                Operand::Cols => format!("ld(in{i}, k % cols)"),
+                Operand::Cols => format!("ld(in{i}, col)"),
                 Operand::Scalar => format!("ld(in{i}, 0)"),
             },
             Instr::Add(a, b) => format!("r{a} + r{b}"),
@@ -220,12 +223,15 @@ pub fn cuda_source(p: &Program, dtypes: &[DType], name: &str) -> Result<String, 
     ))
 }
 
-/// The kernel name of a generated source: its hash, so a name is one source.
+/// The kernel name of a generated source and the source: the name is the
+/// hash of the source written with a placeholder name, so a name is one
+/// source.
 pub fn kernel_name(p: &Program, dtypes: &[DType]) -> Result<(String, String), String> {
-    let probe = cuda_source(p, dtypes, "chain")?;
+    const PLACEHOLDER: &str = "GRAFT_CHAIN_NAME";
+    let src = cuda_source(p, dtypes, PLACEHOLDER)?;
     let name = format!(
         "chain_{:016x}",
-        graft_kernels::cache::fnv1a(&[probe.as_bytes()])
+        graft_kernels::cache::fnv1a(&[src.as_bytes()])
     );
-    Ok((name.clone(), cuda_source(p, dtypes, &name)?))
+    Ok((name.clone(), src.replacen(PLACEHOLDER, &name, 1)))
 }

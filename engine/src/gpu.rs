@@ -235,7 +235,9 @@ impl GpuExecutor {
     /// this executor holds ([`device_bytes_needed`], with a margin for the
     /// driver and cuBLAS), naming both sizes and what to change: checked
     /// before a run starts, so a step too large for the GPU is one clear
-    /// error, not an allocation failure at its first step.
+    /// error, not an allocation failure at its first step. Meant for a
+    /// fresh executor (what it holds is counted as reusable, an optimizer's
+    /// moments not at all).
     pub fn check_fits(&self, plan: &Plan) -> Result<(), EngineError> {
         let need = device_bytes_needed(plan);
         let (free, total) = self.gpu.memory_free_total().map_err(gpu_err)?;
@@ -556,11 +558,16 @@ impl GpuExecutor {
         }
         // Attention's segments and RoPE's frequencies, kept between runs
         // (no allocation in a training loop): segments refreshed in place
-        // when their host tensor changes, frequencies by their values.
+        // when their host tensor changes (once a run), frequencies by their
+        // values.
+        let mut seen = std::collections::HashSet::new();
         for &n in plan.schedule() {
             match &g.node(n).op {
                 Op::Attention(_) | Op::AttentionGrad(_) => {
                     let v = g.node(n).inputs[3];
+                    if !seen.insert(v) {
+                        continue;
+                    }
                     let t = feeds
                         .get(v)
                         .ok_or_else(|| EngineError::Gpu(format!("segments %{} unbound", v.0)))?;

@@ -229,3 +229,37 @@ fn gpu_chains_compute_the_cpu_bits() {
     eprintln!("{ran} graphs on the GPU, {chains} chains: the CPU's bits");
     assert!(chains >= 50, "{ran} graphs, {chains} chains");
 }
+
+/// A hand-built program that reads a seed from a float, or loads the u32
+/// seed as a value, is refused when recorded, naming the input: never a
+/// panic at run time.
+#[test]
+fn a_malformed_program_is_refused_when_recorded() {
+    use graft_engine::ir::{Instr, Operand, Program};
+    let mut g = Graph::new();
+    let x = g.input("x", &[4, 3], DType::F32);
+    let f = g.input("f", &[1], DType::F32);
+    let seed = g.input("seed", &[1], DType::U32);
+    let program = |code: Vec<Instr>| Program {
+        inputs: vec![Operand::Full, Operand::Scalar],
+        code,
+        out: DType::F32,
+        ops: vec!["dropout"],
+    };
+    let float_seed = program(vec![
+        Instr::Load(0),
+        Instr::Dropout {
+            x: 0,
+            seed: 1,
+            p: 0.5,
+        },
+    ]);
+    let e = g.apply(Op::Elementwise(float_seed), &[x, f]).unwrap_err();
+    assert!(e.to_string().contains("seed"), "{e}");
+    let loads_seed = program(vec![Instr::Load(0), Instr::Load(1), Instr::Add(0, 1)]);
+    let e = g.apply(Op::Elementwise(loads_seed), &[x, seed]).unwrap_err();
+    assert!(e.to_string().contains("loads input 1"), "{e}");
+    let later = program(vec![Instr::Add(0, 1), Instr::Load(0)]);
+    let e = g.apply(Op::Elementwise(later), &[x, f]).unwrap_err();
+    assert!(e.to_string().contains("later register"), "{e}");
+}

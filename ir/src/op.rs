@@ -846,6 +846,8 @@ impl Op {
                         Operand::Cols => t.shape == [cols],
                         Operand::Scalar => t.shape == [1],
                     };
+                    // Loaded inputs are floats; a dropout's seed is a u32
+                    // scalar (checked below).
                     let float_or_seed = t.dtype.is_float() || *o == Operand::Scalar;
                     if !ok || !float_or_seed {
                         return Err(self.err(format!(
@@ -853,6 +855,23 @@ impl Op {
                             t.dtype, t.shape, first.shape
                         )));
                     }
+                }
+                use crate::program::Instr;
+                for ins_ in &p.code {
+                    let bad = match *ins_ {
+                        Instr::Load(i) => (!ins[i].dtype.is_float())
+                            .then(|| format!("loads input {i}, a {}", ins[i].dtype)),
+                        Instr::Dropout { seed, .. } => (p.inputs[seed] != Operand::Scalar
+                            || ins[seed].dtype != DType::U32)
+                            .then(|| format!("takes input {seed} as its seed: not a u32 [1]")),
+                        _ => None,
+                    };
+                    if let Some(m) = bad {
+                        return Err(self.err(m));
+                    }
+                }
+                if !p.out.is_float() {
+                    return Err(self.err(format!("writes {}", p.out)));
                 }
                 out(first.shape.clone(), p.out)
             }
