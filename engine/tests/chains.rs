@@ -257,7 +257,9 @@ fn a_malformed_program_is_refused_when_recorded() {
     let e = g.apply(Op::Elementwise(float_seed), &[x, f]).unwrap_err();
     assert!(e.to_string().contains("seed"), "{e}");
     let loads_seed = program(vec![Instr::Load(0), Instr::Load(1), Instr::Add(0, 1)]);
-    let e = g.apply(Op::Elementwise(loads_seed), &[x, seed]).unwrap_err();
+    let e = g
+        .apply(Op::Elementwise(loads_seed), &[x, seed])
+        .unwrap_err();
     assert!(e.to_string().contains("loads input 1"), "{e}");
     let later = program(vec![Instr::Add(0, 1), Instr::Load(0)]);
     let e = g.apply(Op::Elementwise(later), &[x, f]).unwrap_err();
