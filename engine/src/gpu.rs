@@ -772,8 +772,8 @@ pub fn gpu_unsupported(plan: &Plan) -> Vec<(NodeId, String)> {
             | Op::Scale(_)
             | Op::ScaleBy
             | Op::MulCols
-            | Op::SumRows => (!float(dt(0))).then(|| format!("on {}", dt(0))),
-            Op::DoraCombine => (!float(dt(0))).then(|| format!("on {}", dt(0))),
+            | Op::SumRows
+            | Op::DoraCombine => (!float(dt(0))).then(|| format!("on {}", dt(0))),
             Op::Elementwise(p) => {
                 let f16 = |d: &DType| *d == DType::F16;
                 let dtypes: Vec<DType> = node.inputs.iter().map(|&i| g.dtype(i)).collect();

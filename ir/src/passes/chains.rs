@@ -13,7 +13,7 @@
 //! into a product's epilogue first); a value is absorbed only when its one
 //! reader is in the chain and it is not an output the caller keeps.
 
-use super::dce::live_schedule;
+use super::dce::live_uses;
 use crate::dtype::DType;
 use crate::graph::{Graph, NodeId, ValueId};
 use crate::op::Op;
@@ -49,16 +49,7 @@ fn operands(g: &Graph, n: NodeId) -> Option<Vec<Operand>> {
 /// Fuses every elementwise chain of two or more nodes; returns how many
 /// chains it made and how many nodes they replaced.
 pub fn fuse_elementwise(g: &mut Graph, outputs: &[ValueId]) -> Result<(usize, usize), IrError> {
-    let schedule = live_schedule(g, outputs);
-    let mut uses = vec![0usize; g.values().len()];
-    for &n in &schedule {
-        for i in &g.node(n).inputs {
-            uses[i.index()] += 1;
-        }
-    }
-    for o in outputs {
-        uses[o.index()] += 1;
-    }
+    let (schedule, uses) = live_uses(g, outputs);
     let mut absorbed = vec![false; g.nodes().len()];
     let (mut chains, mut replaced) = (0, 0);
     // Last to first: a chain's root is met before the nodes it absorbs.

@@ -22,3 +22,21 @@ pub fn live_schedule(g: &Graph, outputs: &[ValueId]) -> Vec<NodeId> {
         .map(|n| NodeId(n as u32))
         .collect()
 }
+
+/// The live schedule and how many times each value is read: by the
+/// schedule's nodes, plus once for each of `outputs` (the caller keeps
+/// them). A fusion pass absorbs a value only where its one reader is the
+/// group.
+pub fn live_uses(g: &Graph, outputs: &[ValueId]) -> (Vec<NodeId>, Vec<usize>) {
+    let schedule = live_schedule(g, outputs);
+    let mut uses = vec![0usize; g.values().len()];
+    for &n in &schedule {
+        for i in &g.node(n).inputs {
+            uses[i.index()] += 1;
+        }
+    }
+    for o in outputs {
+        uses[o.index()] += 1;
+    }
+    (schedule, uses)
+}

@@ -37,10 +37,10 @@
 //! the caller keeps), so no value anything else reads disappears; a cast or
 //! scale read through stays for its other readers and dies without them.
 
+use super::dce::live_uses;
 use crate::dtype::DType;
 use crate::graph::{Graph, NodeId, ValueId};
 use crate::op::{Epilogue, Op, Product};
-use crate::passes::live_schedule;
 use crate::IrError;
 
 /// What the pass did.
@@ -70,16 +70,7 @@ enum Leaf {
 /// Rewrites every sum of products in the part of `g` that computes
 /// `outputs` into a `MatMulSum` node (see the module doc).
 pub fn fuse_products(g: &mut Graph, outputs: &[ValueId]) -> Result<Fusion, IrError> {
-    let schedule = live_schedule(g, outputs);
-    let mut uses = vec![0usize; g.values().len()];
-    for &n in &schedule {
-        for i in &g.node(n).inputs {
-            uses[i.index()] += 1;
-        }
-    }
-    for o in outputs {
-        uses[o.index()] += 1;
-    }
+    let (schedule, mut uses) = live_uses(g, outputs);
     let mut absorbed = vec![false; g.nodes().len()];
     let mut report = Fusion::default();
     // Last to first: a sum is met before the sums and products inside it.
