@@ -1,7 +1,7 @@
 //! The NF4 GEMM on a GPU beside cuBLAS's bf16 GEMM on the same shapes
 //! (forward and input gradient), as criterion benches, then a short table of
-//! medians, TFLOP/s and the ratio to cuBLAS. Without a GPU it says so and
-//! exits.
+//! medians, TFLOP/s and the ratio to cuBLAS; then causal attention forward
+//! and backward at the 7B step's shape. Without a GPU it says so and exits.
 //!
 //! Run: `cargo bench --bench gpu` (scripts/gpu-check.sh runs it).
 
@@ -12,8 +12,11 @@ mod gpu {
     use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
     use cudarc::driver::CudaSlice;
     use graft::engine::rng::Rng;
+    use graft::kernels::attention::AttnShape;
     use graft::kernels::bf16;
-    use graft::kernels::cuda::{DeviceNf4, Gpu, LoraTerm, Nf4Epilogue, Nf4Gemm};
+    use graft::kernels::cuda::{
+        AttentionKernels, DeviceNf4, DeviceSegments, Gpu, LoraTerm, Nf4Epilogue, Nf4Gemm,
+    };
     use graft::kernels::nf4::quantize;
     use std::time::{Duration, Instant};
 
@@ -116,8 +119,9 @@ mod gpu {
     /// The timed operations of a case: each fused NF4 product beside
     /// cuBLAS's, the forward with LoRA's term in its epilogue (its cost is
     /// the difference to the plain forward), and each product as the GPU
-    /// executor runs it: W dequantized to bf16, then cuBLAS.
-    const OPS: [&str; 7] = [
+    /// executor runs it: W dequantized to bf16, then cuBLAS (and the
+    /// dequantization alone).
+    const OPS: [&str; 8] = [
         "nf4 forward",
         "cublas bf16 forward",
         "nf4 input-grad",
@@ -125,6 +129,7 @@ mod gpu {
         "nf4 forward + LoRA r=16",
         "dequantize + cublas forward",
         "dequantize + cublas input-grad",
+        "dequantize",
     ];
 
     fn launch(op: usize, c: &mut Case, gemm: &Nf4Gemm, blas: &CudaBlas) {
@@ -135,11 +140,12 @@ mod gpu {
             1 => cublas(blas, &c.x, &c.wd, &mut c.y, m, k, n, false),
             2 => gemm.run(&c.dy, &c.w, m, false, &mut c.dx).unwrap(),
             3 => cublas(blas, &c.dy, &c.wd, &mut c.dx, m, n, k, false),
-            5 | 6 => {
+            5..=7 => {
                 gemm.dequantize(&c.w, &mut c.wq).unwrap();
                 match op {
                     5 => cublas(blas, &c.x, &c.wq, &mut c.y, m, k, n, true),
-                    _ => cublas(blas, &c.dy, &c.wq, &mut c.dx, m, n, k, false),
+                    6 => cublas(blas, &c.dy, &c.wq, &mut c.dx, m, n, k, false),
+                    _ => {}
                 }
             }
             _ => {
@@ -206,14 +212,7 @@ mod gpu {
             let flops = 2.0 * (c.m * c.k * c.n) as f64;
             let mut ms = [0f64; OPS.len()];
             for (op, slot) in ms.iter_mut().enumerate() {
-                timed(&gpu, 5, || launch(op, c, &gemm, &blas));
-                let mut runs: Vec<f64> = (0..7)
-                    .map(|_| {
-                        timed(&gpu, 20, || launch(op, c, &gemm, &blas)).as_secs_f64() * 1e3 / 20.0
-                    })
-                    .collect();
-                runs.sort_by(f64::total_cmp);
-                *slot = runs[3];
+                *slot = median_ms(&gpu, 20, || launch(op, c, &gemm, &blas));
             }
             for (op, name) in OPS.iter().enumerate() {
                 let ratio = match op {
@@ -223,16 +222,88 @@ mod gpu {
                         100.0 * ms[1] / ms[4],
                         100.0 * (ms[4] / ms[0] - 1.0)
                     ),
+                    5 | 6 => format!("{:.0}%", 100.0 * ms[2 * op - 9] / ms[op]),
+                    // Bytes moved: the 4-bit codes and one absmax code per 64
+                    // read, the bf16 weight written.
+                    7 => format!(
+                        "{:.0} GB/s",
+                        (c.n * c.k) as f64 * (0.5 + 2.0 + 1.0 / 64.0) / (ms[op] * 1e-3) / 1e9
+                    ),
                     _ => "-".into(),
                 };
+                let tflops = match op {
+                    7 => "-".to_string(),
+                    _ => format!("{:.0}", flops / (ms[op] * 1e-3) / 1e12),
+                };
                 println!(
-                    "| {} | {} | {} | {name} | {:.3} | {:.0} | {ratio} |",
-                    c.m,
-                    c.k,
-                    c.n,
-                    ms[op],
-                    flops / (ms[op] * 1e-3) / 1e12
+                    "| {} | {} | {} | {name} | {:.3} | {tflops} | {ratio} |",
+                    c.m, c.k, c.n, ms[op]
                 );
+            }
+        }
+        attention_table(&gpu);
+    }
+
+    /// Milliseconds per launch of `f`: the median of 7 batches of `n`
+    /// launches, after 5 to warm up.
+    fn median_ms(gpu: &Gpu, n: u64, mut f: impl FnMut()) -> f64 {
+        timed(gpu, 5, &mut f);
+        let mut runs: Vec<f64> = (0..7)
+            .map(|_| timed(gpu, n, &mut f).as_secs_f64() * 1e3 / n as f64)
+            .collect();
+        runs.sort_by(f64::total_cmp);
+        runs[3]
+    }
+
+    /// Causal attention over one sequence: the 7B step's shape (2048
+    /// tokens, 32 heads of 128) and a longer one with GQA. TFLOP/s count
+    /// the visible half of the scores as flash-attention's figures do: two
+    /// products forward (4·t²·d·heads / 2), five backward (2.5 times that;
+    /// Graft's backward runs seven, recomputing the scores for dq).
+    fn attention_table(gpu: &Gpu) {
+        let kernels = AttentionKernels::new(gpu).unwrap();
+        let s = gpu.stream();
+        let mut rng = Rng::new(7);
+        println!("\n| tokens | heads / kv heads | d | pass | ms | TFLOP/s |");
+        println!("|---|---|---|---|---|---|");
+        for (t, heads, kv, d) in [(2048, 32, 32, 128), (4096, 32, 8, 128)] {
+            let shape = AttnShape {
+                tokens: t,
+                n_heads: heads,
+                n_kv_heads: kv,
+                head_dim: d,
+                scale: 1.0 / (d as f32).sqrt(),
+                window: None,
+            };
+            let (qn, kn) = (t * heads * d, t * kv * d);
+            let mut up = |n: usize| s.clone_htod(&random_bf16(&mut rng, n, 1.0)).unwrap();
+            let (q, k, v, dout) = (up(qn), up(kn), up(kn), up(qn));
+            let seg = DeviceSegments::upload(gpu, &vec![0; t]).unwrap();
+            let mut out = s.alloc_zeros::<bf16>(qn).unwrap();
+            let mut lse = s.alloc_zeros::<f32>(t * heads).unwrap();
+            let mut delta = s.alloc_zeros::<f32>(t * heads).unwrap();
+            let (mut dq, mut dk, mut dv) = (
+                s.alloc_zeros::<bf16>(qn).unwrap(),
+                s.alloc_zeros::<bf16>(kn).unwrap(),
+                s.alloc_zeros::<bf16>(kn).unwrap(),
+            );
+            let fwd = median_ms(gpu, 10, || {
+                kernels
+                    .forward(&q, &k, &v, &seg, shape, &mut out, &mut lse)
+                    .unwrap()
+            });
+            let bwd = median_ms(gpu, 10, || {
+                kernels
+                    .backward(
+                        &q, &k, &v, &seg, &out, &lse, &dout, shape, &mut delta, &mut dq, &mut dk,
+                        &mut dv,
+                    )
+                    .unwrap()
+            });
+            let flops = 2.0 * (t * t * d * heads) as f64;
+            for (pass, ms, f) in [("forward", fwd, flops), ("backward", bwd, 2.5 * flops)] {
+                let tflops = f / (ms * 1e-3) / 1e12;
+                println!("| {t} | {heads} / {kv} | {d} | {pass} | {ms:.3} | {tflops:.0} |");
             }
         }
     }

@@ -17,7 +17,7 @@ GRAFT_REQUIRE_NVRTC=1 GRAFT_PTX_DIR="$ptx_dir" cargo test -q -p graft-kernels --
   echo "# CUDA kernel resources (sm_90)"
   echo
   echo "Made by \`scripts/cuda-resources.sh\`: NVRTC $(ls $tools/nvidia/cu13/lib/libnvrtc.so.* | head -1 | sed 's/.*so\.//') PTX, ptxas from nvidia-cuda-nvcc 13.0.88."
-  echo "Shared memory here is the static part only; the NF4 GEMM's and attention's are dynamic (SMEM_BYTES in kernels/cuda/nf4_gemm.cu, attn_smem_bytes in kernels/cuda/attention.cu: 27,648 to 69,632 bytes by kernel and head dim; passed at launch by kernels/src/cuda/{nf4,attention}.rs)."
+  echo "Shared memory here is the static part only; the NF4 GEMM's and attention's are dynamic (SMEM_BYTES in kernels/cuda/nf4_gemm.cu, attn_smem_bytes in kernels/cuda/attention.cu: 15,360 to 70,400 bytes by kernel and head dim; passed at launch by kernels/src/cuda/{nf4,attention}.rs)."
   echo
   echo "| kernel | registers | shared memory (bytes) | spill stores (bytes) | spill loads (bytes) | stack frame (bytes) |"
   echo "|---|---|---|---|---|---|"

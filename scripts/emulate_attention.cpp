@@ -65,6 +65,48 @@ struct Kernels {
     }
 };
 
+// Generation's step (attn_cached_D): n new queries after `start` cached
+// positions, the cache `cap` rows with NaN past `start` (a read there
+// poisons the result), against the double reference over the whole
+// sequence.
+template <int D>
+static void test_cached(int start, int n, int H, int KH, int window, int cap) {
+    const int total = start + n, group = H / KH;
+    const size_t qw = (size_t)H * D, kw = (size_t)KH * D;
+    const float scale = 1.0f / std::sqrt((float)D);
+    auto q = random_bf16(n * qw, -2, 2), k = random_bf16(total * kw, -2, 2), v = random_bf16(total * kw, -1, 1);
+    std::vector<bf16_t> kc(cap * kw, 0x7fc0), vc(cap * kw, 0x7fc0);
+    std::copy(k.begin(), k.begin() + start * kw, kc.begin());
+    std::copy(v.begin(), v.begin() + start * kw, vc.begin());
+    std::vector<bf16_t> out(n * qw, 0x7fc0);
+    const bf16_t *kn = k.data() + start * kw, *vn = v.data() + start * kw;
+    launch(Dim3{(unsigned)n, (unsigned)H, 1}, ATT_THREADS, 0, [&] {
+        if constexpr (D == 32) attn_cached_32(q.data(), kn, vn, kc.data(), vc.data(), out.data(), start, H, group, window, scale);
+        else if constexpr (D == 64) attn_cached_64(q.data(), kn, vn, kc.data(), vc.data(), out.data(), start, H, group, window, scale);
+        else attn_cached_128(q.data(), kn, vn, kc.data(), vc.data(), out.data(), start, H, group, window, scale);
+    });
+    const auto Q = widen(q), K = widen(k), V = widen(v);
+    std::vector<double> O(n * qw, 0), p(total);
+    for (int h = 0; h < H; ++h)
+        for (int i = 0; i < n; ++i) {
+            const int pos = start + i, lo = window > 0 ? std::max(0, pos + 1 - window) : 0;
+            double m = -INFINITY, sum = 0;
+            for (int j = lo; j <= pos; ++j) {
+                double dot = 0;
+                for (int c = 0; c < D; ++c) dot += Q[i * qw + h * D + c] * K[j * kw + h / group * D + c];
+                m = std::max(m, p[j] = dot * scale);
+            }
+            for (int j = lo; j <= pos; ++j) sum += (p[j] = std::exp(p[j] - m));
+            for (int j = lo; j <= pos; ++j)
+                for (int c = 0; c < D; ++c) O[i * qw + h * D + c] += p[j] / sum * V[j * kw + h / group * D + c];
+        }
+    char what[200];
+    snprintf(what, sizeof what, "attention_cached start=%d n=%d heads=%d/%d d=%d window=%d out rel L2", start, n, H,
+             KH, D, window);
+    const double e = rel_l2(widen(out), O);
+    expect(e < 5e-3, what, e);
+}
+
 template <int D>
 static void test(const Shape& s, float range) {
     const int t = s.t, H = s.heads, KH = s.kv_heads, group = H / KH;
@@ -157,21 +199,32 @@ static void test(const Shape& s, float range) {
 int main() {
     // (t, heads, kv heads, d, window (0: none), segments), q and k range; t
     // ragged against the 64-row tiles and the dkdv kernel's 32-query steps.
+    // One long segment (or a window longer than a tile) gives tiles every
+    // row of a block sees whole, which the kernels take unmasked.
     // (A window of 1 is left out: each query sees only itself, so dq and dk
     // are exactly 0 and only rounding noise remains to compare.)
     test<32>({1, 4, 2, 32, 0, 1}, 1.0f);
     test<32>({160, 4, 2, 32, 0, 2}, 2.0f);
     test<32>({77, 4, 1, 32, 30, 3}, 3.0f);
+    test<32>({200, 4, 2, 32, 0, 1}, 2.0f);
     test<64>({1, 4, 1, 64, 0, 1}, 1.0f);
     test<64>({37, 4, 2, 64, 0, 3}, 2.0f);
     test<64>({64, 4, 2, 64, 0, 1}, 4.0f);
     test<64>({150, 4, 4, 64, 20, 2}, 2.0f);
     test<64>({100, 4, 1, 64, 2, 5}, 1.0f);
     test<64>({300, 4, 2, 64, 0, 6}, 2.0f);
+    test<64>({256, 4, 4, 64, 150, 1}, 2.0f);
     test<128>({65, 4, 4, 128, 33, 4}, 2.0f);
     test<128>({130, 4, 2, 128, 0, 3}, 2.0f);
     test<128>({97, 4, 1, 128, 70, 2}, 3.0f);
     test<128>({257, 4, 1, 128, 64, 3}, 1.0f);
+    test<128>({195, 4, 2, 128, 0, 1}, 2.0f);
+    // Generation: a prompt (start 0), single tokens after it, a window, MQA.
+    test_cached<32>(0, 7, 4, 2, 0, 16);
+    test_cached<64>(37, 1, 4, 1, 0, 64);
+    test_cached<64>(100, 3, 4, 4, 20, 128);
+    test_cached<128>(130, 1, 4, 2, 0, 200);
+    test_cached<128>(0, 70, 8, 2, 33, 80);
     printf("ldmatrix: %ld of %ld 8-row phases with bank conflicts\n", g_ldsm_conflicts.load(),
            g_ldsm_phases.load());
     printf("%d failures\n", fails);

@@ -1,8 +1,8 @@
 //! The GPU executor on QLoRA and QDoRA training steps of a Llama-shaped
 //! model (head dim 64, GQA, dropout on the adapters): which plans it takes
 //! (checked without a GPU), and, on a GPU, the loss and gradients against
-//! the CPU's (bf16 and an f32 twin), the eval loss, and AdamW steps on the
-//! device.
+//! the CPU's (bf16 and an f32 twin), the eval loss, AdamW steps on the
+//! device, and generation with the key/value cache.
 //! The GPU part skips with a message where no GPU is usable.
 #![cfg(feature = "cuda")]
 
@@ -546,4 +546,98 @@ fn device_adamw_steps_match_the_host_optimizer() {
             );
         }
     }
+}
+
+/// Generation's plans on the GPU: a prompt of 7 tokens, then single tokens
+/// at positions 7.., teacher-forced, with the key/value caches as
+/// `trainer`'s generator keeps them (host tensors whose new rows are
+/// written with `Tensor::write_at`, which the GPU executor copies alone).
+/// Every step's logits against the CPU's from the same caches (the CPU's
+/// new rows are written, so both read the same history); the last step's
+/// logits on a fresh executor (whole caches uploaded) must equal, bit for
+/// bit, those of the executor that took only the new rows all along.
+#[test]
+fn gpu_generation_with_the_kv_cache_matches_the_cpu() {
+    let (m, cap) = (model(), 24);
+    let l = lora(&m, false);
+    let record = |n: usize| {
+        let opts = RecordOptions {
+            lora: Some(&l),
+            kv_cache: Some(cap),
+            ..Default::default()
+        };
+        let rec = m.record(n, opts).unwrap();
+        let cache = rec.kv_cache.clone().unwrap();
+        let mut outs = vec![rec.logits];
+        outs.extend(cache.layers.iter().flat_map(|x| [x[2], x[3]]));
+        let plan = compile(rec.graph.clone(), &outs).unwrap();
+        (rec, plan)
+    };
+    let plans = [record(7), record(1)];
+    for (_, plan) in &plans {
+        assert_eq!(gpu_unsupported(plan), Vec::new());
+    }
+    let Some(mut gpu) = gpu() else { return };
+    let kv = m.config.num_kv_heads * m.config.head_dim;
+    let mut caches: Vec<Tensor> = (0..2 * m.config.num_layers)
+        .map(|_| Tensor::zeros(&[cap, kv], DType::BF16))
+        .collect();
+    let tokens: Vec<i32> = (0..13).map(|i| (i * 211 + 5) % 1000).collect();
+    // Runs the plan for tokens start..start+n on `exec` with the caches.
+    let run = |start: usize,
+               n: usize,
+               caches: &[Tensor],
+               exec: &mut dyn FnMut(&Plan, &graft::engine::Feeds) -> Vec<Tensor>| {
+        let (rec, plan) = &plans[(n == 1) as usize];
+        let pos: Vec<i32> = (start..start + n).map(|p| p as i32).collect();
+        let b = Batch {
+            ids: Tensor::from_i32(&[n], &tokens[start..start + n]).unwrap(),
+            positions: Tensor::from_i32(&[n], &pos).unwrap(),
+            segments: Tensor::from_i32(&[n], &vec![0; n]).unwrap(),
+            labels: Tensor::from_i32(&[n], &vec![-100; n]).unwrap(),
+            seed: Tensor::from_u32(&[1], &[0]).unwrap(),
+        };
+        let start_t = Tensor::from_i32(&[1], &[start as i32]).unwrap();
+        let cache = rec.kv_cache.as_ref().unwrap();
+        let mut feeds = rec.feeds(&m, Some(&l), &b).unwrap();
+        feeds.bind(cache.start, &start_t);
+        for (i, layer) in cache.layers.iter().enumerate() {
+            feeds
+                .bind(layer[0], &caches[2 * i])
+                .bind(layer[1], &caches[2 * i + 1]);
+        }
+        exec(plan, &feeds)
+    };
+    let mut steps = vec![(0, 7)];
+    steps.extend((7..13).map(|p| (p, 1)));
+    let mut last = Vec::new();
+    for &(start, n) in &steps {
+        let got = run(start, n, &caches, &mut |p, f| gpu.run(p, f).unwrap());
+        let want = run(start, n, &caches, &mut |p, f| {
+            CpuExecutor::new().run(p, f).unwrap()
+        });
+        let (g, w) = (got[0].as_f32().unwrap(), want[0].as_f32().unwrap());
+        let e = rel_l2(g, w);
+        eprintln!("generation start={start} n={n}: logits rel L2 GPU vs CPU {e:.2e}");
+        assert!(
+            g.iter().all(|x| x.is_finite()) && e < 2e-2,
+            "start={start}: {e}"
+        );
+        last = got[0].as_f32().unwrap().to_vec();
+        for (c, new) in caches.iter_mut().zip(&want[1..]) {
+            let row = new.bytes().len() / n;
+            c.write_at(start * row, new.bytes()).unwrap();
+        }
+    }
+    // The last step again on a fresh executor, which uploads the caches
+    // whole (the row written after it is past what that step reads).
+    let (start, n) = steps[steps.len() - 1];
+    let mut fresh = GpuExecutor::new(0).unwrap();
+    let again = run(start, n, &caches, &mut |p, f| fresh.run(p, f).unwrap());
+    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(
+        bits(again[0].as_f32().unwrap()),
+        bits(&last),
+        "caches updated by their new rows alone differ from caches uploaded whole"
+    );
 }

@@ -688,9 +688,23 @@ impl GpuExecutor {
             })?;
             let bytes = t.bytes();
             let same = |r: &Resident| r.dtype == t.dtype() && r.bytes == bytes.len();
-            match self.leaves.get(&name) {
+            match self.leaves.get_mut(&name) {
                 Some(r) if same(r) && self.device_owned.contains(&name) => continue,
                 Some(r) if same(r) && t.stamp() != 0 && r.stamp == t.stamp() => continue,
+                // Only a range changed since this copy was made (a KV
+                // cache's new rows): copy those bytes alone.
+                Some(Resident {
+                    stamp,
+                    data: Leaf::Bytes(buf),
+                    ..
+                }) if t.last_write().is_some_and(|(before, _)| before == *stamp) => {
+                    let range = t.last_write().expect("matched above").1;
+                    let mut dst = buf.slice_mut(range.clone());
+                    s.memcpy_htod(&bytes[range], &mut dst)
+                        .map_err(|e| EngineError::Gpu(format!("uploading `{name}`: {e}")))?;
+                    *stamp = t.stamp();
+                    continue;
+                }
                 _ => {}
             }
             let data = match (t.dtype(), self.leaves.remove(&name)) {
@@ -802,7 +816,8 @@ pub fn gpu_unsupported(plan: &Plan) -> Vec<(NodeId, String)> {
                 .then(|| "not bf16 with an even head dim".into()),
             Op::GatedAct(_) => (!all_bf16(&[0, 1])).then(|| "not bf16".into()),
             Op::GatedActGrad(_) => (!all_bf16(&[0, 1, 2])).then(|| "not bf16".into()),
-            Op::Attention(spec) | Op::AttentionGrad(spec) => {
+            Op::Attention(spec) | Op::AttentionGrad(spec) | Op::AttentionCached(spec) => {
+                let fed = |i: usize| matches!(g.value(node.inputs[i]).source, Source::Input { .. });
                 if !all_bf16(&[0, 1, 2]) {
                     Some(format!("{} q, k, v (the kernels take bf16)", dt(0)))
                 } else if !ATTENTION_HEAD_DIMS.contains(&spec.head_dim) {
@@ -810,6 +825,11 @@ pub fn gpu_unsupported(plan: &Plan) -> Vec<(NodeId, String)> {
                         "head dim {} (kernels for {ATTENTION_HEAD_DIMS:?})",
                         spec.head_dim
                     ))
+                } else if matches!(node.op, Op::AttentionCached(_)) && !fed(5) {
+                    Some(
+                        "a cache start computed in the plan (the GPU reads it from an input)"
+                            .into(),
+                    )
                 } else {
                     None
                 }
@@ -1334,6 +1354,39 @@ impl<'a> Run<'a> {
                 let seg = self.segments(ins[3])?;
                 k.attn
                     .forward(&q, &kk, &v, seg, s, &mut out, &mut lse)
+                    .map_err(e)
+            }
+            Op::AttentionCached(spec) => {
+                let s = attn_shape(spec, shape(ins[0])[0]);
+                // The cache's fill, read on the host (an input leaf).
+                let start = self
+                    .feeds
+                    .get(ins[5])
+                    .ok_or("the cache start is not bound as an input")?
+                    .as_i32()
+                    .map_err(|e| e.to_string())?[0];
+                let rows = shape(ins[3])[0];
+                if start < 0 || start as usize + s.tokens > rows {
+                    return Err(format!(
+                        "start {start} + {} new tokens exceed the cache of {rows} rows",
+                        s.tokens
+                    ));
+                }
+                let vals = (0..5)
+                    .map(|i| self.val::<bf16>(ins[i]))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut out = self.val::<bf16>(outs[0])?;
+                k.attn
+                    .cached(
+                        &vals[0],
+                        &vals[1],
+                        &vals[2],
+                        &vals[3],
+                        &vals[4],
+                        start as usize,
+                        s,
+                        &mut out,
+                    )
                     .map_err(e)
             }
             Op::AttentionGrad(spec) => {

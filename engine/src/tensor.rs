@@ -27,6 +27,9 @@ pub struct Tensor {
     /// copy tagged with it is current while the stamps match. 0: contents
     /// may change behind the tensor's back (lent for in-place updates).
     stamp: u64,
+    /// The last change when it was [`Tensor::write_at`]: the stamp before
+    /// it and the bytes it wrote.
+    last_write: Option<(u64, Range<usize>)>,
 }
 
 /// A stamp no tensor has had (see [`Tensor::stamp`]).
@@ -64,6 +67,7 @@ impl Tensor {
             dtype,
             storage: owned_from_bytes(bytes),
             stamp: next_stamp(),
+            last_write: None,
         })
     }
 
@@ -89,6 +93,7 @@ impl Tensor {
                 dtype,
                 storage: Storage::Mapped { map, range },
                 stamp: next_stamp(),
+                last_write: None,
             })
         } else {
             Self::from_bytes(shape, dtype, &map[range])
@@ -117,6 +122,7 @@ impl Tensor {
                 len,
             },
             stamp: next_stamp(),
+            last_write: None,
         }
     }
 
@@ -155,11 +161,39 @@ impl Tensor {
     /// mutable borrow.
     pub(crate) fn mark_volatile(&mut self) {
         self.stamp = 0;
+        self.last_write = None;
+    }
+
+    /// Writes `src` at byte `offset` (a KV cache's new rows, say). Like any
+    /// change it renews the stamp, but it is remembered, so a device copy of
+    /// the previous contents can take just these bytes (see
+    /// [`Tensor::last_write`]).
+    pub fn write_at(&mut self, offset: usize, src: &[u8]) -> Result<(), EngineError> {
+        let len = self.bytes().len();
+        if offset.checked_add(src.len()).is_none_or(|end| end > len) {
+            return Err(EngineError::Tensor(format!(
+                "writing {} bytes at {offset} of a {len}-byte tensor",
+                src.len()
+            )));
+        }
+        let before = self.stamp;
+        self.bytes_mut()[offset..offset + src.len()].copy_from_slice(src);
+        // Contents that were volatile are no known state to update from.
+        self.last_write = (before != 0).then(|| (before, offset..offset + src.len()));
+        Ok(())
+    }
+
+    /// The stamp before the last change and the bytes it wrote, when that
+    /// change was a [`Tensor::write_at`]: a copy made at that stamp is
+    /// current once it takes those bytes.
+    pub fn last_write(&self) -> Option<(u64, Range<usize>)> {
+        self.last_write.clone()
     }
 
     /// Mutable bytes, copying a mapped tensor into owned memory first.
     pub fn bytes_mut(&mut self) -> &mut [u8] {
         self.stamp = next_stamp();
+        self.last_write = None;
         if let Storage::Mapped { .. } = self.storage {
             self.storage = owned_from_bytes(self.bytes());
         }
@@ -272,5 +306,28 @@ mod tests {
         assert_eq!(a.stamp(), 0);
         a.bytes_mut();
         assert_ne!(a.stamp(), 0);
+    }
+
+    /// A `write_at` is remembered with the stamp it replaced and the bytes
+    /// it wrote, until the next change of any other kind; a write past the
+    /// end is refused.
+    #[test]
+    fn partial_writes_are_remembered() {
+        let mut a = Tensor::zeros(&[4, 2], DType::F32);
+        let before = a.stamp();
+        a.write_at(8, bytemuck::cast_slice(&[1f32, 2.0])).unwrap();
+        assert_ne!(a.stamp(), before);
+        assert_eq!(a.last_write(), Some((before, 8..16)));
+        assert_eq!(
+            a.as_f32().unwrap(),
+            &[0.0, 0.0, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0]
+        );
+        let after = a.stamp();
+        a.write_at(24, bytemuck::cast_slice(&[3f32, 4.0])).unwrap();
+        assert_eq!(a.last_write(), Some((after, 24..32)));
+        a.bytes_mut();
+        assert_eq!(a.last_write(), None);
+        let e = a.write_at(28, &[0u8; 8]).unwrap_err().to_string();
+        assert!(e.contains("8 bytes at 28 of a 32-byte tensor"), "{e}");
     }
 }

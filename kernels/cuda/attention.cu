@@ -18,16 +18,26 @@
 // the block: the kernels visit exactly the tiles that intersect the visible
 // band and mask inside them.
 //
+// Tiles come from global memory through cp.async, issued a step ahead so
+// they land while the tensor cores work on the previous ones; scores are
+// kept in log2 units (scale·log2 e folded in) so each probability is one
+// exp2; only tiles the band's edge crosses are masked.
+//
 // Kernels (4 warps of 32; every warp owns 16 rows of the block):
 //   attn_fwd_D:   one block per (64 queries, head): loops over 64-key tiles
 //                 with an online softmax; writes out and lse.
 //   attn_delta:   Δ[t, n_heads] = rowsum(dout ⊙ out) in f32, a warp per row.
 //   attn_dkdv_D:  one block per (64 keys, kv head): loops over the heads of
-//                 its group and the 32-query steps that see its keys,
-//                 accumulating dk, dv in registers (no atomics: one block
-//                 alone owns each key row, so results are deterministic).
+//                 its group and the 32-query steps that see its keys (the
+//                 next step's queries double-buffered), accumulating dk, dv
+//                 in registers (no atomics: one block alone owns each key
+//                 row, so results are deterministic).
 //   attn_dq_D:    one block per (64 queries, head): loops over key tiles as
 //                 the forward, accumulating dq in registers.
+//   attn_cached_D: generation's step: queries at positions start.. against
+//                 the key/value cache (rows 0..start) and the new rows; one
+//                 block per (query, head), a key per warp at a time on the
+//                 CUDA cores (memory-bound: one query row per key row).
 // D (head dim) is 32, 64 or 128. Tiles live in dynamic shared memory, rows
 // padded by 8 elements (16 bytes) so the 8 rows an ldmatrix reads fall in 8
 // distinct bank groups (row stride 5, 9 or 17 chunks of 16 bytes, odd): no
@@ -43,13 +53,17 @@
 
 enum { ATT_FWD = 0, ATT_DQ = 1, ATT_DKDV = 2 };
 
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
 // Dynamic shared memory of each kernel: bf16 tiles of (D + ATT_PAD)-wide
-// rows — fwd: q, k, v; dq: q, dout, k, v; dkdv: k, v and 32 rows of q and
-// dout, plus lse, Δ and first_key of those 32 queries.
+// rows — fwd: q, k, v; dq: q, dout, k, v; dkdv: k, v and two buffers of
+// 32 rows of q and dout, plus two of lse, Δ and first_key of those 32
+// queries.
 __device__ constexpr int attn_smem_bytes(int kernel, int d) {
     return kernel == ATT_FWD  ? 3 * ATT_ROWS * (d + ATT_PAD) * 2
          : kernel == ATT_DQ   ? 4 * ATT_ROWS * (d + ATT_PAD) * 2
-                              : (2 * ATT_ROWS + 2 * ATT_BQ) * (d + ATT_PAD) * 2 + 3 * ATT_BQ * 4;
+                              : (2 * ATT_ROWS + 4 * ATT_BQ) * (d + ATT_PAD) * 2 + 6 * ATT_BQ * 4;
 }
 
 // The first key query i may see.
@@ -64,18 +78,30 @@ __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
 
 // Rows row0 .. row0+n-1 of a row-major bf16 matrix `width` wide, columns
 // col0 .. col0+D-1, into a shared [n][D + ATT_PAD] tile, 16 bytes at a
-// time (width and col0 are multiples of 8). Rows at or past t are zeros, so
-// that products over padded rows stay finite (and then masked).
+// time through cp.async (width and col0 are multiples of 8): the caller
+// commits the group and waits for it. Rows at or past t are zeros, so that
+// products over padded rows stay finite (and then masked).
 template <int D>
 __device__ __forceinline__ void load_rows(bf16_t* dst, const bf16_t* src, int row0, int n, int t,
                                           long long width, int col0) {
     constexpr int CH = D / 8;
     for (int c = threadIdx.x; c < n * CH; c += ATT_THREADS) {
         const int r = c / CH, cc = c % CH;
-        uint4 val = make_uint4(0u, 0u, 0u, 0u);
-        if (row0 + r < t) val = *(const uint4*)(src + (row0 + r) * width + col0 + cc * 8);
-        *(uint4*)(dst + r * (D + ATT_PAD) + cc * 8) = val;
+        const bool ok = row0 + r < t;
+        cp_async16(smem_u32(dst + r * (D + ATT_PAD) + cc * 8),
+                   ok ? src + (row0 + r) * width + col0 + cc * 8 : src, ok ? 16u : 0u);
     }
+}
+
+// f(j, e, r, c) over a warp's 16 x 8NT accumulator tile: entry (j, e) is
+// the thread's row r = e >> 1 (of its two), column c = 8j + 2tq + (e & 1).
+template <int NT, typename F>
+__device__ __forceinline__ void each_entry(F f) {
+    const int tq = threadIdx.x & 3;
+#pragma unroll
+    for (int j = 0; j < NT; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) f(j, e, e >> 1, 8 * j + 2 * tq + (e & 1));
 }
 
 // acc[16 x 8NT] += A[16 x KD] · B[8NT x KD]ᵀ for one warp: A's 16 rows and
@@ -191,10 +217,10 @@ __device__ void attn_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16
     bf16_t* sk = sq + ATT_ROWS * S;
     bf16_t* sv = sk + ATT_ROWS * S;
     const int h = blockIdx.y, i0 = blockIdx.x * ATT_ROWS;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tq = lane & 3;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const long long qw = (long long)a.n_heads * D, kw = (long long)(a.n_heads / a.group) * D;
     const int kcol = (h / a.group) * D;
-    load_rows<D>(sq, q, i0, ATT_ROWS, a.t, qw, h * D);
+    const float sl2 = a.scale * LOG2E;
 
     // This thread's rows (c0, c1 and c2, c3 of every accumulator tile).
     const int row[2] = {i0 + warp * 16 + (lane >> 2), i0 + warp * 16 + (lane >> 2) + 8};
@@ -205,27 +231,33 @@ __device__ void attn_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16
     zero<D / 8>(o);
 
     const int last = min(i0 + ATT_ROWS, a.t) - 1;
-    for (int j0 = first_key(a.run_start, i0, a.window) / ATT_ROWS * ATT_ROWS; j0 <= last; j0 += ATT_ROWS) {
-        __syncthreads();  // the previous tile is read (and, the first time, q is loaded)
-        load_rows<D>(sk, k, j0, ATT_ROWS, a.t, kw, kcol);
-        load_rows<D>(sv, v, j0, ATT_ROWS, a.t, kw, kcol);
+    // Key tiles from band_lo up to i0 - ATT_ROWS + 1 are seen whole by every row.
+    const int band_lo = first_key(a.run_start, last, a.window);
+    const int j_first = first_key(a.run_start, i0, a.window) / ATT_ROWS * ATT_ROWS;
+    load_rows<D>(sq, q, i0, ATT_ROWS, a.t, qw, h * D);
+    load_rows<D>(sk, k, j_first, ATT_ROWS, a.t, kw, kcol);
+    cp_async_commit();
+    load_rows<D>(sv, v, j_first, ATT_ROWS, a.t, kw, kcol);
+    cp_async_commit();
+    for (int j0 = j_first; j0 <= last; j0 += ATT_ROWS) {
+        const bool more = j0 + ATT_ROWS <= last;
+        cp_async_wait<1>();  // this tile's k (and q); its v may still be in flight
         __syncthreads();
         float s[ATT_ROWS / 8][4];
         zero<ATT_ROWS / 8>(s);
         mma_abt<ATT_ROWS / 8, D>(s, sq + warp * 16 * S, S, sk, S);
 
-        // Online softmax: scaled scores, masked to -inf; per row the new
-        // maximum over the quad of lanes that share it, the old sums and
-        // outputs rescaled to it.
+        // Online softmax in log2 units: scores scaled, masked to -inf; per
+        // row the new maximum over the quad of lanes that share it, the old
+        // sums and outputs rescaled to it.
+        if (j0 >= band_lo && j0 + ATT_ROWS - 1 <= i0)
+            each_entry<ATT_ROWS / 8>([&](int j, int e, int, int) { s[j][e] *= sl2; });
+        else
+            each_entry<ATT_ROWS / 8>([&](int j, int e, int r, int c) {
+                s[j][e] = j0 + c >= first[r] && j0 + c <= row[r] ? s[j][e] * sl2 : NEG_INF;
+            });
         float mx[2] = {m[0], m[1]};
-#pragma unroll
-        for (int j = 0; j < ATT_ROWS / 8; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int r = e >> 1, key = j0 + 8 * j + 2 * tq + (e & 1);
-                s[j][e] = key >= first[r] && key <= row[r] ? s[j][e] * a.scale : NEG_INF;
-                mx[r] = fmaxf(mx[r], s[j][e]);
-            }
+        each_entry<ATT_ROWS / 8>([&](int j, int e, int r, int) { mx[r] = fmaxf(mx[r], s[j][e]); });
         float base[2];
 #pragma unroll
         for (int r = 0; r < 2; r++) {
@@ -233,7 +265,7 @@ __device__ void attn_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
             // Nothing seen yet: any finite base leaves every term 0.
             base[r] = mx[r] == NEG_INF ? 0.f : mx[r];
-            const float alpha = expf(m[r] - base[r]);
+            const float alpha = exp2f(m[r] - base[r]);
             m[r] = mx[r];
             l[r] *= alpha;
 #pragma unroll
@@ -242,23 +274,28 @@ __device__ void attn_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16
                 o[j][2 * r + 1] *= alpha;
             }
         }
-#pragma unroll
-        for (int j = 0; j < ATT_ROWS / 8; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                s[j][e] = expf(s[j][e] - base[e >> 1]);
-                l[e >> 1] += s[j][e];
-            }
+        each_entry<ATT_ROWS / 8>([&](int j, int e, int r, int) {
+            s[j][e] = exp2f(s[j][e] - base[r]);
+            l[r] += s[j][e];
+        });
         u32 p[ATT_ROWS / 16][4];
         c_to_a<ATT_ROWS / 8>(s, p);
+        cp_async_wait<0>();  // this tile's v
+        __syncthreads();     // and every warp is done with k: the next tile's may come
+        if (more) load_rows<D>(sk, k, j0 + ATT_ROWS, ATT_ROWS, a.t, kw, kcol);
+        cp_async_commit();
         mma_ab<D / 8, ATT_ROWS / 16>(o, p, sv, S);
+        __syncthreads();  // every warp is done with v
+        if (more) load_rows<D>(sv, v, j0 + ATT_ROWS, ATT_ROWS, a.t, kw, kcol);
+        cp_async_commit();
     }
+    const int tq = lane & 3;
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-        // Every query sees itself, so l > 0 on real rows.
-        if (tq == 0 && row[r] < a.t) lse[row[r] * a.n_heads + h] = m[r] + logf(l[r]);
+        // Every query sees itself, so l > 0 on real rows; lse in natural log.
+        if (tq == 0 && row[r] < a.t) lse[row[r] * a.n_heads + h] = m[r] * LN2 + logf(l[r]);
     }
     store_rows<D>(out, o, row[0], a.t, qw, h * D, 1.f / l[0], 1.f / l[1]);
 }
@@ -278,22 +315,23 @@ extern "C" __global__ void attn_delta(const bf16_t* out, const bf16_t* dout, flo
 }
 
 // Probabilities and score gradients of a warp's 16 x 8NT tile in place:
-// s (raw scores) becomes p = exp(scale·s − lse) where visible, else 0; dp
-// becomes ds = p·(dp − Δ)·scale. Entry (j, e) is (row r_of(e), column
-// 8j + 2tq + (e & 1)); `vis`, `lse_of`, `delta_of` take both.
+// s (raw scores) becomes p = exp(scale·s − lse) where visible (everywhere
+// when `whole`), else 0; dp becomes ds = p·(dp − Δ)·scale. `vis`, `lse2_of`
+// (the log-sum-exp in log2 units) and `delta_of` take (row r, column c) as
+// each_entry gives them.
 template <int NT, typename Vis, typename Lse, typename Delta>
-__device__ __forceinline__ void probs_and_grads(float (*s)[4], float (*dp)[4], float scale, Vis vis, Lse lse_of,
-                                                Delta delta_of) {
-    const int tq = threadIdx.x & 3;
-#pragma unroll
-    for (int j = 0; j < NT; j++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            const int r = e >> 1, c = 8 * j + 2 * tq + (e & 1);
-            const float p = vis(r, c) ? expf(scale * s[j][e] - lse_of(r, c)) : 0.f;
-            s[j][e] = p;
-            dp[j][e] = p * (dp[j][e] - delta_of(r, c)) * scale;
-        }
+__device__ __forceinline__ void probs_and_grads(float (*s)[4], float (*dp)[4], float scale, bool whole, Vis vis,
+                                                Lse lse2_of, Delta delta_of) {
+    const float sl2 = scale * LOG2E;
+    auto grad = [&](int j, int e, int r, int c, bool seen) {
+        const float p = seen ? exp2f(fmaf(s[j][e], sl2, -lse2_of(r, c))) : 0.f;
+        s[j][e] = p;
+        dp[j][e] = p * (dp[j][e] - delta_of(r, c)) * scale;
+    };
+    if (whole)
+        each_entry<NT>([&](int j, int e, int r, int c) { grad(j, e, r, c, true); });
+    else
+        each_entry<NT>([&](int j, int e, int r, int c) { grad(j, e, r, c, vis(r, c)); });
 }
 
 template <int D>
@@ -310,8 +348,6 @@ __device__ void attn_dq(const bf16_t* q, const bf16_t* k, const bf16_t* v, const
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const long long qw = (long long)a.n_heads * D, kw = (long long)(a.n_heads / a.group) * D;
     const int kcol = (h / a.group) * D;
-    load_rows<D>(sq, q, i0, ATT_ROWS, a.t, qw, h * D);
-    load_rows<D>(sdo, dout, i0, ATT_ROWS, a.t, qw, h * D);
 
     const int row[2] = {i0 + warp * 16 + (lane >> 2), i0 + warp * 16 + (lane >> 2) + 8};
     int first[2];
@@ -321,17 +357,23 @@ __device__ void attn_dq(const bf16_t* q, const bf16_t* k, const bf16_t* v, const
         const bool ok = row[r] < a.t;
         // Rows past t see nothing (first > row).
         first[r] = ok ? first_key(a.run_start, row[r], a.window) : row[r] + 1;
-        lr[r] = ok ? lse[row[r] * a.n_heads + h] : 0.f;
+        lr[r] = ok ? lse[row[r] * a.n_heads + h] * LOG2E : 0.f;
         dr[r] = ok ? delta[row[r] * a.n_heads + h] : 0.f;
     }
     float acc[D / 8][4];
     zero<D / 8>(acc);
 
     const int last = min(i0 + ATT_ROWS, a.t) - 1;
-    for (int j0 = first_key(a.run_start, i0, a.window) / ATT_ROWS * ATT_ROWS; j0 <= last; j0 += ATT_ROWS) {
-        __syncthreads();
-        load_rows<D>(sk, k, j0, ATT_ROWS, a.t, kw, kcol);
-        load_rows<D>(sv, v, j0, ATT_ROWS, a.t, kw, kcol);
+    const int band_lo = first_key(a.run_start, last, a.window);
+    const int j_first = first_key(a.run_start, i0, a.window) / ATT_ROWS * ATT_ROWS;
+    load_rows<D>(sq, q, i0, ATT_ROWS, a.t, qw, h * D);
+    load_rows<D>(sdo, dout, i0, ATT_ROWS, a.t, qw, h * D);
+    load_rows<D>(sk, k, j_first, ATT_ROWS, a.t, kw, kcol);
+    load_rows<D>(sv, v, j_first, ATT_ROWS, a.t, kw, kcol);
+    cp_async_commit();
+    for (int j0 = j_first; j0 <= last; j0 += ATT_ROWS) {
+        const bool more = j0 + ATT_ROWS <= last;
+        cp_async_wait<0>();
         __syncthreads();
         float s[ATT_ROWS / 8][4], dp[ATT_ROWS / 8][4];
         zero<ATT_ROWS / 8>(s);
@@ -339,12 +381,19 @@ __device__ void attn_dq(const bf16_t* q, const bf16_t* k, const bf16_t* v, const
         mma_abt<ATT_ROWS / 8, D>(s, sq + warp * 16 * S, S, sk, S);
         mma_abt<ATT_ROWS / 8, D>(dp, sdo + warp * 16 * S, S, sv, S);
         probs_and_grads<ATT_ROWS / 8>(
-            s, dp, a.scale,
+            s, dp, a.scale, j0 >= band_lo && j0 + ATT_ROWS - 1 <= i0,
             [&](int r, int c) { return j0 + c >= first[r] && j0 + c <= row[r]; },
             [&](int r, int) { return lr[r]; }, [&](int r, int) { return dr[r]; });
         u32 ds[ATT_ROWS / 16][4];
         c_to_a<ATT_ROWS / 8>(dp, ds);
+        // Issued here, when few registers are live: the next v comes during dq's product.
+        __syncthreads();  // every warp is done with v
+        if (more) load_rows<D>(sv, v, j0 + ATT_ROWS, ATT_ROWS, a.t, kw, kcol);
+        cp_async_commit();
         mma_ab<D / 8, ATT_ROWS / 16>(acc, ds, sk, S);
+        __syncthreads();  // every warp is done with k
+        if (more) load_rows<D>(sk, k, j0 + ATT_ROWS, ATT_ROWS, a.t, kw, kcol);
+        cp_async_commit();
     }
     store_rows<D>(dq, acc, row[0], a.t, qw, h * D, 1.f, 1.f);
 }
@@ -357,16 +406,12 @@ __device__ void attn_dkdv(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     constexpr int S = D + ATT_PAD;
     bf16_t* sk = (bf16_t*)smem;
     bf16_t* sv = sk + ATT_ROWS * S;
-    bf16_t* sq = sv + ATT_ROWS * S;
-    bf16_t* sdo = sq + ATT_BQ * S;
-    float* sl = (float*)(sdo + ATT_BQ * S);
-    float* sd = sl + ATT_BQ;
-    int* sf = (int*)(sd + ATT_BQ);
+    // Two buffers of a step's q and dout rows, then two of its statistics.
+    bf16_t* sqd = sv + ATT_ROWS * S;
+    float* sstat = (float*)(sqd + 4 * ATT_BQ * S);
     const int kvh = blockIdx.y, j0 = blockIdx.x * ATT_ROWS;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const long long qw = (long long)a.n_heads * D, kw = (long long)(a.n_heads / a.group) * D;
-    load_rows<D>(sk, k, j0, ATT_ROWS, a.t, kw, kvh * D);
-    load_rows<D>(sv, v, j0, ATT_ROWS, a.t, kw, kvh * D);
 
     // This thread's keys (rows of the transposed tiles).
     const int key[2] = {j0 + warp * 16 + (lane >> 2), j0 + warp * 16 + (lane >> 2) + 8};
@@ -374,43 +419,134 @@ __device__ void attn_dkdv(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     zero<D / 8>(dkacc);
     zero<D / 8>(dvacc);
 
+    // The query steps that see these keys, the same for every head of the
+    // group: i_lo, i_lo + ATT_BQ, .. (n_steps of them).
     const int jlast = min(j0 + ATT_ROWS, a.t) - 1;
-    for (int hg = 0; hg < a.group; hg++) {
-        const int h = kvh * a.group + hg;
-        for (int i0 = j0 / ATT_BQ * ATT_BQ; i0 < a.t && first_key(a.run_start, i0, a.window) <= jlast;
-             i0 += ATT_BQ) {
-            __syncthreads();  // the previous step's q, dout and statistics are read
-            load_rows<D>(sq, q, i0, ATT_BQ, a.t, qw, h * D);
-            load_rows<D>(sdo, dout, i0, ATT_BQ, a.t, qw, h * D);
-            if (threadIdx.x < ATT_BQ) {
-                const int i = i0 + threadIdx.x;
-                const bool ok = i < a.t;
-                sl[threadIdx.x] = ok ? lse[i * a.n_heads + h] : 0.f;
-                sd[threadIdx.x] = ok ? delta[i * a.n_heads + h] : 0.f;
-                // Queries past t see no key.
-                sf[threadIdx.x] = ok ? first_key(a.run_start, i, a.window) : 0x7fffffff;
-            }
-            __syncthreads();
-            // Transposed tiles: rows are this warp's 16 keys, columns the
-            // step's queries. sᵀ = k·qᵀ, dpᵀ = v·doutᵀ.
-            float s[ATT_BQ / 8][4], dp[ATT_BQ / 8][4];
-            zero<ATT_BQ / 8>(s);
-            zero<ATT_BQ / 8>(dp);
-            mma_abt<ATT_BQ / 8, D>(s, sk + warp * 16 * S, S, sq, S);
-            mma_abt<ATT_BQ / 8, D>(dp, sv + warp * 16 * S, S, sdo, S);
-            probs_and_grads<ATT_BQ / 8>(
-                s, dp, a.scale, [&](int r, int c) { return key[r] >= sf[c] && key[r] <= i0 + c; },
-                [&](int, int c) { return sl[c]; }, [&](int, int c) { return sd[c]; });
-            // dv += pᵀ·dout, dk += dsᵀ·q.
-            u32 pa[ATT_BQ / 16][4];
-            c_to_a<ATT_BQ / 8>(s, pa);
-            mma_ab<D / 8, ATT_BQ / 16>(dvacc, pa, sdo, S);
-            c_to_a<ATT_BQ / 8>(dp, pa);
-            mma_ab<D / 8, ATT_BQ / 16>(dkacc, pa, sq, S);
+    const int i_lo = j0 / ATT_BQ * ATT_BQ;
+    int n_steps = 0;
+    while (i_lo + n_steps * ATT_BQ < a.t && first_key(a.run_start, i_lo + n_steps * ATT_BQ, a.window) <= jlast)
+        n_steps++;
+    // Step n of the flattened (head of the group, query step) loop into buffer b.
+    auto load_step = [&](int b, int n) {
+        const int h = kvh * a.group + n / n_steps, i0 = i_lo + n % n_steps * ATT_BQ;
+        load_rows<D>(sqd + 2 * b * ATT_BQ * S, q, i0, ATT_BQ, a.t, qw, h * D);
+        load_rows<D>(sqd + (2 * b + 1) * ATT_BQ * S, dout, i0, ATT_BQ, a.t, qw, h * D);
+        if (threadIdx.x < ATT_BQ) {
+            float* st = sstat + 3 * b * ATT_BQ;
+            const int i = i0 + threadIdx.x;
+            const bool ok = i < a.t;
+            st[threadIdx.x] = ok ? lse[i * a.n_heads + h] * LOG2E : 0.f;
+            st[ATT_BQ + threadIdx.x] = ok ? delta[i * a.n_heads + h] : 0.f;
+            // Queries past t see no key.
+            ((int*)st)[2 * ATT_BQ + threadIdx.x] = ok ? first_key(a.run_start, i, a.window) : 0x7fffffff;
         }
+    };
+    load_rows<D>(sk, k, j0, ATT_ROWS, a.t, kw, kvh * D);
+    load_rows<D>(sv, v, j0, ATT_ROWS, a.t, kw, kvh * D);
+    const int steps = a.group * n_steps;
+    if (steps > 0) load_step(0, 0);
+    cp_async_commit();
+    for (int n = 0; n < steps; n++) {
+        const int b = n & 1, i0 = i_lo + n % n_steps * ATT_BQ;
+        // The other buffer was last read in step n - 1, before its closing barrier.
+        if (n + 1 < steps) load_step(b ^ 1, n + 1);
+        cp_async_commit();
+        cp_async_wait<1>();  // this step's rows (and k, v)
+        __syncthreads();
+        const bf16_t* sq = sqd + 2 * b * ATT_BQ * S;
+        const bf16_t* sdo = sq + ATT_BQ * S;
+        const float* sl = sstat + 3 * b * ATT_BQ;
+        const float* sd = sl + ATT_BQ;
+        const int* sf = (const int*)(sd + ATT_BQ);
+        // Transposed tiles: rows are this warp's 16 keys, columns the
+        // step's queries. sᵀ = k·qᵀ, dpᵀ = v·doutᵀ.
+        float s[ATT_BQ / 8][4], dp[ATT_BQ / 8][4];
+        zero<ATT_BQ / 8>(s);
+        zero<ATT_BQ / 8>(dp);
+        mma_abt<ATT_BQ / 8, D>(s, sk + warp * 16 * S, S, sq, S);
+        mma_abt<ATT_BQ / 8, D>(dp, sv + warp * 16 * S, S, sdo, S);
+        // Every key of the block is seen by every real query of the step
+        // (padded queries have zero rows and statistics: p·0 adds nothing).
+        const bool whole = j0 + ATT_ROWS - 1 <= i0 &&
+                           j0 >= first_key(a.run_start, min(i0 + ATT_BQ, a.t) - 1, a.window);
+        probs_and_grads<ATT_BQ / 8>(
+            s, dp, a.scale, whole, [&](int r, int c) { return key[r] >= sf[c] && key[r] <= i0 + c; },
+            [&](int, int c) { return sl[c]; }, [&](int, int c) { return sd[c]; });
+        // dv += pᵀ·dout, dk += dsᵀ·q.
+        u32 pa[ATT_BQ / 16][4];
+        c_to_a<ATT_BQ / 8>(s, pa);
+        mma_ab<D / 8, ATT_BQ / 16>(dvacc, pa, sdo, S);
+        c_to_a<ATT_BQ / 8>(dp, pa);
+        mma_ab<D / 8, ATT_BQ / 16>(dkacc, pa, sq, S);
+        __syncthreads();  // every warp is done with buffer b
     }
     store_rows<D>(dk, dkacc, key[0], a.t, kw, kvh * D, 1.f, 1.f);
     store_rows<D>(dv, dvacc, key[0], a.t, kw, kvh * D, 1.f, 1.f);
+}
+
+// Generation's attention: n new queries at positions start .. start+n-1,
+// q[n, n_heads*D]; keys and values of positions below start from the caches
+// kc/vc[≥ start, n_kv_heads*D], the others from the new k/v[n, n_kv_heads*D].
+// Query i sees positions from the window's start (no segments) to its own,
+// as kernels/src/attention.rs `attention_cached`; the products run in f32
+// (the CPU twin rounds probabilities to bf16 as the tiled kernels do).
+// Each of the block's 4 warps keeps its own online softmax over every 4th
+// key, merged at the end through shared memory.
+template <int D>
+__device__ void attn_cached(const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* kc,
+                            const bf16_t* vc, bf16_t* out, int start, int n_heads, int group, int window,
+                            float scale) {
+    constexpr int E = D / 32, WARPS = ATT_THREADS / 32;
+    __shared__ float sm[WARPS], sl[WARPS], so[WARPS][D];
+    const int i = blockIdx.x, h = blockIdx.y, p = start + i;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const long long qw = (long long)n_heads * D, kw = (long long)(n_heads / group) * D;
+    const int kcol = (h / group) * D;
+    const int first = window > 0 && p + 1 - window > 0 ? p + 1 - window : 0;
+    float qv[E], o[E], m = NEG_INF, l = 0.f;
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+        qv[e] = bf16_to_f32(q[i * qw + h * D + lane + 32 * e]) * (scale * LOG2E);
+        o[e] = 0.f;
+    }
+    for (int j = first + warp; j <= p; j += WARPS) {
+        const long long at = j < start ? j * kw + kcol : (j - start) * kw + kcol;
+        const bf16_t* kr = (j < start ? kc : k) + at;
+        const bf16_t* vr = (j < start ? vc : v) + at;
+        float sc = 0.f;
+#pragma unroll
+        for (int e = 0; e < E; e++) sc += qv[e] * bf16_to_f32(kr[lane + 32 * e]);
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, off);
+        const float mn = fmaxf(m, sc), alpha = exp2f(m - mn), pj = exp2f(sc - mn);
+        l = l * alpha + pj;
+#pragma unroll
+        for (int e = 0; e < E; e++) o[e] = o[e] * alpha + pj * bf16_to_f32(vr[lane + 32 * e]);
+        m = mn;
+    }
+    if (lane == 0) {
+        sm[warp] = m;
+        sl[warp] = l;
+    }
+#pragma unroll
+    for (int e = 0; e < E; e++) so[warp][lane + 32 * e] = o[e];
+    __syncthreads();
+    if (warp != 0) return;
+    // Warp 0 saw key `first`, so the maximum is finite; a warp that saw no
+    // key (m = -inf) weighs 0.
+    float mx = sm[0];
+    for (int w = 1; w < WARPS; w++) mx = fmaxf(mx, sm[w]);
+    float wt[WARPS], sum = 0.f;
+    for (int w = 0; w < WARPS; w++) {
+        wt[w] = exp2f(sm[w] - mx);
+        sum += sl[w] * wt[w];
+    }
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+        float acc = 0.f;
+        for (int w = 0; w < WARPS; w++) acc += so[w][lane + 32 * e] * wt[w];
+        out[i * qw + h * D + lane + 32 * e] = f32_to_bf16(acc / sum);
+    }
 }
 
 // The entry points for one head dim.
@@ -431,6 +567,11 @@ __device__ void attn_dkdv(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
                       const float* delta, bf16_t* dk, bf16_t* dv, const int* run_start, int t, int n_heads,    \
                       int group, int window, float scale) {                                                    \
         attn_dkdv<D>(q, k, v, dout, lse, delta, dk, dv, AttnArgs{run_start, t, n_heads, group, window, scale}); \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                                  \
+        attn_cached_##D(const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* kc, const bf16_t* vc, \
+                        bf16_t* out, int start, int n_heads, int group, int window, float scale) {             \
+        attn_cached<D>(q, k, v, kc, vc, out, start, n_heads, group, window, scale);                           \
     }
 
 ATTN_ENTRIES(32)

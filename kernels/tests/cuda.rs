@@ -786,6 +786,86 @@ fn attention_matches_the_cpu_reference() {
     assert!(e.contains("id 3 at position 3"), "{e}");
 }
 
+/// Generation's attention against the CPU's `attention_cached`: a prompt
+/// (start 0), single tokens after it and a few at once, GQA and MQA, head
+/// dims 32 to 128, with and without a window. The caches are longer than
+/// `start` and NaN past it (a read there poisons the result); every output
+/// starts as NaN. The GPU's products are f32 where the CPU rounds
+/// probabilities to bf16: the bound is 1e-2 relative L2, as the other
+/// attention kernels'. A cache shorter than `start` is refused.
+#[test]
+fn cached_attention_matches_the_cpu_reference() {
+    use graft_kernels::attention::{attention_cached, AttnShape};
+    use graft_kernels::cuda::AttentionKernels;
+    let Some(gpu) = gpu() else { return };
+    let kern = AttentionKernels::new(&gpu).unwrap();
+    let s = gpu.stream();
+    let mut r = Gen::new(31);
+    // (start, new tokens, heads, kv heads, head dim, window)
+    for (start, n, heads, kv, d, window) in [
+        (0, 9, 4, 2, 64, None),
+        (9, 1, 4, 2, 64, None),
+        (63, 1, 8, 1, 128, None),
+        (200, 5, 4, 4, 32, Some(64)),
+        (0, 300, 32, 8, 128, None),
+        (1500, 1, 32, 8, 128, Some(1024)),
+    ] {
+        let what = format!(
+            "attention_cached start={start} n={n} heads={heads}/{kv} d={d} window={window:?}"
+        );
+        let shape = AttnShape {
+            tokens: n,
+            n_heads: heads,
+            n_kv_heads: kv,
+            head_dim: d,
+            scale: 1.0 / (d as f32).sqrt(),
+            window,
+        };
+        let (qn, kn, kw, cap) = (n * heads * d, n * kv * d, kv * d, start + n + 7);
+        let q: Vec<bf16> = to_elem(&r.vec(qn, -2.0, 2.0));
+        let k: Vec<bf16> = to_elem(&r.vec(kn, -2.0, 2.0));
+        let v: Vec<bf16> = to_elem(&r.vec(kn, -1.0, 1.0));
+        let mut kc = nan_buf::<bf16>(cap * kw);
+        let mut vc = nan_buf::<bf16>(cap * kw);
+        kc[..start * kw].copy_from_slice(&to_elem::<bf16>(&r.vec(start * kw, -2.0, 2.0)));
+        vc[..start * kw].copy_from_slice(&to_elem::<bf16>(&r.vec(start * kw, -1.0, 1.0)));
+        let mut want = nan_buf::<bf16>(qn);
+        attention_cached(&q, &k, &v, &kc, &vc, start, shape, &mut want);
+        let up = |x: &[bf16]| s.clone_htod(x).unwrap();
+        let (qd, kd, vd, kcd, vcd) = (up(&q), up(&k), up(&v), up(&kc), up(&vc));
+        let mut outd = up(&nan_buf::<bf16>(qn));
+        kern.cached(&qd, &kd, &vd, &kcd, &vcd, start, shape, &mut outd)
+            .unwrap();
+        let e = rel_l2(&s.clone_dtoh(&outd).unwrap(), &to_f64(&want));
+        eprintln!("{what}: rel L2 vs CPU {e:.2e}");
+        assert!(e < 1e-2, "{what}: rel L2 {e}");
+    }
+    let shape = AttnShape {
+        tokens: 1,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 64,
+        scale: 0.125,
+        window: None,
+    };
+    let buf = |n: usize| s.clone_htod(&nan_buf::<bf16>(n)).unwrap();
+    let e = kern
+        .cached(
+            &buf(256),
+            &buf(128),
+            &buf(128),
+            &buf(128 * 4),
+            &buf(128 * 4),
+            5,
+            shape,
+            &mut buf(256),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("fewer than the 5 cached rows"), "{e}");
+}
+
 /// The plan glue of elementwise.cu and DoRA's kernels (dora.cu) against the
 /// CPU reference on ragged shapes, f32 and bf16: add, mul, scale, dropout
 /// and the per-column multiply (every type pair, and in place) bit for bit;

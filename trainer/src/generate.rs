@@ -2,11 +2,13 @@
 //! plan recorded for its length (prefill), then one plan for a single token
 //! runs per new token, attending to the cached keys and values of every
 //! earlier position. Greedy, or temperature with nucleus (top-p) sampling.
+//! The plans run on the executor given (a GPU keeps the caches and copies
+//! only each step's new rows: `Tensor::write_at`).
 
 use crate::data::prepare::Reference;
 use crate::run::RunError;
 use graft_engine::rng::Rng;
-use graft_engine::{compile, CpuExecutor, Plan, Tensor};
+use graft_engine::{compile, Executor, Plan, Tensor};
 use graft_models::{Batch, CausalLm, Lora, RecordOptions, Recorded};
 use std::collections::HashMap;
 use tokenizers::Tokenizer;
@@ -37,7 +39,7 @@ pub struct Generator<'a> {
     plans: HashMap<usize, (Recorded, Plan)>,
     /// Per layer, the cached keys and values (`capacity` rows).
     caches: Vec<(Tensor, Tensor)>,
-    exec: CpuExecutor,
+    exec: &'a mut Executor,
 }
 
 /// Tokens that end a response: EOS and the chat templates' end-of-turn tokens.
@@ -50,8 +52,14 @@ pub fn stop_tokens(tok: &Tokenizer, eos: &str) -> Vec<i32> {
 }
 
 impl<'a> Generator<'a> {
-    /// A generator for sequences of at most `capacity` tokens.
-    pub fn new(model: &'a CausalLm, lora: Option<&'a Lora>, capacity: usize) -> Self {
+    /// A generator for sequences of at most `capacity` tokens, running on
+    /// `exec`.
+    pub fn new(
+        model: &'a CausalLm,
+        lora: Option<&'a Lora>,
+        capacity: usize,
+        exec: &'a mut Executor,
+    ) -> Self {
         let kv = model.config.num_kv_heads * model.config.head_dim;
         let caches = (0..model.config.num_layers)
             .map(|_| {
@@ -67,7 +75,7 @@ impl<'a> Generator<'a> {
             capacity,
             plans: HashMap::new(),
             caches,
-            exec: CpuExecutor::new(),
+            exec,
         }
     }
 
@@ -95,6 +103,8 @@ impl<'a> Generator<'a> {
             let mut outs = vec![rec.logits];
             outs.extend(cache.layers.iter().flat_map(|l| [l[2], l[3]]));
             let plan = compile(rec.graph.clone(), &outs)?;
+            // Under `--device gpu`, a plan the GPU cannot run is an error.
+            self.exec.require_gpu(&plan)?;
             self.plans.insert(n, (rec, plan));
         }
         let (rec, plan) = &self.plans[&n];
@@ -119,7 +129,7 @@ impl<'a> Generator<'a> {
         for (i, (kc, vc)) in self.caches.iter_mut().enumerate() {
             for (cache, new) in [(kc, &out[1 + 2 * i]), (vc, &out[2 + 2 * i])] {
                 let row = new.bytes().len() / n;
-                cache.bytes_mut()[start * row..(start + n) * row].copy_from_slice(new.bytes());
+                cache.write_at(start * row, new.bytes())?;
             }
         }
         let vocab = self.model.config.vocab_size;
@@ -217,6 +227,7 @@ pub fn exact_match(
     tok: &Tokenizer,
     stop: &[i32],
     refs: &[Reference],
+    exec: &mut Executor,
 ) -> Result<(usize, usize), RunError> {
     let answer_len = |r: &Reference| {
         tok.encode(r.answer.as_str(), false)
@@ -227,7 +238,7 @@ pub fn exact_match(
     // answer must not pass by being cut).
     let max_new = refs.iter().map(answer_len).max().unwrap_or(0) + 2;
     let capacity = refs.iter().map(|r| r.prompt.len()).max().unwrap_or(0) + max_new;
-    let mut g = Generator::new(model, lora, capacity);
+    let mut g = Generator::new(model, lora, capacity, exec);
     let mut correct = 0;
     for r in refs {
         let ids = g.generate(&r.prompt, max_new, stop, &Sampling::GREEDY)?;

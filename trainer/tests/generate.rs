@@ -5,7 +5,7 @@ mod common;
 
 use common::fixtures;
 use graft_engine::ir::DType;
-use graft_engine::{compile, CpuExecutor};
+use graft_engine::{compile, CpuExecutor, Device, Executor};
 use graft_models::{Batch, CausalLm, Lora, RecordOptions};
 use graft_trainer::generate::{Generator, Sampling};
 
@@ -48,7 +48,8 @@ fn cached_generation_equals_recomputing_every_step() {
         let lora = Lora::load(&dir.join("adapter"), &model.config).unwrap();
         let prompt = [1, 42, 7, 199, 23];
         let want = greedy_without_cache(&model, Some(&lora), &prompt, 12);
-        let mut g = Generator::new(&model, Some(&lora), 32);
+        let mut exec = Executor::new(Device::Cpu).unwrap();
+        let mut g = Generator::new(&model, Some(&lora), 32, &mut exec);
         let got = g.generate(&prompt, 12, &[], &Sampling::GREEDY).unwrap();
         assert_eq!(got, want, "{dtype}");
         // The generator is reusable: a second prompt starts from a clean cache.
@@ -70,7 +71,8 @@ fn cached_generation_equals_recomputing_every_step() {
 fn sampling_is_reproducible_and_top_p_near_zero_is_greedy() {
     let dir = fixtures().join("llama");
     let model = CausalLm::load(&dir.join("model"), DType::F32).unwrap();
-    let mut g = Generator::new(&model, None, 40);
+    let mut exec = Executor::new(Device::Cpu).unwrap();
+    let mut g = Generator::new(&model, None, 40, &mut exec);
     let prompt = [3, 14, 15, 92];
     let s = |seed| Sampling {
         temperature: 1.0,

@@ -33,14 +33,14 @@ enum Kernel {
 
 /// Dynamic shared memory of each kernel: attn_smem_bytes in attention.cu
 /// (the kernel traps when given less). Over 48 KiB for d = 128, so the
-/// functions' limits are raised once; the largest (dq, d = 128: 69,632 B)
-/// fits every sm_80+ GPU.
+/// functions' limits are raised once; the largest (dkdv, d = 128: 70,400
+/// B) fits every sm_80+ GPU.
 fn smem_bytes(kernel: Kernel, d: usize) -> u32 {
     let row = (d + PAD) * 2;
     let bytes = match kernel {
         Kernel::Fwd => 3 * ROWS * row,
         Kernel::Dq => 4 * ROWS * row,
-        Kernel::Dkdv => (2 * ROWS + 2 * BQ) * row + 3 * BQ * 4,
+        Kernel::Dkdv => (2 * ROWS + 4 * BQ) * row + 6 * BQ * 4,
     };
     bytes as u32
 }
@@ -120,6 +120,7 @@ struct PerDim {
     fwd: CudaFunction,
     dq: CudaFunction,
     dkdv: CudaFunction,
+    cached: CudaFunction,
 }
 
 pub struct AttentionKernels {
@@ -171,6 +172,9 @@ impl AttentionKernels {
                     fwd: f(format!("attn_fwd_{d}"), Kernel::Fwd, d)?,
                     dq: f(format!("attn_dq_{d}"), Kernel::Dq, d)?,
                     dkdv: f(format!("attn_dkdv_{d}"), Kernel::Dkdv, d)?,
+                    cached: m
+                        .load_function(&format!("attn_cached_{d}"))
+                        .map_err(driver)?,
                 })
             })
             .collect::<Result<_, GpuError>>()?;
@@ -181,8 +185,14 @@ impl AttentionKernels {
         })
     }
 
-    /// Checks the shape and the segments against each other.
-    fn launch(&self, s: &AttnShape, seg: &DeviceSegments) -> Result<Launch, GpuError> {
+    /// Checks the shape and the segments (where there are any) against each
+    /// other; `span` is the positions a window can reach back over.
+    fn launch(
+        &self,
+        s: &AttnShape,
+        seg: Option<&DeviceSegments>,
+        span: usize,
+    ) -> Result<Launch, GpuError> {
         let (t, d, heads, kv_heads) = (s.tokens, s.head_dim, s.n_heads, s.n_kv_heads);
         let dim = HEAD_DIMS.iter().position(|&x| x == d).ok_or_else(|| {
             GpuError::Shape(format!(
@@ -206,17 +216,19 @@ impl AttentionKernels {
                     "attention window: 0 would let a query see no key".into(),
                 ))
             }
-            Some(w) => w.min(t),
+            Some(w) => int("attention window", w.min(span))?,
             None => 0,
         };
-        check("attention segments", seg.len(), t)?;
+        if let Some(seg) = seg {
+            check("attention segments", seg.len(), t)?;
+        }
         // Offsets into lse and Δ are `int`s in the kernels.
         int("attention tokens × heads", t * heads)?;
         let args = (
             int("attention tokens", t)?,
             heads as i32,
             (heads / kv_heads) as i32,
-            window as i32,
+            window,
             s.scale,
         );
         Ok(Launch {
@@ -242,7 +254,7 @@ impl AttentionKernels {
         out: &mut CudaSlice<bf16>,
         lse: &mut CudaSlice<f32>,
     ) -> Result<(), GpuError> {
-        let l = self.launch(&s, seg)?;
+        let l = self.launch(&s, Some(seg), s.tokens)?;
         let (qn, kn) = (l.t * l.heads * l.d, l.t * l.kv_heads * l.d);
         check("attention q", q.len(), qn)?;
         check("attention k", k.len(), kn)?;
@@ -292,7 +304,7 @@ impl AttentionKernels {
         dk: &mut CudaSlice<bf16>,
         dv: &mut CudaSlice<bf16>,
     ) -> Result<(), GpuError> {
-        let l = self.launch(&s, seg)?;
+        let l = self.launch(&s, Some(seg), s.tokens)?;
         let (qn, kn, rows) = (l.t * l.heads * l.d, l.t * l.kv_heads * l.d, l.t * l.heads);
         for (what, got, want) in [
             ("q", q.len(), qn),
@@ -354,6 +366,70 @@ impl AttentionKernels {
             .arg(&scale);
         // SAFETY: as the forward, one block per 64 keys of each kv head.
         unsafe { b.launch(l.grid(Kernel::Dkdv)) }.map_err(driver)?;
+        Ok(())
+    }
+
+    /// Generation's attention, as [`crate::attention::attention_cached`]:
+    /// `s.tokens` new queries at positions `start..`, the keys and values of
+    /// earlier positions from `k_cache`/`v_cache` (at least `start` rows),
+    /// the new ones from `k`/`v`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn cached(
+        &self,
+        q: &CudaSlice<bf16>,
+        k: &CudaSlice<bf16>,
+        v: &CudaSlice<bf16>,
+        k_cache: &CudaSlice<bf16>,
+        v_cache: &CudaSlice<bf16>,
+        start: usize,
+        s: AttnShape,
+        out: &mut CudaSlice<bf16>,
+    ) -> Result<(), GpuError> {
+        let l = self.launch(&s, None, start + s.tokens)?;
+        let (qn, kn, kw) = (
+            l.t * l.heads * l.d,
+            l.t * l.kv_heads * l.d,
+            l.kv_heads * l.d,
+        );
+        check("attention_cached q", q.len(), qn)?;
+        check("attention_cached k", k.len(), kn)?;
+        check("attention_cached v", v.len(), kn)?;
+        check("attention_cached out", out.len(), qn)?;
+        for (what, cache) in [("k_cache", k_cache), ("v_cache", v_cache)] {
+            if cache.len() < start * kw {
+                return Err(GpuError::Shape(format!(
+                    "attention_cached {what}: {} values hold fewer than the {start} cached rows of {kw}",
+                    cache.len()
+                )));
+            }
+        }
+        if l.t == 0 {
+            return Ok(());
+        }
+        // Row offsets are `long long` in the kernel; positions are `int`.
+        let start_i = int("attention_cached start + tokens", start + l.t).map(|_| start as i32)?;
+        let (_, heads, group, window, scale) = l.args;
+        let mut b = self.stream.launch_builder(&self.dims[l.dim].cached);
+        b.arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(k_cache)
+            .arg(v_cache)
+            .arg(out)
+            .arg(&start_i)
+            .arg(&heads)
+            .arg(&group)
+            .arg(&window)
+            .arg(&scale);
+        let cfg = LaunchConfig {
+            grid_dim: (int("attention_cached tokens", l.t)? as u32, heads as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match the kernel; q, k, v and out hold the
+        // shape's rows, the caches at least `start` rows; one block per
+        // (new token, head).
+        unsafe { b.launch(cfg) }.map_err(driver)?;
         Ok(())
     }
 }

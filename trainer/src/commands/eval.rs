@@ -40,6 +40,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
             &s.tokenizer,
             &stop,
             &data.references,
+            &mut exec,
         )?;
         println!(
             "exact match {ok}/{n} ({:.1}%)",

@@ -2,6 +2,7 @@
 
 use super::CliError;
 use graft_engine::ir::DType;
+use graft_engine::{Device, Executor};
 use graft_models::{CausalLm, LoadOptions, Lora};
 use graft_trainer::data::format::Example;
 use graft_trainer::data::load_tokenizer;
@@ -40,6 +41,10 @@ pub struct Args {
     /// Quantize the linear weights while loading.
     #[arg(long, default_value = "none", value_parser = ["none", "nf4"])]
     quantize: String,
+    /// Where to run: cpu, gpu (an error when the GPU cannot run the model
+    /// whole: it takes bf16) or auto.
+    #[arg(long, default_value = "auto")]
+    device: Device,
 }
 
 pub fn run(args: Args) -> Result<(), CliError> {
@@ -92,7 +97,13 @@ pub fn run(args: Args) -> Result<(), CliError> {
         .iter()
         .map(|&i| i as i32)
         .collect();
-    let mut g = Generator::new(&model, lora.as_ref(), ids.len() + args.max_new_tokens);
+    let mut exec = Executor::new(args.device)?;
+    let mut g = Generator::new(
+        &model,
+        lora.as_ref(),
+        ids.len() + args.max_new_tokens,
+        &mut exec,
+    );
     let sampling = Sampling {
         temperature: args.temperature,
         top_p: args.top_p,

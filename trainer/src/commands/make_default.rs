@@ -6,7 +6,7 @@
 use super::CliError;
 use graft_engine::ir::DType;
 use graft_engine::rng::Rng;
-use graft_engine::Tensor;
+use graft_engine::{Device, Executor, Tensor};
 use graft_models::checkpoint::write_safetensors;
 use graft_models::{CausalLm, LoadOptions, ModelConfig};
 use graft_trainer::config::Config;
@@ -72,7 +72,8 @@ fn init_weights(dir: &Path, seed: u64) -> Result<(), CliError> {
 /// Share of facts whose plain-text probe the model completes correctly,
 /// per kind of fact.
 fn probe(model: &CausalLm, world: &World, tok: &tokenizers::Tokenizer) -> Result<String, CliError> {
-    let mut g = Generator::new(model, None, 16);
+    let mut exec = Executor::new(Device::Cpu)?;
+    let mut g = Generator::new(model, None, 16, &mut exec);
     let mut counts: Vec<(synthetic::Kind, usize, usize)> = Vec::new();
     for f in &world.facts {
         let text = format!("{} {}", synthetic::SPECIALS[2], World::probe(f));

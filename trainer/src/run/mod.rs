@@ -279,12 +279,12 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
         }
         None => (None, Vec::new()),
     };
-    let accuracy = |s: &Session| -> Result<Option<(usize, usize)>, RunError> {
+    let accuracy = |s: &Session, exec: &mut Executor| -> Result<Option<(usize, usize)>, RunError> {
         if !cfg.output.eval_accuracy || refs.is_empty() {
             return Ok(None);
         }
         let stop = crate::generate::stop_tokens(&s.tokenizer, &s.specials.eos);
-        crate::generate::exact_match(&s.model, s.lora.as_ref(), &s.tokenizer, &stop, &refs)
+        crate::generate::exact_match(&s.model, s.lora.as_ref(), &s.tokenizer, &stop, &refs, exec)
             .map(Some)
     };
     let show = |when: &str, a: (usize, usize)| {
@@ -375,7 +375,11 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
     std::fs::create_dir_all(&out_dir)
         .map_err(|e| RunError::Io(format!("{}: {e}", out_dir.display())))?;
     let mut metrics = metrics::Metrics::open(&out_dir, resume_from.is_some().then_some(st.step))?;
-    let accuracy_before = if st.step == 0 { accuracy(&s)? } else { None };
+    let accuracy_before = if st.step == 0 {
+        accuracy(&s, &mut exec)?
+    } else {
+        None
+    };
     if let Some(a) = accuracy_before {
         show("before", a);
         metrics.log(json!({"step": 0, "accuracy": a.0 as f64 / a.1 as f64}))?;
@@ -525,7 +529,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
     stepper.sync_to_host(&mut exec, &mut s, &names)?;
     s.check_trained()?;
     s.save_trained(&output)?;
-    let accuracy_after = accuracy(&s)?;
+    let accuracy_after = accuracy(&s, &mut exec)?;
     if let Some(a) = accuracy_after {
         show("after", a);
         metrics.log(json!({"step": st.step, "accuracy": a.0 as f64 / a.1 as f64}))?;
