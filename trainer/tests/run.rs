@@ -376,6 +376,19 @@ fn eval_generate_merge_and_help_work_on_a_trained_adapter() {
         "nope",
     ]));
     assert!(e.contains("--template"), "{e}");
+    // `--device gpu` with f32 compute: without a GPU, no GPU opens; with
+    // one, the GPU has no f32 kernels. Either way one error naming the way
+    // on, never a silent run on the CPU.
+    let e = err(&trainer(&[
+        "generate",
+        "--prompt",
+        "x",
+        "--device",
+        "gpu",
+        "--dtype",
+        "f32",
+    ]));
+    assert!(e.contains("--device cpu"), "{e}");
 
     let merged = tmp("cli-merged");
     let model = graft_trainer::embedded::model_dir().unwrap();
