@@ -1,6 +1,7 @@
 //! The NF4 GEMM on a GPU beside cuBLAS's bf16 GEMM on the same shapes
 //! (forward and input gradient), as criterion benches, then a short table of
-//! medians, TFLOP/s and the ratio to cuBLAS; then causal attention forward
+//! medians, TFLOP/s and the ratio to cuBLAS; then generation's NF4 GEMV
+//! (1 and 8 rows) against dequantize + cuBLAS, and causal attention forward
 //! and backward at the 7B step's shape. Without a GPU it says so and exits.
 //!
 //! Run: `cargo bench --bench gpu` (scripts/gpu-check.sh runs it).
@@ -241,7 +242,36 @@ mod gpu {
                 );
             }
         }
+        gemv_table(&gpu, &gemm, &blas);
         attention_table(&gpu);
+    }
+
+    /// Generation's products (a few rows of x against a 7B layer's
+    /// weights): the NF4 GEMV, which reads the 4-bit codes once, against
+    /// the executor's path for many rows (dequantize, then cuBLAS).
+    fn gemv_table(gpu: &Gpu, gemm: &Nf4Gemm, blas: &CudaBlas) {
+        let s = gpu.stream();
+        println!("\n| M | K | N | nf4 gemv | GB/s of codes | dequantize + cublas |");
+        println!("|---|---|---|---|---|---|");
+        for (k, n) in [(4096, 4096), (4096, 11008), (11008, 4096)] {
+            let c = case(gpu, 1, k, n);
+            let mut wq = s.alloc_zeros::<bf16>(n * k).unwrap();
+            for m in [1, 8] {
+                let x = s
+                    .clone_htod(&random_bf16(&mut Rng::new(3), m * k, 1.0))
+                    .unwrap();
+                let mut y = s.alloc_zeros::<bf16>(m * n).unwrap();
+                let gemv = median_ms(gpu, 20, || {
+                    gemm.gemv(&x, &c.w, m, 1.0, 0.0, &mut y).unwrap()
+                });
+                let deq = median_ms(gpu, 20, || {
+                    gemm.dequantize(&c.w, &mut wq).unwrap();
+                    cublas(blas, &x, &wq, &mut y, m, k, n, true);
+                });
+                let gbs = (n * k) as f64 * (0.5 + 1.0 / 64.0) / (gemv * 1e-3) / 1e9;
+                println!("| {m} | {k} | {n} | {gemv:.4} ms | {gbs:.0} | {deq:.4} ms |");
+            }
+        }
     }
 
     /// Milliseconds per launch of `f`: the median of 7 batches of `n`

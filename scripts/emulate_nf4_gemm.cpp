@@ -2,8 +2,8 @@
 // (scripts/emulate_cuda.h: threads and barriers for the block, scalar twins
 // of mma.sync, ldmatrix, cp.async and cvt.rn.bf16x2), forward and input
 // gradient, with and without its epilogue (LoRA term, addend, column
-// scale), against a double-precision reference on the same bf16 inputs and
-// the same dequantized weights. The weights are random NF4 codes, absmax
+// scale), and the GEMV of generation's few rows, against a double-precision
+// reference on the same bf16 inputs and the same dequantized weights. The weights are random NF4 codes, absmax
 // codes and scales: any bytes are a valid NF4 tensor. Every output starts
 // as NaN; relative L2 above 1e-2 fails. About a minute on the 2-core CPU
 // machine:
@@ -21,24 +21,38 @@ struct Case {
     bool trans, lora, addend, scale;
 };
 
-static void run(const Case& c) {
-    // W [n, k] in NF4: codes two to a byte (even index high), one absmax
-    // code per 64 values, one nested scale per 256 blocks.
-    const size_t nw = (size_t)c.n * c.k, blocks = nw / 64;
-    std::vector<unsigned char> packed(nw / 2), absmax(blocks);
-    for (auto& b : packed) b = (unsigned char)below(256);
-    for (auto& b : absmax) b = (unsigned char)below(256);
-    std::vector<float> nested_scales((blocks + 255) / 256), nested_map(256);
-    for (auto& v : nested_scales) v = uni(0.001f, 0.01f);
-    for (auto& v : nested_map) v = uni(-1.f, 1.f);
-    const float offset = 0.05f;
-    // The kernel's dequantization: NF4[code]·absmax in f32, no FMA, rounded.
-    std::vector<double> w(nw);
+// W [n, k] in NF4: codes two to a byte (even index high), one absmax code
+// per 64 values, one nested scale per 256 blocks; `w` the values the
+// kernels dequantize to (NF4[code]·absmax in f32, no FMA, rounded to bf16).
+struct Weights {
+    std::vector<unsigned char> packed, absmax;
+    std::vector<float> nested_scales, nested_map;
+    float offset = 0.05f;
+    std::vector<double> w;
+};
+static Weights random_weights(int n, int k) {
+    const size_t nw = (size_t)n * k, blocks = nw / 64;
+    Weights r{std::vector<unsigned char>(nw / 2), std::vector<unsigned char>(blocks),
+              std::vector<float>((blocks + 255) / 256), std::vector<float>(256), 0.05f, std::vector<double>(nw)};
+    for (auto& b : r.packed) b = (unsigned char)below(256);
+    for (auto& b : r.absmax) b = (unsigned char)below(256);
+    for (auto& v : r.nested_scales) v = uni(0.001f, 0.01f);
+    for (auto& v : r.nested_map) v = uni(-1.f, 1.f);
     for (size_t e = 0; e < nw; ++e) {
-        const int code = e % 2 ? packed[e / 2] & 15 : packed[e / 2] >> 4;
-        const float am = nested_map[absmax[e / 64]] * nested_scales[e / 64 / 256] + offset;
-        w[e] = bf16_to_f32(f32_to_bf16(NF4[code] * am));
+        const int code = e % 2 ? r.packed[e / 2] & 15 : r.packed[e / 2] >> 4;
+        const float am = r.nested_map[r.absmax[e / 64]] * r.nested_scales[e / 64 / 256] + r.offset;
+        r.w[e] = bf16_to_f32(f32_to_bf16(NF4[code] * am));
     }
+    return r;
+}
+
+static void run(const Case& c) {
+    const size_t nw = (size_t)c.n * c.k;
+    Weights wt = random_weights(c.n, c.k);
+    auto &packed = wt.packed, &absmax = wt.absmax;
+    auto &nested_scales = wt.nested_scales, &nested_map = wt.nested_map;
+    const float offset = wt.offset;
+    const std::vector<double>& w = wt.w;
     const int inner = c.trans ? c.n : c.k, width = c.trans ? c.k : c.n;
     std::vector<bf16_t> x((size_t)c.m * inner), add((size_t)c.m * width);
     for (auto& v : x) v = f32_to_bf16(uni(-1.f, 1.f));
@@ -102,6 +116,43 @@ static void run(const Case& c) {
     expect(e < 1e-2, what, e);
 }
 
+// The GEMV of generation's few rows (nf4_gemv_*): y = scale·x·Wᵀ, or plus
+// beta·y, to f32 and bf16, against the double reference on the same
+// dequantized weights; rows of W not a multiple of a block's 8 warps, and
+// words of codes not a multiple of the warp's 32 lanes.
+template <typename TO>
+static void run_gemv(int m, int n, int k, float beta) {
+    Weights wt = random_weights(n, k);
+    std::vector<bf16_t> x((size_t)m * k);
+    for (auto& v : x) v = f32_to_bf16(uni(-1.f, 1.f));
+    std::vector<TO> y((size_t)m * n);
+    std::vector<double> want(y.size());
+    const float scale = 0.75f;
+    for (size_t i = 0; i < y.size(); ++i) {
+        const float y0 = uni(-1.f, 1.f);
+        st(y.data(), i, beta != 0.f ? y0 : NAN);  // beta 0: y is not read
+        const double prior = beta != 0.f ? (double)ld(y.data(), i) : 0.0;
+        double acc = 0;
+        for (int p = 0; p < k; ++p) acc += bf16_to_f32(x[i / n * k + p]) * wt.w[(i % n) * k + p];
+        want[i] = scale * acc + beta * prior;
+    }
+    launch(Dim3{(unsigned)((n + 7) / 8), 1, 1}, 256, 0, [&] {
+        if constexpr (sizeof(TO) == 4)
+            nf4_gemv_f32(x.data(), m, k, wt.packed.data(), wt.absmax.data(), wt.nested_scales.data(),
+                         wt.nested_map.data(), wt.offset, y.data(), n, scale, beta);
+        else
+            nf4_gemv_bf16(x.data(), m, k, wt.packed.data(), wt.absmax.data(), wt.nested_scales.data(),
+                          wt.nested_map.data(), wt.offset, y.data(), n, scale, beta);
+    });
+    std::vector<double> got(y.size());
+    for (size_t i = 0; i < y.size(); ++i) got[i] = ld(y.data(), i);
+    char what[160];
+    snprintf(what, sizeof what, "nf4 gemv %s m=%d n=%d k=%d beta=%g", sizeof(TO) == 4 ? "f32 " : "bf16", m, n, k,
+             beta);
+    const double e = rel_l2(got, want);
+    expect(e < (sizeof(TO) == 4 ? 1e-5 : 1e-2), what, e);
+}
+
 int main() {
     // Ragged m and output width against the 256 x 128 tile; ranks under, at
     // and past one 16-rank staging round.
@@ -119,6 +170,10 @@ int main() {
         {261, 264, 256, 20, true, true, true, true},
     };
     for (const Case& c : cases) run(c);
+    run_gemv<float>(1, 37, 192, 0.f);
+    run_gemv<float>(3, 200, 2112, 1.f);
+    run_gemv<bf16_t>(8, 77, 576, 0.f);
+    run_gemv<bf16_t>(5, 64, 64, 1.f);
     printf("ldmatrix bank conflicts: %ld of %ld phases\n", g_ldsm_conflicts.load(), g_ldsm_phases.load());
     printf("%d failures\n", fails);
     return fails != 0;

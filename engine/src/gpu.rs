@@ -23,7 +23,7 @@ use graft_kernels::bf16;
 use graft_kernels::cuda::{
     device_addr, AttentionKernels, Borrowed, DeviceNf4, DeviceSegments, DoraKernels,
     ElementwiseKernels, EmbeddingKernels, Gpu, GpuError, Ids, LossKernels, Nf4Gemm, RowKernels,
-    UpdateKernels, ATTENTION_HEAD_DIMS, DORA_MAX_RANK,
+    UpdateKernels, ATTENTION_HEAD_DIMS, DORA_MAX_RANK, NF4_GEMV_MAX_M,
 };
 use graft_kernels::update::AdamWStep;
 use std::collections::hash_map::Entry;
@@ -1640,6 +1640,20 @@ impl<'a> Run<'a> {
         beta: f32,
     ) -> Result<(), String> {
         let w = self.nf4(w)?;
+        let m = self.graph().shape(y)[0];
+        // Generation's few rows: the codes read once, no dequantized copy.
+        if tb && m <= NF4_GEMV_MAX_M {
+            let xv = self.val::<bf16>(x)?;
+            return by_float!(self.graph().dtype(y), T => self.k.nf4.gemv::<T>(
+                &xv,
+                w,
+                m,
+                scale,
+                beta,
+                &mut *self.val::<T>(y)?,
+            ))
+            .map_err(|e| e.to_string());
+        }
         let mut wd = self.scratch::<bf16>(0, w.rows * w.cols)?;
         self.k
             .nf4
@@ -1654,7 +1668,6 @@ impl<'a> Run<'a> {
             addr: self.scratch,
             dtype: DType::BF16,
         };
-        let m = self.graph().shape(y)[0];
         self.gemm(
             self.mat(x)?,
             b,

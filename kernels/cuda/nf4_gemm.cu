@@ -587,3 +587,73 @@ extern "C" __global__ void nf4_dequantize(const unsigned char* packed, const uns
         ((uint4*)out)[i] = make_uint4(p[0], p[1], p[2], p[3]);
     }
 }
+
+// y[m, n] = scale · Σ_k x[m, k] · W[n, k] (+ beta · y[m, n] when beta ≠ 0)
+// for at most NF4_GEMV_MAX_M rows of x: generation's products, where the
+// dequantized copy (written and read again whole for one token) would cost
+// 2.5x the 4-bit codes' reading. A warp per weight row n: its lanes take
+// one 32-bit word of codes (8 weights, inside one 64-block) at a time,
+// dequantize as nf4_dequantize does (bf16 weights, bit for bit those the
+// GEMM path multiplies) and multiply in f32; the warp's sums add by
+// shuffles. x and y are row-major, k a multiple of 64.
+#define NF4_GEMV_MAX_M 8
+template <typename TO>
+__device__ void nf4_gemv(const bf16_t* x, int m, int k, const unsigned char* packed, const unsigned char* absmax,
+                         const float* nested_scales, const float* nested_map, float offset, TO* y, int n,
+                         float scale, float beta) {
+    __shared__ float lut[16];
+    if (threadIdx.x < 16) lut[threadIdx.x] = NF4[threadIdx.x];
+    __syncthreads();
+    const int lane = threadIdx.x & 31;
+    const int row = (int)(((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5);
+    if (row >= n) return;
+    const int words = k / 8;
+    const u32* codes = (const u32*)packed + (long long)row * words;
+    float acc[NF4_GEMV_MAX_M];
+#pragma unroll
+    for (int i = 0; i < NF4_GEMV_MAX_M; i++) acc[i] = 0.f;
+    for (int w = lane; w < words; w += 32) {
+        const long long b = ((long long)row * words + w) >> 3;  // its 64-block
+        const float am = nested_map[absmax[b]] * nested_scales[b >> 8] + offset;
+        const u32 word = codes[w];
+        float wv[8];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            // Byte j: element 2j in the high nibble, 2j + 1 in the low one.
+            const u32 byte = (word >> (8 * j)) & 0xffu;
+            wv[2 * j] = bf16_to_f32(f32_to_bf16(lut[byte >> 4] * am));
+            wv[2 * j + 1] = bf16_to_f32(f32_to_bf16(lut[byte & 15u] * am));
+        }
+#pragma unroll
+        for (int i = 0; i < NF4_GEMV_MAX_M; i++) {
+            if (i >= m) break;
+            const uint4 xv = *(const uint4*)(x + (long long)i * k + 8 * w);
+            const u32 xs[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                acc[i] += bf16_to_f32((bf16_t)(xs[j] & 0xffffu)) * wv[2 * j];
+                acc[i] += bf16_to_f32((bf16_t)(xs[j] >> 16)) * wv[2 * j + 1];
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < NF4_GEMV_MAX_M; i++) {
+        if (i >= m) break;
+        float s = acc[i];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (lane == 0) {
+            const size_t at = (size_t)i * n + row;
+            st(y, at, beta != 0.f ? scale * s + beta * ld(y, at) : scale * s);
+        }
+    }
+}
+#define NF4_GEMV(name, TO)                                                                                  \
+    extern "C" __global__ void name(const bf16_t* x, int m, int k, const unsigned char* packed,             \
+                                    const unsigned char* absmax, const float* nested_scales,               \
+                                    const float* nested_map, float offset, TO* y, int n, float scale,      \
+                                    float beta) {                                                          \
+        nf4_gemv(x, m, k, packed, absmax, nested_scales, nested_map, offset, y, n, scale, beta);            \
+    }
+NF4_GEMV(nf4_gemv_f32, float)
+NF4_GEMV(nf4_gemv_bf16, bf16_t)

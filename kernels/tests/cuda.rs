@@ -109,6 +109,68 @@ fn nf4_gemm_matches_the_cpu_reference() {
     }
 }
 
+/// The GEMV of generation's few rows against the CPU's `nf4_matmul` (bf16
+/// compute) on the same weights: 1 to 8 rows, weight rows not a multiple
+/// of a block's 8 warps, f32 and bf16 outputs, scaled, and added to what
+/// the output held (beta 1). Nine rows are refused.
+#[test]
+fn nf4_gemv_matches_the_cpu_reference() {
+    use graft_kernels::cuda::NF4_GEMV_MAX_M;
+    let Some(gpu) = gpu() else { return };
+    let gemm = Nf4Gemm::new(&gpu).unwrap();
+    let s = gpu.stream();
+    let mut r = Gen::new(11);
+    for (m, n, k) in [(1, 37, 64), (3, 200, 2112), (8, 1000, 576), (5, 4096, 4096)] {
+        let w: Vec<f32> = (0..n * k).map(|_| r.uniform(-0.05, 0.05)).collect();
+        let p = quantize(&w, 64).unwrap();
+        let wv = p.view(n, k);
+        let dw = DeviceNf4::upload(&gpu, &wv).unwrap();
+        let x: Vec<bf16> = to_elem(&r.vec(m * k, -1.0, 1.0));
+        let x32: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        let mut prod = vec![0f32; m * n];
+        nf4_matmul(&x32, &wv, m, true, true, &mut prod);
+        let xd = s.clone_htod(&x).unwrap();
+        let prior = r.vec(m * n, -1.0, 1.0);
+        let (scale, what) = (0.5f32, format!("nf4 gemv m={m} n={n} k={k}"));
+        // f32 out, beta 0 over NaN (not read), then beta 1.
+        for beta in [0.0f32, 1.0] {
+            let y0 = if beta == 0.0 {
+                vec![f32::NAN; m * n]
+            } else {
+                prior.clone()
+            };
+            let want: Vec<f64> = prod
+                .iter()
+                .zip(&prior)
+                .map(|(&p, &y)| (scale * p) as f64 + if beta == 0.0 { 0.0 } else { y as f64 })
+                .collect();
+            let mut yd = s.clone_htod(&y0).unwrap();
+            gemm.gemv(&xd, &dw, m, scale, beta, &mut yd).unwrap();
+            let e = rel_l2(&s.clone_dtoh(&yd).unwrap(), &want);
+            eprintln!("{what} f32 beta={beta}: rel L2 vs CPU {e:.2e}");
+            assert!(e < 1e-5, "{what} f32 beta={beta}: {e}");
+        }
+        let want: Vec<f64> = prod.iter().map(|&p| (scale * p) as f64).collect();
+        let mut yd = s
+            .clone_htod(&vec![bf16::from_f32(f32::NAN); m * n])
+            .unwrap();
+        gemm.gemv(&xd, &dw, m, scale, 0.0, &mut yd).unwrap();
+        let e = rel_l2(&s.clone_dtoh(&yd).unwrap(), &want);
+        eprintln!("{what} bf16: rel L2 vs CPU {e:.2e}");
+        assert!(e < 1e-2, "{what} bf16: {e}");
+    }
+    let w = quantize(&vec![0.01f32; 64 * 64], 64).unwrap();
+    let dw = DeviceNf4::upload(&gpu, &w.view(64, 64)).unwrap();
+    let m = NF4_GEMV_MAX_M + 1;
+    let xd = s.clone_htod(&vec![bf16::ZERO; m * 64]).unwrap();
+    let mut yd = s.clone_htod(&vec![0f32; m * 64]).unwrap();
+    let e = gemm
+        .gemv(&xd, &dw, m, 1.0, 0.0, &mut yd)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("up to 8"), "{e}");
+}
+
 /// The NF4 GEMM's epilogue (LoRA term, addend, column scale; each alone
 /// and all together) against the CPU's bf16 `gemm_sum` of the same terms,
 /// forward and input gradient, ranks below, at and past one 16-rank

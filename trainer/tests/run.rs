@@ -380,13 +380,7 @@ fn eval_generate_merge_and_help_work_on_a_trained_adapter() {
     // one, the GPU has no f32 kernels. Either way one error naming the way
     // on, never a silent run on the CPU.
     let e = err(&trainer(&[
-        "generate",
-        "--prompt",
-        "x",
-        "--device",
-        "gpu",
-        "--dtype",
-        "f32",
+        "generate", "--prompt", "x", "--device", "gpu", "--dtype", "f32",
     ]));
     assert!(e.contains("--device cpu"), "{e}");
 

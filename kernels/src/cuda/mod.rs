@@ -20,7 +20,7 @@ pub use elementwise::{DeviceElem, ElementwiseKernels};
 pub use embedding::EmbeddingKernels;
 pub use ids::{DeviceIds, Ids};
 pub use loss::LossKernels;
-pub use nf4::{DeviceNf4, LoraTerm, Nf4Epilogue, Nf4Gemm};
+pub use nf4::{DeviceNf4, LoraTerm, Nf4Epilogue, Nf4Gemm, NF4_GEMV_MAX_M};
 pub use rows::RowKernels;
 pub use update::UpdateKernels;
 

@@ -2,9 +2,11 @@
 //! `x·dequant(W)ᵀ` and input gradient `dy·dequant(W)`, bf16 in and out, f32
 //! accumulation, with LoRA's term, an addend and DoRA's column scale in its
 //! epilogue; the CPU twin is [`crate::gemm::gemm_sum`] in bf16 (and, without
-//! an epilogue, [`crate::nf4::nf4_matmul`] with bf16 compute).
+//! an epilogue, [`crate::nf4::nf4_matmul`] with bf16 compute). Also the
+//! dequantization alone (the executor's path: then cuBLAS) and a GEMV for
+//! generation's few rows.
 
-use super::{check, driver, int, Gpu, GpuError};
+use super::{check, driver, int, DeviceElem, Gpu, GpuError};
 use crate::bf16;
 use crate::nf4::Nf4;
 use cudarc::driver::sys::CUfunction_attribute_enum;
@@ -89,8 +91,14 @@ pub struct Nf4Gemm {
     fwd: CudaFunction,
     dgrad: CudaFunction,
     dequant: CudaFunction,
+    /// `nf4_gemv_{f32,bf16}`, by [`DeviceElem::INDEX`].
+    gemv: [CudaFunction; 2],
     stream: Arc<CudaStream>,
 }
+
+/// The most rows of x [`Nf4Gemm::gemv`] takes (NF4_GEMV_MAX_M in
+/// nf4_gemm.cu).
+pub const NF4_GEMV_MAX_M: usize = 8;
 
 /// The kernel's block tile (BM x BN in nf4_gemm.cu): rows of x, output columns.
 const TILE_M: usize = 256;
@@ -116,6 +124,10 @@ impl Nf4Gemm {
             fwd,
             dgrad,
             dequant: m.load_function("nf4_dequantize").map_err(driver)?,
+            gemv: [
+                m.load_function("nf4_gemv_f32").map_err(driver)?,
+                m.load_function("nf4_gemv_bf16").map_err(driver)?,
+            ],
             stream: gpu.stream().clone(),
         })
     }
@@ -138,6 +150,60 @@ impl Nf4Gemm {
         // SAFETY: the arguments match the kernel; out holds the n values the
         // grid-stride loop writes, 8 per word of the n/2 code bytes.
         unsafe { l.launch(super::elementwise(n / 8)) }.map_err(driver)?;
+        Ok(())
+    }
+
+    /// `y[m, rows] = scale·x[m, cols]·Wᵀ + beta·y` for `m` up to
+    /// [`NF4_GEMV_MAX_M`] (generation's products): reads the 4-bit codes
+    /// once, a warp per row of W, instead of a dequantized copy; the
+    /// weights are those [`Nf4Gemm::dequantize`] gives, the sums f32.
+    /// `beta = 0` does not read `y`.
+    pub fn gemv<T: DeviceElem>(
+        &self,
+        x: &CudaSlice<bf16>,
+        w: &DeviceNf4,
+        m: usize,
+        scale: f32,
+        beta: f32,
+        y: &mut CudaSlice<T>,
+    ) -> Result<(), GpuError> {
+        if m > NF4_GEMV_MAX_M {
+            return Err(GpuError::Shape(format!(
+                "nf4 gemv: {m} rows of x, the kernel takes up to {NF4_GEMV_MAX_M}"
+            )));
+        }
+        check("nf4 gemv x", x.len(), m * w.cols)?;
+        check("nf4 gemv y", y.len(), m * w.rows)?;
+        if m == 0 || w.rows == 0 {
+            return Ok(());
+        }
+        let (m_i, k_i, n_i) = (
+            m as i32,
+            int("nf4 gemv cols", w.cols)?,
+            int("nf4 gemv rows", w.rows)?,
+        );
+        let mut l = self.stream.launch_builder(&self.gemv[T::INDEX]);
+        l.arg(x)
+            .arg(&m_i)
+            .arg(&k_i)
+            .arg(&w.packed)
+            .arg(&w.absmax)
+            .arg(&w.nested_scales)
+            .arg(&w.nested_map)
+            .arg(&w.offset)
+            .arg(y)
+            .arg(&n_i)
+            .arg(&scale)
+            .arg(&beta);
+        // A warp per row of W: 8 rows a block of 256 threads.
+        let cfg = LaunchConfig {
+            grid_dim: (w.rows.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match the kernel; x holds m rows of cols
+        // (a multiple of 64: `upload`), y m rows of rows; one warp per row.
+        unsafe { l.launch(cfg) }.map_err(driver)?;
         Ok(())
     }
 
