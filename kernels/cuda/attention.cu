@@ -216,7 +216,9 @@ __device__ void attn_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16
     bf16_t* sq = (bf16_t*)smem;
     bf16_t* sk = sq + ATT_ROWS * S;
     bf16_t* sv = sk + ATT_ROWS * S;
-    const int h = blockIdx.y, i0 = blockIdx.x * ATT_ROWS;
+    // The last query blocks see the most keys: they go first (blocks start in
+    // index order), so the grid's tail is short blocks.
+    const int h = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * ATT_ROWS;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const long long qw = (long long)a.n_heads * D, kw = (long long)(a.n_heads / a.group) * D;
     const int kcol = (h / a.group) * D;
@@ -344,7 +346,7 @@ __device__ void attn_dq(const bf16_t* q, const bf16_t* k, const bf16_t* v, const
     bf16_t* sdo = sq + ATT_ROWS * S;
     bf16_t* sk = sdo + ATT_ROWS * S;
     bf16_t* sv = sk + ATT_ROWS * S;
-    const int h = blockIdx.y, i0 = blockIdx.x * ATT_ROWS;
+    const int h = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * ATT_ROWS;  // longest first, as the forward
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const long long qw = (long long)a.n_heads * D, kw = (long long)(a.n_heads / a.group) * D;
     const int kcol = (h / a.group) * D;
