@@ -79,17 +79,8 @@ impl<'a> Generator<'a> {
         }
     }
 
-    /// Runs `ids` at positions `start..`, appends their keys and values to
-    /// the cache and returns the logits of the last one.
-    fn forward(&mut self, ids: &[i32], start: usize) -> Result<Vec<f32>, RunError> {
-        let n = ids.len();
-        if start + n > self.capacity {
-            return Err(RunError::Invalid(format!(
-                "generation needs {} positions but the cache holds {}",
-                start + n,
-                self.capacity
-            )));
-        }
+    /// Records and compiles the plan for `n` new tokens, once.
+    fn prepare(&mut self, n: usize) -> Result<(), RunError> {
         if !self.plans.contains_key(&n) {
             let rec = self.model.record(
                 n,
@@ -107,6 +98,28 @@ impl<'a> Generator<'a> {
             self.exec.require_gpu(&plan)?;
             self.plans.insert(n, (rec, plan));
         }
+        Ok(())
+    }
+
+    /// Where the steps of one new token run, in words (the GPU, or the CPU
+    /// and why).
+    pub fn placement(&mut self) -> Result<String, RunError> {
+        self.prepare(1)?;
+        Ok(self.exec.placement(&self.plans[&1].1))
+    }
+
+    /// Runs `ids` at positions `start..`, appends their keys and values to
+    /// the cache and returns the logits of the last one.
+    fn forward(&mut self, ids: &[i32], start: usize) -> Result<Vec<f32>, RunError> {
+        let n = ids.len();
+        if start + n > self.capacity {
+            return Err(RunError::Invalid(format!(
+                "generation needs {} positions but the cache holds {}",
+                start + n,
+                self.capacity
+            )));
+        }
+        self.prepare(n)?;
         let (rec, plan) = &self.plans[&n];
         let pos: Vec<i32> = (start..start + n).map(|p| p as i32).collect();
         let batch = Batch {

@@ -104,6 +104,8 @@ pub fn run(args: Args) -> Result<(), CliError> {
         ids.len() + args.max_new_tokens,
         &mut exec,
     );
+    // On stderr: stdout is the generated text alone.
+    eprintln!("device: {}", g.placement()?);
     let sampling = Sampling {
         temperature: args.temperature,
         top_p: args.top_p,
