@@ -63,13 +63,22 @@ pub fn run(args: Args) -> Result<(), CliError> {
                 graft_engine::device_bytes_needed(step.plan()) as f64 / 1e9
             ),
             missing => {
-                let (n, why) = &missing[0];
                 println!(
-                    "  GPU: {} nodes have no kernel (first: %{} {}: {why}); --device auto runs this plan on the CPU",
-                    missing.len(),
-                    n.0,
-                    step.plan().graph().node(*n).op.name()
+                    "  GPU: {} nodes have no kernel; --device auto runs this plan on the CPU:",
+                    missing.len()
                 );
+                // Each kind of op and reason once, with its count, in plan order.
+                let mut kinds: Vec<(&str, &str, usize)> = Vec::new();
+                for (n, why) in missing {
+                    let op = step.plan().graph().node(*n).op.name();
+                    match kinds.iter_mut().find(|k| k.0 == op && k.1 == why) {
+                        Some(k) => k.2 += 1,
+                        None => kinds.push((op, why, 1)),
+                    }
+                }
+                for (op, why, count) in kinds {
+                    println!("    {count:>4} × {op}: {why}");
+                }
             }
         }
     }
