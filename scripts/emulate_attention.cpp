@@ -7,7 +7,7 @@
 // head dims 32, 64 and 128. Every output starts as NaN; relative L2 above 1e-2
 // fails, as does a backward that differs bit for bit between two runs. The
 // kernels' shared-memory sizes are their own attn_smem_bytes, allocated
-// exactly, under AddressSanitizer. A few minutes on the 2-core CPU machine:
+// exactly, under AddressSanitizer. About four minutes on the 2-core CPU machine:
 //
 //   g++ -std=c++20 -O1 -g -fsanitize=address,undefined -ffp-contract=off -pthread \
 //       scripts/emulate_attention.cpp -o /tmp/emulate_attention && /tmp/emulate_attention
@@ -21,14 +21,18 @@ struct Shape {
     int t, heads, kv_heads, d, window, segments;
 };
 
-static std::vector<double> widen(const std::vector<bf16_t>& x) {
+// Values of bf16 or f32 arrays as doubles, and arrays of NaN or random
+// values (rounded to the element type).
+template <typename T>
+static std::vector<double> wide(const std::vector<T>& x) {
     std::vector<double> r(x.size());
-    for (size_t i = 0; i < x.size(); ++i) r[i] = bf16_to_f32(x[i]);
+    for (size_t i = 0; i < x.size(); ++i) r[i] = ld(x.data(), i);
     return r;
 }
-static std::vector<bf16_t> random_bf16(size_t n, float lo, float hi) {
-    std::vector<bf16_t> r(n);
-    for (auto& v : r) v = f32_to_bf16(uni(lo, hi));
+template <typename T>
+static std::vector<T> filled(size_t n, float lo, float hi) {
+    std::vector<T> r(n);
+    for (size_t i = 0; i < n; ++i) st(r.data(), i, std::isnan(lo) ? NAN : uni(lo, hi));
     return r;
 }
 
@@ -63,6 +67,27 @@ struct Kernels {
             BY_DIM(attn_dkdv, (q, k, v, dout, lse, delta, dk, dv, rs_, s.t, s.heads, group, s.window, scale));
         });
     }
+    // f32: the CUDA-core kernels, a block per row and head.
+    static void forward(const Shape& s, const float* q, const float* k, const float* v, const int* rs_,
+                        float scale, float* out, float* lse) {
+        const int group = s.heads / s.kv_heads;
+        launch(Dim3{(unsigned)s.t, (unsigned)s.heads, 1}, ATT_THREADS, 0, [&] {
+            BY_DIM(attn_f32_fwd, (q, k, v, out, lse, rs_, s.t, s.heads, group, s.window, scale));
+        });
+    }
+    static void backward(const Shape& s, const float* q, const float* k, const float* v, const int* rs_,
+                         float scale, const float* out, const float* lse, const float* dout, float* delta,
+                         float* dq, float* dk, float* dv) {
+        const int rows = s.t * s.heads, group = s.heads / s.kv_heads;
+        launch(Dim3{(unsigned)std::clamp((rows * 32 + 255) / 256, 1, 5), 1, 1}, 256, 0,
+               [&] { attn_delta_f32(out, dout, delta, rows, D); });
+        launch(Dim3{(unsigned)s.t, (unsigned)s.heads, 1}, ATT_THREADS, 0, [&] {
+            BY_DIM(attn_f32_dq, (q, k, v, dout, lse, delta, dq, rs_, s.t, s.heads, group, s.window, scale));
+        });
+        launch(Dim3{(unsigned)s.t, (unsigned)s.kv_heads, 1}, ATT_THREADS, 0, [&] {
+            BY_DIM(attn_f32_dkdv, (q, k, v, dout, lse, delta, dk, dv, rs_, s.t, s.heads, group, s.window, scale));
+        });
+    }
 };
 
 // Generation's step (attn_cached_D): n new queries after `start` cached
@@ -74,7 +99,7 @@ static void test_cached(int start, int n, int H, int KH, int window, int cap) {
     const int total = start + n, group = H / KH;
     const size_t qw = (size_t)H * D, kw = (size_t)KH * D;
     const float scale = 1.0f / std::sqrt((float)D);
-    auto q = random_bf16(n * qw, -2, 2), k = random_bf16(total * kw, -2, 2), v = random_bf16(total * kw, -1, 1);
+    auto q = filled<bf16_t>(n * qw, -2, 2), k = filled<bf16_t>(total * kw, -2, 2), v = filled<bf16_t>(total * kw, -1, 1);
     std::vector<bf16_t> kc(cap * kw, 0x7fc0), vc(cap * kw, 0x7fc0);
     std::copy(k.begin(), k.begin() + start * kw, kc.begin());
     std::copy(v.begin(), v.begin() + start * kw, vc.begin());
@@ -85,7 +110,7 @@ static void test_cached(int start, int n, int H, int KH, int window, int cap) {
         else if constexpr (D == 64) attn_cached_64(q.data(), kn, vn, kc.data(), vc.data(), out.data(), start, H, group, window, scale);
         else attn_cached_128(q.data(), kn, vn, kc.data(), vc.data(), out.data(), start, H, group, window, scale);
     });
-    const auto Q = widen(q), K = widen(k), V = widen(v);
+    const auto Q = wide(q), K = wide(k), V = wide(v);
     std::vector<double> O(n * qw, 0), p(total);
     for (int h = 0; h < H; ++h)
         for (int i = 0; i < n; ++i) {
@@ -103,11 +128,13 @@ static void test_cached(int start, int n, int H, int KH, int window, int cap) {
     char what[200];
     snprintf(what, sizeof what, "attention_cached start=%d n=%d heads=%d/%d d=%d window=%d out rel L2", start, n, H,
              KH, D, window);
-    const double e = rel_l2(widen(out), O);
+    const double e = rel_l2(wide(out), O);
     expect(e < 5e-3, what, e);
 }
 
-template <int D>
+// The tiled tensor-core kernels on bf16 (T = bf16_t), or the CUDA-core
+// kernels on f32 (T = float: bound 1e-5, as the f32 bound).
+template <int D, typename T = bf16_t>
 static void test(const Shape& s, float range) {
     const int t = s.t, H = s.heads, KH = s.kv_heads, group = H / KH;
     const size_t qw = (size_t)H * D, kw = (size_t)KH * D;
@@ -120,23 +147,27 @@ static void test(const Shape& s, float range) {
         for (int i = cut; i < t; ++i) seg[i]++;
     }
     for (int i = 0; i < t; ++i) run_start[i] = i > 0 && seg[i] == seg[i - 1] ? run_start[i - 1] : i;
-    auto q = random_bf16(t * qw, -range, range), k = random_bf16(t * kw, -range, range),
-         v = random_bf16(t * kw, -1, 1), dout = random_bf16(t * qw, -1, 1);
+    auto q = filled<T>(t * qw, -range, range), k = filled<T>(t * kw, -range, range),
+         v = filled<T>(t * kw, -1, 1), dout = filled<T>(t * qw, -1, 1);
+    auto nans = [](size_t n) { return filled<T>(n, NAN, NAN); };
 
-    std::vector<bf16_t> out(t * qw, 0x7fc0), dq(t * qw, 0x7fc0), dk(t * kw, 0x7fc0), dv(t * kw, 0x7fc0);
+    auto out = nans(t * qw), dq = nans(t * qw), dk = nans(t * kw), dv = nans(t * kw);
     std::vector<float> lse((size_t)t * H, NAN), delta((size_t)t * H, NAN);
     Kernels<D>::forward(s, q.data(), k.data(), v.data(), run_start.data(), scale, out.data(), lse.data());
     Kernels<D>::backward(s, q.data(), k.data(), v.data(), run_start.data(), scale, out.data(), lse.data(),
                          dout.data(), delta.data(), dq.data(), dk.data(), dv.data());
     // A second backward from NaN again: bit-identical.
-    std::vector<bf16_t> dq2(t * qw, 0x7fc0), dk2(t * kw, 0x7fc0), dv2(t * kw, 0x7fc0);
+    auto dq2 = nans(t * qw), dk2 = nans(t * kw), dv2 = nans(t * kw);
     std::vector<float> delta2((size_t)t * H, NAN);
     Kernels<D>::backward(s, q.data(), k.data(), v.data(), run_start.data(), scale, out.data(), lse.data(),
                          dout.data(), delta2.data(), dq2.data(), dk2.data(), dv2.data());
-    const bool same = dq == dq2 && dk == dk2 && dv == dv2;
+    auto bits = [](const std::vector<T>& x) {
+        return std::vector<unsigned char>((const unsigned char*)x.data(), (const unsigned char*)(x.data() + x.size()));
+    };
+    const bool same = bits(dq) == bits(dq2) && bits(dk) == bits(dk2) && bits(dv) == bits(dv2);
 
-    // The reference, in double from the same bf16 inputs.
-    const auto Q = widen(q), K = widen(k), V = widen(v), DO = widen(dout);
+    // The reference, in double from the same inputs.
+    const auto Q = wide(q), K = wide(k), V = wide(v), DO = wide(dout);
     std::vector<double> O(t * qw, 0), L((size_t)t * H), DQ(t * qw, 0), DK(t * kw, 0), DV(t * kw, 0);
     auto visible = [&](int i, int j) { return j <= i && seg[j] == seg[i] && (s.window == 0 || i - j < s.window); };
     std::vector<double> p(t), dp(t);
@@ -185,14 +216,16 @@ static void test(const Shape& s, float range) {
     double dout_norm = 0;
     for (double x : DO) dout_norm += x * x;
     const double floor = 1e-2 * std::sqrt(dout_norm);
-    const double e[5] = {rel_l2(widen(out), O), rel_l2(std::vector<double>(lse.begin(), lse.end()), L),
-                         rel_l2(widen(dq), DQ, floor), rel_l2(widen(dk), DK, floor), rel_l2(widen(dv), DV)};
+    const double e[5] = {rel_l2(wide(out), O), rel_l2(std::vector<double>(lse.begin(), lse.end()), L),
+                         rel_l2(wide(dq), DQ, floor), rel_l2(wide(dk), DK, floor), rel_l2(wide(dv), DV)};
+    const bool f32 = sizeof(T) == 4;
     for (int o = 0; o < 5; ++o) {
-        snprintf(what, sizeof what, "attention t=%d heads=%d/%d d=%d window=%d segments=%d %s rel L2", t, H, KH, D,
-                 s.window, s.segments, name[o]);
-        expect(e[o] < 1e-2, what, e[o]);
+        snprintf(what, sizeof what, "attention%s t=%d heads=%d/%d d=%d window=%d segments=%d %s rel L2",
+                 f32 ? " f32" : "", t, H, KH, D, s.window, s.segments, name[o]);
+        expect(e[o] < (f32 ? 1e-5 : 1e-2), what, e[o]);
     }
-    snprintf(what, sizeof what, "attention t=%d heads=%d/%d d=%d backward deterministic", t, H, KH, D);
+    snprintf(what, sizeof what, "attention%s t=%d heads=%d/%d d=%d backward deterministic", f32 ? " f32" : "", t, H,
+             KH, D);
     expect(same, what, 0);
 }
 
@@ -219,6 +252,11 @@ int main() {
     test<128>({97, 4, 1, 128, 70, 2}, 3.0f);
     test<128>({257, 4, 1, 128, 64, 3}, 1.0f);
     test<128>({195, 4, 2, 128, 0, 1}, 2.0f);
+    // f32 on the CUDA-core kernels: ragged lengths, segments, windows, GQA.
+    // (Short: the emulator starts 128 threads for each row's block.)
+    test<32, float>({29, 4, 1, 32, 9, 3}, 3.0f);
+    test<64, float>({24, 4, 4, 64, 0, 2}, 2.0f);
+    test<128, float>({21, 4, 2, 128, 7, 1}, 3.0f);
     // Generation: a prompt (start 0), single tokens after it, a window, MQA.
     test_cached<32>(0, 7, 4, 2, 0, 16);
     test_cached<64>(37, 1, 4, 1, 0, 64);

@@ -818,14 +818,22 @@ pub fn gpu_unsupported(plan: &Plan) -> Vec<(NodeId, String)> {
             Op::GatedActGrad(_) => (!all_bf16(&[0, 1, 2])).then(|| "not bf16".into()),
             Op::Attention(spec) | Op::AttentionGrad(spec) | Op::AttentionCached(spec) => {
                 let fed = |i: usize| matches!(g.value(node.inputs[i]).source, Source::Input { .. });
-                if !all_bf16(&[0, 1, 2]) {
-                    Some(format!("{} q, k, v (the kernels take bf16)", dt(0)))
+                let cached = matches!(node.op, Op::AttentionCached(_));
+                // Training's passes take f32 (CUDA cores) or bf16 (tensor
+                // cores) rows; generation's, bf16.
+                let same = dt(0) == dt(1) && dt(1) == dt(2) && float(dt(0));
+                if !same || (cached && !all_bf16(&[0, 1, 2])) {
+                    Some(format!(
+                        "{} q, k, v (the kernels take {})",
+                        dt(0),
+                        if cached { "bf16" } else { "f32 or bf16" }
+                    ))
                 } else if !ATTENTION_HEAD_DIMS.contains(&spec.head_dim) {
                     Some(format!(
                         "head dim {} (kernels for {ATTENTION_HEAD_DIMS:?})",
                         spec.head_dim
                     ))
-                } else if matches!(node.op, Op::AttentionCached(_)) && !fed(5) {
+                } else if cached && !fed(5) {
                     Some(
                         "a cache start computed in the plan (the GPU reads it from an input)"
                             .into(),
@@ -1349,12 +1357,13 @@ impl<'a> Run<'a> {
                 .map_err(e),
             Op::Attention(spec) => {
                 let s = attn_shape(spec, shape(ins[0])[0]);
-                let (q, kk, v) = (self.val(ins[0])?, self.val(ins[1])?, self.val(ins[2])?);
-                let (mut out, mut lse) = (self.val(outs[0])?, self.val(outs[1])?);
+                let mut lse = self.val::<f32>(outs[1])?;
                 let seg = self.segments(ins[3])?;
-                k.attn
-                    .forward(&q, &kk, &v, seg, s, &mut out, &mut lse)
-                    .map_err(e)
+                by_float!(g.dtype(ins[0]), T => {
+                    let (q, kk, v) = (self.val::<T>(ins[0])?, self.val::<T>(ins[1])?, self.val::<T>(ins[2])?);
+                    k.attn.forward(&q, &kk, &v, seg, s, &mut *self.val::<T>(outs[0])?, &mut lse)
+                })
+                .map_err(e)
             }
             Op::AttentionCached(spec) => {
                 let s = attn_shape(spec, shape(ins[0])[0]);
@@ -1391,21 +1400,22 @@ impl<'a> Run<'a> {
             }
             Op::AttentionGrad(spec) => {
                 let s = attn_shape(spec, shape(ins[0])[0]);
-                let vals = [0, 1, 2, 4, 6]
-                    .iter()
-                    .map(|&i| self.val::<bf16>(ins[i]))
-                    .collect::<Result<Vec<_>, _>>()?;
                 let lse = self.val::<f32>(ins[5])?;
                 let mut delta = self.scratch::<f32>(0, s.tokens * s.n_heads)?;
-                let (mut dq, mut dk, mut dv) =
-                    (self.val(outs[0])?, self.val(outs[1])?, self.val(outs[2])?);
                 let seg = self.segments(ins[3])?;
-                k.attn
-                    .backward(
+                by_float!(g.dtype(ins[0]), T => {
+                    let vals = [0, 1, 2, 4, 6]
+                        .iter()
+                        .map(|&i| self.val::<T>(ins[i]))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let (mut dq, mut dk, mut dv) =
+                        (self.val::<T>(outs[0])?, self.val::<T>(outs[1])?, self.val::<T>(outs[2])?);
+                    k.attn.backward(
                         &vals[0], &vals[1], &vals[2], seg, &vals[3], &lse, &vals[4], s, &mut delta,
                         &mut dq, &mut dk, &mut dv,
                     )
-                    .map_err(e)
+                })
+                .map_err(e)
             }
             Op::MatMul { ta, tb } => {
                 let (a, b) = (shape(ins[0]), shape(ins[1]));

@@ -26,7 +26,8 @@
 // Kernels (4 warps of 32; every warp owns 16 rows of the block):
 //   attn_fwd_D:   one block per (64 queries, head): loops over 64-key tiles
 //                 with an online softmax; writes out and lse.
-//   attn_delta:   Δ[t, n_heads] = rowsum(dout ⊙ out) in f32, a warp per row.
+//   attn_delta:   Δ[t, n_heads] = rowsum(dout ⊙ out) in f32, a warp per row
+//                 (attn_delta_f32 for f32 rows).
 //   attn_dkdv_D:  one block per (64 keys, kv head): loops over the heads of
 //                 its group and the 32-query steps that see its keys (the
 //                 next step's queries double-buffered), accumulating dk, dv
@@ -38,6 +39,9 @@
 //                 the key/value cache (rows 0..start) and the new rows; one
 //                 block per (query, head), a key per warp at a time on the
 //                 CUDA cores (memory-bound: one query row per key row).
+//   attn_f32_{fwd,dq,dkdv}_D: the same passes on f32 rows (full fine-tuning
+//                 computes in f32), on the CUDA cores: a block per query row
+//                 (fwd, dq) or key row (dkdv) and head.
 // D (head dim) is 32, 64 or 128. Tiles live in dynamic shared memory, rows
 // padded by 8 elements (16 bytes) so the 8 rows an ldmatrix reads fall in 8
 // distinct bank groups (row stride 5, 9 or 17 chunks of 16 bytes, odd): no
@@ -304,16 +308,23 @@ __device__ void attn_fwd(const bf16_t* q, const bf16_t* k, const bf16_t* v, bf16
 
 // Δ[r] = Σ dout[r, :] · out[r, :] over the `rows` = t·n_heads rows of d
 // values (out[t, n_heads·d] read as [t·n_heads, d]), one warp per row.
-extern "C" __global__ void attn_delta(const bf16_t* out, const bf16_t* dout, float* delta, int rows, int d) {
+template <typename T>
+__device__ void attn_delta_impl(const T* out, const T* dout, float* delta, int rows, int d) {
     const int lane = threadIdx.x & 31;
     const long long warps = (long long)gridDim.x * blockDim.x >> 5;
     // The same r across a warp, so the shuffles see all its lanes.
     for (long long r = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < rows; r += warps) {
         float s = 0.f;
-        for (int c = lane; c < d; c += 32) s += bf16_to_f32(out[r * d + c]) * bf16_to_f32(dout[r * d + c]);
+        for (int c = lane; c < d; c += 32) s += ld(out, r * d + c) * ld(dout, r * d + c);
         for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
         if (lane == 0) delta[r] = s;
     }
+}
+extern "C" __global__ void attn_delta(const bf16_t* out, const bf16_t* dout, float* delta, int rows, int d) {
+    attn_delta_impl(out, dout, delta, rows, d);
+}
+extern "C" __global__ void attn_delta_f32(const float* out, const float* dout, float* delta, int rows, int d) {
+    attn_delta_impl(out, dout, delta, rows, d);
 }
 
 // Probabilities and score gradients of a warp's 16 x 8NT tile in place:
@@ -486,44 +497,49 @@ __device__ void attn_dkdv(const bf16_t* q, const bf16_t* k, const bf16_t* v, con
     store_rows<D>(dv, dvacc, key[0], a.t, kw, kvh * D, 1.f, 1.f);
 }
 
-// Generation's attention: n new queries at positions start .. start+n-1,
-// q[n, n_heads*D]; keys and values of positions below start from the caches
-// kc/vc[≥ start, n_kv_heads*D], the others from the new k/v[n, n_kv_heads*D].
-// Query i sees positions from the window's start (no segments) to its own,
-// as kernels/src/attention.rs `attention_cached`; the products run in f32
-// (the CPU twin rounds probabilities to bf16 as the tiled kernels do).
-// Each of the block's 4 warps keeps its own online softmax over every 4th
-// key, merged at the end through shared memory.
-template <int D>
-__device__ void attn_cached(const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* kc,
-                            const bf16_t* vc, bf16_t* out, int start, int n_heads, int group, int window,
-                            float scale) {
-    constexpr int E = D / 32, WARPS = ATT_THREADS / 32;
-    __shared__ float sm[WARPS], sl[WARPS], so[WARPS][D];
-    const int i = blockIdx.x, h = blockIdx.y, p = start + i;
+// Attention on the CUDA cores, a block per (query row, head): generation's
+// steps over the key/value cache, and every pass in f32 (the tensor-core
+// kernels above take bf16). Each of the block's 4 warps takes every 4th key
+// (every 4th query for dk/dv), its lanes D/32 elements of each row; the
+// warps' partial results merge through shared memory in a fixed order, so
+// results are deterministic. Products in f32; scores in log2 units.
+#define ROW_WARPS (ATT_THREADS / 32)
+
+// Dot product of lane-held q (E elements, lane + 32e) with row r, summed
+// over the warp (every lane gets it).
+template <int E, typename T>
+__device__ __forceinline__ float warp_dot(const float* q, const T* r) {
+    const int lane = threadIdx.x & 31;
+    float s = 0.f;
+#pragma unroll
+    for (int e = 0; e < E; e++) s += q[e] * ld(r, lane + 32 * e);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    return s;
+}
+
+// Softmax-weighted sum of the value rows of keys first..last against query
+// row q (scores scale·q·k): kv(j, &k, &v) gives key j's rows. Writes the
+// D outputs to out and, where lse is given, the log-sum-exp (natural log).
+template <int D, typename T, typename KV>
+__device__ void attn_row_fwd(const T* q, int first, int last, float scale, KV kv, T* out, float* lse) {
+    constexpr int E = D / 32;
+    __shared__ float sm[ROW_WARPS], sl[ROW_WARPS], so[ROW_WARPS][D];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const long long qw = (long long)n_heads * D, kw = (long long)(n_heads / group) * D;
-    const int kcol = (h / group) * D;
-    const int first = window > 0 && p + 1 - window > 0 ? p + 1 - window : 0;
     float qv[E], o[E], m = NEG_INF, l = 0.f;
 #pragma unroll
     for (int e = 0; e < E; e++) {
-        qv[e] = bf16_to_f32(q[i * qw + h * D + lane + 32 * e]) * (scale * LOG2E);
+        qv[e] = ld(q, lane + 32 * e) * (scale * LOG2E);
         o[e] = 0.f;
     }
-    for (int j = first + warp; j <= p; j += WARPS) {
-        const long long at = j < start ? j * kw + kcol : (j - start) * kw + kcol;
-        const bf16_t* kr = (j < start ? kc : k) + at;
-        const bf16_t* vr = (j < start ? vc : v) + at;
-        float sc = 0.f;
-#pragma unroll
-        for (int e = 0; e < E; e++) sc += qv[e] * bf16_to_f32(kr[lane + 32 * e]);
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, off);
+    for (int j = first + warp; j <= last; j += ROW_WARPS) {
+        const T *kr, *vr;
+        kv(j, kr, vr);
+        const float sc = warp_dot<E>(qv, kr);
         const float mn = fmaxf(m, sc), alpha = exp2f(m - mn), pj = exp2f(sc - mn);
         l = l * alpha + pj;
 #pragma unroll
-        for (int e = 0; e < E; e++) o[e] = o[e] * alpha + pj * bf16_to_f32(vr[lane + 32 * e]);
+        for (int e = 0; e < E; e++) o[e] = o[e] * alpha + pj * ld(vr, lane + 32 * e);
         m = mn;
     }
     if (lane == 0) {
@@ -537,17 +553,150 @@ __device__ void attn_cached(const bf16_t* q, const bf16_t* k, const bf16_t* v, c
     // Warp 0 saw key `first`, so the maximum is finite; a warp that saw no
     // key (m = -inf) weighs 0.
     float mx = sm[0];
-    for (int w = 1; w < WARPS; w++) mx = fmaxf(mx, sm[w]);
-    float wt[WARPS], sum = 0.f;
-    for (int w = 0; w < WARPS; w++) {
+    for (int w = 1; w < ROW_WARPS; w++) mx = fmaxf(mx, sm[w]);
+    float wt[ROW_WARPS], sum = 0.f;
+    for (int w = 0; w < ROW_WARPS; w++) {
         wt[w] = exp2f(sm[w] - mx);
         sum += sl[w] * wt[w];
     }
 #pragma unroll
     for (int e = 0; e < E; e++) {
         float acc = 0.f;
-        for (int w = 0; w < WARPS; w++) acc += so[w][lane + 32 * e] * wt[w];
-        out[i * qw + h * D + lane + 32 * e] = f32_to_bf16(acc / sum);
+        for (int w = 0; w < ROW_WARPS; w++) acc += so[w][lane + 32 * e] * wt[w];
+        st(out, lane + 32 * e, acc / sum);
+    }
+    if (lse != nullptr && lane == 0) *lse = mx * LN2 + logf(sum);
+}
+
+// Adds the warps' partial rows acc (E per lane) and stores the sum at dst.
+template <int D, typename T>
+__device__ __forceinline__ void sum_warps_store(const float* acc, T* dst) {
+    constexpr int E = D / 32;
+    __shared__ float part[ROW_WARPS][D];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int e = 0; e < E; e++) part[warp][lane + 32 * e] = acc[e];
+    __syncthreads();
+    if (warp != 0) return;
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+        float s = 0.f;
+        for (int w = 0; w < ROW_WARPS; w++) s += part[w][lane + 32 * e];
+        st(dst, lane + 32 * e, s);
+    }
+}
+
+// Generation's attention: n new queries at positions start .. start+n-1,
+// q[n, n_heads*D]; keys and values of positions below start from the caches
+// kc/vc[≥ start, n_kv_heads*D], the others from the new k/v[n, n_kv_heads*D].
+// Query i sees positions from the window's start (no segments) to its own,
+// as kernels/src/attention.rs `attention_cached` (whose products round
+// probabilities to bf16, as the tiled kernels do). Grid (n, n_heads).
+template <int D>
+__device__ void attn_cached(const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* kc,
+                            const bf16_t* vc, bf16_t* out, int start, int n_heads, int group, int window,
+                            float scale) {
+    const int i = blockIdx.x, h = blockIdx.y, p = start + i;
+    const long long qw = (long long)n_heads * D, kw = (long long)(n_heads / group) * D;
+    const int kcol = (h / group) * D;
+    const int first = window > 0 && p + 1 - window > 0 ? p + 1 - window : 0;
+    auto kv = [&](int j, const bf16_t*& kr, const bf16_t*& vr) {
+        const long long at = j < start ? j * kw + kcol : (j - start) * kw + kcol;
+        kr = (j < start ? kc : k) + at;
+        vr = (j < start ? vc : v) + at;
+    };
+    attn_row_fwd<D>(q + i * qw + h * D, first, p, scale, kv, out + i * qw + h * D, (float*)nullptr);
+}
+
+// f32 training attention, the meaning of attn_fwd (segments, window, GQA):
+// out and lse of query row i, head h. Grid (t, n_heads).
+template <int D>
+__device__ void attn_f32_fwd(const float* q, const float* k, const float* v, float* out, float* lse,
+                             const AttnArgs a) {
+    const int i = blockIdx.x, h = blockIdx.y;
+    const long long qw = (long long)a.n_heads * D, kw = (long long)(a.n_heads / a.group) * D;
+    const int kcol = (h / a.group) * D;
+    auto kv = [&](int j, const float*& kr, const float*& vr) {
+        kr = k + j * kw + kcol;
+        vr = v + j * kw + kcol;
+    };
+    attn_row_fwd<D>(q + i * qw + h * D, first_key(a.run_start, i, a.window), i, a.scale, kv, out + i * qw + h * D,
+                    lse + (long long)i * a.n_heads + h);
+}
+
+// f32 dq of query row i, head h: Σ over its keys of ds·k, ds = p·(dp − Δ)·scale,
+// p = exp(scale·q·k − lse), dp = dout·v. Grid (t, n_heads).
+template <int D>
+__device__ void attn_f32_dq(const float* q, const float* k, const float* v, const float* dout, const float* lse,
+                            const float* delta, float* dq, const AttnArgs a) {
+    constexpr int E = D / 32;
+    const int i = blockIdx.x, h = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const long long qw = (long long)a.n_heads * D, kw = (long long)(a.n_heads / a.group) * D;
+    const int kcol = (h / a.group) * D;
+    const float sl2 = a.scale * LOG2E, lse2 = lse[(long long)i * a.n_heads + h] * LOG2E,
+                dl = delta[(long long)i * a.n_heads + h];
+    float qv[E], dov[E], acc[E];
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+        qv[e] = q[i * qw + h * D + lane + 32 * e];
+        dov[e] = dout[i * qw + h * D + lane + 32 * e];
+        acc[e] = 0.f;
+    }
+    for (int j = first_key(a.run_start, i, a.window) + warp; j <= i; j += ROW_WARPS) {
+        const float* kr = k + j * kw + kcol;
+        const float p = exp2f(fmaf(warp_dot<E>(qv, kr), sl2, -lse2));
+        const float ds = p * (warp_dot<E>(dov, v + j * kw + kcol) - dl) * a.scale;
+#pragma unroll
+        for (int e = 0; e < E; e++) acc[e] += ds * kr[lane + 32 * e];
+    }
+    sum_warps_store<D>(acc, dq + i * qw + h * D);
+}
+
+// f32 dk and dv of key row j, kv head kvh: over the group's heads and the
+// queries that see j (from j on, while their first key is at most j: first
+// keys do not decrease), dk += ds·q, dv += p·dout. Grid (t, n_kv_heads).
+template <int D>
+__device__ void attn_f32_dkdv(const float* q, const float* k, const float* v, const float* dout, const float* lse,
+                              const float* delta, float* dk, float* dv, const AttnArgs a) {
+    constexpr int E = D / 32;
+    __shared__ float dkp[ROW_WARPS][D];
+    const int j = blockIdx.x, kvh = blockIdx.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const long long qw = (long long)a.n_heads * D, kw = (long long)(a.n_heads / a.group) * D;
+    const float sl2 = a.scale * LOG2E;
+    float kv_[E], vv[E], dka[E], dva[E];
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+        kv_[e] = k[j * kw + kvh * D + lane + 32 * e];
+        vv[e] = v[j * kw + kvh * D + lane + 32 * e];
+        dka[e] = dva[e] = 0.f;
+    }
+    for (int hg = 0; hg < a.group; hg++) {
+        const int h = kvh * a.group + hg;
+        for (int i = j + warp; i < a.t && first_key(a.run_start, i, a.window) <= j; i += ROW_WARPS) {
+            const float* qr = q + i * qw + h * D;
+            const float* dor = dout + i * qw + h * D;
+            const long long r = (long long)i * a.n_heads + h;
+            const float p = exp2f(fmaf(warp_dot<E>(kv_, qr), sl2, -lse[r] * LOG2E));
+            const float ds = p * (warp_dot<E>(vv, dor) - delta[r]) * a.scale;
+#pragma unroll
+            for (int e = 0; e < E; e++) {
+                dka[e] += ds * qr[lane + 32 * e];
+                dva[e] += p * dor[lane + 32 * e];
+            }
+        }
+    }
+    // dk through dkp here, dv through sum_warps_store's own buffer.
+#pragma unroll
+    for (int e = 0; e < E; e++) dkp[warp][lane + 32 * e] = dka[e];
+    sum_warps_store<D>(dva, dv + j * kw + kvh * D);
+    if (warp != 0) return;
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+        float s = 0.f;
+        for (int w = 0; w < ROW_WARPS; w++) s += dkp[w][lane + 32 * e];
+        dk[j * kw + kvh * D + lane + 32 * e] = s;
     }
 }
 
@@ -574,6 +723,24 @@ __device__ void attn_cached(const bf16_t* q, const bf16_t* k, const bf16_t* v, c
         attn_cached_##D(const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* kc, const bf16_t* vc, \
                         bf16_t* out, int start, int n_heads, int group, int window, float scale) {             \
         attn_cached<D>(q, k, v, kc, vc, out, start, n_heads, group, window, scale);                           \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                                  \
+        attn_f32_fwd_##D(const float* q, const float* k, const float* v, float* out, float* lse,              \
+                         const int* run_start, int t, int n_heads, int group, int window, float scale) {      \
+        attn_f32_fwd<D>(q, k, v, out, lse, AttnArgs{run_start, t, n_heads, group, window, scale});           \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                                  \
+        attn_f32_dq_##D(const float* q, const float* k, const float* v, const float* dout, const float* lse,  \
+                        const float* delta, float* dq, const int* run_start, int t, int n_heads, int group,    \
+                        int window, float scale) {                                                             \
+        attn_f32_dq<D>(q, k, v, dout, lse, delta, dq, AttnArgs{run_start, t, n_heads, group, window, scale}); \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                                  \
+        attn_f32_dkdv_##D(const float* q, const float* k, const float* v, const float* dout, const float* lse, \
+                          const float* delta, float* dk, float* dv, const int* run_start, int t, int n_heads,  \
+                          int group, int window, float scale) {                                                \
+        attn_f32_dkdv<D>(q, k, v, dout, lse, delta, dk, dv,                                                    \
+                         AttnArgs{run_start, t, n_heads, group, window, scale});                              \
     }
 
 ATTN_ENTRIES(32)

@@ -5,7 +5,7 @@
 //! every shape is checked on the host, and a bad one is a [`GpuError`] naming
 //! it, with nothing launched.
 
-use super::{check, driver, grid_stride, int, Gpu, GpuError};
+use super::{check, driver, grid_stride, int, DeviceElem, Gpu, GpuError};
 use crate::attention::AttnShape;
 use crate::bf16;
 use cudarc::driver::sys::CUfunction_attribute_enum;
@@ -115,17 +115,20 @@ impl DeviceSegments {
     }
 }
 
-/// The kernels for one head dim.
+/// The kernels for one head dim; the training passes by
+/// [`DeviceElem::INDEX`]: f32 on the CUDA cores (`attn_f32_*`), bf16 on
+/// the tensor cores.
 struct PerDim {
-    fwd: CudaFunction,
-    dq: CudaFunction,
-    dkdv: CudaFunction,
+    fwd: [CudaFunction; 2],
+    dq: [CudaFunction; 2],
+    dkdv: [CudaFunction; 2],
     cached: CudaFunction,
 }
 
 pub struct AttentionKernels {
     dims: Vec<PerDim>,
-    delta: CudaFunction,
+    /// `attn_delta_f32`, `attn_delta`.
+    delta: [CudaFunction; 2],
     stream: Arc<CudaStream>,
 }
 
@@ -140,18 +143,27 @@ struct Launch {
 }
 
 impl Launch {
-    fn grid(&self, kernel: Kernel) -> LaunchConfig {
+    /// The grid of `kernel` on elements `elem` ([`DeviceElem::INDEX`]): the
+    /// tiled kernels take 64 rows a block, the f32 ones one.
+    fn grid(&self, kernel: Kernel, elem: usize) -> LaunchConfig {
         let heads = match kernel {
             Kernel::Dkdv => self.kv_heads,
             _ => self.heads,
         };
+        let (blocks, smem) = match elem {
+            F32 => (self.t, 0),
+            _ => (self.t.div_ceil(ROWS), smem_bytes(kernel, self.d)),
+        };
         LaunchConfig {
-            grid_dim: (self.t.div_ceil(ROWS) as u32, heads as u32, 1),
+            grid_dim: (blocks as u32, heads as u32, 1),
             block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: smem_bytes(kernel, self.d),
+            shared_mem_bytes: smem,
         }
     }
 }
+
+/// [`DeviceElem::INDEX`] of f32.
+const F32: usize = <f32 as DeviceElem>::INDEX;
 
 impl AttentionKernels {
     pub fn new(gpu: &Gpu) -> Result<AttentionKernels, GpuError> {
@@ -165,13 +177,23 @@ impl AttentionKernels {
             .map_err(driver)?;
             Ok(f)
         };
+        let plain = |name: String| m.load_function(&name).map_err(driver);
         let dims = HEAD_DIMS
             .iter()
             .map(|&d| {
                 Ok(PerDim {
-                    fwd: f(format!("attn_fwd_{d}"), Kernel::Fwd, d)?,
-                    dq: f(format!("attn_dq_{d}"), Kernel::Dq, d)?,
-                    dkdv: f(format!("attn_dkdv_{d}"), Kernel::Dkdv, d)?,
+                    fwd: [
+                        plain(format!("attn_f32_fwd_{d}"))?,
+                        f(format!("attn_fwd_{d}"), Kernel::Fwd, d)?,
+                    ],
+                    dq: [
+                        plain(format!("attn_f32_dq_{d}"))?,
+                        f(format!("attn_dq_{d}"), Kernel::Dq, d)?,
+                    ],
+                    dkdv: [
+                        plain(format!("attn_f32_dkdv_{d}"))?,
+                        f(format!("attn_dkdv_{d}"), Kernel::Dkdv, d)?,
+                    ],
                     cached: m
                         .load_function(&format!("attn_cached_{d}"))
                         .map_err(driver)?,
@@ -180,7 +202,7 @@ impl AttentionKernels {
             .collect::<Result<_, GpuError>>()?;
         Ok(AttentionKernels {
             dims,
-            delta: m.load_function("attn_delta").map_err(driver)?,
+            delta: [plain("attn_delta_f32".into())?, plain("attn_delta".into())?],
             stream: gpu.stream().clone(),
         })
     }
@@ -242,16 +264,17 @@ impl AttentionKernels {
     }
 
     /// `out[t, n_heads·d]` and the f32 log-sum-exp of the scaled scores
-    /// `lse[t, n_heads]`, as [`crate::attention::attention`].
+    /// `lse[t, n_heads]`, as [`crate::attention::attention`]; bf16 rows on
+    /// the tensor cores, f32 ones on the CUDA cores.
     #[allow(clippy::too_many_arguments)]
-    pub fn forward(
+    pub fn forward<T: DeviceElem>(
         &self,
-        q: &CudaSlice<bf16>,
-        k: &CudaSlice<bf16>,
-        v: &CudaSlice<bf16>,
+        q: &CudaSlice<T>,
+        k: &CudaSlice<T>,
+        v: &CudaSlice<T>,
         seg: &DeviceSegments,
         s: AttnShape,
-        out: &mut CudaSlice<bf16>,
+        out: &mut CudaSlice<T>,
         lse: &mut CudaSlice<f32>,
     ) -> Result<(), GpuError> {
         let l = self.launch(&s, Some(seg), s.tokens)?;
@@ -265,7 +288,7 @@ impl AttentionKernels {
             return Ok(());
         }
         let (t, heads, group, window, scale) = l.args;
-        let mut b = self.stream.launch_builder(&self.dims[l.dim].fwd);
+        let mut b = self.stream.launch_builder(&self.dims[l.dim].fwd[T::INDEX]);
         b.arg(q)
             .arg(k)
             .arg(v)
@@ -279,8 +302,9 @@ impl AttentionKernels {
             .arg(&scale);
         // SAFETY: arguments match the kernel; every buffer's length was
         // checked against the shape, the grid covers the t rows of each head
-        // and the shared memory is the kernel's own size.
-        unsafe { b.launch(l.grid(Kernel::Fwd)) }.map_err(driver)?;
+        // and the shared memory is the kernel's own size (the f32 kernels'
+        // is static).
+        unsafe { b.launch(l.grid(Kernel::Fwd, T::INDEX)) }.map_err(driver)?;
         Ok(())
     }
 
@@ -289,20 +313,20 @@ impl AttentionKernels {
     /// `delta[t, n_heads]` is scratch for `Δᵢ = doutᵢ·outᵢ`. Deterministic:
     /// every output element is summed by one thread in a fixed order.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward(
+    pub fn backward<T: DeviceElem>(
         &self,
-        q: &CudaSlice<bf16>,
-        k: &CudaSlice<bf16>,
-        v: &CudaSlice<bf16>,
+        q: &CudaSlice<T>,
+        k: &CudaSlice<T>,
+        v: &CudaSlice<T>,
         seg: &DeviceSegments,
-        out: &CudaSlice<bf16>,
+        out: &CudaSlice<T>,
         lse: &CudaSlice<f32>,
-        dout: &CudaSlice<bf16>,
+        dout: &CudaSlice<T>,
         s: AttnShape,
         delta: &mut CudaSlice<f32>,
-        dq: &mut CudaSlice<bf16>,
-        dk: &mut CudaSlice<bf16>,
-        dv: &mut CudaSlice<bf16>,
+        dq: &mut CudaSlice<T>,
+        dk: &mut CudaSlice<T>,
+        dv: &mut CudaSlice<T>,
     ) -> Result<(), GpuError> {
         let l = self.launch(&s, Some(seg), s.tokens)?;
         let (qn, kn, rows) = (l.t * l.heads * l.d, l.t * l.kv_heads * l.d, l.t * l.heads);
@@ -325,14 +349,14 @@ impl AttentionKernels {
         }
         let (t, heads, group, window, scale) = l.args;
         let (rows_i, d_i) = (rows as i32, l.d as i32);
-        let mut b = self.stream.launch_builder(&self.delta);
+        let mut b = self.stream.launch_builder(&self.delta[T::INDEX]);
         b.arg(out).arg(dout).arg(&mut *delta).arg(&rows_i).arg(&d_i);
         // SAFETY: arguments match; one warp per row of d values, rows and d
         // checked above (32 threads a row).
         unsafe { b.launch(grid_stride(rows * 32, 65_535)) }.map_err(driver)?;
 
         let per = &self.dims[l.dim];
-        let mut b = self.stream.launch_builder(&per.dq);
+        let mut b = self.stream.launch_builder(&per.dq[T::INDEX]);
         b.arg(q)
             .arg(k)
             .arg(v)
@@ -347,9 +371,9 @@ impl AttentionKernels {
             .arg(&window)
             .arg(&scale);
         // SAFETY: as the forward; lse and delta hold t·n_heads values.
-        unsafe { b.launch(l.grid(Kernel::Dq)) }.map_err(driver)?;
+        unsafe { b.launch(l.grid(Kernel::Dq, T::INDEX)) }.map_err(driver)?;
 
-        let mut b = self.stream.launch_builder(&per.dkdv);
+        let mut b = self.stream.launch_builder(&per.dkdv[T::INDEX]);
         b.arg(q)
             .arg(k)
             .arg(v)
@@ -364,8 +388,9 @@ impl AttentionKernels {
             .arg(&group)
             .arg(&window)
             .arg(&scale);
-        // SAFETY: as the forward, one block per 64 keys of each kv head.
-        unsafe { b.launch(l.grid(Kernel::Dkdv)) }.map_err(driver)?;
+        // SAFETY: as the forward, one block per 64 keys (f32: per key) of
+        // each kv head.
+        unsafe { b.launch(l.grid(Kernel::Dkdv, T::INDEX)) }.map_err(driver)?;
         Ok(())
     }
 
