@@ -774,6 +774,8 @@ pub fn gpu_unsupported(plan: &Plan) -> Vec<(NodeId, String)> {
         let dt = |i: usize| g.dtype(node.inputs[i]);
         let float = |d: DType| matches!(d, DType::F32 | DType::BF16);
         let all_bf16 = |idx: &[usize]| idx.iter().all(|&i| dt(i) == DType::BF16);
+        let same_float =
+            |idx: &[usize]| float(dt(idx[0])) && idx.iter().all(|&i| dt(i) == dt(idx[0]));
         let why: Option<String> = match &node.op {
             Op::Fill { dtype, .. } => (!float(*dtype)).then(|| format!("fills {dtype}")),
             Op::Cast(_) => {
@@ -810,12 +812,26 @@ pub fn gpu_unsupported(plan: &Plan) -> Vec<(NodeId, String)> {
                 }
             }
             Op::Embedding => (!all_bf16(&[0])).then(|| "a table that is not bf16".into()),
-            Op::RmsNorm { .. } => (!all_bf16(&[0, 1])).then(|| "not bf16".into()),
-            Op::RmsNormGradInput { .. } => (!all_bf16(&[0, 1, 2])).then(|| "not bf16".into()),
-            Op::Rope { spec, .. } => (!all_bf16(&[0]) || spec.head_dim % 2 != 0)
-                .then(|| "not bf16 with an even head dim".into()),
-            Op::GatedAct(_) => (!all_bf16(&[0, 1])).then(|| "not bf16".into()),
-            Op::GatedActGrad(_) => (!all_bf16(&[0, 1, 2])).then(|| "not bf16".into()),
+            // Row kernels: f32 or bf16, every operand of one type.
+            Op::RmsNorm { .. } | Op::GatedAct(_) => (!same_float(&[0, 1])).then(|| {
+                format!(
+                    "{} and {} (the kernels take f32 or bf16 alike)",
+                    dt(0),
+                    dt(1)
+                )
+            }),
+            Op::RmsNormGradInput { .. } | Op::GatedActGrad(_) => {
+                (!same_float(&[0, 1, 2])).then(|| {
+                    format!(
+                        "{}, {} and {} (the kernels take f32 or bf16 alike)",
+                        dt(0),
+                        dt(1),
+                        dt(2)
+                    )
+                })
+            }
+            Op::Rope { spec, .. } => (!same_float(&[0]) || spec.head_dim % 2 != 0)
+                .then(|| "not f32 or bf16 with an even head dim".into()),
             Op::Attention(spec) | Op::AttentionGrad(spec) | Op::AttentionCached(spec) => {
                 let fed = |i: usize| matches!(g.value(node.inputs[i]).source, Source::Input { .. });
                 let cached = matches!(node.op, Op::AttentionCached(_));
@@ -855,8 +871,8 @@ pub fn gpu_unsupported(plan: &Plan) -> Vec<(NodeId, String)> {
                 addend,
                 compute,
                 out,
-                epilogue,
-            } => matmul_sum_unsupported(g, node, terms, *addend, *compute, *out, epilogue.as_ref()),
+                ..
+            } => matmul_sum_unsupported(g, node, terms, *addend, *compute, *out),
             Op::CrossEntropy { .. } => (!float(dt(0))).then(|| format!("{} logits", dt(0))),
             Op::LinearCrossEntropy { .. } => {
                 (!all_bf16(&[0, 1])).then(|| "hidden states or weight not bf16".into())
@@ -878,14 +894,10 @@ fn matmul_sum_unsupported(
     addend: bool,
     compute: DType,
     out: DType,
-    epilogue: Option<&Epilogue>,
 ) -> Option<String> {
     let dt = |i: usize| g.dtype(node.inputs[i]);
     if addend && dt(2 * terms.len()) != out {
         return Some("an addend of another dtype than the output".into());
-    }
-    if matches!(epilogue, Some(Epilogue::Rope(_))) && out != DType::BF16 {
-        return Some("RoPE on f32".into());
     }
     // cuBLAS: bf16 operands write f32 or bf16, f32 ones only f32; NF4
     // weights are dequantized to bf16.
@@ -1313,48 +1325,42 @@ impl<'a> Run<'a> {
                     )
                     .map_err(e)
             }
-            Op::RmsNorm { eps, unit_offset } => k
-                .rows
-                .rms_norm(
-                    &*self.val::<bf16>(ins[0])?,
-                    &*self.val::<bf16>(ins[1])?,
+            Op::RmsNorm { eps, unit_offset } => by_float!(g.dtype(ins[0]), T => k.rows.rms_norm(
+                &*self.val::<T>(ins[0])?,
+                &*self.val::<T>(ins[1])?,
+                *eps,
+                *unit_offset,
+                &mut *self.val::<T>(outs[0])?,
+            ))
+            .map_err(e),
+            Op::RmsNormGradInput { eps, unit_offset } => {
+                by_float!(g.dtype(ins[0]), T => k.rows.rms_norm_grad_input(
+                    &*self.val::<T>(ins[0])?,
+                    &*self.val::<T>(ins[1])?,
+                    &*self.val::<T>(ins[2])?,
                     *eps,
                     *unit_offset,
-                    &mut *self.val::<bf16>(outs[0])?,
-                )
-                .map_err(e),
-            Op::RmsNormGradInput { eps, unit_offset } => k
-                .rows
-                .rms_norm_grad_input(
-                    &*self.val::<bf16>(ins[0])?,
-                    &*self.val::<bf16>(ins[1])?,
-                    &*self.val::<bf16>(ins[2])?,
-                    *eps,
-                    *unit_offset,
-                    &mut *self.val::<bf16>(outs[0])?,
-                )
-                .map_err(e),
+                    &mut *self.val::<T>(outs[0])?,
+                ))
+                .map_err(e)
+            }
             Op::Rope { spec, inverse } => self.rope(ins[0], ins[1], spec, *inverse, outs[0]),
-            Op::GatedAct(a) => k
-                .rows
-                .gated_act(
-                    act(*a),
-                    &*self.val::<bf16>(ins[0])?,
-                    &*self.val::<bf16>(ins[1])?,
-                    &mut *self.val::<bf16>(outs[0])?,
-                )
-                .map_err(e),
-            Op::GatedActGrad(a) => k
-                .rows
-                .gated_act_grad(
-                    act(*a),
-                    &*self.val::<bf16>(ins[0])?,
-                    &*self.val::<bf16>(ins[1])?,
-                    &*self.val::<bf16>(ins[2])?,
-                    &mut *self.val::<bf16>(outs[0])?,
-                    &mut *self.val::<bf16>(outs[1])?,
-                )
-                .map_err(e),
+            Op::GatedAct(a) => by_float!(g.dtype(ins[0]), T => k.rows.gated_act(
+                act(*a),
+                &*self.val::<T>(ins[0])?,
+                &*self.val::<T>(ins[1])?,
+                &mut *self.val::<T>(outs[0])?,
+            ))
+            .map_err(e),
+            Op::GatedActGrad(a) => by_float!(g.dtype(ins[0]), T => k.rows.gated_act_grad(
+                act(*a),
+                &*self.val::<T>(ins[0])?,
+                &*self.val::<T>(ins[1])?,
+                &*self.val::<T>(ins[2])?,
+                &mut *self.val::<T>(outs[0])?,
+                &mut *self.val::<T>(outs[1])?,
+            ))
+            .map_err(e),
             Op::Attention(spec) => {
                 let s = attn_shape(spec, shape(ins[0])[0]);
                 let mut lse = self.val::<f32>(outs[1])?;
@@ -1506,17 +1512,15 @@ impl<'a> Run<'a> {
             .inv_freq
             .get(&bits)
             .ok_or("RoPE's frequencies were not uploaded")?;
-        self.k
-            .rows
-            .rope(
-                &*self.val::<bf16>(x)?,
-                &*self.val::<i32>(positions)?,
-                inv,
-                spec.n_heads,
-                inverse,
-                &mut *self.val::<bf16>(y)?,
-            )
-            .map_err(|e| e.to_string())
+        by_float!(self.graph().dtype(x), T => self.k.rows.rope(
+            &*self.val::<T>(x)?,
+            &*self.val::<i32>(positions)?,
+            inv,
+            spec.n_heads,
+            inverse,
+            &mut *self.val::<T>(y)?,
+        ))
+        .map_err(|e| e.to_string())
     }
 
     /// A fusion group `epilogue([addend +] dense terms + Σ x·op(W))`: the

@@ -1,64 +1,66 @@
-// Row-wise and elementwise kernels of a Llama step on bf16 activations:
-// RMSNorm forward and input gradient, RoPE (and its inverse, the VJP), and
-// the gated activations SwiGLU / GeGLU-tanh forward and backward. Math is
-// f32 as in the CPU reference (kernels/src/{norm,rope,activation}.rs);
-// outputs are rounded to bf16 (nearest even). bf16 is a raw 16-bit word.
+// Row-wise and elementwise kernels of a Llama step: RMSNorm forward and
+// input gradient, RoPE (and its inverse, the VJP), and the gated
+// activations SwiGLU / GeGLU-tanh forward and backward, on bf16 or (for
+// full fine-tuning's f32 steps) f32 activations: every kernel is a template
+// over the element type T with an entry point for each (`_f32` for f32).
+// Math is f32 as in the CPU reference (kernels/src/{norm,rope,activation}.rs);
+// bf16 outputs are rounded to nearest even.
 
-// bf16_t, u32, the bf16 conversions and block_sum: common.cuh.
+// bf16_t, u32, ld / st and block_sum: common.cuh.
 
 // One block per row of x[rows, h]: y = x * rsqrt(mean(x^2) + eps) * g,
 // g = w or 1 + w.
-extern "C" __global__ void rms_norm_fwd(const bf16_t* x, const bf16_t* w, bf16_t* y, int h,
-                                        float eps, int unit_offset) {
-    const bf16_t* xr = x + (size_t)blockIdx.x * h;
-    bf16_t* yr = y + (size_t)blockIdx.x * h;
+template <typename T>
+__device__ void rms_norm_fwd_impl(const T* x, const T* w, T* y, int h, float eps, int unit_offset) {
+    const size_t off = (size_t)blockIdx.x * h;
     float ss = 0.0f;
     for (int i = threadIdx.x; i < h; i += blockDim.x) {
-        float v = bf16_to_f32(xr[i]);
+        float v = ld(x, off + i);
         ss += v * v;
     }
     float r = rsqrtf(block_sum(ss) / (float)h + eps);
     for (int i = threadIdx.x; i < h; i += blockDim.x) {
-        float g = bf16_to_f32(w[i]) + (unit_offset ? 1.0f : 0.0f);
-        yr[i] = f32_to_bf16(bf16_to_f32(xr[i]) * r * g);
+        float g = ld(w, i) + (unit_offset ? 1.0f : 0.0f);
+        st(y, off + i, ld(x, off + i) * r * g);
     }
 }
 
 // dx = r*dy*g - x * r^3 * sum(x*dy*g) / h, per row.
-extern "C" __global__ void rms_norm_bwd_input(const bf16_t* x, const bf16_t* w, const bf16_t* dy,
-                                              bf16_t* dx, int h, float eps, int unit_offset) {
-    size_t off = (size_t)blockIdx.x * h;
+template <typename T>
+__device__ void rms_norm_bwd_input_impl(const T* x, const T* w, const T* dy, T* dx, int h, float eps,
+                                        int unit_offset) {
+    const size_t off = (size_t)blockIdx.x * h;
     float ss = 0.0f, dot = 0.0f;
     for (int i = threadIdx.x; i < h; i += blockDim.x) {
-        float v = bf16_to_f32(x[off + i]);
-        float g = bf16_to_f32(w[i]) + (unit_offset ? 1.0f : 0.0f);
+        float v = ld(x, off + i);
+        float g = ld(w, i) + (unit_offset ? 1.0f : 0.0f);
         ss += v * v;
-        dot += v * bf16_to_f32(dy[off + i]) * g;
+        dot += v * ld(dy, off + i) * g;
     }
     float r = rsqrtf(block_sum(ss) / (float)h + eps);
     float c = r * r * r * block_sum(dot) / (float)h;
     for (int i = threadIdx.x; i < h; i += blockDim.x) {
-        float g = bf16_to_f32(w[i]) + (unit_offset ? 1.0f : 0.0f);
-        dx[off + i] = f32_to_bf16(r * bf16_to_f32(dy[off + i]) * g - bf16_to_f32(x[off + i]) * c);
+        float g = ld(w, i) + (unit_offset ? 1.0f : 0.0f);
+        st(dx, off + i, r * ld(dy, off + i) * g - ld(x, off + i) * c);
     }
 }
 
 // Half-split RoPE on x[tokens, n_heads * 2 * half]: one thread per rotated
 // pair. The angle is the f32 product position * inv_freq (as transformers).
-extern "C" __global__ void rope(const bf16_t* x, const int* positions, const float* inv_freq,
-                                bf16_t* y, int tokens, int n_heads, int half, int inverse) {
+template <typename T>
+__device__ void rope_impl(const T* x, const int* positions, const float* inv_freq, T* y, int tokens, int n_heads,
+                          int half, int inverse) {
     size_t n = (size_t)tokens * n_heads * half;
-    for (size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x; k < n;
-         k += (size_t)gridDim.x * blockDim.x) {
+    for (size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x; k < n; k += (size_t)gridDim.x * blockDim.x) {
         int i = (int)(k % half);
         size_t th = k / half;  // token * n_heads + head
         int t = (int)(th / n_heads);
         float a = (float)positions[t] * inv_freq[i];
         float c = cosf(a), s = inverse ? -sinf(a) : sinf(a);
         size_t base = th * 2 * half;
-        float x1 = bf16_to_f32(x[base + i]), x2 = bf16_to_f32(x[base + i + half]);
-        y[base + i] = f32_to_bf16(x1 * c - x2 * s);
-        y[base + i + half] = f32_to_bf16(x2 * c + x1 * s);
+        float x1 = ld(x, base + i), x2 = ld(x, base + i + half);
+        st(y, base + i, x1 * c - x2 * s);
+        st(y, base + i + half, x2 * c + x1 * s);
     }
 }
 
@@ -77,24 +79,46 @@ __device__ __forceinline__ void act(int kind, float g, float* a, float* da) {
     }
 }
 
-extern "C" __global__ void gated_act_fwd(const bf16_t* gate, const bf16_t* up, bf16_t* y, size_t n,
-                                         int kind) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x) {
+template <typename T>
+__device__ void gated_act_fwd_impl(const T* gate, const T* up, T* y, size_t n, int kind) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         float a, da;
-        act(kind, bf16_to_f32(gate[i]), &a, &da);
-        y[i] = f32_to_bf16(a * bf16_to_f32(up[i]));
+        act(kind, ld(gate, i), &a, &da);
+        st(y, i, a * ld(up, i));
     }
 }
 
-extern "C" __global__ void gated_act_bwd(const bf16_t* gate, const bf16_t* up, const bf16_t* dy,
-                                         bf16_t* dgate, bf16_t* dup, size_t n, int kind) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x) {
+template <typename T>
+__device__ void gated_act_bwd_impl(const T* gate, const T* up, const T* dy, T* dgate, T* dup, size_t n, int kind) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         float a, da;
-        act(kind, bf16_to_f32(gate[i]), &a, &da);
-        float d = bf16_to_f32(dy[i]);
-        dgate[i] = f32_to_bf16(d * bf16_to_f32(up[i]) * da);
-        dup[i] = f32_to_bf16(d * a);
+        act(kind, ld(gate, i), &a, &da);
+        float d = ld(dy, i);
+        st(dgate, i, d * ld(up, i) * da);
+        st(dup, i, d * a);
     }
 }
+
+// The entry points of one element type; `S` is the name suffix.
+#define ROW_ENTRIES(S, T)                                                                                    \
+    extern "C" __global__ void rms_norm_fwd##S(const T* x, const T* w, T* y, int h, float eps,              \
+                                               int unit_offset) {                                           \
+        rms_norm_fwd_impl(x, w, y, h, eps, unit_offset);                                                     \
+    }                                                                                                        \
+    extern "C" __global__ void rms_norm_bwd_input##S(const T* x, const T* w, const T* dy, T* dx, int h,     \
+                                                     float eps, int unit_offset) {                          \
+        rms_norm_bwd_input_impl(x, w, dy, dx, h, eps, unit_offset);                                          \
+    }                                                                                                        \
+    extern "C" __global__ void rope##S(const T* x, const int* positions, const float* inv_freq, T* y,       \
+                                       int tokens, int n_heads, int half, int inverse) {                    \
+        rope_impl(x, positions, inv_freq, y, tokens, n_heads, half, inverse);                                \
+    }                                                                                                        \
+    extern "C" __global__ void gated_act_fwd##S(const T* gate, const T* up, T* y, size_t n, int kind) {    \
+        gated_act_fwd_impl(gate, up, y, n, kind);                                                            \
+    }                                                                                                        \
+    extern "C" __global__ void gated_act_bwd##S(const T* gate, const T* up, const T* dy, T* dgate, T* dup, \
+                                                size_t n, int kind) {                                       \
+        gated_act_bwd_impl(gate, up, dy, dgate, dup, n, kind);                                               \
+    }
+ROW_ENTRIES(, bf16_t)
+ROW_ENTRIES(_f32, float)

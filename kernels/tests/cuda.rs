@@ -297,28 +297,41 @@ fn unsupported_weights_are_refused_clearly() {
 
 /// RMSNorm (both gain forms) forward and input gradient, RoPE and its
 /// inverse, SwiGLU / GeGLU forward and backward, on ragged shapes: each
-/// against the CPU reference on the same bf16 inputs. bf16 outputs: the
-/// bound is 1e-2 relative L2 (one bf16 rounding is 2^-9 relative).
+/// against the CPU reference on the same inputs, bf16 and f32 (full
+/// fine-tuning's). The bound is 1e-2 relative L2 for bf16 outputs (one bf16
+/// rounding is 2^-9 relative), 1e-5 for f32.
 #[test]
 fn row_kernels_match_the_cpu_reference() {
+    let Some(gpu) = gpu() else { return };
+    row_kernels_case::<bf16>(&gpu, 1e-2);
+    row_kernels_case::<f32>(&gpu, 1e-5);
+}
+
+fn row_kernels_case<T: graft_kernels::Elem + graft_kernels::cuda::DeviceElem>(
+    gpu: &Gpu,
+    bound: f64,
+) {
     use graft_kernels::activation::{gated_act, gated_act_grad, Act};
     use graft_kernels::cuda::RowKernels;
     use graft_kernels::norm::{rms_norm, rms_norm_grad_input};
     use graft_kernels::rope::rope;
-    let Some(gpu) = gpu() else { return };
-    let k = RowKernels::new(&gpu).unwrap();
+    let k = RowKernels::new(gpu).unwrap();
     let s = gpu.stream();
     let mut r = Gen::new(11);
-    let nan = |n: usize| vec![bf16::from_f32(f32::NAN); n];
-    let check = |what: String, got: &[bf16], want: &[bf16]| {
+    let nan = |n: usize| nan_buf::<T>(n);
+    let ty = std::any::type_name::<T>()
+        .rsplit("::")
+        .next()
+        .unwrap_or("?");
+    let check = |what: String, got: &[T], want: &[T]| {
         let e = rel_l2(got, &to_f64(want));
-        eprintln!("{what}: rel L2 vs CPU {e:.2e}");
-        assert!(e < 1e-2, "{what}: rel L2 {e}");
+        eprintln!("{what} {ty}: rel L2 vs CPU {e:.2e}");
+        assert!(e < bound, "{what} {ty}: rel L2 {e}");
     };
     for (rows, h) in [(1, 1), (3, 37), (17, 256), (64, 1000), (5, 4096)] {
-        let x: Vec<bf16> = to_elem(&r.vec(rows * h, -2.0, 2.0));
-        let w: Vec<bf16> = to_elem(&r.vec(h, -1.0, 1.0));
-        let dy: Vec<bf16> = to_elem(&r.vec(rows * h, -1.0, 1.0));
+        let x: Vec<T> = to_elem(&r.vec(rows * h, -2.0, 2.0));
+        let w: Vec<T> = to_elem(&r.vec(h, -1.0, 1.0));
+        let dy: Vec<T> = to_elem(&r.vec(rows * h, -1.0, 1.0));
         let (xd, wd, dyd) = (
             s.clone_htod(&x).unwrap(),
             s.clone_htod(&w).unwrap(),
@@ -347,7 +360,7 @@ fn row_kernels_match_the_cpu_reference() {
         }
     }
     for (tokens, heads, half) in [(1, 1, 1), (7, 3, 8), (129, 8, 64), (300, 2, 32)] {
-        let x: Vec<bf16> = to_elem(&r.vec(tokens * heads * 2 * half, -2.0, 2.0));
+        let x: Vec<T> = to_elem(&r.vec(tokens * heads * 2 * half, -2.0, 2.0));
         let pos: Vec<i32> = (0..tokens).map(|t| ((t * 37) % 5000) as i32).collect();
         let inv: Vec<f32> = (0..half)
             .map(|i| 10000f32.powf(-(i as f32) / half as f32))
@@ -370,9 +383,9 @@ fn row_kernels_match_the_cpu_reference() {
         }
     }
     for n in [1, 1000, 70_001] {
-        let g: Vec<bf16> = to_elem(&r.vec(n, -6.0, 6.0));
-        let u: Vec<bf16> = to_elem(&r.vec(n, -2.0, 2.0));
-        let dy: Vec<bf16> = to_elem(&r.vec(n, -1.0, 1.0));
+        let g: Vec<T> = to_elem(&r.vec(n, -6.0, 6.0));
+        let u: Vec<T> = to_elem(&r.vec(n, -2.0, 2.0));
+        let dy: Vec<T> = to_elem(&r.vec(n, -1.0, 1.0));
         let (gd, ud, dyd) = (
             s.clone_htod(&g).unwrap(),
             s.clone_htod(&u).unwrap(),

@@ -1,19 +1,19 @@
 //! Launchers of rows.cu: RMSNorm, RoPE and the gated activations on bf16
-//! activations, each checked against the CPU reference in
+//! or f32 activations, each checked against the CPU reference in
 //! kernels/tests/cuda.rs.
 
-use super::{check, driver, elementwise, per_row, Gpu, GpuError};
+use super::{check, driver, elementwise, per_row, DeviceElem, Gpu, GpuError};
 use crate::activation::Act;
-use crate::bf16;
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, PushKernelArg};
 use std::sync::Arc;
 
+/// Each kernel by [`DeviceElem::INDEX`] (f32, bf16).
 pub struct RowKernels {
-    rms_fwd: CudaFunction,
-    rms_bwd: CudaFunction,
-    rope: CudaFunction,
-    act_fwd: CudaFunction,
-    act_bwd: CudaFunction,
+    rms_fwd: [CudaFunction; 2],
+    rms_bwd: [CudaFunction; 2],
+    rope: [CudaFunction; 2],
+    act_fwd: [CudaFunction; 2],
+    act_bwd: [CudaFunction; 2],
     stream: Arc<CudaStream>,
 }
 
@@ -27,7 +27,13 @@ fn kind(a: Act) -> i32 {
 impl RowKernels {
     pub fn new(gpu: &Gpu) -> Result<RowKernels, GpuError> {
         let m = gpu.module("rows")?;
-        let f = |name| m.load_function(name).map_err(driver);
+        // The f32 entry point is the bf16 one's name with `_f32`.
+        let f = |name: &str| -> Result<[CudaFunction; 2], GpuError> {
+            Ok([
+                m.load_function(&format!("{name}_f32")).map_err(driver)?,
+                m.load_function(name).map_err(driver)?,
+            ])
+        };
         Ok(RowKernels {
             rms_fwd: f("rms_norm_fwd")?,
             rms_bwd: f("rms_norm_bwd_input")?,
@@ -39,13 +45,13 @@ impl RowKernels {
     }
 
     /// `y = x·rsqrt(mean(x²)+eps)·g` per row of `x[rows, w.len()]`.
-    pub fn rms_norm(
+    pub fn rms_norm<T: DeviceElem>(
         &self,
-        x: &CudaSlice<bf16>,
-        w: &CudaSlice<bf16>,
+        x: &CudaSlice<T>,
+        w: &CudaSlice<T>,
         eps: f32,
         unit_offset: bool,
-        y: &mut CudaSlice<bf16>,
+        y: &mut CudaSlice<T>,
     ) -> Result<(), GpuError> {
         let h = w.len();
         let rows = x.len() / h.max(1);
@@ -55,7 +61,7 @@ impl RowKernels {
             return Ok(()); // no rows: a grid of zero blocks is no launch
         }
         let (hi, unit) = (h as i32, unit_offset as i32);
-        let mut l = self.stream.launch_builder(&self.rms_fwd);
+        let mut l = self.stream.launch_builder(&self.rms_fwd[T::INDEX]);
         l.arg(x).arg(w).arg(y).arg(&hi).arg(&eps).arg(&unit);
         // SAFETY: arguments match the kernel; one block per row of checked length.
         unsafe { l.launch(per_row(rows)) }.map_err(driver)?;
@@ -64,14 +70,14 @@ impl RowKernels {
 
     /// The input gradient of [`RowKernels::rms_norm`].
     #[allow(clippy::too_many_arguments)]
-    pub fn rms_norm_grad_input(
+    pub fn rms_norm_grad_input<T: DeviceElem>(
         &self,
-        x: &CudaSlice<bf16>,
-        w: &CudaSlice<bf16>,
-        dy: &CudaSlice<bf16>,
+        x: &CudaSlice<T>,
+        w: &CudaSlice<T>,
+        dy: &CudaSlice<T>,
         eps: f32,
         unit_offset: bool,
-        dx: &mut CudaSlice<bf16>,
+        dx: &mut CudaSlice<T>,
     ) -> Result<(), GpuError> {
         let h = w.len();
         let rows = x.len() / h.max(1);
@@ -82,7 +88,7 @@ impl RowKernels {
             return Ok(());
         }
         let (hi, unit) = (h as i32, unit_offset as i32);
-        let mut l = self.stream.launch_builder(&self.rms_bwd);
+        let mut l = self.stream.launch_builder(&self.rms_bwd[T::INDEX]);
         l.arg(x)
             .arg(w)
             .arg(dy)
@@ -96,20 +102,20 @@ impl RowKernels {
     }
 
     /// Half-split RoPE of `x[tokens, n_heads·2·inv_freq.len()]`.
-    pub fn rope(
+    pub fn rope<T: DeviceElem>(
         &self,
-        x: &CudaSlice<bf16>,
+        x: &CudaSlice<T>,
         positions: &CudaSlice<i32>,
         inv_freq: &CudaSlice<f32>,
         n_heads: usize,
         inverse: bool,
-        y: &mut CudaSlice<bf16>,
+        y: &mut CudaSlice<T>,
     ) -> Result<(), GpuError> {
         let (tokens, half) = (positions.len(), inv_freq.len());
         check("rope x", x.len(), tokens * n_heads * 2 * half)?;
         check("rope y", y.len(), x.len())?;
         let (t, h, hf, inv) = (tokens as i32, n_heads as i32, half as i32, inverse as i32);
-        let mut l = self.stream.launch_builder(&self.rope);
+        let mut l = self.stream.launch_builder(&self.rope[T::INDEX]);
         l.arg(x)
             .arg(positions)
             .arg(inv_freq)
@@ -124,18 +130,18 @@ impl RowKernels {
     }
 
     /// `y = act(gate)·up`.
-    pub fn gated_act(
+    pub fn gated_act<T: DeviceElem>(
         &self,
         a: Act,
-        gate: &CudaSlice<bf16>,
-        up: &CudaSlice<bf16>,
-        y: &mut CudaSlice<bf16>,
+        gate: &CudaSlice<T>,
+        up: &CudaSlice<T>,
+        y: &mut CudaSlice<T>,
     ) -> Result<(), GpuError> {
         let n = gate.len();
         check("gated_act up", up.len(), n)?;
         check("gated_act y", y.len(), n)?;
         let k = kind(a);
-        let mut l = self.stream.launch_builder(&self.act_fwd);
+        let mut l = self.stream.launch_builder(&self.act_fwd[T::INDEX]);
         l.arg(gate).arg(up).arg(y).arg(&n).arg(&k);
         // SAFETY: arguments match; the grid-stride loop stays within n.
         unsafe { l.launch(elementwise(n)) }.map_err(driver)?;
@@ -143,14 +149,14 @@ impl RowKernels {
     }
 
     /// The gradients of [`RowKernels::gated_act`].
-    pub fn gated_act_grad(
+    pub fn gated_act_grad<T: DeviceElem>(
         &self,
         a: Act,
-        gate: &CudaSlice<bf16>,
-        up: &CudaSlice<bf16>,
-        dy: &CudaSlice<bf16>,
-        dgate: &mut CudaSlice<bf16>,
-        dup: &mut CudaSlice<bf16>,
+        gate: &CudaSlice<T>,
+        up: &CudaSlice<T>,
+        dy: &CudaSlice<T>,
+        dgate: &mut CudaSlice<T>,
+        dup: &mut CudaSlice<T>,
     ) -> Result<(), GpuError> {
         let n = gate.len();
         for (what, len) in [
@@ -162,7 +168,7 @@ impl RowKernels {
             check(&format!("gated_act_grad {what}"), len, n)?;
         }
         let k = kind(a);
-        let mut l = self.stream.launch_builder(&self.act_bwd);
+        let mut l = self.stream.launch_builder(&self.act_bwd[T::INDEX]);
         l.arg(gate)
             .arg(up)
             .arg(dy)
