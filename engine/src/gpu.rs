@@ -811,7 +811,7 @@ pub fn gpu_unsupported(plan: &Plan) -> Vec<(NodeId, String)> {
                     d => Some(format!("a {d} weight")),
                 }
             }
-            Op::Embedding => (!all_bf16(&[0])).then(|| "a table that is not bf16".into()),
+            Op::Embedding => (!float(dt(0))).then(|| format!("a {} table", dt(0))),
             // Row kernels: f32 or bf16, every operand of one type.
             Op::RmsNorm { .. } | Op::GatedAct(_) => (!same_float(&[0, 1])).then(|| {
                 format!(
@@ -1316,14 +1316,13 @@ impl<'a> Run<'a> {
                 let n = g.ty(ins[1]).numel();
                 let (host, dev) = self.ids(ins[1], 0, n)?;
                 let ids = Ids::new(host, &dev).map_err(e)?;
-                k.emb
-                    .embedding(
-                        &*self.val::<bf16>(ins[0])?,
-                        ids,
-                        shape(ins[0])[1],
-                        &mut *self.val::<bf16>(outs[0])?,
-                    )
-                    .map_err(e)
+                by_float!(g.dtype(ins[0]), T => k.emb.embedding(
+                    &*self.val::<T>(ins[0])?,
+                    ids,
+                    shape(ins[0])[1],
+                    &mut *self.val::<T>(outs[0])?,
+                ))
+                .map_err(e)
             }
             Op::RmsNorm { eps, unit_offset } => by_float!(g.dtype(ins[0]), T => k.rows.rms_norm(
                 &*self.val::<T>(ins[0])?,

@@ -1,16 +1,25 @@
 // Embedding lookup and its gradient (CPU reference: kernels/src/embedding.rs).
 // The host has checked every id against the table's rows.
 
-// y[t, :] = table[ids[t], :] on bf16 rows of h; a grid-stride loop over the
-// n = tokens * h outputs. The id test only keeps a bad id (refused by the
-// host) from reading out of bounds.
-extern "C" __global__ void embedding_fwd(const bf16_t* table, const int* ids, bf16_t* y, size_t n,
-                                         int h, int vocab) {
+// y[t, :] = table[ids[t], :] on rows of h (bf16, or f32 for full
+// fine-tuning: `embedding_fwd_f32`); a grid-stride loop over the n = tokens
+// * h outputs. The id test only keeps a bad id (refused by the host) from
+// reading out of bounds.
+template <typename T>
+__device__ void embedding_fwd_impl(const T* table, const int* ids, T* y, size_t n, int h, int vocab) {
     for (size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x; k < n;
          k += (size_t)gridDim.x * blockDim.x) {
         int id = ids[k / h];
         if (id >= 0 && id < vocab) y[k] = table[(size_t)id * h + k % h];
     }
+}
+extern "C" __global__ void embedding_fwd(const bf16_t* table, const int* ids, bf16_t* y, size_t n, int h,
+                                         int vocab) {
+    embedding_fwd_impl(table, ids, y, n, h, vocab);
+}
+extern "C" __global__ void embedding_fwd_f32(const float* table, const int* ids, float* y, size_t n, int h,
+                                             int vocab) {
+    embedding_fwd_impl(table, ids, y, n, h, vocab);
 }
 
 // dtable[v, :] = sum of dy[t, :] over the tokens t with ids[t] = v, in f32,

@@ -541,7 +541,7 @@ fn cross_entropy_matches_the_cpu_reference() {
     }
 }
 
-/// Embedding lookup (bf16, exact copy) and gradient (f32 sums of bf16 rows,
+/// Embedding lookup (bf16, and f32 bit for bit) and gradient (f32 sums of bf16 rows,
 /// many repeated ids, most rows of the table untouched and so zero) against
 /// the CPU reference; out-of-range ids are refused on the host.
 #[test]
@@ -577,6 +577,19 @@ fn embedding_matches_the_cpu_reference() {
         let e = rel_l2(&s.clone_dtoh(&yd).unwrap(), &to_f64(&want));
         eprintln!("{what} forward: rel L2 vs CPU {e:.2e}");
         assert!(e < 1e-2, "{what} forward: rel L2 {e}");
+        // f32 rows (full fine-tuning's): a copy, bit for bit.
+        let table32: Vec<f32> = table.iter().map(|v| v.to_f32()).collect();
+        let mut want32 = nan_buf::<f32>(tokens * h);
+        embedding(&table32, &ids, h, &mut want32).unwrap();
+        let mut yd32 = s.clone_htod(&nan_buf::<f32>(tokens * h)).unwrap();
+        k.embedding(&s.clone_htod(&table32).unwrap(), dev.view(), h, &mut yd32)
+            .unwrap();
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&s.clone_dtoh(&yd32).unwrap()),
+            bits(&want32),
+            "{what} f32 forward"
+        );
 
         let dy32: Vec<f32> = dy.iter().map(|v| v.to_f32()).collect();
         let mut want = nan_buf::<f32>(vocab * h);

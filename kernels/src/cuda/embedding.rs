@@ -1,16 +1,17 @@
-//! Launchers of embedding.cu: the lookup of bf16 rows by token id and its
-//! gradient into an f32 table, deterministic (no atomics: one block per
+//! Launchers of embedding.cu: the lookup of bf16 (or f32) rows by token id
+//! and its gradient into an f32 table, deterministic (no atomics: one block per
 //! distinct id, adding its tokens in order); the CPU twins are
 //! [`crate::embedding::embedding`] and [`crate::embedding::embedding_grad`].
 
 use super::ids::index_error;
-use super::{check, driver, elementwise, int, per_row, DeviceIds, Gpu, GpuError, Ids};
+use super::{check, driver, elementwise, int, per_row, DeviceElem, DeviceIds, Gpu, GpuError, Ids};
 use crate::bf16;
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, PushKernelArg};
 use std::sync::Arc;
 
 pub struct EmbeddingKernels {
-    fwd: CudaFunction,
+    /// `embedding_fwd_f32`, `embedding_fwd`: by [`DeviceElem::INDEX`].
+    fwd: [CudaFunction; 2],
     bwd: CudaFunction,
     stream: Arc<CudaStream>,
 }
@@ -27,7 +28,7 @@ impl EmbeddingKernels {
         let m = gpu.module("embedding")?;
         let f = |name| m.load_function(name).map_err(driver);
         Ok(EmbeddingKernels {
-            fwd: f("embedding_fwd")?,
+            fwd: [f("embedding_fwd_f32")?, f("embedding_fwd")?],
             bwd: f("embedding_bwd")?,
             stream: gpu.stream().clone(),
         })
@@ -35,12 +36,12 @@ impl EmbeddingKernels {
 
     /// `y[t, :] = table[ids[t], :]` for `table[vocab, h]`. An id outside
     /// `0..vocab` is an error naming it, and nothing is launched.
-    pub fn embedding(
+    pub fn embedding<T: DeviceElem>(
         &self,
-        table: &CudaSlice<bf16>,
+        table: &CudaSlice<T>,
         ids: Ids,
         h: usize,
-        y: &mut CudaSlice<bf16>,
+        y: &mut CudaSlice<T>,
     ) -> Result<(), GpuError> {
         let hi = width(h)?;
         let vocab = table.len() / h;
@@ -52,7 +53,7 @@ impl EmbeddingKernels {
         }
         // Every valid id is below i32::MAX, whatever the table's size.
         let (n, v) = (y.len(), vocab.min(i32::MAX as usize) as i32);
-        let mut l = self.stream.launch_builder(&self.fwd);
+        let mut l = self.stream.launch_builder(&self.fwd[T::INDEX]);
         l.arg(table)
             .arg(ids.device())
             .arg(y)
