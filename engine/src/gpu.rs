@@ -820,6 +820,13 @@ pub fn gpu_unsupported(plan: &Plan) -> Vec<(NodeId, String)> {
                     dt(1)
                 )
             }),
+            Op::RmsNormGradWeight { .. } => (!same_float(&[0, 1])).then(|| {
+                format!(
+                    "{} and {} (the kernel takes f32 or bf16 alike)",
+                    dt(0),
+                    dt(1)
+                )
+            }),
             Op::RmsNormGradInput { .. } | Op::GatedActGrad(_) => {
                 (!same_float(&[0, 1, 2])).then(|| {
                     format!(
@@ -987,6 +994,8 @@ fn scratch_bytes(plan: &Plan) -> usize {
             let node = g.node(n);
             match &node.op {
                 Op::AttentionGrad(spec) => up(g.shape(node.inputs[0])[0] * spec.n_heads * 4),
+                // Each row's rsqrt factor.
+                Op::RmsNormGradWeight { .. } => up(g.shape(node.inputs[0])[0] * 4),
                 Op::Nf4MatMul { .. } => up(g.ty(node.inputs[1]).numel() * 2),
                 // An NF4 weight dequantized to bf16.
                 Op::DoraInvNorm { .. } => match g.dtype(node.inputs[2]) {
@@ -1339,6 +1348,18 @@ impl<'a> Run<'a> {
                     &*self.val::<T>(ins[2])?,
                     *eps,
                     *unit_offset,
+                    &mut *self.val::<T>(outs[0])?,
+                ))
+                .map_err(e)
+            }
+            Op::RmsNormGradWeight { eps } => {
+                let rows = shape(ins[0])[0];
+                let mut r_rows = self.scratch::<f32>(0, rows)?;
+                by_float!(g.dtype(ins[0]), T => k.rows.rms_norm_grad_weight(
+                    &*self.val::<T>(ins[0])?,
+                    &*self.val::<T>(ins[1])?,
+                    *eps,
+                    &mut r_rows,
                     &mut *self.val::<T>(outs[0])?,
                 ))
                 .map_err(e)

@@ -1,5 +1,5 @@
-// Row-wise and elementwise kernels of a Llama step: RMSNorm forward and
-// input gradient, RoPE (and its inverse, the VJP), and the gated
+// Row-wise and elementwise kernels of a Llama step: RMSNorm forward, input
+// and weight gradients, RoPE (and its inverse, the VJP), and the gated
 // activations SwiGLU / GeGLU-tanh forward and backward, on bf16 or (for
 // full fine-tuning's f32 steps) f32 activations: every kernel is a template
 // over the element type T with an entry point for each (`_f32` for f32).
@@ -42,6 +42,44 @@ __device__ void rms_norm_bwd_input_impl(const T* x, const T* w, const T* dy, T* 
     for (int i = threadIdx.x; i < h; i += blockDim.x) {
         float g = ld(w, i) + (unit_offset ? 1.0f : 0.0f);
         st(dx, off + i, r * ld(dy, off + i) * g - ld(x, off + i) * c);
+    }
+}
+
+// The norm weight's gradient dw[c] = Σ_rows dy·x·r (r = rsqrt(mean(x²) +
+// eps) of each row; the unit-offset form has the same gradient), in two
+// launches: rms_norm_inv_rows, a block per row, writes each row's r to
+// r_rows; rms_norm_grad_weight then gives each block 32 columns, its warps
+// every (warps)th row of them, and adds the warps' sums in order (the
+// result depends on blockDim.x only).
+template <typename T>
+__device__ void rms_norm_inv_rows_impl(const T* x, float* r_rows, int h, float eps) {
+    const size_t off = (size_t)blockIdx.x * h;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < h; i += blockDim.x) {
+        float v = ld(x, off + i);
+        ss += v * v;
+    }
+    float r = rsqrtf(block_sum(ss) / (float)h + eps);
+    if (threadIdx.x == 0) r_rows[blockIdx.x] = r;
+}
+
+template <typename T>
+__device__ void rms_norm_grad_weight_impl(const T* x, const T* dy, const float* r_rows, T* dw, int rows, int h) {
+    __shared__ float part[32][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int c = blockIdx.x * 32 + lane;
+    float acc = 0.0f;
+    if (c < h)
+        for (int r = warp; r < rows; r += warps) {
+            const size_t k = (size_t)r * h + c;
+            acc += ld(dy, k) * ld(x, k) * r_rows[r];
+        }
+    part[warp][lane] = acc;
+    __syncthreads();
+    if (warp == 0 && c < h) {
+        float s = part[0][lane];
+        for (int w = 1; w < warps; ++w) s += part[w][lane];
+        st(dw, c, s);
     }
 }
 
@@ -112,6 +150,13 @@ __device__ void gated_act_bwd_impl(const T* gate, const T* up, const T* dy, T* d
     extern "C" __global__ void rope##S(const T* x, const int* positions, const float* inv_freq, T* y,       \
                                        int tokens, int n_heads, int half, int inverse) {                    \
         rope_impl(x, positions, inv_freq, y, tokens, n_heads, half, inverse);                                \
+    }                                                                                                        \
+    extern "C" __global__ void rms_norm_inv_rows##S(const T* x, float* r_rows, int h, float eps) {         \
+        rms_norm_inv_rows_impl(x, r_rows, h, eps);                                                           \
+    }                                                                                                        \
+    extern "C" __global__ void rms_norm_grad_weight##S(const T* x, const T* dy, const float* r_rows, T* dw,  \
+                                                       int rows, int h) {                                   \
+        rms_norm_grad_weight_impl(x, dy, r_rows, dw, rows, h);                                               \
     }                                                                                                        \
     extern "C" __global__ void gated_act_fwd##S(const T* gate, const T* up, T* y, size_t n, int kind) {    \
         gated_act_fwd_impl(gate, up, y, n, kind);                                                            \

@@ -295,7 +295,7 @@ fn unsupported_weights_are_refused_clearly() {
     assert!(e.contains("block 64") && e.contains("block 32"), "{e}");
 }
 
-/// RMSNorm (both gain forms) forward and input gradient, RoPE and its
+/// RMSNorm (both gain forms) forward, input and weight gradients, RoPE and its
 /// inverse, SwiGLU / GeGLU forward and backward, on ragged shapes: each
 /// against the CPU reference on the same inputs, bf16 and f32 (full
 /// fine-tuning's). The bound is 1e-2 relative L2 for bf16 outputs (one bf16
@@ -313,7 +313,7 @@ fn row_kernels_case<T: graft_kernels::Elem + graft_kernels::cuda::DeviceElem>(
 ) {
     use graft_kernels::activation::{gated_act, gated_act_grad, Act};
     use graft_kernels::cuda::RowKernels;
-    use graft_kernels::norm::{rms_norm, rms_norm_grad_input};
+    use graft_kernels::norm::{rms_norm, rms_norm_grad_input, rms_norm_grad_weight};
     use graft_kernels::rope::rope;
     let k = RowKernels::new(gpu).unwrap();
     let s = gpu.stream();
@@ -358,6 +358,17 @@ fn row_kernels_case<T: graft_kernels::Elem + graft_kernels::cuda::DeviceElem>(
                 &want,
             );
         }
+        let mut want = nan(h);
+        rms_norm_grad_weight(&x, &dy, 1e-6, &mut want);
+        let mut rd = s.clone_htod(&vec![f32::NAN; rows]).unwrap();
+        let mut dwd = s.clone_htod(&nan(h)).unwrap();
+        k.rms_norm_grad_weight(&xd, &dyd, 1e-6, &mut rd, &mut dwd)
+            .unwrap();
+        check(
+            format!("rms_norm_grad_weight {rows}x{h}"),
+            &s.clone_dtoh(&dwd).unwrap(),
+            &want,
+        );
     }
     for (tokens, heads, half) in [(1, 1, 1), (7, 3, 8), (129, 8, 64), (300, 2, 32)] {
         let x: Vec<T> = to_elem(&r.vec(tokens * heads * 2 * half, -2.0, 2.0));

@@ -2,15 +2,17 @@
 //! or f32 activations, each checked against the CPU reference in
 //! kernels/tests/cuda.rs.
 
-use super::{check, driver, elementwise, per_row, DeviceElem, Gpu, GpuError};
+use super::{check, driver, elementwise, int, per_row, DeviceElem, Gpu, GpuError};
 use crate::activation::Act;
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
 /// Each kernel by [`DeviceElem::INDEX`] (f32, bf16).
 pub struct RowKernels {
     rms_fwd: [CudaFunction; 2],
     rms_bwd: [CudaFunction; 2],
+    rms_inv_rows: [CudaFunction; 2],
+    rms_grad_weight: [CudaFunction; 2],
     rope: [CudaFunction; 2],
     act_fwd: [CudaFunction; 2],
     act_bwd: [CudaFunction; 2],
@@ -37,6 +39,8 @@ impl RowKernels {
         Ok(RowKernels {
             rms_fwd: f("rms_norm_fwd")?,
             rms_bwd: f("rms_norm_bwd_input")?,
+            rms_inv_rows: f("rms_norm_inv_rows")?,
+            rms_grad_weight: f("rms_norm_grad_weight")?,
             rope: f("rope")?,
             act_fwd: f("gated_act_fwd")?,
             act_bwd: f("gated_act_bwd")?,
@@ -98,6 +102,48 @@ impl RowKernels {
             .arg(&unit);
         // SAFETY: as for rms_norm.
         unsafe { l.launch(per_row(rows)) }.map_err(driver)?;
+        Ok(())
+    }
+
+    /// The gradient of [`RowKernels::rms_norm`]'s weight, `dw[c] =
+    /// Σ_rows dy·x·rsqrt(mean(x²)+eps)` over `x`, `dy` `[rows, dw.len()]`;
+    /// `r_rows` (`rows` values) is scratch for each row's factor.
+    pub fn rms_norm_grad_weight<T: DeviceElem>(
+        &self,
+        x: &CudaSlice<T>,
+        dy: &CudaSlice<T>,
+        eps: f32,
+        r_rows: &mut CudaSlice<f32>,
+        dw: &mut CudaSlice<T>,
+    ) -> Result<(), GpuError> {
+        let h = dw.len();
+        let rows = x.len() / h.max(1);
+        check("rms_norm_grad_weight x", x.len(), rows * h)?;
+        check("rms_norm_grad_weight dy", dy.len(), rows * h)?;
+        check("rms_norm_grad_weight scratch", r_rows.len(), rows)?;
+        if h == 0 {
+            return Ok(());
+        }
+        let (hi, rows_i) = (
+            int("rms_norm_grad_weight width", h)?,
+            int("rms_norm_grad_weight rows", rows)?,
+        );
+        if rows > 0 {
+            let mut l = self.stream.launch_builder(&self.rms_inv_rows[T::INDEX]);
+            l.arg(x).arg(&mut *r_rows).arg(&hi).arg(&eps);
+            // SAFETY: arguments match; one block per row of checked length.
+            unsafe { l.launch(per_row(rows)) }.map_err(driver)?;
+        }
+        let mut l = self.stream.launch_builder(&self.rms_grad_weight[T::INDEX]);
+        l.arg(x).arg(dy).arg(&*r_rows).arg(dw).arg(&rows_i).arg(&hi);
+        let cfg = LaunchConfig {
+            grid_dim: (h.div_ceil(32) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match; a block per 32 columns of the h checked
+        // above (its 8 warps over the rows); with no rows, dw is zeros.
+        unsafe { l.launch(cfg) }.map_err(driver)?;
         Ok(())
     }
 
