@@ -32,6 +32,14 @@ static void test_ce(int rows, int vocab, int skip, int ignore, float dloss, floa
     std::vector<float> rl(rows, NAN);
     std::vector<float> loss(1, NAN);
     launch(rows, threads, [&] { cross_entropy_fwd_bwd(x.data(), labels.data(), d.data(), rl.data(), vocab, ignore, c); });
+    // The gradient alone on f32 logits (the unfused backward of f32 steps),
+    // dloss read on the device.
+    std::vector<float> x32(x.size()), d32(x.size(), NAN);
+    for (size_t i = 0; i < x.size(); ++i) x32[i] = from_bf16(x[i]);
+    const float dl[1] = {dloss};
+    launch(rows, threads, [&] {
+        cross_entropy_grad_f32(x32.data(), labels.data(), d32.data(), vocab, ignore, dl, (float)counted);
+    });
     launch(1, threads, [&] { mean_loss(rl.data(), rows, (double)counted, loss.data()); });
     std::vector<double> wg(x.size()), gg(x.size()), wl(rows), gl(rows);
     double sum = 0;
@@ -53,6 +61,12 @@ static void test_ce(int rows, int vocab, int skip, int ignore, float dloss, floa
     char what[200];
     snprintf(what, sizeof what, "ce %dx%d threads=%u grad", rows, vocab, threads);
     double e = rel_l2(gg, wg); expect(e < 1e-2, what, e);
+    if (counted > 0) {
+        std::vector<double> g32(d32.begin(), d32.end());
+        snprintf(what, sizeof what, "ce %dx%d threads=%u f32 grad alone", rows, vocab, threads);
+        e = rel_l2(g32, wg);
+        expect(e < 1e-5, what, e);
+    }
     snprintf(what, sizeof what, "ce %dx%d threads=%u row loss", rows, vocab, threads);
     e = rel_l2(gl, wl); expect(e < 1e-5, what, e);
     snprintf(what, sizeof what, "ce %dx%d threads=%u mean loss", rows, vocab, threads);

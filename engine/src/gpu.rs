@@ -776,6 +776,8 @@ pub fn gpu_unsupported(plan: &Plan) -> Vec<(NodeId, String)> {
         let all_bf16 = |idx: &[usize]| idx.iter().all(|&i| dt(i) == DType::BF16);
         let same_float =
             |idx: &[usize]| float(dt(idx[0])) && idx.iter().all(|&i| dt(i) == dt(idx[0]));
+        // Whether input i is fed to the plan (a value the host holds).
+        let fed = |i: usize| matches!(g.value(node.inputs[i]).source, Source::Input { .. });
         let why: Option<String> = match &node.op {
             Op::Fill { dtype, .. } => (!float(*dtype)).then(|| format!("fills {dtype}")),
             Op::Cast(_) => {
@@ -840,7 +842,6 @@ pub fn gpu_unsupported(plan: &Plan) -> Vec<(NodeId, String)> {
             Op::Rope { spec, .. } => (!same_float(&[0]) || spec.head_dim % 2 != 0)
                 .then(|| "not f32 or bf16 with an even head dim".into()),
             Op::Attention(spec) | Op::AttentionGrad(spec) | Op::AttentionCached(spec) => {
-                let fed = |i: usize| matches!(g.value(node.inputs[i]).source, Source::Input { .. });
                 let cached = matches!(node.op, Op::AttentionCached(_));
                 // Training's passes take f32 (CUDA cores) or bf16 (tensor
                 // cores) rows; generation's, bf16.
@@ -881,6 +882,14 @@ pub fn gpu_unsupported(plan: &Plan) -> Vec<(NodeId, String)> {
                 ..
             } => matmul_sum_unsupported(g, node, terms, *addend, *compute, *out),
             Op::CrossEntropy { .. } => (!float(dt(0))).then(|| format!("{} logits", dt(0))),
+            // The labels are checked (and counted) on the host: an input.
+            Op::CrossEntropyGrad { .. } => match (float(dt(0)), fed(1)) {
+                (false, _) => Some(format!("{} logits", dt(0))),
+                (_, false) => {
+                    Some("labels computed in the plan (the GPU reads them from an input)".into())
+                }
+                _ => None,
+            },
             Op::LinearCrossEntropy { .. } => {
                 (!all_bf16(&[0, 1])).then(|| "hidden states or weight not bf16".into())
             }
@@ -1490,6 +1499,20 @@ impl<'a> Run<'a> {
                         &mut loss,
                     ),
                 }
+                .map_err(e)
+            }
+            Op::CrossEntropyGrad { ignore_index } => {
+                let n = g.ty(ins[1]).numel();
+                let (host, dev) = self.ids(ins[1], 0, n)?;
+                let ids = Ids::new(host, &dev).map_err(e)?;
+                let dloss = self.val::<f32>(ins[2])?;
+                by_float!(g.dtype(ins[0]), T => k.loss.grad(
+                    &*self.val::<T>(ins[0])?,
+                    ids,
+                    *ignore_index,
+                    &dloss,
+                    &mut *self.val::<T>(outs[0])?,
+                ))
                 .map_err(e)
             }
             other => Err(format!("no GPU kernel for {}", other.name())),

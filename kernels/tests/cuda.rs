@@ -434,6 +434,65 @@ fn row_kernels_case<T: graft_kernels::Elem + graft_kernels::cuda::DeviceElem>(
     }
 }
 
+/// The logits' gradient alone (the unfused cross-entropy's backward, as
+/// f32 steps record it) against the CPU's `cross_entropy_grad`, f32 logits
+/// (bound 1e-5) and bf16 (1e-2), `dloss` read on the device, some rows
+/// ignored; every output starts as NaN.
+#[test]
+fn cross_entropy_grad_alone_matches_the_cpu_reference() {
+    use graft_kernels::cuda::{DeviceIds, LossKernels};
+    use graft_kernels::loss::cross_entropy_grad;
+    let Some(gpu) = gpu() else { return };
+    let k = LossKernels::new(&gpu).unwrap();
+    let s = gpu.stream();
+    let mut r = Gen::new(23);
+    let (ignore, dloss) = (-100, 0.7f32);
+    for (rows, vocab) in [(1, 1), (5, 7), (64, 1000), (9, 32_001)] {
+        let labels: Vec<i32> = (0..rows)
+            .map(|i| {
+                if i % 4 == 3 {
+                    ignore
+                } else {
+                    r.below(vocab) as i32
+                }
+            })
+            .collect();
+        let dev = DeviceIds::upload(&gpu, &labels).unwrap();
+        let x32 = r.vec(rows * vocab, -4.0, 4.0);
+        let dl = s.clone_htod(&[dloss]).unwrap();
+        let what = format!("cross_entropy_grad {rows}x{vocab}");
+        let mut want = nan_buf::<f32>(rows * vocab);
+        cross_entropy_grad(&x32, &labels, ignore, dloss, &mut want).unwrap();
+        let mut got = s.clone_htod(&nan_buf::<f32>(rows * vocab)).unwrap();
+        k.grad(
+            &s.clone_htod(&x32).unwrap(),
+            dev.view(),
+            ignore,
+            &dl,
+            &mut got,
+        )
+        .unwrap();
+        let e = rel_l2(&s.clone_dtoh(&got).unwrap(), &to_f64(&want));
+        eprintln!("{what} f32: rel L2 vs CPU {e:.2e}");
+        assert!(e < 1e-5, "{what} f32: {e}");
+        let xb: Vec<bf16> = to_elem(&x32);
+        let mut want = nan_buf::<bf16>(rows * vocab);
+        cross_entropy_grad(&xb, &labels, ignore, dloss, &mut want).unwrap();
+        let mut got = s.clone_htod(&nan_buf::<bf16>(rows * vocab)).unwrap();
+        k.grad(
+            &s.clone_htod(&xb).unwrap(),
+            dev.view(),
+            ignore,
+            &dl,
+            &mut got,
+        )
+        .unwrap();
+        let e = rel_l2(&s.clone_dtoh(&got).unwrap(), &to_f64(&want));
+        eprintln!("{what} bf16: rel L2 vs CPU {e:.2e}");
+        assert!(e < 1e-2, "{what} bf16: {e}");
+    }
+}
+
 /// Cross-entropy forward and gradient in one kernel, on ragged vocabularies
 /// (1 to Llama 3's 128,256, mostly not multiples of the 256-thread block),
 /// rows with ignored labels (an ignore index outside the vocabulary and one

@@ -1,5 +1,6 @@
 //! Launchers of loss.cu: the softmax cross-entropy of bf16 logits, its mean
-//! over counted tokens and the logits' gradient in one pass; the CPU twin is
+//! over counted tokens and the logits' gradient in one pass, or the loss or
+//! the gradient alone (f32 or bf16 logits); the CPU twin is
 //! [`crate::loss::cross_entropy`] with [`crate::loss::cross_entropy_grad`].
 
 use super::ids::index_error;
@@ -12,6 +13,8 @@ pub struct LossKernels {
     fwd_bwd: CudaFunction,
     /// The loss alone, by logits type ([`DeviceElem::INDEX`]).
     loss_rows: [CudaFunction; 2],
+    /// The gradient alone, likewise.
+    grad: [CudaFunction; 2],
     mean: CudaFunction,
     stream: Arc<CudaStream>,
 }
@@ -23,6 +26,7 @@ impl LossKernels {
         Ok(LossKernels {
             fwd_bwd: f("cross_entropy_fwd_bwd")?,
             loss_rows: [f("cross_entropy_rows_f32")?, f("cross_entropy_rows_bf16")?],
+            grad: [f("cross_entropy_grad_f32")?, f("cross_entropy_grad_bf16")?],
             mean: f("mean_loss")?,
             stream: gpu.stream().clone(),
         })
@@ -93,6 +97,44 @@ impl LossKernels {
             unsafe { l.launch(per_row(rows)) }.map_err(driver)?;
         }
         Ok(counted)
+    }
+
+    /// The logits' gradient alone, `dloss[0]·(softmax − onehot)/counted`
+    /// (zero rows where ignored), in the logits' type: the unfused
+    /// cross-entropy's backward, `dloss` a value on the device. Labels are
+    /// checked on the host first, as [`Self::cross_entropy`]'s.
+    pub fn grad<T: DeviceElem>(
+        &self,
+        logits: &CudaSlice<T>,
+        labels: Ids,
+        ignore: i32,
+        dloss: &CudaSlice<f32>,
+        dlogits: &mut CudaSlice<T>,
+    ) -> Result<(), GpuError> {
+        let rows = labels.len();
+        let vocab = logits.len() / rows.max(1);
+        check("cross_entropy_grad logits", logits.len(), rows * vocab)?;
+        check("cross_entropy_grad dlogits", dlogits.len(), rows * vocab)?;
+        check("cross_entropy_grad dloss", dloss.len(), 1)?;
+        let counted =
+            crate::loss::check_labels(labels.host(), vocab, ignore).map_err(index_error)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        // As the CPU: dloss / counted in f32 (0/0 where nothing counts:
+        // every row is then zeros anyway).
+        let (v, counted) = (int("cross_entropy vocab", vocab)?, counted as f32);
+        let mut l = self.stream.launch_builder(&self.grad[T::INDEX]);
+        l.arg(logits)
+            .arg(labels.device())
+            .arg(dlogits)
+            .arg(&v)
+            .arg(&ignore)
+            .arg(dloss)
+            .arg(&counted);
+        // SAFETY: arguments match; one block per row of `vocab` values.
+        unsafe { l.launch(per_row(rows)) }.map_err(driver)?;
+        Ok(())
     }
 
     /// The mean cross-entropy alone (an eval plan's loss), of f32 or bf16
