@@ -21,7 +21,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, PinnedHostSlice};
 use graft_ir::{DType, Epilogue, NodeId, Op, Source, ValueId};
 use graft_kernels::bf16;
 use graft_kernels::cuda::{
-    device_addr, AttentionKernels, Borrowed, DeviceNf4, DeviceSegments, DoraKernels,
+    device_addr, AttentionKernels, Borrowed, DeviceIds, DeviceNf4, DeviceSegments, DoraKernels,
     ElementwiseKernels, EmbeddingKernels, Gpu, GpuError, Ids, LossKernels, Nf4Gemm, RowKernels,
     UpdateKernels, ATTENTION_HEAD_DIMS, DORA_MAX_RANK, NF4_GEMV_MAX_M,
 };
@@ -108,6 +108,8 @@ pub struct GpuExecutor {
     /// Attention's segments by leaf name, with the stamp of the host tensor
     /// they came from.
     segments: HashMap<String, (u64, DeviceSegments)>,
+    /// Token ids grouped by id for the embedding's gradient, likewise.
+    grouped_ids: HashMap<String, (u64, DeviceIds)>,
     /// RoPE's inverse frequencies, by their bits.
     inv_freq: HashMap<Vec<u32>, CudaSlice<f32>>,
 }
@@ -223,6 +225,7 @@ impl GpuExecutor {
             grads: HashMap::new(),
             chains: HashMap::new(),
             segments: HashMap::new(),
+            grouped_ids: HashMap::new(),
             inv_freq: HashMap::new(),
         })
     }
@@ -587,6 +590,30 @@ impl GpuExecutor {
                         }
                     }
                 }
+                Op::EmbeddingGrad { .. } => {
+                    let v = g.node(n).inputs[1];
+                    if !seen.insert(v) {
+                        continue;
+                    }
+                    let t = feeds
+                        .get(v)
+                        .ok_or_else(|| EngineError::Gpu(format!("ids %{} unbound", v.0)))?;
+                    let (host, stamp) = (t.as_i32()?, t.stamp());
+                    let ids_err = |e: GpuError| EngineError::Gpu(format!("ids: {e}"));
+                    match self.grouped_ids.entry(leaf_key(g, v)) {
+                        Entry::Occupied(mut e) => {
+                            let (held, ids) = e.get_mut();
+                            if stamp == 0 || *held != stamp {
+                                ids.update(&self.gpu, host).map_err(ids_err)?;
+                                *held = stamp;
+                            }
+                        }
+                        Entry::Vacant(e) => {
+                            let ids = DeviceIds::upload(&self.gpu, host).map_err(ids_err)?;
+                            e.insert((stamp, ids));
+                        }
+                    }
+                }
                 Op::Rope { spec, .. }
                 | Op::MatMulSum {
                     epilogue: Some(Epilogue::Rope(spec)),
@@ -611,6 +638,7 @@ impl GpuExecutor {
             scratch: device_addr(self.scratch.as_ref().expect("allocated above")),
             scratch_len: self.scratch.as_ref().map_or(0, |b| b.len()),
             segments: &self.segments,
+            grouped_ids: &self.grouped_ids,
             inv_freq: &self.inv_freq,
         };
         let t1 = Instant::now();
@@ -882,6 +910,21 @@ pub fn gpu_unsupported(plan: &Plan) -> Vec<(NodeId, String)> {
                 ..
             } => matmul_sum_unsupported(g, node, terms, *addend, *compute, *out),
             Op::CrossEntropy { .. } => (!float(dt(0))).then(|| format!("{} logits", dt(0))),
+            // The ids are grouped on the host: an input; the table's
+            // gradient is f32 (a trained table is).
+            Op::EmbeddingGrad { .. } => {
+                let out = g.dtype(node.outputs[0]);
+                match (float(dt(0)), out == DType::F32, fed(1)) {
+                    (true, true, true) => None,
+                    (_, false, _) => {
+                        Some(format!("a {out} table gradient (the kernel sums into f32)"))
+                    }
+                    (false, ..) => Some(format!("{} gradients", dt(0))),
+                    _ => {
+                        Some("ids computed in the plan (the GPU groups them from an input)".into())
+                    }
+                }
+            }
             // The labels are checked (and counted) on the host: an input.
             Op::CrossEntropyGrad { .. } => match (float(dt(0)), fed(1)) {
                 (false, _) => Some(format!("{} logits", dt(0))),
@@ -1047,6 +1090,8 @@ struct Run<'a> {
     scratch_len: usize,
     /// Each segments leaf's run starts, by leaf name.
     segments: &'a HashMap<String, (u64, DeviceSegments)>,
+    /// Each embedding gradient's ids, grouped, by leaf name.
+    grouped_ids: &'a HashMap<String, (u64, DeviceIds)>,
     /// RoPE's inverse frequencies on the device, by their bits.
     inv_freq: &'a HashMap<Vec<u32>, CudaSlice<f32>>,
 }
@@ -1499,6 +1544,20 @@ impl<'a> Run<'a> {
                         &mut loss,
                     ),
                 }
+                .map_err(e)
+            }
+            Op::EmbeddingGrad { .. } => {
+                let ids = self
+                    .grouped_ids
+                    .get(&leaf_key(g, ins[1]))
+                    .map(|(_, ids)| ids)
+                    .ok_or_else(|| format!("ids %{} were not grouped", ins[1].0))?;
+                by_float!(g.dtype(ins[0]), T => k.emb.embedding_grad(
+                    &*self.val::<T>(ins[0])?,
+                    ids,
+                    shape(ins[0])[1],
+                    &mut *self.val::<f32>(outs[0])?,
+                ))
                 .map_err(e)
             }
             Op::CrossEntropyGrad { ignore_index } => {

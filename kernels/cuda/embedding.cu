@@ -22,19 +22,29 @@ extern "C" __global__ void embedding_fwd_f32(const float* table, const int* ids,
     embedding_fwd_impl(table, ids, y, n, h, vocab);
 }
 
-// dtable[v, :] = sum of dy[t, :] over the tokens t with ids[t] = v, in f32,
+// dtable[v, :] = sum of dy[t, :] (bf16, or f32: embedding_bwd_f32) over the
+// tokens t with ids[t] = v, in f32,
 // deterministic and without atomics: one block per distinct id, whose
 // tokens are order[starts[b] .. starts[b + 1]] in increasing t (grouped on
 // the host), summed in that order from 0 — the CPU's order, so the result
 // is bit-identical. Rows of ids that occur nowhere are zeroed by the host
 // (a memset) before this runs.
-extern "C" __global__ void embedding_bwd(const bf16_t* dy, const int* ids, const int* order,
-                                         const int* starts, float* dtable, int h) {
+template <typename T>
+__device__ void embedding_bwd_impl(const T* dy, const int* ids, const int* order, const int* starts, float* dtable,
+                                   int h) {
     int s = starts[blockIdx.x], e = starts[blockIdx.x + 1];
     float* dst = dtable + (size_t)ids[order[s]] * h;
     for (int j = threadIdx.x; j < h; j += blockDim.x) {
         float acc = 0.0f;
-        for (int k = s; k < e; ++k) acc += bf16_to_f32(dy[(size_t)order[k] * h + j]);
+        for (int k = s; k < e; ++k) acc += ld(dy, (size_t)order[k] * h + j);
         dst[j] = acc;
     }
+}
+extern "C" __global__ void embedding_bwd(const bf16_t* dy, const int* ids, const int* order, const int* starts,
+                                         float* dtable, int h) {
+    embedding_bwd_impl(dy, ids, order, starts, dtable, h);
+}
+extern "C" __global__ void embedding_bwd_f32(const float* dy, const int* ids, const int* order,
+                                             const int* starts, float* dtable, int h) {
+    embedding_bwd_impl(dy, ids, order, starts, dtable, h);
 }

@@ -670,6 +670,29 @@ fn embedding_matches_the_cpu_reference() {
         let e = rel_l2(&s.clone_dtoh(&dtd).unwrap(), &to_f64(&want));
         eprintln!("{what} gradient: rel L2 vs CPU {e:.2e}");
         assert!(e < 1e-5, "{what} gradient: rel L2 {e}");
+        // From f32 rows (full fine-tuning's): the CPU's order of f32 sums,
+        // so bit for bit.
+        let mut dtd32 = s.clone_htod(&nan_buf::<f32>(vocab * h)).unwrap();
+        k.embedding_grad(&s.clone_htod(&dy32).unwrap(), &dev, h, &mut dtd32)
+            .unwrap();
+        assert_eq!(
+            bits(&s.clone_dtoh(&dtd32).unwrap()),
+            bits(&want),
+            "{what} f32 gradient"
+        );
+        // Other ids of the same count, refilled in place.
+        let mut dev = dev;
+        let ids2: Vec<i32> = ids.iter().rev().map(|&i| (i + 1) % vocab as i32).collect();
+        dev.update(&gpu, &ids2).unwrap();
+        let mut want2 = nan_buf::<f32>(vocab * h);
+        embedding_grad(&dy32, &ids2, h, &mut want2).unwrap();
+        k.embedding_grad(&s.clone_htod(&dy32).unwrap(), &dev, h, &mut dtd32)
+            .unwrap();
+        assert_eq!(
+            bits(&s.clone_dtoh(&dtd32).unwrap()),
+            bits(&want2),
+            "{what} f32 gradient after DeviceIds::update"
+        );
     }
     let (vocab, h) = (5, 8);
     let td = s.clone_htod(&nan_buf::<bf16>(vocab * h)).unwrap();

@@ -5,14 +5,14 @@
 
 use super::ids::index_error;
 use super::{check, driver, elementwise, int, per_row, DeviceElem, DeviceIds, Gpu, GpuError, Ids};
-use crate::bf16;
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, PushKernelArg};
 use std::sync::Arc;
 
 pub struct EmbeddingKernels {
     /// `embedding_fwd_f32`, `embedding_fwd`: by [`DeviceElem::INDEX`].
     fwd: [CudaFunction; 2],
-    bwd: CudaFunction,
+    /// `embedding_bwd_f32`, `embedding_bwd`: by the gradient's type.
+    bwd: [CudaFunction; 2],
     stream: Arc<CudaStream>,
 }
 
@@ -29,7 +29,7 @@ impl EmbeddingKernels {
         let f = |name| m.load_function(name).map_err(driver);
         Ok(EmbeddingKernels {
             fwd: [f("embedding_fwd_f32")?, f("embedding_fwd")?],
-            bwd: f("embedding_bwd")?,
+            bwd: [f("embedding_bwd_f32")?, f("embedding_bwd")?],
             stream: gpu.stream().clone(),
         })
     }
@@ -70,9 +70,9 @@ impl EmbeddingKernels {
     /// (zero rows for ids that occur nowhere), f32 sums of the bf16 `dy` in
     /// token order: bit-identical to the CPU's. An id outside `0..vocab` is
     /// an error naming it, and nothing is written.
-    pub fn embedding_grad(
+    pub fn embedding_grad<T: DeviceElem>(
         &self,
-        dy: &CudaSlice<bf16>,
+        dy: &CudaSlice<T>,
         ids: &DeviceIds,
         h: usize,
         dtable: &mut CudaSlice<f32>,
@@ -90,7 +90,7 @@ impl EmbeddingKernels {
         if groups == 0 {
             return Ok(());
         }
-        let mut l = self.stream.launch_builder(&self.bwd);
+        let mut l = self.stream.launch_builder(&self.bwd[T::INDEX]);
         l.arg(dy)
             .arg(ids.device())
             .arg(order)

@@ -23,25 +23,39 @@ pub struct DeviceIds {
 impl DeviceIds {
     pub fn upload(gpu: &Gpu, ids: &[i32]) -> Result<DeviceIds, GpuError> {
         super::int("ids", ids.len())?;
-        let mut order: Vec<i32> = (0..ids.len() as i32).collect();
-        order.sort_by_key(|&t| ids[t as usize]);
-        let mut starts: Vec<i32> = (0..order.len())
-            .filter(|&k| k == 0 || ids[order[k] as usize] != ids[order[k - 1] as usize])
-            .map(|k| k as i32)
-            .collect();
-        let groups = starts.len();
-        starts.push(ids.len() as i32);
+        let (order, starts, groups) = grouped(ids);
         // Device buffers are never empty (no zero-byte allocation); the
-        // length is the host copy's.
+        // length is the host copy's. `starts` has room for every id distinct,
+        // so `update` can refill it for any batch of the same length.
         let padded = |v: &[i32]| if v.is_empty() { vec![0] } else { v.to_vec() };
         let s = gpu.stream();
+        let mut room = starts.clone();
+        room.resize(ids.len() + 1, 0);
         Ok(DeviceIds {
             dev: s.clone_htod(&padded(ids)).map_err(driver)?,
             order: s.clone_htod(&padded(&order)).map_err(driver)?,
-            starts: s.clone_htod(&starts).map_err(driver)?,
+            starts: s.clone_htod(&room).map_err(driver)?,
             host: ids.to_vec(),
             groups,
         })
+    }
+
+    /// Replaces the ids by `ids`: in place when they are as many (a training
+    /// loop's batches: no allocation), else uploaded anew.
+    pub fn update(&mut self, gpu: &Gpu, ids: &[i32]) -> Result<(), GpuError> {
+        if ids.len() != self.host.len() || ids.is_empty() {
+            *self = DeviceIds::upload(gpu, ids)?;
+            return Ok(());
+        }
+        let (order, starts, groups) = grouped(ids);
+        let s = gpu.stream();
+        s.memcpy_htod(ids, &mut self.dev).map_err(driver)?;
+        s.memcpy_htod(&order, &mut self.order).map_err(driver)?;
+        s.memcpy_htod(&starts, &mut self.starts.slice_mut(0..starts.len()))
+            .map_err(driver)?;
+        self.host.copy_from_slice(ids);
+        self.groups = groups;
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
@@ -68,6 +82,20 @@ impl DeviceIds {
     pub(crate) fn groups(&self) -> (&CudaSlice<i32>, &CudaSlice<i32>, usize) {
         (&self.order, &self.starts, self.groups)
     }
+}
+
+/// Positions sorted stably by id, where each distinct id's run starts (and
+/// the length at the end), and how many distinct ids there are.
+fn grouped(ids: &[i32]) -> (Vec<i32>, Vec<i32>, usize) {
+    let mut order: Vec<i32> = (0..ids.len() as i32).collect();
+    order.sort_by_key(|&t| ids[t as usize]);
+    let mut starts: Vec<i32> = (0..order.len())
+        .filter(|&k| k == 0 || ids[order[k] as usize] != ids[order[k - 1] as usize])
+        .map(|k| k as i32)
+        .collect();
+    let groups = starts.len();
+    starts.push(ids.len() as i32);
+    (order, starts, groups)
 }
 
 /// Ids on the device with their host copy, borrowed: what the embedding
