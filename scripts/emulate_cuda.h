@@ -81,6 +81,9 @@ template <class T> static const T* warp_exchange(const T& mine) {
 }
 static void warp_done() { g_warp_bar[threadIdx.x >> 5]->arrive_and_wait(); }
 
+// CUDA's reciprocal square root (the device's is within 2 ulp of this).
+static float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+
 template <class T> T __shfl_xor_sync(unsigned mask, T v, int o) {
     (void)mask;
     T r = warp_exchange(v)[(threadIdx.x & 31) ^ o];

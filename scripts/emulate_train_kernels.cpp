@@ -1,10 +1,10 @@
 // The training-step kernels (kernels/cuda/{loss,embedding,update,
-// elementwise,dora}.cu) run
+// elementwise,dora,rows}.cu) run
 // on the CPU by emulation, checked against f64 / operation-by-operation
 // references: a check of their index math, barriers and reductions that
 // needs no GPU (the GPU tests in kernels/tests/cuda.rs are the real check).
 // The emulation (scripts/emulate_cuda.h) runs under AddressSanitizer so any
-// out-of-bounds access fails. About 20 s on the 2-core CPU machine:
+// out-of-bounds access fails. About 100 s on the 2-core CPU machine:
 //
 //   g++ -std=c++20 -O1 -g -fsanitize=address,undefined -ffp-contract=off -pthread \
 //       scripts/emulate_train_kernels.cpp -o /tmp/emulate && /tmp/emulate
@@ -17,6 +17,7 @@
 #include "../kernels/cuda/update.cu"
 #include "../kernels/cuda/elementwise.cu"
 #include "../kernels/cuda/dora.cu"
+#include "../kernels/cuda/rows.cu"
 
 static bf16_t to_bf16(float f) { return f32_to_bf16(f); }
 static float from_bf16(bf16_t h) { return bf16_to_f32(h); }
@@ -285,6 +286,125 @@ static void test_grads(std::vector<size_t> sizes, unsigned threads, unsigned max
     }
 }
 
+// rows.cu on T = f32 (bound 1e-5) or bf16 (1e-2) against f64 formulas:
+// RMSNorm forward (both gain forms), input and weight gradients; RoPE and
+// its inverse; SwiGLU / GeGLU forward and backward.
+template <typename T>
+static void test_rows(int rows, int h, unsigned threads, const char* ty) {
+    const double bound = sizeof(T) == 4 ? 1e-5 : 1e-2;
+    auto rnd = [](size_t n, float lo, float hi) {
+        std::vector<T> v(n);
+        for (size_t i = 0; i < n; ++i) st(v.data(), i, uni(lo, hi));
+        return v;
+    };
+    auto wide = [](const std::vector<T>& v) {
+        std::vector<double> r(v.size());
+        for (size_t i = 0; i < v.size(); ++i) r[i] = ld(v.data(), i);
+        return r;
+    };
+    auto nans = [](size_t n) {
+        std::vector<T> v(n);
+        for (size_t i = 0; i < n; ++i) st(v.data(), i, NAN);
+        return v;
+    };
+    char what[200];
+    auto expect_close = [&](const char* name, const std::vector<double>& got, const std::vector<double>& want) {
+        snprintf(what, sizeof what, "rows %s %s %dx%d threads=%u", ty, name, rows, h, threads);
+        const double e = rel_l2(got, want);
+        expect(e < bound, what, e);
+    };
+    const float eps = 1e-6f;
+    auto x = rnd((size_t)rows * h, -2, 2), w = rnd(h, -1, 1), dy = rnd((size_t)rows * h, -1, 1);
+    const auto X = wide(x), W = wide(w), DY = wide(dy);
+    std::vector<double> r(rows);
+    for (int i = 0; i < rows; ++i) {
+        double ss = 0;
+        for (int c = 0; c < h; ++c) ss += X[(size_t)i * h + c] * X[(size_t)i * h + c];
+        r[i] = 1.0 / std::sqrt(ss / h + eps);
+    }
+    for (int unit : {0, 1}) {
+        auto y = nans((size_t)rows * h), dx = nans((size_t)rows * h);
+        launch(rows, threads, [&] { rms_norm_fwd_impl(x.data(), w.data(), y.data(), h, eps, unit); });
+        launch(rows, threads, [&] { rms_norm_bwd_input_impl(x.data(), w.data(), dy.data(), dx.data(), h, eps, unit); });
+        std::vector<double> wy(y.size()), wdx(y.size());
+        for (int i = 0; i < rows; ++i) {
+            double dot = 0;
+            for (int c = 0; c < h; ++c) dot += X[(size_t)i * h + c] * DY[(size_t)i * h + c] * (W[c] + unit);
+            for (int c = 0; c < h; ++c) {
+                const size_t k = (size_t)i * h + c;
+                wy[k] = X[k] * r[i] * (W[c] + unit);
+                wdx[k] = r[i] * DY[k] * (W[c] + unit) - X[k] * r[i] * r[i] * r[i] * dot / h;
+            }
+        }
+        expect_close(unit ? "rms_norm unit" : "rms_norm", wide(y), wy);
+        expect_close(unit ? "rms_norm_grad_input unit" : "rms_norm_grad_input", wide(dx), wdx);
+    }
+    std::vector<float> rr(rows, NAN);
+    auto dw = nans(h);
+    launch(rows, threads, [&] { rms_norm_inv_rows_impl(x.data(), rr.data(), h, eps); });
+    launch((h + 31) / 32, threads, [&] { rms_norm_grad_weight_impl(x.data(), dy.data(), rr.data(), dw.data(), rows, h); });
+    std::vector<double> wdw(h, 0);
+    for (int i = 0; i < rows; ++i)
+        for (int c = 0; c < h; ++c) wdw[c] += DY[(size_t)i * h + c] * X[(size_t)i * h + c] * r[i];
+    expect_close("rms_norm_grad_weight", wide(dw), wdw);
+
+    // RoPE: rows tokens of 2 heads of h/2 (h even here, halves of h/4).
+    const int heads = 2, half = h / 4;
+    if (half > 0) {
+        std::vector<int> pos(rows);
+        for (int t = 0; t < rows; ++t) pos[t] = (t * 37) % 5000;
+        std::vector<float> inv(half);
+        for (int i = 0; i < half; ++i) inv[i] = std::pow(10000.f, -(float)i / half);
+        const size_t n = (size_t)rows * heads * 2 * half;
+        auto xr = rnd(n, -2, 2);
+        const auto XR = wide(xr);
+        for (int inverse : {0, 1}) {
+            auto y = nans(n);
+            launch(4, threads, [&] { rope_impl(xr.data(), pos.data(), inv.data(), y.data(), rows, heads, half, inverse); });
+            std::vector<double> wy(n);
+            for (int t = 0; t < rows; ++t)
+                for (int hd = 0; hd < heads; ++hd)
+                    for (int i = 0; i < half; ++i) {
+                        const double a = (double)((float)pos[t] * inv[i]);
+                        const double c = std::cos(a), sn = inverse ? -std::sin(a) : std::sin(a);
+                        const size_t b = ((size_t)t * heads + hd) * 2 * half;
+                        wy[b + i] = XR[b + i] * c - XR[b + i + half] * sn;
+                        wy[b + i + half] = XR[b + i + half] * c + XR[b + i] * sn;
+                    }
+            expect_close(inverse ? "rope inverse" : "rope", wide(y), wy);
+        }
+    }
+
+    // Gated activations over rows*h values.
+    const size_t n = (size_t)rows * h;
+    auto g = rnd(n, -6, 6), u = rnd(n, -2, 2);
+    const auto G = wide(g), U = wide(u);
+    for (int kind : {0, 1}) {
+        auto y = nans(n), dg = nans(n), du = nans(n);
+        launch(4, threads, [&] { gated_act_fwd_impl(g.data(), u.data(), y.data(), n, kind); });
+        launch(4, threads, [&] { gated_act_bwd_impl(g.data(), u.data(), dy.data(), dg.data(), du.data(), n, kind); });
+        std::vector<double> wy(n), wdg(n), wdu(n);
+        for (size_t i = 0; i < n; ++i) {
+            double a, da;
+            if (kind == 0) {
+                const double sg = 1 / (1 + std::exp(-G[i]));
+                a = G[i] * sg;
+                da = sg * (1 + G[i] * (1 - sg));
+            } else {
+                const double k = 0.7978846, c = 0.044715, t = std::tanh(k * (G[i] + c * G[i] * G[i] * G[i]));
+                a = 0.5 * G[i] * (1 + t);
+                da = 0.5 * (1 + t) + 0.5 * G[i] * (1 - t * t) * k * (1 + 3 * c * G[i] * G[i]);
+            }
+            wy[i] = a * U[i];
+            wdg[i] = DY[i] * U[i] * da;
+            wdu[i] = DY[i] * a;
+        }
+        expect_close(kind ? "geglu" : "swiglu", wide(y), wy);
+        expect_close(kind ? "geglu grad gate" : "swiglu grad gate", wide(dg), wdg);
+        expect_close(kind ? "geglu grad up" : "swiglu grad up", wide(du), wdu);
+    }
+}
+
 int main() {
     for (unsigned th : {64u, 256u}) {
         test_ce(1, 1, 0, -100, 1.0f, 4, th);
@@ -296,6 +416,13 @@ int main() {
         test_ce(4, 50, 1, -100, 1.0f, 4, th);
     }
     test_ce(130, 33, 3, -100, 1.0f, 4, 64);
+    for (unsigned th : {64u, 256u}) {
+        test_rows<float>(1, 4, th, "f32");
+        test_rows<float>(7, 132, th, "f32");
+        test_rows<float>(33, 1000, th, "f32");
+        test_rows<bf16_t>(7, 132, th, "bf16");
+        test_rows<bf16_t>(33, 1000, th, "bf16");
+    }
     test_opt(70001, 64, 300);
     test_emb(1, 1, 1, 1, 64);
     test_emb(7, 3, 20, 3, 64);
