@@ -10,15 +10,21 @@
 
 // One block per row of x[rows, h]: y = x * rsqrt(mean(x^2) + eps) * g,
 // g = w or 1 + w.
+// rsqrt(mean(x²) + eps) of the block's row of x (every thread gets it).
 template <typename T>
-__device__ void rms_norm_fwd_impl(const T* x, const T* w, T* y, int h, float eps, int unit_offset) {
-    const size_t off = (size_t)blockIdx.x * h;
+__device__ float row_inv_rms(const T* x, size_t off, int h, float eps) {
     float ss = 0.0f;
     for (int i = threadIdx.x; i < h; i += blockDim.x) {
         float v = ld(x, off + i);
         ss += v * v;
     }
-    float r = rsqrtf(block_sum(ss) / (float)h + eps);
+    return rsqrtf(block_sum(ss) / (float)h + eps);
+}
+
+template <typename T>
+__device__ void rms_norm_fwd_impl(const T* x, const T* w, T* y, int h, float eps, int unit_offset) {
+    const size_t off = (size_t)blockIdx.x * h;
+    float r = row_inv_rms(x, off, h, eps);
     for (int i = threadIdx.x; i < h; i += blockDim.x) {
         float g = ld(w, i) + (unit_offset ? 1.0f : 0.0f);
         st(y, off + i, ld(x, off + i) * r * g);
@@ -53,13 +59,7 @@ __device__ void rms_norm_bwd_input_impl(const T* x, const T* w, const T* dy, T* 
 // result depends on blockDim.x only).
 template <typename T>
 __device__ void rms_norm_inv_rows_impl(const T* x, float* r_rows, int h, float eps) {
-    const size_t off = (size_t)blockIdx.x * h;
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < h; i += blockDim.x) {
-        float v = ld(x, off + i);
-        ss += v * v;
-    }
-    float r = rsqrtf(block_sum(ss) / (float)h + eps);
+    float r = row_inv_rms(x, (size_t)blockIdx.x * h, h, eps);
     if (threadIdx.x == 0) r_rows[blockIdx.x] = r;
 }
 

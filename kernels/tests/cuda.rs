@@ -810,14 +810,13 @@ fn optimizer_updates_match_the_cpu_reference() {
 /// refused on the host.
 #[test]
 fn attention_matches_the_cpu_reference() {
-    use graft_kernels::attention::{attention, attention_grad, AttnShape};
+    use graft_kernels::attention::AttnShape;
     use graft_kernels::cuda::{AttentionKernels, DeviceSegments};
     let Some(gpu) = gpu() else { return };
     let kern = AttentionKernels::new(&gpu).unwrap();
     let s = gpu.stream();
     let mut r = Gen::new(29);
-    let heads = 4;
-    // (tokens, kv heads, head dim, window, segments)
+    // (tokens, kv heads, head dim, window, segments) over 4 query heads
     for (t, kv, d, window, segments) in [
         (1, 1, 64, None, 1),
         (37, 2, 64, None, 3),
@@ -830,89 +829,7 @@ fn attention_matches_the_cpu_reference() {
         (257, 1, 128, Some(64), 3),
         (1000, 2, 128, Some(300), 2),
     ] {
-        let what = format!(
-            "attention t={t} heads={heads}/{kv} d={d} window={window:?} segments={segments}"
-        );
-        let shape = AttnShape {
-            tokens: t,
-            n_heads: heads,
-            n_kv_heads: kv,
-            head_dim: d,
-            scale: 1.0 / (d as f32).sqrt(),
-            window,
-        };
-        let mut seg = vec![0i32; t];
-        for _ in 1..segments {
-            let cut = 1 + r.below(t.max(2) - 1);
-            seg[cut.min(t)..].iter_mut().for_each(|x| *x += 1);
-        }
-        let (qn, kn) = (t * heads * d, t * kv * d);
-        let q: Vec<bf16> = to_elem(&r.vec(qn, -2.0, 2.0));
-        let k: Vec<bf16> = to_elem(&r.vec(kn, -2.0, 2.0));
-        let v: Vec<bf16> = to_elem(&r.vec(kn, -1.0, 1.0));
-        let dout: Vec<bf16> = to_elem(&r.vec(qn, -1.0, 1.0));
-        let (mut out, mut lse) = (nan_buf::<bf16>(qn), nan_buf::<f32>(t * heads));
-        attention(&q, &k, &v, &seg, shape, &mut out, &mut lse);
-        let (mut dq, mut dk, mut dv) = (
-            nan_buf::<bf16>(qn),
-            nan_buf::<bf16>(kn),
-            nan_buf::<bf16>(kn),
-        );
-        attention_grad(
-            &q, &k, &v, &seg, &out, &lse, &dout, shape, &mut dq, &mut dk, &mut dv,
-        );
-
-        let segd = DeviceSegments::upload(&gpu, &seg).unwrap();
-        let (qd, kd, vd, dod) = (
-            s.clone_htod(&q).unwrap(),
-            s.clone_htod(&k).unwrap(),
-            s.clone_htod(&v).unwrap(),
-            s.clone_htod(&dout).unwrap(),
-        );
-        let mut outd = s.clone_htod(&nan_buf::<bf16>(qn)).unwrap();
-        let mut lsed = s.clone_htod(&nan_buf::<f32>(t * heads)).unwrap();
-        kern.forward(&qd, &kd, &vd, &segd, shape, &mut outd, &mut lsed)
-            .unwrap();
-        let close = |name: &str, e: f64| {
-            eprintln!("{what} {name}: rel L2 vs CPU {e:.2e}");
-            assert!(e < 1e-2, "{what} {name}: rel L2 {e}");
-        };
-        close("out", rel_l2(&s.clone_dtoh(&outd).unwrap(), &to_f64(&out)));
-        close("lse", rel_l2(&s.clone_dtoh(&lsed).unwrap(), &to_f64(&lse)));
-
-        let backward = || {
-            let mut delta = s.clone_htod(&nan_buf::<f32>(t * heads)).unwrap();
-            let mut dqd = s.clone_htod(&nan_buf::<bf16>(qn)).unwrap();
-            let mut dkd = s.clone_htod(&nan_buf::<bf16>(kn)).unwrap();
-            let mut dvd = s.clone_htod(&nan_buf::<bf16>(kn)).unwrap();
-            kern.backward(
-                &qd, &kd, &vd, &segd, &outd, &lsed, &dod, shape, &mut delta, &mut dqd, &mut dkd,
-                &mut dvd,
-            )
-            .unwrap();
-            [dqd, dkd, dvd].map(|x| s.clone_dtoh(&x).unwrap())
-        };
-        let got = backward();
-        // dq and dk vanish where a query sees one key (softmax's gradient is
-        // zero there): measure them against the incoming gradient's size
-        // then, not against a zero reference's rounding noise.
-        let floor = 1e-2 * norm(&to_f64(&dout));
-        for (name, g, want) in [
-            ("dq", &got[0], &dq),
-            ("dk", &got[1], &dk),
-            ("dv", &got[2], &dv),
-        ] {
-            close(name, rel_l2_floor(g, &to_f64(want), floor));
-        }
-        let bits = |x: &[bf16]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        let again = backward();
-        for i in 0..3 {
-            assert_eq!(
-                bits(&got[i]),
-                bits(&again[i]),
-                "{what}: backward output {i} differs between runs"
-            );
-        }
+        attention_case::<bf16>(&gpu, &kern, &mut r, (t, 4, kv, d, window, segments), 1e-2);
     }
 
     // Refused on the host, naming the bad value.
@@ -975,95 +892,117 @@ fn attention_matches_the_cpu_reference() {
 /// bit-identical.
 #[test]
 fn f32_attention_matches_the_cpu_reference() {
-    use graft_kernels::attention::{attention, attention_grad, AttnShape};
-    use graft_kernels::cuda::{AttentionKernels, DeviceSegments};
+    use graft_kernels::cuda::AttentionKernels;
     let Some(gpu) = gpu() else { return };
     let kern = AttentionKernels::new(&gpu).unwrap();
-    let s = gpu.stream();
     let mut r = Gen::new(37);
     // (tokens, heads, kv heads, head dim, window, segments)
-    for (t, heads, kv, d, window, segments) in [
+    for case in [
         (1, 4, 2, 64, None, 1),
         (37, 4, 1, 32, Some(9), 3),
         (130, 4, 2, 64, None, 2),
         (257, 8, 2, 128, Some(100), 3),
     ] {
-        let what = format!(
-            "f32 attention t={t} heads={heads}/{kv} d={d} window={window:?} segments={segments}"
-        );
-        let shape = AttnShape {
-            tokens: t,
-            n_heads: heads,
-            n_kv_heads: kv,
-            head_dim: d,
-            scale: 1.0 / (d as f32).sqrt(),
-            window,
-        };
-        let mut seg = vec![0i32; t];
-        for _ in 1..segments {
-            let cut = 1 + r.below(t.max(2) - 1);
-            seg[cut.min(t)..].iter_mut().for_each(|x| *x += 1);
-        }
-        let (qn, kn) = (t * heads * d, t * kv * d);
-        let (q, k, v, dout) = (
-            r.vec(qn, -2.0, 2.0),
-            r.vec(kn, -2.0, 2.0),
-            r.vec(kn, -1.0, 1.0),
-            r.vec(qn, -1.0, 1.0),
-        );
-        let (mut out, mut lse) = (vec![f32::NAN; qn], vec![f32::NAN; t * heads]);
-        attention(&q, &k, &v, &seg, shape, &mut out, &mut lse);
-        let (mut dq, mut dk, mut dv) = (vec![0f32; qn], vec![0f32; kn], vec![0f32; kn]);
-        attention_grad(
-            &q, &k, &v, &seg, &out, &lse, &dout, shape, &mut dq, &mut dk, &mut dv,
-        );
+        attention_case::<f32>(&gpu, &kern, &mut r, case, 1e-5);
+    }
+}
 
-        let segd = DeviceSegments::upload(&gpu, &seg).unwrap();
-        let up = |x: &[f32]| s.clone_htod(x).unwrap();
-        let (qd, kd, vd, dod) = (up(&q), up(&k), up(&v), up(&dout));
-        let (mut outd, mut lsed) = (up(&vec![f32::NAN; qn]), up(&vec![f32::NAN; t * heads]));
-        kern.forward(&qd, &kd, &vd, &segd, shape, &mut outd, &mut lsed)
-            .unwrap();
-        let close = |name: &str, e: f64| {
-            eprintln!("{what} {name}: rel L2 vs CPU {e:.2e}");
-            assert!(e < 1e-5, "{what} {name}: rel L2 {e}");
-        };
-        let f64s = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
-        close("out", rel_l2(&s.clone_dtoh(&outd).unwrap(), &f64s(&out)));
-        close("lse", rel_l2(&s.clone_dtoh(&lsed).unwrap(), &f64s(&lse)));
-        let backward = || {
-            let mut delta = up(&vec![f32::NAN; t * heads]);
-            let (mut dqd, mut dkd, mut dvd) = (
-                up(&vec![f32::NAN; qn]),
-                up(&vec![f32::NAN; kn]),
-                up(&vec![f32::NAN; kn]),
-            );
-            kern.backward(
-                &qd, &kd, &vd, &segd, &outd, &lsed, &dod, shape, &mut delta, &mut dqd, &mut dkd,
-                &mut dvd,
-            )
-            .unwrap();
-            [dqd, dkd, dvd].map(|x| s.clone_dtoh(&x).unwrap())
-        };
-        let got = backward();
-        // As for bf16: dq and dk vanish where a query sees one key.
-        let floor = 1e-2 * norm(&f64s(&dout));
-        for (name, g, want) in [
-            ("dq", &got[0], &dq),
-            ("dk", &got[1], &dk),
-            ("dv", &got[2], &dv),
-        ] {
-            close(name, rel_l2_floor(g, &f64s(want), floor));
-        }
-        let again = backward();
-        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        for i in 0..3 {
-            assert_eq!(
-                bits(&got[i]),
-                bits(&again[i]),
-                "{what}: backward output {i} differs between runs"
-            );
-        }
+/// One shape of the attention tests on rows of `T`: random q, k, v, dout
+/// and packed segments; the GPU's forward (out, lse) and backward (dq, dk,
+/// dv from the GPU's own out and lse, as a training step does) against the
+/// CPU's on the same values within `bound` relative L2, every output first
+/// NaN; the backward run twice must be bit-identical.
+fn attention_case<T: graft_kernels::Elem + graft_kernels::cuda::DeviceElem>(
+    gpu: &Gpu,
+    kern: &graft_kernels::cuda::AttentionKernels,
+    r: &mut Gen,
+    (t, heads, kv, d, window, segments): (usize, usize, usize, usize, Option<usize>, usize),
+    bound: f64,
+) {
+    use graft_kernels::attention::{attention, attention_grad, AttnShape};
+    use graft_kernels::cuda::DeviceSegments;
+    let s = gpu.stream();
+    let ty = std::any::type_name::<T>()
+        .rsplit("::")
+        .next()
+        .unwrap_or("?");
+    let what = format!(
+        "attention {ty} t={t} heads={heads}/{kv} d={d} window={window:?} segments={segments}"
+    );
+    let shape = AttnShape {
+        tokens: t,
+        n_heads: heads,
+        n_kv_heads: kv,
+        head_dim: d,
+        scale: 1.0 / (d as f32).sqrt(),
+        window,
+    };
+    let mut seg = vec![0i32; t];
+    for _ in 1..segments {
+        let cut = 1 + r.below(t.max(2) - 1);
+        seg[cut.min(t)..].iter_mut().for_each(|x| *x += 1);
+    }
+    let (qn, kn) = (t * heads * d, t * kv * d);
+    let q: Vec<T> = to_elem(&r.vec(qn, -2.0, 2.0));
+    let k: Vec<T> = to_elem(&r.vec(kn, -2.0, 2.0));
+    let v: Vec<T> = to_elem(&r.vec(kn, -1.0, 1.0));
+    let dout: Vec<T> = to_elem(&r.vec(qn, -1.0, 1.0));
+    let (mut out, mut lse) = (nan_buf::<T>(qn), nan_buf::<f32>(t * heads));
+    attention(&q, &k, &v, &seg, shape, &mut out, &mut lse);
+    let (mut dq, mut dk, mut dv) = (nan_buf::<T>(qn), nan_buf::<T>(kn), nan_buf::<T>(kn));
+    attention_grad(
+        &q, &k, &v, &seg, &out, &lse, &dout, shape, &mut dq, &mut dk, &mut dv,
+    );
+
+    let segd = DeviceSegments::upload(gpu, &seg).unwrap();
+    let up = |x: &[T]| s.clone_htod(x).unwrap();
+    let (qd, kd, vd, dod) = (up(&q), up(&k), up(&v), up(&dout));
+    let mut outd = up(&nan_buf::<T>(qn));
+    let mut lsed = s.clone_htod(&nan_buf::<f32>(t * heads)).unwrap();
+    kern.forward(&qd, &kd, &vd, &segd, shape, &mut outd, &mut lsed)
+        .unwrap();
+    let close = |name: &str, e: f64| {
+        eprintln!("{what} {name}: rel L2 vs CPU {e:.2e}");
+        assert!(e < bound, "{what} {name}: rel L2 {e}");
+    };
+    close("out", rel_l2(&s.clone_dtoh(&outd).unwrap(), &to_f64(&out)));
+    close("lse", rel_l2(&s.clone_dtoh(&lsed).unwrap(), &to_f64(&lse)));
+
+    let backward = || {
+        let mut delta = s.clone_htod(&nan_buf::<f32>(t * heads)).unwrap();
+        let (mut dqd, mut dkd, mut dvd) = (
+            up(&nan_buf::<T>(qn)),
+            up(&nan_buf::<T>(kn)),
+            up(&nan_buf::<T>(kn)),
+        );
+        kern.backward(
+            &qd, &kd, &vd, &segd, &outd, &lsed, &dod, shape, &mut delta, &mut dqd, &mut dkd,
+            &mut dvd,
+        )
+        .unwrap();
+        [dqd, dkd, dvd].map(|x| s.clone_dtoh(&x).unwrap())
+    };
+    let got = backward();
+    // dq and dk vanish where a query sees one key (softmax's gradient is
+    // zero there): measure them against the incoming gradient's size then,
+    // not against a zero reference's rounding noise.
+    let floor = 1e-2 * norm(&to_f64(&dout));
+    for (name, g, want) in [
+        ("dq", &got[0], &dq),
+        ("dk", &got[1], &dk),
+        ("dv", &got[2], &dv),
+    ] {
+        close(name, rel_l2_floor(g, &to_f64(want), floor));
+    }
+    // (Widening to f32 is exact and one-to-one for both types.)
+    let bits = |x: &[T]| x.iter().map(|v| v.to_f32().to_bits()).collect::<Vec<_>>();
+    let again = backward();
+    for i in 0..3 {
+        assert_eq!(
+            bits(&got[i]),
+            bits(&again[i]),
+            "{what}: backward output {i} differs between runs"
+        );
     }
 }
 
