@@ -155,6 +155,91 @@ static void test_opt(size_t n, unsigned threads, unsigned max_blocks) {
     }
 }
 
+// AdaLomo's launches in order against a port of kernels/src/update.rs's
+// adalomo_update (f32 sums in element order; the kernels sum in f64, so the
+// two agree to rounding): three steps of a matrix (factored second moment)
+// or a vector, then a measuring step (lr 0) that must write nothing.
+static void test_adalomo(size_t rows, size_t cols, bool factored, unsigned threads, unsigned max_blocks) {
+    size_t n = rows * cols;
+    const float eps1 = 1e-30f, eps2 = 1e-3f, thr = 1.0f, decay = -0.8f, wd = factored ? 0.01f : 0.0f;
+    const float clip = factored ? 0.3f : 0.0f;
+    std::vector<float> p(n), g(n), row(factored ? rows : n, 0), col(factored ? cols : 1, 0);
+    for (auto& x : p) x = uni(-1, 1);
+    std::vector<float> P = p, R = row, C = col;
+    unsigned grid = (unsigned)std::clamp<size_t>((n + threads - 1) / threads, 1, max_blocks);
+    std::vector<double> partials(2 * max_blocks, NAN);
+    std::vector<float> scal(3, NAN), sq(1, NAN);
+    char what[200];
+    for (int t = 1; t <= 4; ++t) {
+        for (auto& x : g) x = uni(-0.5, 0.5);
+        const float lr = t == 4 ? 0.0f : 0.05f, coef = t == 2 ? 0.6f : 1.0f, step = (float)t;
+        std::vector<float> before = p;
+        launch(grid, threads, [&] { sum_squares(g.data(), n, partials.data()); });
+        launch(1, threads, [&] { sum_partials(partials.data(), (int)grid, sq.data()); });
+        if (factored) {
+            launch((unsigned)std::min<size_t>(rows, 7), threads, [&] {
+                adalomo_rows(g.data(), row.data(), (int)rows, (int)cols, &lr, &coef, &step, clip, eps1, decay);
+            });
+            launch((unsigned)std::min<size_t>((cols + 31) / 32, 3), threads, [&] {
+                adalomo_cols(g.data(), col.data(), (int)rows, (int)cols, &lr, &coef, &step, clip, eps1, decay);
+            });
+            launch(1, threads, [&] { adalomo_row_mean(row.data(), (int)rows, &lr, scal.data()); });
+        } else {
+            launch(grid, threads, [&] { adalomo_vector(g.data(), row.data(), n, &lr, &coef, &step, clip, eps1, decay); });
+        }
+        size_t kc = factored ? cols : 0;
+        launch(grid, threads, [&] {
+            adalomo_norms(p.data(), g.data(), row.data(), col.data(), n, kc, &lr, &coef, clip, scal.data(), partials.data());
+        });
+        launch(1, threads, [&] { adalomo_finish(partials.data(), (int)grid, n, &lr, eps2, thr, scal.data()); });
+        launch(grid, threads, [&] {
+            adalomo_apply(p.data(), g.data(), row.data(), col.data(), n, kc, &lr, &coef, clip, wd, scal.data());
+        });
+        // The reference step.
+        double want_sq = 0;
+        for (float x : g) want_sq += (double)x * x;
+        snprintf(what, sizeof what, "adalomo %zux%zu%s t=%d squared norm", rows, cols, factored ? "" : " (full)", t);
+        expect(std::fabs(sq[0] - want_sq) / want_sq < 1e-6, what, std::fabs(sq[0] - want_sq) / want_sq);
+        if (lr == 0.0f) {
+            snprintf(what, sizeof what, "adalomo %zux%zu lr=0 writes nothing", rows, cols);
+            expect(!std::memcmp(p.data(), before.data(), 4 * n), what, 0);
+            continue;
+        }
+        std::vector<float> gc(n), u(n);
+        for (size_t i = 0; i < n; ++i) gc[i] = (clip > 0 ? std::clamp(g[i], -clip, clip) : g[i]) * coef;
+        float beta = 1.0f - std::pow((float)t, decay);
+        if (factored) {
+            std::vector<float> cm(cols, 0);
+            for (size_t r = 0; r < rows; ++r) {
+                float s = 0;
+                for (size_t c = 0; c < cols; ++c) { float v = gc[r * cols + c] * gc[r * cols + c] + eps1; s += v; cm[c] += v; }
+                R[r] = R[r] * beta + (s / cols) * (1 - beta);
+            }
+            for (size_t c = 0; c < cols; ++c) C[c] = C[c] * beta + (cm[c] / rows) * (1 - beta);
+            float rm = 0;
+            for (float x : R) rm += x;
+            rm /= rows;
+            for (size_t i = 0; i < n; ++i) u[i] = (1.0f / std::sqrt(R[i / cols] / rm)) * (1.0f / std::sqrt(C[i % cols])) * gc[i];
+        } else {
+            for (size_t i = 0; i < n; ++i) { R[i] = R[i] * beta + (gc[i] * gc[i] + eps1) * (1 - beta); u[i] = gc[i] / std::sqrt(R[i]); }
+        }
+        double su = 0, sp = 0;
+        for (size_t i = 0; i < n; ++i) { su += (double)u[i] * u[i]; sp += (double)P[i] * P[i]; }
+        float scale = std::max((float)std::sqrt(su / n) / thr, 1.0f);
+        float lr_eff = lr * std::max(eps2, (float)std::sqrt(sp / n)), dec = 1 - lr_eff * wd;
+        for (size_t i = 0; i < n; ++i) { if (wd != 0) P[i] *= dec; P[i] -= lr_eff * (u[i] / scale); }
+        auto cmp = [&](const std::vector<float>& got, const std::vector<float>& want, const char* name) {
+            std::vector<double> a(got.begin(), got.end()), b(want.begin(), want.end());
+            double e = rel_l2(a, b);
+            snprintf(what, sizeof what, "adalomo %zux%zu%s t=%d %s", rows, cols, factored ? "" : " (full)", t, name);
+            expect(e < 1e-5, what, e);
+        };
+        cmp(p, P, "p");
+        cmp(row, R, "row");
+        if (factored) cmp(col, C, "col");
+    }
+}
+
 // The elementwise glue, bit for bit against kernels/src/elementwise.rs's
 // arithmetic (f32 math, one rounding to the output type): mul, scale,
 // mul_cols of every type pair, DoRA's combine; sum_rows against f64.
@@ -433,6 +518,11 @@ int main() {
     test_opt(1000, 64, 4);
     test_opt(70001, 256, 16);
     test_grads({1, 1000, 70001}, 64, 16);
+    test_adalomo(1, 1, true, 64, 4);
+    test_adalomo(37, 70, true, 64, 5);
+    test_adalomo(300, 33, true, 256, 300);
+    test_adalomo(1, 1000, false, 64, 3);
+    test_adalomo(1, 5, false, 256, 4);
     test_grads({5, 4096}, 256, 64);
     for (unsigned th : {64u, 256u}) {
         test_elementwise<float, float>(1, 1, th, 4, "f32/f32");

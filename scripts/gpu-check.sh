@@ -46,27 +46,37 @@ default_rc=$?
 grep -E "device|exact match|step 260|error" "$out/default.log"
 rm -rf "$out/default-run"
 
-echo "== trainer run --device gpu: AdamW on the device with grad_accum 2 and clipping; a stopped run resumed to the same bits"
-r="$out/resume"
-rm -rf "$r"
-sets=(--set output.eval_accuracy=false --set train.max_steps=6 --set train.warmup_steps=0
-      --set train.grad_accum=2 --set output.save_steps=2 --set train.max_grad_norm=0.05
-      --set train.max_grad_value=0.002 --set output.log_steps=1)
+# resume_check NAME FILE SETTINGS..: a run on the GPU, the same stopped
+# after 3 steps and resumed, and the same on the CPU; the resumed run must
+# give the same losses and the same bytes of FILE (under the output dir).
 resume_rc=0
-.gpu-bin/trainer run --device gpu "${sets[@]}" --set output.dir="$r/whole" > "$out/resume.log" 2>&1 || resume_rc=$?
-.gpu-bin/trainer run --device gpu "${sets[@]}" --set output.dir="$r/stopped" --stop-after 3 >> "$out/resume.log" 2>&1
-.gpu-bin/trainer run --device gpu "${sets[@]}" --set output.dir="$r/stopped" --resume >> "$out/resume.log" 2>&1 || resume_rc=$?
-.gpu-bin/trainer run --device cpu "${sets[@]}" --set output.dir="$r/cpu" >> "$out/resume.log" 2>&1 || resume_rc=$?
-grep -E "^device|step 6/6" "$out/resume.log"
 losses() { python3 -c 'import json,sys; print([r["loss"] for r in map(json.loads, open(sys.argv[1])) if "loss" in r])' "$1/metrics.jsonl"; }
-echo "losses: whole $(losses "$r/whole"); resumed $(losses "$r/stopped"); CPU $(losses "$r/cpu")"
-if [ "$(losses "$r/whole")" = "$(losses "$r/stopped")" ] &&
-   cmp -s "$r/whole/adapter/adapter_model.safetensors" "$r/stopped/adapter/adapter_model.safetensors"; then
-  echo "resumed run: the same losses and adapter bits"
-else
-  echo "resumed run DIFFERS from the whole run"; resume_rc=1
-fi
-rm -rf "$r"
+resume_check() {
+  local name=$1 file=$2; shift 2
+  local r="$out/resume-$name" log="$out/resume-$name.log"
+  rm -rf "$r"
+  .gpu-bin/trainer run --device gpu "$@" --set output.dir="$r/whole" > "$log" 2>&1 || resume_rc=1
+  .gpu-bin/trainer run --device gpu "$@" --set output.dir="$r/stopped" --stop-after 3 >> "$log" 2>&1
+  .gpu-bin/trainer run --device gpu "$@" --set output.dir="$r/stopped" --resume >> "$log" 2>&1 || resume_rc=1
+  .gpu-bin/trainer run --device cpu "$@" --set output.dir="$r/cpu" >> "$log" 2>&1 || resume_rc=1
+  grep -E "^device|step 6/6|error" "$log"
+  echo "$name losses: whole $(losses "$r/whole"); resumed $(losses "$r/stopped"); CPU $(losses "$r/cpu")"
+  if [ "$(losses "$r/whole")" = "$(losses "$r/stopped")" ] && cmp -s "$r/whole/$file" "$r/stopped/$file"; then
+    echo "$name resumed run: the same losses and bits of $file"
+  else
+    echo "$name resumed run DIFFERS from the whole run"; resume_rc=1
+  fi
+  rm -rf "$r"
+}
+common=(--set output.eval_accuracy=false --set train.max_steps=6 --set train.warmup_steps=0
+        --set output.save_steps=2 --set output.log_steps=1)
+echo "== trainer run --device gpu: AdamW on the device with grad_accum 2 and clipping; a stopped run resumed to the same bits"
+resume_check adamw adapter/adapter_model.safetensors "${common[@]}" --set train.grad_accum=2 \
+  --set train.max_grad_norm=0.05 --set train.max_grad_value=0.002
+echo "== trainer run --device gpu: full fine-tuning, LOMO and AdaLomo (two-pass clipping) fused on the device; stopped and resumed"
+full=(--set adapter.method=full --set model.quantize=none --set model.compute_dtype=f32 --set train.max_grad_norm=1.0)
+resume_check lomo model/model.safetensors "${common[@]}" "${full[@]}" --set train.optimizer=lomo --set train.lr=0.05
+resume_check adalomo model/model.safetensors "${common[@]}" "${full[@]}" --set train.optimizer=adalomo --set train.lr=0.01
 
 echo "== Llama-2-7B-shaped QLoRA step (batch 1 x 2048, r=16 all linear; with and without recomputation)"
 .gpu-bin/gpu-step 2048 32 2 > "$out/step7b.log" 2>&1

@@ -11,10 +11,11 @@ mod common;
 use common::rel_l2;
 use graft::engine::optim::{clip_coef, clip_grad_norm, AdamW, AdamWConfig};
 use graft::engine::{
-    compile, compile_training_with, device_bytes_needed, gpu_unsupported, CompileOptions,
-    CpuExecutor, Device, DeviceAdamW, Executor, GpuExecutor, Plan, Tensor,
+    compile, compile_fused, compile_training_with, device_bytes_needed, gpu_unsupported,
+    CompileOptions, CpuExecutor, Device, DeviceAdamW, Executor, Feeds, FusedInputs, FusedRule,
+    GpuExecutor, Plan, Tensor,
 };
-use graft::ir::DType;
+use graft::ir::{AdaLomoSpec, DType};
 use graft::models::{
     Batch, CausalLm, LoadOptions, Lora, LoraConfig, ModelConfig, RecordOptions, Recorded, Targets,
 };
@@ -644,4 +645,173 @@ fn gpu_generation_with_the_kv_cache_matches_the_cpu() {
         bits(&last),
         "caches updated by their new rows alone differ from caches uploaded whole"
     );
+}
+
+/// The model of these tests, f32 and unquantized: what LOMO trains.
+fn full_model() -> CausalLm {
+    let config = ModelConfig::parse(CONFIG, Path::new("<test config>")).unwrap();
+    let opts = LoadOptions {
+        dtype: DType::F32,
+        quantize: None,
+    };
+    CausalLm::random(config, &opts, 5).unwrap()
+}
+
+/// Three fused steps of `plan` (lr 0.05, step 2 with LOMO's two-pass
+/// clipping at norm 0.5) through `run`, AdaLomo's state in `state`; the
+/// losses and gradient norms of the updating passes.
+fn fused_steps(
+    m: &mut CausalLm,
+    rec: &Recorded,
+    plan: &Plan,
+    inputs: &FusedInputs,
+    state: &mut [(Tensor, Tensor)],
+    run: &mut dyn FnMut(&Plan, &Feeds) -> Vec<Tensor>,
+) -> Vec<(f32, f64)> {
+    let b = batch();
+    let scalar = |x: f32| Tensor::from_f32(&[1], &[x]).unwrap();
+    let mut out = Vec::new();
+    for t in 1..=3 {
+        let step = scalar(t as f32);
+        let mut pass = |m: &mut CausalLm, lr: f32, coef: f32| {
+            let (lr, coef) = (scalar(lr), scalar(coef));
+            let mut feeds = rec.feeds_mut(m, &b).unwrap();
+            feeds.bind(inputs.lr, &lr).bind(inputs.coef, &coef);
+            if let Some(s) = inputs.step {
+                feeds.bind(s, &step);
+            }
+            for ((r, c), (rt, ct)) in inputs.state.iter().zip(state.iter_mut()) {
+                feeds.bind_mut(*r, rt).bind_mut(*c, ct);
+            }
+            let o = run(plan, &feeds);
+            let sq: f64 = o[1..].iter().map(|t| t.as_f32().unwrap()[0] as f64).sum();
+            (o[0].as_f32().unwrap()[0], sq.sqrt())
+        };
+        let coef = if t == 2 {
+            let (_, norm) = pass(m, 0.0, 1.0);
+            (0.5 / (norm + 1e-6)).min(1.0) as f32
+        } else {
+            1.0
+        };
+        out.push(pass(m, 0.05, coef));
+    }
+    out
+}
+
+/// LOMO (SGD with weight decay) and AdaLomo steps of a full f32 model: the
+/// plan runs whole on the GPU (checked without one). On a GPU, three steps
+/// (one with two-pass clipping) against the CPU's: losses and norms within
+/// 1e-5, every weight's change and AdaLomo's state within 1e-4 relative L2
+/// (f32 products in another order through a whole model, three times).
+/// `run` writes the updates back into the bound host tensors, as the CPU
+/// does; `run_resident` leaves them unchanged and keeps the updates on the
+/// device, where `download_owned` finds them bit-identical to `run`'s.
+#[test]
+fn lomo_and_adalomo_steps_on_the_gpu_match_the_cpu() {
+    let start = full_model();
+    let opts = RecordOptions {
+        train_base: true,
+        loss: true,
+        ..Default::default()
+    };
+    let rec = start.record(batch().tokens(), opts).unwrap();
+    let rules = [
+        FusedRule::Sgd {
+            weight_decay: 0.01,
+            clip_value: 0.0,
+        },
+        FusedRule::AdaLomo(AdaLomoSpec {
+            weight_decay: 0.01,
+            clip_value: 1.0,
+            ..Default::default()
+        }),
+    ];
+    for rule in rules {
+        let (plan, inputs) = compile_fused(rec.graph.clone(), rec.loss.unwrap(), rule).unwrap();
+        let missing = gpu_unsupported(&plan);
+        assert!(missing.is_empty(), "{rule:?}: {missing:?}");
+        let Some(mut gpu) = gpu() else { return };
+        let mut cpu = CpuExecutor::new();
+        let (mut mc, mut mg, mut mr) = (full_model(), full_model(), full_model());
+        let (mut sc, mut sg, mut sr) = (
+            inputs.zero_state(&plan),
+            inputs.zero_state(&plan),
+            inputs.zero_state(&plan),
+        );
+        let want = fused_steps(&mut mc, &rec, &plan, &inputs, &mut sc, &mut |p, f| {
+            cpu.run(p, f).unwrap()
+        });
+        let got = fused_steps(&mut mg, &rec, &plan, &inputs, &mut sg, &mut |p, f| {
+            gpu.run(p, f).unwrap()
+        });
+        let mut resident = GpuExecutor::new(0).unwrap();
+        let kept = fused_steps(&mut mr, &rec, &plan, &inputs, &mut sr, &mut |p, f| {
+            resident.run_resident(p, f).unwrap()
+        });
+        for (i, ((w, g), k)) in want.iter().zip(&got).zip(&kept).enumerate() {
+            eprintln!(
+                "{rule:?} step {}: loss {} / {}, norm {} / {}",
+                i + 1,
+                w.0,
+                g.0,
+                w.1,
+                g.1
+            );
+            assert!((w.0 - g.0).abs() <= 1e-5 * w.0.abs(), "loss {w:?} vs {g:?}");
+            assert!((w.1 - g.1).abs() <= 1e-5 * w.1, "norm {w:?} vs {g:?}");
+            assert_eq!(g, k, "run_resident's loss and norm differ from run's");
+        }
+        let names: Vec<String> = plan
+            .updated()
+            .iter()
+            .map(|&p| plan.graph().leaf_name(p).unwrap().to_string())
+            .collect();
+        let on_device = resident.download_owned(&plan, plan.updated()).unwrap();
+        let mut worst = 0f64;
+        for (n, (dn, dt)) in names.iter().zip(&on_device) {
+            assert_eq!(n, dn);
+            let s0 = start.weight(n).unwrap().to_f32_vec().unwrap();
+            let (c, g) = (mc.weight(n).unwrap(), mg.weight(n).unwrap());
+            let change = |t: &Tensor| -> Vec<f32> {
+                t.as_f32()
+                    .unwrap()
+                    .iter()
+                    .zip(&s0)
+                    .map(|(a, b)| a - b)
+                    .collect()
+            };
+            let e = rel_l2(&change(g), &change(c));
+            assert!(e < 1e-4, "{rule:?} `{n}`: change rel L2 {e:e}");
+            worst = worst.max(e);
+            assert_eq!(
+                dt.as_f32().unwrap(),
+                g.as_f32().unwrap(),
+                "`{n}` on the device"
+            );
+            assert_eq!(
+                mr.weight(n).unwrap().as_f32().unwrap(),
+                &s0[..],
+                "`{n}` on the host"
+            );
+        }
+        for ((c, g), r) in sc.iter().zip(&sg).zip(&sr) {
+            for (a, b) in [(&c.0, &g.0), (&c.1, &g.1)] {
+                let e = rel_l2(b.as_f32().unwrap(), a.as_f32().unwrap());
+                assert!(e < 1e-4, "{rule:?} state: rel L2 {e:e}");
+                worst = worst.max(e);
+            }
+            // The resident state stayed on the device: the host's is zero.
+            assert!(r.0.as_f32().unwrap().iter().all(|&x| x == 0.0));
+        }
+        let state_ids: Vec<_> = inputs.state.iter().flat_map(|&(r, c)| [r, c]).collect();
+        let state_dev = resident.download_owned(&plan, &state_ids).unwrap();
+        for ((_, d), s) in state_dev.iter().zip(sg.iter().flat_map(|(r, c)| [r, c])) {
+            assert_eq!(
+                d.as_f32().unwrap(),
+                s.as_f32().unwrap(),
+                "state on the device"
+            );
+        }
+        eprintln!("{rule:?}: worst rel L2 vs the CPU {worst:.2e}");
+    }
 }

@@ -71,7 +71,7 @@ impl<'a> Feeds<'a> {
     }
     /// Shape, dtype and bytes of whatever is bound to `v`, and whether it
     /// may be written.
-    fn view(&self, v: ValueId) -> Option<(&[usize], DType, *mut u8, usize, bool)> {
+    pub(crate) fn view(&self, v: ValueId) -> Option<(&[usize], DType, *mut u8, usize, bool)> {
         Some(match self.map.get(&v)? {
             Bound::Shared(t) => {
                 let b = t.bytes();
@@ -192,14 +192,6 @@ impl CpuExecutor {
                     unsafe { std::slice::from_raw_parts_mut(s.ptr, s.len) }
                 };
                 let scalar = |i: usize| f::<f32>(read(node.inputs[i]))[0];
-                let hyper = update::AdaLomo {
-                    eps1: h.eps1,
-                    eps2: h.eps2,
-                    clip_threshold: h.clip_threshold,
-                    decay_rate: h.decay_rate,
-                    weight_decay: h.weight_decay,
-                    clip_value: h.clip_value,
-                };
                 let sq = update::adalomo_update(
                     fm::<f32>(write(node.inputs[0])),
                     f::<f32>(read(node.inputs[1])),
@@ -209,7 +201,7 @@ impl CpuExecutor {
                     scalar(4) as u64,
                     scalar(2),
                     scalar(3),
-                    &hyper,
+                    &adalomo_hyper(h),
                 );
                 fm::<f32>(write(node.outputs[0]))[0] = sq as f32;
                 return Ok(());
@@ -284,6 +276,18 @@ impl CpuExecutor {
                 Tensor::from_bytes(g.shape(o), g.dtype(o), b)
             })
             .collect()
+    }
+}
+
+/// The kernels' AdaLomo hyperparameters of the IR's spec.
+pub(crate) fn adalomo_hyper(h: &graft_ir::AdaLomoSpec) -> update::AdaLomo {
+    update::AdaLomo {
+        eps1: h.eps1,
+        eps2: h.eps2,
+        clip_threshold: h.clip_threshold,
+        decay_rate: h.decay_rate,
+        weight_decay: h.weight_decay,
+        clip_value: h.clip_value,
     }
 }
 

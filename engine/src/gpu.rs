@@ -9,7 +9,7 @@
 //! ([`gpu_unsupported`], which needs no GPU): a plan with any other op is
 //! refused whole, naming the node.
 
-use crate::executor::{act, attn_shape, check_feeds, Feeds};
+use crate::executor::{act, adalomo_hyper, attn_shape, check_feeds, Feeds};
 use crate::optim::AdamWConfig;
 use crate::plan::Plan;
 use crate::profile::OpProfile;
@@ -305,9 +305,73 @@ impl GpuExecutor {
     }
 
     /// Runs `plan` and returns its outputs as host tensors, in plan order.
+    /// Tensors the plan updates in place (bound with `Feeds::bind_mut`) are
+    /// copied to the device for the run and back after it, as the CPU
+    /// leaves them; [`Self::run_resident`] keeps them on the device instead.
     pub fn run(&mut self, plan: &Plan, feeds: &Feeds) -> Result<Vec<Tensor>, EngineError> {
         self.execute(plan, feeds)?;
+        let out = self.download(plan, plan.outputs())?;
+        let g = plan.graph();
+        let s = self.gpu.stream();
+        for v in plan.leaves() {
+            let Some((.., ptr, len, true)) = feeds.view(v) else {
+                continue;
+            };
+            let name = leaf_key(g, v);
+            let Some(Resident {
+                data: Leaf::Bytes(buf),
+                ..
+            }) = self.leaves.get(&name)
+            else {
+                return Err(EngineError::Gpu(format!("`{name}` is not on the device")));
+            };
+            if len > 0 {
+                // SAFETY: the tensor lent exclusively to `feeds` for the
+                // plan to update; nothing else reads or writes it meanwhile.
+                let host = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+                s.memcpy_dtoh(&buf.slice(..len), host)
+                    .map_err(|e| EngineError::Gpu(format!("copying `{name}` back: {e}")))?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`Self::run`] for a plan that updates tensors in place (LOMO,
+    /// AdaLomo and their state) that are the device's: each is copied from
+    /// its binding at the first such run, then never read from the host
+    /// again nor copied back ([`Self::download_owned`] does that, for
+    /// checkpoints and evaluation on the host). Plans run later read the
+    /// device's copies by name.
+    pub fn run_resident(&mut self, plan: &Plan, feeds: &Feeds) -> Result<Vec<Tensor>, EngineError> {
+        let g = plan.graph();
+        for &n in plan.schedule() {
+            let node = g.node(n);
+            for &i in node.op.in_place_inputs() {
+                self.own(&leaf_key(g, node.inputs[i]));
+            }
+        }
+        self.execute(plan, feeds)?;
         self.download(plan, plan.outputs())
+    }
+
+    /// Makes leaf `name` the device's: copied from its binding at the next
+    /// run (whatever an earlier run left resident), never again after.
+    fn own(&mut self, name: &str) {
+        if self.device_owned.insert(name.to_string()) {
+            self.leaves.remove(name);
+        }
+    }
+
+    /// Gives the device's copies of `plan`'s leaves `vs` back to the host:
+    /// the next run copies them from their bindings again (a resumed
+    /// optimizer state, for one).
+    pub fn disown(&mut self, plan: &Plan, vs: &[ValueId]) {
+        for &v in vs {
+            let name = leaf_key(plan.graph(), v);
+            if self.device_owned.remove(&name) {
+                self.leaves.remove(&name);
+            }
+        }
     }
 
     /// One training step that stays on the GPU: runs the training `plan`
@@ -355,12 +419,7 @@ impl GpuExecutor {
             )));
         }
         for &(p, _) in plan.grads() {
-            // Owned from now on: copied from `feeds` this once, whatever an
-            // earlier `run` left resident.
-            let name = leaf_key(g, p);
-            if self.device_owned.insert(name.clone()) {
-                self.leaves.remove(&name);
-            }
+            self.own(&leaf_key(g, p));
         }
         self.execute(plan, feeds)?;
         let s = self.gpu.stream().clone();
@@ -477,13 +536,24 @@ impl GpuExecutor {
     /// The trainable parameters of `plan` that [`Self::train_step`] holds on
     /// the device, copied back as host tensors (checkpoints, evaluation).
     pub fn download_params(&self, plan: &Plan) -> Result<Vec<(String, Tensor)>, EngineError> {
+        let params: Vec<ValueId> = plan.grads().iter().map(|&(p, _)| p).collect();
+        self.download_owned(plan, &params)
+    }
+
+    /// Those of `plan`'s leaves `vs` that the device owns ([`Self::train_step`],
+    /// [`Self::run_resident`]), copied back as host tensors named as the plan
+    /// names them; the host's tensors of the others are current.
+    pub fn download_owned(
+        &self,
+        plan: &Plan,
+        vs: &[ValueId],
+    ) -> Result<Vec<(String, Tensor)>, EngineError> {
         let g = plan.graph();
         let s = self.gpu.stream();
-        plan.grads()
-            .iter()
-            .map(|&(p, _)| (p, leaf_key(g, p)))
-            .filter(|(_, name)| self.device_owned.contains(name))
-            .map(|(p, name)| {
+        vs.iter()
+            .filter(|&&v| self.device_owned.contains(&leaf_key(g, v)))
+            .map(|&v| {
+                let name = leaf_key(g, v);
                 let Some(Resident {
                     data: Leaf::Bytes(buf),
                     bytes: held,
@@ -493,7 +563,7 @@ impl GpuExecutor {
                     return Err(EngineError::Gpu(format!("`{name}` was never uploaded")));
                 };
                 // The value's own bytes (a buffer holds at least one).
-                let n = g.ty(p).bytes();
+                let n = g.ty(v).bytes();
                 if *held != n {
                     return Err(EngineError::Gpu(format!(
                         "`{name}` on the device holds {held} bytes, not {n}"
@@ -504,7 +574,7 @@ impl GpuExecutor {
                     s.memcpy_dtoh(&buf.slice(..n), &mut bytes)
                         .map_err(|e| EngineError::Gpu(e.to_string()))?;
                 }
-                Ok((name, Tensor::from_bytes(g.shape(p), g.dtype(p), &bytes)?))
+                Ok((name, Tensor::from_bytes(g.shape(v), g.dtype(v), &bytes)?))
             })
             .collect()
     }
@@ -709,35 +779,43 @@ impl GpuExecutor {
         let s = self.gpu.stream().clone();
         for v in plan.leaves() {
             let name = leaf_key(g, v);
-            let t = feeds.get(v).ok_or_else(|| {
-                EngineError::Gpu(format!(
-                    "`{name}` is bound for in-place updates, which the GPU executor does not run yet"
-                ))
-            })?;
-            let bytes = t.bytes();
-            let same = |r: &Resident| r.dtype == t.dtype() && r.bytes == bytes.len();
+            let (shape, dtype, ptr, len, _) = feeds
+                .view(v)
+                .ok_or_else(|| EngineError::Unbound(name.clone()))?;
+            // SAFETY: the bound tensor's bytes, lent to `feeds` (exclusively,
+            // for a tensor updated in place) and only read here.
+            let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
+            // A tensor lent for in-place updates has no stamp (volatile):
+            // copied at every run unless the device owns it.
+            let (stamp, last_write) = feeds
+                .get(v)
+                .map_or((0, None), |t| (t.stamp(), t.last_write()));
+            let same = |r: &Resident| r.dtype == dtype && r.bytes == bytes.len();
             match self.leaves.get_mut(&name) {
                 Some(r) if same(r) && self.device_owned.contains(&name) => continue,
-                Some(r) if same(r) && t.stamp() != 0 && r.stamp == t.stamp() => continue,
+                Some(r) if same(r) && stamp != 0 && r.stamp == stamp => continue,
                 // Only a range changed since this copy was made (a KV
                 // cache's new rows): copy those bytes alone.
                 Some(Resident {
-                    stamp,
+                    stamp: held,
                     data: Leaf::Bytes(buf),
                     ..
-                }) if t.last_write().is_some_and(|(before, _)| before == *stamp) => {
-                    let range = t.last_write().expect("matched above").1;
+                }) if last_write
+                    .as_ref()
+                    .is_some_and(|(before, _)| *before == *held) =>
+                {
+                    let range = last_write.expect("matched above").1;
                     let mut dst = buf.slice_mut(range.clone());
                     s.memcpy_htod(&bytes[range], &mut dst)
                         .map_err(|e| EngineError::Gpu(format!("uploading `{name}`: {e}")))?;
-                    *stamp = t.stamp();
+                    *held = stamp;
                     continue;
                 }
                 _ => {}
             }
-            let data = match (t.dtype(), self.leaves.remove(&name)) {
+            let data = match (dtype, self.leaves.remove(&name)) {
                 (DType::Nf4 { block }, _) => {
-                    let w = crate::nf4::nf4_view(bytes, t.shape(), block as usize)?;
+                    let w = crate::nf4::nf4_view(bytes, shape, block as usize)?;
                     Leaf::Nf4(
                         DeviceNf4::upload(&self.gpu, &w)
                             .map_err(|e| EngineError::Gpu(format!("uploading `{name}`: {e}")))?,
@@ -765,8 +843,8 @@ impl GpuExecutor {
                 ),
             };
             let r = Resident {
-                stamp: t.stamp(),
-                dtype: t.dtype(),
+                stamp,
+                dtype,
                 bytes: bytes.len(),
                 data,
             };
@@ -936,6 +1014,12 @@ pub fn gpu_unsupported(plan: &Plan) -> Vec<(NodeId, String)> {
             Op::LinearCrossEntropy { .. } => {
                 (!all_bf16(&[0, 1])).then(|| "hidden states or weight not bf16".into())
             }
+            // In place on a leaf the device then owns: f32 throughout.
+            Op::SgdUpdate { .. } | Op::AdaLomoUpdate(_) => node
+                .inputs
+                .iter()
+                .find(|&&v| g.dtype(v) != DType::F32)
+                .map(|&v| format!("a {} operand (the updates take f32)", g.dtype(v))),
             other => Some(format!("no GPU kernel for {} yet", other.name())),
         };
         if let Some(w) = why {
@@ -1573,6 +1657,44 @@ impl<'a> Run<'a> {
                     &mut *self.val::<T>(outs[0])?,
                 ))
                 .map_err(e)
+            }
+            Op::SgdUpdate {
+                weight_decay,
+                clip_value,
+            } => k
+                .update
+                .sgd(
+                    &mut *self.val::<f32>(ins[0])?,
+                    &*self.val::<f32>(ins[1])?,
+                    &*self.val::<f32>(ins[2])?,
+                    &*self.val::<f32>(ins[3])?,
+                    *weight_decay,
+                    *clip_value,
+                    &mut *self.val::<f32>(outs[0])?,
+                )
+                .map_err(e),
+            Op::AdaLomoUpdate(h) => {
+                let factored = match shape(ins[0]) {
+                    &[r, c] => Some((r, c)),
+                    _ => None,
+                };
+                let (lr, coef, step) = (
+                    self.val::<f32>(ins[2])?,
+                    self.val::<f32>(ins[3])?,
+                    self.val::<f32>(ins[4])?,
+                );
+                k.update
+                    .adalomo(
+                        &mut *self.val::<f32>(ins[0])?,
+                        &*self.val::<f32>(ins[1])?,
+                        &mut *self.val::<f32>(ins[5])?,
+                        &mut *self.val::<f32>(ins[6])?,
+                        factored,
+                        (&lr, &coef, &step),
+                        &adalomo_hyper(h),
+                        &mut *self.val::<f32>(outs[0])?,
+                    )
+                    .map_err(e)
             }
             other => Err(format!("no GPU kernel for {}", other.name())),
         }

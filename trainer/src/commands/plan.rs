@@ -59,7 +59,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
         let step = compiled(true, ckpt)?;
         match graft_engine::gpu_unsupported(step.plan()).as_slice() {
             [] => println!(
-                "  GPU: every node of this run's plan has a kernel; it needs about {:.2} GB of device memory (arena, weights, the adapters' gradients and AdamW's moments; `trainer run` checks it against the GPU's free memory first)",
+                "  GPU: every node of this run's plan has a kernel; it needs about {:.2} GB of device memory (arena, weights, and the trained tensors' summed gradients and AdamW moments where AdamW runs there; `trainer run` checks it against the GPU's free memory first)",
                 graft_engine::device_bytes_needed(step.plan()) as f64 / 1e9
             ),
             missing => {

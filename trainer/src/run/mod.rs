@@ -216,6 +216,7 @@ pub fn step_plan(
                 inputs,
                 state,
                 steps: 0,
+                on_gpu: false,
             }
         }
         None => Stepper::Separate {

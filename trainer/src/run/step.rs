@@ -2,7 +2,8 @@
 //! gradients out of the plan, accumulated and handed to the optimizer
 //! (AdamW, SGD) on the host; the same for AdamW on the GPU, where the
 //! gradients, the trained tensors and AdamW's moments stay; or LOMO's
-//! update fused into the backward pass.
+//! update fused into the backward pass, on the host or on the GPU (where
+//! the trained tensors and AdaLomo's state then stay).
 
 use super::optimizer::Optimizer;
 use super::session::Session;
@@ -37,6 +38,10 @@ pub enum Stepper {
         state: Vec<(Tensor, Tensor)>,
         /// Updates done (AdaLomo's t - 1).
         steps: u64,
+        /// The plan runs on the GPU, which holds the trained tensors and
+        /// the state between steps ([`Stepper::sync_to_host`] copies the
+        /// tensors back, [`Stepper::state`] reads the state there).
+        on_gpu: bool,
     },
 }
 
@@ -57,27 +62,42 @@ impl Stepper {
         }
     }
 
-    /// AdamW's step moves to the GPU where `exec` runs the plan there.
+    /// AdamW's step, or a fused one with its trained tensors, moves to the
+    /// GPU where `exec` runs the plan there.
     pub fn onto_device(self, exec: &mut Executor) -> Stepper {
         #[cfg(feature = "cuda")]
-        if let Stepper::Separate {
-            plan,
-            opt: Optimizer::AdamW(a),
-            acc,
-        } = self
-        {
-            if exec.gpu_for(&plan).is_some() {
-                let opt = graft_engine::DeviceAdamW::new(a.config);
-                return Stepper::Device { plan, opt };
+        match self {
+            Stepper::Fused {
+                plan,
+                inputs,
+                state,
+                steps,
+                ..
+            } => {
+                let on_gpu = exec.gpu_for(&plan).is_some();
+                Stepper::Fused {
+                    plan,
+                    inputs,
+                    state,
+                    steps,
+                    on_gpu,
+                }
             }
-            return Stepper::Separate {
+            Stepper::Separate {
                 plan,
                 opt: Optimizer::AdamW(a),
-                acc,
-            };
+                ..
+            } if exec.gpu_for(&plan).is_some() => {
+                let opt = graft_engine::DeviceAdamW::new(a.config);
+                Stepper::Device { plan, opt }
+            }
+            other => other,
         }
-        let _ = exec;
-        self
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = exec;
+            self
+        }
     }
 
     /// Where the optimizer's state lives, in words (`trainer run`'s device
@@ -86,6 +106,9 @@ impl Stepper {
         match self {
             #[cfg(feature = "cuda")]
             Stepper::Device { .. } => "the trained tensors and AdamW's state on the GPU",
+            Stepper::Fused { on_gpu: true, .. } => {
+                "the update fused into the backward pass; the trained tensors and its state on the GPU"
+            }
             Stepper::Fused { .. } => "the update fused into the backward pass",
             Stepper::Separate { .. } => "the optimizer on the host",
         }
@@ -100,9 +123,15 @@ impl Stepper {
         names: &[String],
     ) -> Result<(), RunError> {
         #[cfg(feature = "cuda")]
-        if let Stepper::Device { plan, .. } = self {
-            let gpu = device(exec, plan)?;
-            let params = gpu.download_params(plan)?;
+        let on_device = match self {
+            Stepper::Device { plan, .. } => Some(device(exec, plan)?.download_params(plan)?),
+            Stepper::Fused {
+                plan, on_gpu: true, ..
+            } => Some(device(exec, plan)?.download_owned(plan, plan.updated())?),
+            _ => None,
+        };
+        #[cfg(feature = "cuda")]
+        if let Some(params) = on_device {
             let mut host = super::trained(&mut s.model, s.lora.as_mut(), names)?;
             for (name, t) in params {
                 let i = names.iter().position(|n| *n == name).ok_or_else(|| {
@@ -166,16 +195,43 @@ impl Stepper {
                 }
                 Ok(out)
             }
-            Stepper::Fused { state, .. } => Ok(names
-                .iter()
-                .zip(state)
-                .flat_map(|(n, (r, c))| {
-                    [
-                        (format!("{n}.adalomo_row"), r.clone()),
-                        (format!("{n}.adalomo_col"), c.clone()),
-                    ]
-                })
-                .collect()),
+            Stepper::Fused {
+                plan,
+                inputs,
+                state,
+                on_gpu,
+                ..
+            } => {
+                #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
+                let mut state = state.clone();
+                #[cfg(feature = "cuda")]
+                if *on_gpu {
+                    // The device's state, where it has taken it over.
+                    let ids: Vec<ValueId> =
+                        inputs.state.iter().flat_map(|&(r, c)| [r, c]).collect();
+                    let held = device(exec, plan)?.download_owned(plan, &ids)?;
+                    let by_name: std::collections::HashMap<_, _> = held.into_iter().collect();
+                    for ((r, c), (rt, ct)) in inputs.state.iter().zip(state.iter_mut()) {
+                        for (v, t) in [(r, rt), (c, ct)] {
+                            let name = plan.graph().leaf_name(*v).expect("state is named");
+                            if let Some(d) = by_name.get(name) {
+                                *t = d.clone();
+                            }
+                        }
+                    }
+                }
+                let _ = (plan, inputs, on_gpu);
+                Ok(names
+                    .iter()
+                    .zip(state)
+                    .flat_map(|(n, (r, c))| {
+                        [
+                            (format!("{n}.adalomo_row"), r),
+                            (format!("{n}.adalomo_col"), c),
+                        ]
+                    })
+                    .collect())
+            }
         }
     }
 
@@ -205,13 +261,26 @@ impl Stepper {
                 Ok(())
             }
             Stepper::Fused {
-                state, steps: done, ..
+                plan,
+                inputs,
+                state,
+                steps: done,
+                on_gpu,
             } => {
                 for (n, (r, c)) in names.iter().zip(state.iter_mut()) {
                     *r = ckpt.load(&format!("{n}.adalomo_row"), r.shape(), DType::F32)?;
                     *c = ckpt.load(&format!("{n}.adalomo_col"), c.shape(), DType::F32)?;
                 }
                 *done = steps;
+                // The next step copies the restored tensors and state to
+                // the device again, whatever it held.
+                #[cfg(feature = "cuda")]
+                if *on_gpu {
+                    let mut vs = plan.updated().to_vec();
+                    vs.extend(inputs.state.iter().flat_map(|&(r, c)| [r, c]));
+                    device(exec, plan)?.disown(plan, &vs);
+                }
+                let _ = (plan, inputs, on_gpu);
                 Ok(())
             }
         }
@@ -299,6 +368,7 @@ impl Stepper {
                 inputs,
                 state,
                 steps,
+                on_gpu,
             } => {
                 let batch = &group[0].batch;
                 let one = Tensor::from_f32(&[1], &[1.0])?;
@@ -313,7 +383,7 @@ impl Stepper {
                     for ((r, c), (rt, ct)) in inputs.state.iter().zip(state.iter_mut()) {
                         feeds.bind_mut(*r, rt).bind_mut(*c, ct);
                     }
-                    let out = exec.run(plan, &feeds)?;
+                    let out = run_fused(exec, plan, &feeds, *on_gpu)?;
                     let sq: f64 = out[1..]
                         .iter()
                         .map(|t| t.as_f32().map(|v| v[0] as f64))
@@ -336,6 +406,22 @@ impl Stepper {
             }
         }
     }
+}
+
+/// Runs a fused step's `plan`: on the GPU, keeping what it updates there
+/// (`on_gpu`), else wherever `exec` runs it.
+fn run_fused(
+    exec: &mut Executor,
+    plan: &Plan,
+    feeds: &graft_engine::Feeds,
+    on_gpu: bool,
+) -> Result<Vec<Tensor>, RunError> {
+    #[cfg(feature = "cuda")]
+    if on_gpu {
+        return Ok(device(exec, plan)?.run_resident(plan, feeds)?);
+    }
+    let _ = on_gpu;
+    Ok(exec.run(plan, feeds)?)
 }
 
 /// The GPU executor that runs `plan` (a `Device` stepper's).
