@@ -12,6 +12,7 @@
 //   g++ -std=c++20 -O1 -g -fsanitize=address,undefined -ffp-contract=off -pthread \
 //       scripts/emulate_attention.cpp -o /tmp/emulate_attention && /tmp/emulate_attention
 #include "emulate_cuda.h"
+#include <type_traits>
 
 // The source as NVRTC sees it: common.cuh first.
 #include "../kernels/cuda/common.cuh"
@@ -90,25 +91,30 @@ struct Kernels {
     }
 };
 
-// Generation's step (attn_cached_D): n new queries after `start` cached
-// positions, the cache `cap` rows with NaN past `start` (a read there
-// poisons the result), against the double reference over the whole
-// sequence.
-template <int D>
+// Generation's step (attn_cached_D, attn_f32_cached_D): n new queries
+// after `start` cached positions, the cache `cap` rows with NaN past
+// `start` (a read there poisons the result), against the double reference
+// over the whole sequence.
+template <int D, typename T = bf16_t>
 static void test_cached(int start, int n, int H, int KH, int window, int cap) {
+    constexpr bool F32 = std::is_same_v<T, float>;
     const int total = start + n, group = H / KH;
     const size_t qw = (size_t)H * D, kw = (size_t)KH * D;
     const float scale = 1.0f / std::sqrt((float)D);
-    auto q = filled<bf16_t>(n * qw, -2, 2), k = filled<bf16_t>(total * kw, -2, 2), v = filled<bf16_t>(total * kw, -1, 1);
-    std::vector<bf16_t> kc(cap * kw, 0x7fc0), vc(cap * kw, 0x7fc0);
+    auto q = filled<T>(n * qw, -2, 2), k = filled<T>(total * kw, -2, 2), v = filled<T>(total * kw, -1, 1);
+    T nan;
+    st(&nan, 0, NAN);
+    std::vector<T> kc(cap * kw, nan), vc(cap * kw, nan);
     std::copy(k.begin(), k.begin() + start * kw, kc.begin());
     std::copy(v.begin(), v.begin() + start * kw, vc.begin());
-    std::vector<bf16_t> out(n * qw, 0x7fc0);
-    const bf16_t *kn = k.data() + start * kw, *vn = v.data() + start * kw;
+    std::vector<T> out(n * qw, nan);
+    const T *kn = k.data() + start * kw, *vn = v.data() + start * kw;
     launch(Dim3{(unsigned)n, (unsigned)H, 1}, ATT_THREADS, 0, [&] {
-        if constexpr (D == 32) attn_cached_32(q.data(), kn, vn, kc.data(), vc.data(), out.data(), start, H, group, window, scale);
-        else if constexpr (D == 64) attn_cached_64(q.data(), kn, vn, kc.data(), vc.data(), out.data(), start, H, group, window, scale);
-        else attn_cached_128(q.data(), kn, vn, kc.data(), vc.data(), out.data(), start, H, group, window, scale);
+        if constexpr (F32) {
+            BY_DIM(attn_f32_cached, (q.data(), kn, vn, kc.data(), vc.data(), out.data(), start, H, group, window, scale));
+        } else {
+            BY_DIM(attn_cached, (q.data(), kn, vn, kc.data(), vc.data(), out.data(), start, H, group, window, scale));
+        }
     });
     const auto Q = wide(q), K = wide(k), V = wide(v);
     std::vector<double> O(n * qw, 0), p(total);
@@ -126,10 +132,10 @@ static void test_cached(int start, int n, int H, int KH, int window, int cap) {
                 for (int c = 0; c < D; ++c) O[i * qw + h * D + c] += p[j] / sum * V[j * kw + h / group * D + c];
         }
     char what[200];
-    snprintf(what, sizeof what, "attention_cached start=%d n=%d heads=%d/%d d=%d window=%d out rel L2", start, n, H,
-             KH, D, window);
+    snprintf(what, sizeof what, "attention_cached %s start=%d n=%d heads=%d/%d d=%d window=%d out rel L2",
+             F32 ? "f32" : "bf16", start, n, H, KH, D, window);
     const double e = rel_l2(wide(out), O);
-    expect(e < 5e-3, what, e);
+    expect(e < (F32 ? 1e-5 : 5e-3), what, e);
 }
 
 // The tiled tensor-core kernels on bf16 (T = bf16_t), or the CUDA-core
@@ -263,6 +269,9 @@ int main() {
     test_cached<64>(100, 3, 4, 4, 20, 128);
     test_cached<128>(130, 1, 4, 2, 0, 200);
     test_cached<128>(0, 70, 8, 2, 33, 80);
+    test_cached<32, float>(0, 7, 4, 2, 0, 16);
+    test_cached<64, float>(37, 1, 4, 1, 0, 64);
+    test_cached<128, float>(100, 3, 8, 2, 20, 128);
     printf("ldmatrix: %ld of %ld 8-row phases with bank conflicts\n", g_ldsm_conflicts.load(),
            g_ldsm_phases.load());
     printf("%d failures\n", fails);

@@ -23,17 +23,20 @@ struct Case {
 
 // W [n, k] in NF4: codes two to a byte (even index high), one absmax code
 // per 64 values, one nested scale per 256 blocks; `w` the values the
-// kernels dequantize to (NF4[code]·absmax in f32, no FMA, rounded to bf16).
+// kernels dequantize to (NF4[code]·absmax in f32, no FMA, rounded to bf16),
+// `w32` the same unrounded (f32 compute's).
 struct Weights {
     std::vector<unsigned char> packed, absmax;
     std::vector<float> nested_scales, nested_map;
     float offset = 0.05f;
     std::vector<double> w;
+    std::vector<float> w32;
 };
 static Weights random_weights(int n, int k) {
     const size_t nw = (size_t)n * k, blocks = nw / 64;
     Weights r{std::vector<unsigned char>(nw / 2), std::vector<unsigned char>(blocks),
-              std::vector<float>((blocks + 255) / 256), std::vector<float>(256), 0.05f, std::vector<double>(nw)};
+              std::vector<float>((blocks + 255) / 256), std::vector<float>(256), 0.05f, std::vector<double>(nw),
+              std::vector<float>(nw)};
     for (auto& b : r.packed) b = (unsigned char)below(256);
     for (auto& b : r.absmax) b = (unsigned char)below(256);
     for (auto& v : r.nested_scales) v = uni(0.001f, 0.01f);
@@ -41,7 +44,8 @@ static Weights random_weights(int n, int k) {
     for (size_t e = 0; e < nw; ++e) {
         const int code = e % 2 ? r.packed[e / 2] & 15 : r.packed[e / 2] >> 4;
         const float am = r.nested_map[r.absmax[e / 64]] * r.nested_scales[e / 64 / 256] + r.offset;
-        r.w[e] = bf16_to_f32(f32_to_bf16(NF4[code] * am));
+        r.w32[e] = NF4[code] * am;
+        r.w[e] = bf16_to_f32(f32_to_bf16(r.w32[e]));
     }
     return r;
 }
@@ -109,6 +113,15 @@ static void run(const Case& c) {
     size_t differ = 0;
     for (size_t e = 0; e < nw; ++e) differ += bf16_to_f32(wd[e]) != w[e] || std::isnan(bf16_to_f32(wd[e]));
     snprintf(what, sizeof what, "nf4 dequantize n=%d k=%d: values that differ", c.n, c.k);
+    expect(differ == 0, what, (double)differ);
+    std::vector<float> wd32(nw, NAN);
+    launch(Dim3{3, 1, 1}, 64, 0, [&] {
+        nf4_dequantize_f32(packed.data(), absmax.data(), nested_scales.data(), nested_map.data(), offset,
+                           wd32.data(), (long long)(nw / 8));
+    });
+    differ = 0;
+    for (size_t e = 0; e < nw; ++e) differ += std::memcmp(&wd32[e], &wt.w32[e], 4) != 0;
+    snprintf(what, sizeof what, "nf4 dequantize f32 n=%d k=%d: values that differ", c.n, c.k);
     expect(differ == 0, what, (double)differ);
     snprintf(what, sizeof what, "nf4 %s m=%d n=%d k=%d r=%d lora=%d addend=%d scale=%d",
              c.trans ? "dgrad" : "fwd  ", c.m, c.n, c.k, c.r, c.lora, c.addend, c.scale);

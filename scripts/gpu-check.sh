@@ -73,6 +73,8 @@ common=(--set output.eval_accuracy=false --set train.max_steps=6 --set train.war
 echo "== trainer run --device gpu: AdamW on the device with grad_accum 2 and clipping; a stopped run resumed to the same bits"
 resume_check adamw adapter/adapter_model.safetensors "${common[@]}" --set train.grad_accum=2 \
   --set train.max_grad_norm=0.05 --set train.max_grad_value=0.002
+echo "== trainer run --device gpu: QLoRA under f32 compute (NF4 weights dequantized to f32); stopped and resumed"
+resume_check qlora-f32 adapter/adapter_model.safetensors "${common[@]}" --set model.compute_dtype=f32
 echo "== trainer run --device gpu: full fine-tuning, LOMO and AdaLomo (two-pass clipping) fused on the device; stopped and resumed"
 full=(--set adapter.method=full --set model.quantize=none --set model.compute_dtype=f32 --set train.max_grad_norm=1.0)
 resume_check lomo model/model.safetensors "${common[@]}" "${full[@]}" --set train.optimizer=lomo --set train.lr=0.05

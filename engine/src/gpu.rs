@@ -27,7 +27,7 @@ use graft_kernels::cuda::{
 };
 use graft_kernels::update::AdamWStep;
 use std::collections::hash_map::Entry;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 /// Scratch ranges are carved at this alignment (cuBLAS and the kernels'
@@ -100,7 +100,7 @@ pub struct GpuExecutor {
     /// 157 ms on an H200).
     staging: Option<PinnedHostSlice<u8>>,
     /// Trainable parameters that live on the device (`train_step`), by name.
-    device_owned: std::collections::HashSet<String>,
+    device_owned: HashSet<String>,
     /// Their gradients summed over a step's micro-batches, by name.
     grads: HashMap<String, CudaSlice<f32>>,
     /// Compiled elementwise chains, by kernel name (the source's hash).
@@ -633,7 +633,7 @@ impl GpuExecutor {
         // (no allocation in a training loop): segments refreshed in place
         // when their host tensor changes (once a run), frequencies by their
         // values.
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         for &n in plan.schedule() {
             match &g.node(n).op {
                 Op::Attention(_) | Op::AttentionGrad(_) => {
@@ -710,6 +710,7 @@ impl GpuExecutor {
             segments: &self.segments,
             grouped_ids: &self.grouped_ids,
             inv_freq: &self.inv_freq,
+            nf4_f32: nf4_f32_weights(g),
         };
         let t1 = Instant::now();
         for &n in plan.schedule() {
@@ -879,7 +880,6 @@ pub fn gpu_unsupported(plan: &Plan) -> Vec<(NodeId, String)> {
         let node = g.node(n);
         let dt = |i: usize| g.dtype(node.inputs[i]);
         let float = |d: DType| matches!(d, DType::F32 | DType::BF16);
-        let all_bf16 = |idx: &[usize]| idx.iter().all(|&i| dt(i) == DType::BF16);
         let same_float =
             |idx: &[usize]| float(dt(idx[0])) && idx.iter().all(|&i| dt(i) == dt(idx[0]));
         // Whether input i is fed to the plan (a value the host holds).
@@ -949,14 +949,16 @@ pub fn gpu_unsupported(plan: &Plan) -> Vec<(NodeId, String)> {
                 .then(|| "not f32 or bf16 with an even head dim".into()),
             Op::Attention(spec) | Op::AttentionGrad(spec) | Op::AttentionCached(spec) => {
                 let cached = matches!(node.op, Op::AttentionCached(_));
-                // Training's passes take f32 (CUDA cores) or bf16 (tensor
-                // cores) rows; generation's, bf16.
-                let same = dt(0) == dt(1) && dt(1) == dt(2) && float(dt(0));
-                if !same || (cached && !all_bf16(&[0, 1, 2])) {
+                // f32 rows on the CUDA cores, bf16 ones on the tensor cores
+                // (generation's on the CUDA cores, either type); q, k, v
+                // and the caches of one type.
+                let operands: &[usize] = if cached { &[0, 1, 2, 3, 4] } else { &[0, 1, 2] };
+                if !same_float(operands) {
                     Some(format!(
-                        "{} q, k, v (the kernels take {})",
+                        "{} q, {} k, {} v (the kernels take f32 or bf16 alike)",
                         dt(0),
-                        if cached { "bf16" } else { "f32 or bf16" }
+                        dt(1),
+                        dt(2)
                     ))
                 } else if !ATTENTION_HEAD_DIMS.contains(&spec.head_dim) {
                     Some(format!(
@@ -976,9 +978,14 @@ pub fn gpu_unsupported(plan: &Plan) -> Vec<(NodeId, String)> {
                 let ok = dt(0) == dt(1) && float(dt(0));
                 (!ok).then(|| format!("{} by {}", dt(0), dt(1)))
             }
-            Op::Nf4MatMul { compute, .. } => match (*compute, all_bf16(&[0])) {
-                (DType::BF16, true) => nf4_unsupported(g, node.inputs[1]),
-                _ => Some("needs bf16 activations and compute".into()),
+            // The weight dequantized to the compute type, then cuBLAS.
+            Op::Nf4MatMul { compute, .. } => match (*compute, dt(0)) {
+                (DType::BF16, DType::BF16) | (DType::F32, DType::F32) => {
+                    nf4_unsupported(g, node.inputs[1])
+                }
+                (c, x) => Some(format!(
+                    "{x} activations under {c} compute (the GPU takes bf16 or f32 alike)"
+                )),
             },
             Op::MatMulSum {
                 terms,
@@ -1011,9 +1018,13 @@ pub fn gpu_unsupported(plan: &Plan) -> Vec<(NodeId, String)> {
                 }
                 _ => None,
             },
-            Op::LinearCrossEntropy { .. } => {
-                (!all_bf16(&[0, 1])).then(|| "hidden states or weight not bf16".into())
-            }
+            Op::LinearCrossEntropy { .. } => (!same_float(&[0, 1])).then(|| {
+                format!(
+                    "{} hidden states and a {} weight (f32 or bf16 alike)",
+                    dt(0),
+                    dt(1)
+                )
+            }),
             // In place on a leaf the device then owns: f32 throughout.
             Op::SgdUpdate { .. } | Op::AdaLomoUpdate(_) => node
                 .inputs
@@ -1043,22 +1054,20 @@ fn matmul_sum_unsupported(
         return Some("an addend of another dtype than the output".into());
     }
     // cuBLAS: bf16 operands write f32 or bf16, f32 ones only f32; NF4
-    // weights are dequantized to bf16.
-    let nf4 = terms.iter().any(|t| t.nf4);
-    let outs: &[DType] = match (nf4, compute) {
-        (true, DType::BF16) => &[DType::F32, DType::BF16],
-        (false, DType::BF16) => &[DType::F32, DType::BF16],
-        (false, DType::F32) => &[DType::F32],
+    // weights are dequantized to the compute type.
+    let outs: &[DType] = match compute {
+        DType::BF16 => &[DType::F32, DType::BF16],
+        DType::F32 => &[DType::F32],
         _ => &[],
     };
     if !outs.contains(&out) {
         return Some(format!("{compute} compute writing {out}"));
     }
-    // NF4 products: bf16 x·op(W) through cuBLAS; dense ones: f32 or bf16
-    // operands, cast to the compute type.
+    // NF4 products: x·op(W) through cuBLAS, x of the compute type; dense
+    // ones: f32 or bf16 operands, cast to the compute type.
     for (i, t) in terms.iter().enumerate() {
-        if t.nf4 && (dt(2 * i) != DType::BF16 || t.ta) {
-            return Some(format!("NF4 term {i} is not bf16 x·op(W)"));
+        if t.nf4 && (dt(2 * i) != compute || t.ta) {
+            return Some(format!("NF4 term {i} is not {compute} x·op(W)"));
         }
         if let Some(why) = t
             .nf4
@@ -1097,11 +1106,43 @@ fn nf4_unsupported(g: &graft_ir::Graph, w: ValueId) -> Option<String> {
 /// Scratch bytes of an NF4 group's largest dequantized weight: the dense
 /// terms' casts go after it.
 fn nf4_scratch(g: &graft_ir::Graph, node: &graft_ir::Node, terms: &[graft_ir::Product]) -> usize {
+    // Dequantized to the type of x (the compute type).
     (0..terms.len())
         .filter(|&i| terms[i].nf4)
-        .map(|i| (g.ty(node.inputs[2 * i + 1]).numel() * 2).div_ceil(ALIGN) * ALIGN)
+        .map(|i| {
+            let bytes = g.dtype(node.inputs[2 * i]).bytes(1);
+            (g.ty(node.inputs[2 * i + 1]).numel() * bytes).div_ceil(ALIGN) * ALIGN
+        })
         .max()
         .unwrap_or(0)
+}
+
+/// The NF4 weights a product of the graph multiplies under f32 compute:
+/// DoRA's norm dequantizes these to f32 (as the CPU's norm always widens
+/// them), the others to bf16 (half the scratch, the bf16 products' weights).
+fn nf4_f32_weights(g: &graft_ir::Graph) -> HashSet<ValueId> {
+    let mut out = HashSet::new();
+    for node in g.nodes() {
+        match &node.op {
+            Op::Nf4MatMul {
+                compute: DType::F32,
+                ..
+            } => {
+                out.insert(node.inputs[1]);
+            }
+            Op::MatMulSum {
+                terms,
+                compute: DType::F32,
+                ..
+            } => out.extend(
+                (0..terms.len())
+                    .filter(|&i| terms[i].nf4)
+                    .map(|i| node.inputs[2 * i + 1]),
+            ),
+            _ => {}
+        }
+    }
+    out
 }
 
 /// Device bytes running `plan` on a fresh executor takes: its arena and
@@ -1124,6 +1165,7 @@ pub fn device_bytes_needed(plan: &Plan) -> usize {
 fn scratch_bytes(plan: &Plan) -> usize {
     let g = plan.graph();
     let up = |b: usize| b.div_ceil(ALIGN) * ALIGN;
+    let nf4_f32 = nf4_f32_weights(g);
     plan.schedule()
         .iter()
         .map(|&n| {
@@ -1132,17 +1174,27 @@ fn scratch_bytes(plan: &Plan) -> usize {
                 Op::AttentionGrad(spec) => up(g.shape(node.inputs[0])[0] * spec.n_heads * 4),
                 // Each row's rsqrt factor.
                 Op::RmsNormGradWeight { .. } => up(g.shape(node.inputs[0])[0] * 4),
-                Op::Nf4MatMul { .. } => up(g.ty(node.inputs[1]).numel() * 2),
+                Op::Nf4MatMul { compute, .. } => {
+                    up(g.ty(node.inputs[1]).numel() * compute.bytes(1))
+                }
                 // An NF4 weight dequantized to bf16.
                 Op::DoraInvNorm { .. } => match g.dtype(node.inputs[2]) {
-                    DType::Nf4 { .. } => up(g.ty(node.inputs[2]).numel() * 2),
+                    DType::Nf4 { .. } => {
+                        let bytes = if nf4_f32.contains(&node.inputs[2]) {
+                            4
+                        } else {
+                            2
+                        };
+                        up(g.ty(node.inputs[2]).numel() * bytes)
+                    }
                     _ => 0,
                 },
                 Op::CrossEntropy { .. } => up(g.shape(node.inputs[0])[0] * 4),
                 Op::LinearCrossEntropy { chunk, .. } => {
                     let (t, v) = (g.shape(node.inputs[0])[0], g.shape(node.inputs[1])[0]);
                     let c = (*chunk).clamp(1, t.max(1));
-                    2 * up(c * v * 2) + up(t * 4)
+                    let bytes = g.dtype(node.inputs[0]).bytes(1);
+                    2 * up(c * v * bytes) + up(t * 4)
                 }
                 // Operands cast to the compute type: at most 4 bytes each.
                 Op::MatMulSum { terms, .. } => {
@@ -1178,6 +1230,8 @@ struct Run<'a> {
     grouped_ids: &'a HashMap<String, (u64, DeviceIds)>,
     /// RoPE's inverse frequencies on the device, by their bits.
     inv_freq: &'a HashMap<Vec<u32>, CudaSlice<f32>>,
+    /// NF4 weights of f32 products ([`nf4_f32_weights`]).
+    nf4_f32: HashSet<ValueId>,
 }
 
 /// The device address of value `v` of `plan`: its offset in the arena at
@@ -1545,12 +1599,11 @@ impl<'a> Run<'a> {
                         s.tokens
                     ));
                 }
-                let vals = (0..5)
-                    .map(|i| self.val::<bf16>(ins[i]))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let mut out = self.val::<bf16>(outs[0])?;
-                k.attn
-                    .cached(
+                by_float!(g.dtype(ins[0]), T => {
+                    let vals = (0..5)
+                        .map(|i| self.val::<T>(ins[i]))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    k.attn.cached(
                         &vals[0],
                         &vals[1],
                         &vals[2],
@@ -1558,9 +1611,10 @@ impl<'a> Run<'a> {
                         &vals[4],
                         start as usize,
                         s,
-                        &mut out,
+                        &mut *self.val::<T>(outs[0])?,
                     )
-                    .map_err(e)
+                })
+                .map_err(e)
             }
             Op::AttentionGrad(spec) => {
                 let s = attn_shape(spec, shape(ins[0])[0]);
@@ -1711,12 +1765,18 @@ impl<'a> Run<'a> {
         match g.dtype(ins[2]) {
             DType::Nf4 { .. } => {
                 let w = self.nf4(ins[2])?;
-                let mut wd = self.scratch::<bf16>(0, w.rows * w.cols)?;
-                self.k
-                    .nf4
-                    .dequantize(w, &mut wd)
-                    .map_err(|e| e.to_string())?;
-                dora.inv_norm(&a, &b, &*wd, s, &mut y)
+                let t = match self.nf4_f32.contains(&ins[2]) {
+                    true => DType::F32,
+                    false => DType::BF16,
+                };
+                by_float!(t, T => {
+                    let mut wd = self.scratch::<T>(0, w.rows * w.cols)?;
+                    self.k
+                        .nf4
+                        .dequantize(w, &mut wd)
+                        .map_err(|e| e.to_string())?;
+                    dora.inv_norm(&a, &b, &*wd, s, &mut y)
+                })
             }
             d => by_float!(d, T => dora.inv_norm::<T>(&a, &b, &*self.val(ins[2])?, s, &mut y)),
         }
@@ -1866,8 +1926,8 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    /// `y = scale·x·op(W) + beta·y` with NF4 `W`: dequantized to bf16 at the
-    /// start of scratch, then cuBLAS.
+    /// `y = scale·x·op(W) + beta·y` with NF4 `W`: dequantized to x's type
+    /// (the compute type, f32 or bf16) at the start of scratch, then cuBLAS.
     fn nf4_product(
         &self,
         x: ValueId,
@@ -1879,8 +1939,9 @@ impl<'a> Run<'a> {
     ) -> Result<(), String> {
         let w = self.nf4(w)?;
         let m = self.graph().shape(y)[0];
+        let compute = self.graph().dtype(x);
         // Generation's few rows: the codes read once, no dequantized copy.
-        if tb && m <= NF4_GEMV_MAX_M {
+        if tb && m <= NF4_GEMV_MAX_M && compute == DType::BF16 {
             let xv = self.val::<bf16>(x)?;
             return by_float!(self.graph().dtype(y), T => self.k.nf4.gemv::<T>(
                 &xv,
@@ -1892,11 +1953,11 @@ impl<'a> Run<'a> {
             ))
             .map_err(|e| e.to_string());
         }
-        let mut wd = self.scratch::<bf16>(0, w.rows * w.cols)?;
-        self.k
+        by_float!(compute, T => self
+            .k
             .nf4
-            .dequantize(w, &mut wd)
-            .map_err(|e| e.to_string())?;
+            .dequantize(w, &mut *self.scratch::<T>(0, w.rows * w.cols)?))
+        .map_err(|e| e.to_string())?;
         let (inner, width) = if tb {
             (w.cols, w.rows)
         } else {
@@ -1904,7 +1965,7 @@ impl<'a> Run<'a> {
         };
         let b = Mat {
             addr: self.scratch,
-            dtype: DType::BF16,
+            dtype: compute,
         };
         self.gemm(
             self.mat(x)?,
@@ -1918,8 +1979,8 @@ impl<'a> Run<'a> {
     }
 
     /// The loss and `dh` (for dloss = 1) of `softmax(h·Wᵀ)` against the
-    /// labels, chunk rows at a time: cuBLAS logits (bf16), the fused
-    /// cross-entropy kernel, cuBLAS `dh = dlogits·W`.
+    /// labels, chunk rows at a time: cuBLAS logits (in h's type, f32 or
+    /// bf16), the fused cross-entropy kernel, cuBLAS `dh = dlogits·W`.
     fn linear_cross_entropy(
         &self,
         node: &graft_ir::Node,
@@ -1930,27 +1991,29 @@ impl<'a> Run<'a> {
         let (h, w, labels) = (node.inputs[0], node.inputs[1], node.inputs[2]);
         let (loss, dh) = (node.outputs[0], node.outputs[1]);
         let (t, d, v) = (g.shape(h)[0], g.shape(h)[1], g.shape(w)[0]);
+        let dtype = g.dtype(h);
+        let elem = dtype.bytes(1);
         let host = self.host_i32(labels)?;
         let counted =
             graft_kernels::loss::check_labels(host, v, ignore).map_err(|e| e.to_string())?;
         let c = chunk.clamp(1, t.max(1));
         let up = |b: usize| b.div_ceil(ALIGN) * ALIGN;
-        let (logits_off, dlogits_off, rows_off) = (0, up(c * v * 2), 2 * up(c * v * 2));
+        let (logits_off, dlogits_off, rows_off) = (0, up(c * v * elem), 2 * up(c * v * elem));
         let (hm, wm, dhm) = (self.mat(h)?, self.mat(w)?, self.mat(dh)?);
         let scale = 1.0 / counted.max(1) as f32;
         for start in (0..t).step_by(c) {
             let rows = c.min(t - start);
             let at = |m: Mat, row: usize| Mat {
-                addr: m.addr + (row * d * 2) as u64,
-                dtype: m.dtype,
+                addr: m.addr + (row * d * elem) as u64,
+                dtype,
             };
             let logits = Mat {
                 addr: self.scratch + logits_off as u64,
-                dtype: DType::BF16,
+                dtype,
             };
             let dlogits = Mat {
                 addr: self.scratch + dlogits_off as u64,
-                dtype: DType::BF16,
+                dtype,
             };
             self.gemm(
                 at(hm, start),
@@ -1963,17 +2026,15 @@ impl<'a> Run<'a> {
             )?;
             let (part, dev) = self.ids(labels, start, rows)?;
             let ids = Ids::new(part, &dev).map_err(|e| e.to_string())?;
-            self.k
-                .loss
-                .rows(
-                    &*self.scratch::<bf16>(logits_off, rows * v)?,
-                    ids,
-                    ignore,
-                    scale,
-                    &mut *self.scratch::<bf16>(dlogits_off, rows * v)?,
-                    &mut *self.scratch::<f32>(rows_off + start * 4, rows)?,
-                )
-                .map_err(|e| e.to_string())?;
+            by_float!(dtype, T => self.k.loss.rows(
+                &*self.scratch::<T>(logits_off, rows * v)?,
+                ids,
+                ignore,
+                scale,
+                &mut *self.scratch::<T>(dlogits_off, rows * v)?,
+                &mut *self.scratch::<f32>(rows_off + start * 4, rows)?,
+            ))
+            .map_err(|e| e.to_string())?;
             self.gemm(
                 dlogits,
                 wm,

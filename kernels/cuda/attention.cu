@@ -592,15 +592,14 @@ __device__ __forceinline__ void sum_warps_store(const float* acc, T* dst) {
 // Query i sees positions from the window's start (no segments) to its own,
 // as kernels/src/attention.rs `attention_cached` (whose products round
 // probabilities to bf16, as the tiled kernels do). Grid (n, n_heads).
-template <int D>
-__device__ void attn_cached(const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* kc,
-                            const bf16_t* vc, bf16_t* out, int start, int n_heads, int group, int window,
-                            float scale) {
+template <int D, typename T>
+__device__ void attn_cached(const T* q, const T* k, const T* v, const T* kc, const T* vc, T* out, int start,
+                            int n_heads, int group, int window, float scale) {
     const int i = blockIdx.x, h = blockIdx.y, p = start + i;
     const long long qw = (long long)n_heads * D, kw = (long long)(n_heads / group) * D;
     const int kcol = (h / group) * D;
     const int first = window > 0 && p + 1 - window > 0 ? p + 1 - window : 0;
-    auto kv = [&](int j, const bf16_t*& kr, const bf16_t*& vr) {
+    auto kv = [&](int j, const T*& kr, const T*& vr) {
         const long long at = j < start ? j * kw + kcol : (j - start) * kw + kcol;
         kr = (j < start ? kc : k) + at;
         vr = (j < start ? vc : v) + at;
@@ -722,6 +721,11 @@ __device__ void attn_f32_dkdv(const float* q, const float* k, const float* v, co
     extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                                  \
         attn_cached_##D(const bf16_t* q, const bf16_t* k, const bf16_t* v, const bf16_t* kc, const bf16_t* vc, \
                         bf16_t* out, int start, int n_heads, int group, int window, float scale) {             \
+        attn_cached<D>(q, k, v, kc, vc, out, start, n_heads, group, window, scale);                           \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                                  \
+        attn_f32_cached_##D(const float* q, const float* k, const float* v, const float* kc, const float* vc,  \
+                            float* out, int start, int n_heads, int group, int window, float scale) {          \
         attn_cached<D>(q, k, v, kc, vc, out, start, n_heads, group, window, scale);                           \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                                  \

@@ -1,6 +1,6 @@
 // Softmax cross-entropy of logits[rows, vocab] with i32 labels and an
-// ignore index, forward and gradient in one pass over each row (bf16
-// logits), or the loss alone or the gradient alone (f32 or bf16 logits), as the CPU
+// ignore index, forward and gradient in one pass over each row, or the
+// loss alone or the gradient alone (f32 or bf16 logits each), as the CPU
 // reference (kernels/src/loss.rs, loss_and_grad_in_place): f32 math, the
 // gradient c*(softmax - onehot) rounded to bf16, zeros and a zero loss on
 // ignored rows. The host has checked every counted label against vocab.
@@ -42,6 +42,11 @@ __device__ void cross_entropy_row(const T* logits, const int* labels, TD* dlogit
 extern "C" __global__ void cross_entropy_fwd_bwd(const bf16_t* logits, const int* labels,
                                                  bf16_t* dlogits, float* row_loss, int vocab,
                                                  int ignore, float c) {
+    cross_entropy_row(logits, labels, dlogits, row_loss, vocab, ignore, c);
+}
+extern "C" __global__ void cross_entropy_fwd_bwd_f32(const float* logits, const int* labels,
+                                                     float* dlogits, float* row_loss, int vocab,
+                                                     int ignore, float c) {
     cross_entropy_row(logits, labels, dlogits, row_loss, vocab, ignore, c);
 }
 

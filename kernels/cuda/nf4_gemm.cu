@@ -558,17 +558,19 @@ nf4_gemm_dgrad(const bf16_t* dy, const unsigned char* packed, const unsigned cha
 
 // ------------------------------------------------------- whole-weight dequant
 //
-// dequant(W) into global memory, bf16 [N * K] in W's order, for products
-// that go through cuBLAS instead of the kernel above (faster on sm_90 at
-// every training shape measured: docs/GPU.md). Numerics as the tiles':
+// dequant(W) into global memory, [N * K] in W's order, for products that
+// go through cuBLAS instead of the kernel above (faster on sm_90 at every
+// training shape measured: docs/GPU.md). Numerics as the tiles':
 // NF4[code]·absmax in f32 (absmax multiply-then-add), rounded to nearest
-// even. Each thread turns one 32-bit word of codes (8 weights, inside one
-// 64-block) into one 16-byte store; n8 = N·K / 8. The code book is read from
+// even for bf16, kept for f32 (f32 compute). Each thread turns one 32-bit
+// word of codes (8 weights, inside one 64-block) into one 16-byte store
+// (two for f32); n8 = N·K / 8. The code book is read from
 // shared memory: its 16 floats sit in 16 distinct banks, so lanes reading
 // different codes never conflict (the constant bank would serialize them).
-extern "C" __global__ void nf4_dequantize(const unsigned char* packed, const unsigned char* absmax,
-                                          const float* nested_scales, const float* nested_map,
-                                          float offset, bf16_t* out, long long n8) {
+template <typename TO>
+__device__ void nf4_dequantize_impl(const unsigned char* packed, const unsigned char* absmax,
+                                    const float* nested_scales, const float* nested_map, float offset,
+                                    TO* out, long long n8) {
     __shared__ float lut[16];
     if (threadIdx.x < 16) lut[threadIdx.x] = NF4[threadIdx.x];
     __syncthreads();
@@ -577,15 +579,33 @@ extern "C" __global__ void nf4_dequantize(const unsigned char* packed, const uns
         const long long b = i >> 3;  // 8 words of codes per 64-block
         const float am = nested_map[absmax[b]] * nested_scales[b >> 8] + offset;
         const u32 word = ((const u32*)packed)[i];
-        u32 p[4];
+        float v[8];
 #pragma unroll
         for (int j = 0; j < 4; j++) {
             // Byte j: element 2j in the high nibble, 2j + 1 in the low one.
             const u32 byte = (word >> (8 * j)) & 0xffu;
-            p[j] = pack_bf16x2(lut[byte >> 4] * am, lut[byte & 15u] * am);
+            v[2 * j] = lut[byte >> 4] * am;
+            v[2 * j + 1] = lut[byte & 15u] * am;
         }
-        ((uint4*)out)[i] = make_uint4(p[0], p[1], p[2], p[3]);
+        if constexpr (sizeof(TO) == 2) {
+            ((uint4*)out)[i] = make_uint4(pack_bf16x2(v[0], v[1]), pack_bf16x2(v[2], v[3]),
+                                          pack_bf16x2(v[4], v[5]), pack_bf16x2(v[6], v[7]));
+        } else {
+            ((float4*)out)[2 * i] = make_float4(v[0], v[1], v[2], v[3]);
+            ((float4*)out)[2 * i + 1] = make_float4(v[4], v[5], v[6], v[7]);
+        }
     }
+}
+extern "C" __global__ void nf4_dequantize(const unsigned char* packed, const unsigned char* absmax,
+                                          const float* nested_scales, const float* nested_map,
+                                          float offset, bf16_t* out, long long n8) {
+    nf4_dequantize_impl(packed, absmax, nested_scales, nested_map, offset, out, n8);
+}
+// The same values unrounded (f32 compute: the CPU's dequantize_into).
+extern "C" __global__ void nf4_dequantize_f32(const unsigned char* packed, const unsigned char* absmax,
+                                              const float* nested_scales, const float* nested_map,
+                                              float offset, float* out, long long n8) {
+    nf4_dequantize_impl(packed, absmax, nested_scales, nested_map, offset, out, n8);
 }
 
 // y[m, n] = scale · Σ_k x[m, k] · W[n, k] (+ beta · y[m, n] when beta ≠ 0)

@@ -94,18 +94,29 @@ fn nf4_gemm_matches_the_cpu_reference() {
             .unwrap();
         gemm.dequantize(&dw, &mut wd).unwrap();
         let got: Vec<bf16> = s.clone_dtoh(&wd).unwrap();
+        // And in f32 (f32 compute): the CPU's values unrounded.
+        let mut wd32 = s.clone_htod(&vec![f32::NAN; n * k]).unwrap();
+        gemm.dequantize(&dw, &mut wd32).unwrap();
+        let got32: Vec<f32> = s.clone_dtoh(&wd32).unwrap();
         let mut row = vec![0f32; k];
-        let mut differ = 0;
-        for (o, got_row) in got.chunks(k).enumerate() {
+        let (mut differ, mut differ32) = (0, 0);
+        for (o, (got_row, got32_row)) in got.chunks(k).zip(got32.chunks(k)).enumerate() {
             wv.dequantize_into(o * k, &mut row);
             differ += got_row
                 .iter()
                 .zip(&row)
                 .filter(|(g, w)| g.to_bits() != bf16::from_f32(**w).to_bits())
                 .count();
+            differ32 += got32_row
+                .iter()
+                .zip(&row)
+                .filter(|(g, w)| g.to_bits() != w.to_bits())
+                .count();
         }
-        eprintln!("nf4 dequantize n={n} k={k}: {differ} values differ from the CPU's");
-        assert_eq!(differ, 0, "nf4 dequantize n={n} k={k}");
+        eprintln!(
+            "nf4 dequantize n={n} k={k}: {differ} bf16 and {differ32} f32 values differ from the CPU's"
+        );
+        assert_eq!((differ, differ32), (0, 0), "nf4 dequantize n={n} k={k}");
     }
 }
 
@@ -1105,23 +1116,69 @@ fn attention_case<T: graft_kernels::Elem + graft_kernels::cuda::DeviceElem>(
     }
 }
 
+/// One case of [`cached_attention_matches_the_cpu_reference`] in `T`.
+fn cached_attention_case<T: graft_kernels::Elem + graft_kernels::cuda::DeviceElem>(
+    gpu: &Gpu,
+    kern: &graft_kernels::cuda::AttentionKernels,
+    r: &mut Gen,
+    (start, n, heads, kv, d, window): (usize, usize, usize, usize, usize, Option<usize>),
+    bound: f64,
+) {
+    use graft_kernels::attention::{attention_cached, AttnShape};
+    let s = gpu.stream();
+    let ty = std::any::type_name::<T>()
+        .rsplit("::")
+        .next()
+        .unwrap_or("?");
+    let what = format!(
+        "attention_cached {ty} start={start} n={n} heads={heads}/{kv} d={d} window={window:?}"
+    );
+    let shape = AttnShape {
+        tokens: n,
+        n_heads: heads,
+        n_kv_heads: kv,
+        head_dim: d,
+        scale: 1.0 / (d as f32).sqrt(),
+        window,
+    };
+    let (qn, kn, kw, cap) = (n * heads * d, n * kv * d, kv * d, start + n + 7);
+    let q: Vec<T> = to_elem(&r.vec(qn, -2.0, 2.0));
+    let k: Vec<T> = to_elem(&r.vec(kn, -2.0, 2.0));
+    let v: Vec<T> = to_elem(&r.vec(kn, -1.0, 1.0));
+    let mut kc = nan_buf::<T>(cap * kw);
+    let mut vc = nan_buf::<T>(cap * kw);
+    kc[..start * kw].copy_from_slice(&to_elem::<T>(&r.vec(start * kw, -2.0, 2.0)));
+    vc[..start * kw].copy_from_slice(&to_elem::<T>(&r.vec(start * kw, -1.0, 1.0)));
+    let mut want = nan_buf::<T>(qn);
+    attention_cached(&q, &k, &v, &kc, &vc, start, shape, &mut want);
+    let up = |x: &[T]| s.clone_htod(x).unwrap();
+    let (qd, kd, vd, kcd, vcd) = (up(&q), up(&k), up(&v), up(&kc), up(&vc));
+    let mut outd = up(&nan_buf::<T>(qn));
+    kern.cached(&qd, &kd, &vd, &kcd, &vcd, start, shape, &mut outd)
+        .unwrap();
+    let e = rel_l2(&s.clone_dtoh(&outd).unwrap(), &to_f64(&want));
+    eprintln!("{what}: rel L2 vs CPU {e:.2e}");
+    assert!(e < bound, "{what}: rel L2 {e}");
+}
+
 /// Generation's attention against the CPU's `attention_cached`: a prompt
 /// (start 0), single tokens after it and a few at once, GQA and MQA, head
-/// dims 32 to 128, with and without a window. The caches are longer than
-/// `start` and NaN past it (a read there poisons the result); every output
-/// starts as NaN. The GPU's products are f32 where the CPU rounds
-/// probabilities to bf16: the bound is 1e-2 relative L2, as the other
-/// attention kernels'. A cache shorter than `start` is refused.
+/// dims 32 to 128, with and without a window; bf16 and f32 rows. The caches
+/// are longer than `start` and NaN past it (a read there poisons the
+/// result); every output starts as NaN. In bf16 the GPU's products are f32
+/// where the CPU rounds probabilities to bf16: the bound is 1e-2 relative
+/// L2, as the other attention kernels'; in f32 neither rounds: 1e-5. A
+/// cache shorter than `start` is refused.
 #[test]
 fn cached_attention_matches_the_cpu_reference() {
-    use graft_kernels::attention::{attention_cached, AttnShape};
+    use graft_kernels::attention::AttnShape;
     use graft_kernels::cuda::AttentionKernels;
     let Some(gpu) = gpu() else { return };
     let kern = AttentionKernels::new(&gpu).unwrap();
     let s = gpu.stream();
     let mut r = Gen::new(31);
     // (start, new tokens, heads, kv heads, head dim, window)
-    for (start, n, heads, kv, d, window) in [
+    for case in [
         (0, 9, 4, 2, 64, None),
         (9, 1, 4, 2, 64, None),
         (63, 1, 8, 1, 128, None),
@@ -1129,35 +1186,8 @@ fn cached_attention_matches_the_cpu_reference() {
         (0, 300, 32, 8, 128, None),
         (1500, 1, 32, 8, 128, Some(1024)),
     ] {
-        let what = format!(
-            "attention_cached start={start} n={n} heads={heads}/{kv} d={d} window={window:?}"
-        );
-        let shape = AttnShape {
-            tokens: n,
-            n_heads: heads,
-            n_kv_heads: kv,
-            head_dim: d,
-            scale: 1.0 / (d as f32).sqrt(),
-            window,
-        };
-        let (qn, kn, kw, cap) = (n * heads * d, n * kv * d, kv * d, start + n + 7);
-        let q: Vec<bf16> = to_elem(&r.vec(qn, -2.0, 2.0));
-        let k: Vec<bf16> = to_elem(&r.vec(kn, -2.0, 2.0));
-        let v: Vec<bf16> = to_elem(&r.vec(kn, -1.0, 1.0));
-        let mut kc = nan_buf::<bf16>(cap * kw);
-        let mut vc = nan_buf::<bf16>(cap * kw);
-        kc[..start * kw].copy_from_slice(&to_elem::<bf16>(&r.vec(start * kw, -2.0, 2.0)));
-        vc[..start * kw].copy_from_slice(&to_elem::<bf16>(&r.vec(start * kw, -1.0, 1.0)));
-        let mut want = nan_buf::<bf16>(qn);
-        attention_cached(&q, &k, &v, &kc, &vc, start, shape, &mut want);
-        let up = |x: &[bf16]| s.clone_htod(x).unwrap();
-        let (qd, kd, vd, kcd, vcd) = (up(&q), up(&k), up(&v), up(&kc), up(&vc));
-        let mut outd = up(&nan_buf::<bf16>(qn));
-        kern.cached(&qd, &kd, &vd, &kcd, &vcd, start, shape, &mut outd)
-            .unwrap();
-        let e = rel_l2(&s.clone_dtoh(&outd).unwrap(), &to_f64(&want));
-        eprintln!("{what}: rel L2 vs CPU {e:.2e}");
-        assert!(e < 1e-2, "{what}: rel L2 {e}");
+        cached_attention_case::<bf16>(&gpu, &kern, &mut r, case, 1e-2);
+        cached_attention_case::<f32>(&gpu, &kern, &mut r, case, 1e-5);
     }
     let shape = AttnShape {
         tokens: 1,

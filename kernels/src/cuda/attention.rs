@@ -7,7 +7,6 @@
 
 use super::{check, driver, grid_stride, int, DeviceElem, Gpu, GpuError};
 use crate::attention::AttnShape;
-use crate::bf16;
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use std::collections::HashSet;
@@ -122,7 +121,7 @@ struct PerDim {
     fwd: [CudaFunction; 2],
     dq: [CudaFunction; 2],
     dkdv: [CudaFunction; 2],
-    cached: CudaFunction,
+    cached: [CudaFunction; 2],
 }
 
 pub struct AttentionKernels {
@@ -194,9 +193,10 @@ impl AttentionKernels {
                         plain(format!("attn_f32_dkdv_{d}"))?,
                         f(format!("attn_dkdv_{d}"), Kernel::Dkdv, d)?,
                     ],
-                    cached: m
-                        .load_function(&format!("attn_cached_{d}"))
-                        .map_err(driver)?,
+                    cached: [
+                        plain(format!("attn_f32_cached_{d}"))?,
+                        plain(format!("attn_cached_{d}"))?,
+                    ],
                 })
             })
             .collect::<Result<_, GpuError>>()?;
@@ -399,16 +399,16 @@ impl AttentionKernels {
     /// earlier positions from `k_cache`/`v_cache` (at least `start` rows),
     /// the new ones from `k`/`v`.
     #[allow(clippy::too_many_arguments)]
-    pub fn cached(
+    pub fn cached<T: DeviceElem>(
         &self,
-        q: &CudaSlice<bf16>,
-        k: &CudaSlice<bf16>,
-        v: &CudaSlice<bf16>,
-        k_cache: &CudaSlice<bf16>,
-        v_cache: &CudaSlice<bf16>,
+        q: &CudaSlice<T>,
+        k: &CudaSlice<T>,
+        v: &CudaSlice<T>,
+        k_cache: &CudaSlice<T>,
+        v_cache: &CudaSlice<T>,
         start: usize,
         s: AttnShape,
-        out: &mut CudaSlice<bf16>,
+        out: &mut CudaSlice<T>,
     ) -> Result<(), GpuError> {
         let l = self.launch(&s, None, start + s.tokens)?;
         let (qn, kn, kw) = (
@@ -434,7 +434,9 @@ impl AttentionKernels {
         // Row offsets are `long long` in the kernel; positions are `int`.
         let start_i = int("attention_cached start + tokens", start + l.t).map(|_| start as i32)?;
         let (_, heads, group, window, scale) = l.args;
-        let mut b = self.stream.launch_builder(&self.dims[l.dim].cached);
+        let mut b = self
+            .stream
+            .launch_builder(&self.dims[l.dim].cached[T::INDEX]);
         b.arg(q)
             .arg(k)
             .arg(v)

@@ -1,17 +1,17 @@
-//! Launchers of loss.cu: the softmax cross-entropy of bf16 logits, its mean
-//! over counted tokens and the logits' gradient in one pass, or the loss or
-//! the gradient alone (f32 or bf16 logits); the CPU twin is
+//! Launchers of loss.cu: the softmax cross-entropy of f32 or bf16 logits,
+//! its mean over counted tokens and the logits' gradient in one pass, or the
+//! loss or the gradient alone; the CPU twin is
 //! [`crate::loss::cross_entropy`] with [`crate::loss::cross_entropy_grad`].
 
 use super::ids::index_error;
 use super::{check, driver, int, one_block, per_row, DeviceElem, Gpu, GpuError, Ids};
-use crate::bf16;
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, PushKernelArg};
 use std::sync::Arc;
 
 pub struct LossKernels {
-    fwd_bwd: CudaFunction,
-    /// The loss alone, by logits type ([`DeviceElem::INDEX`]).
+    /// Loss and gradient in one pass, by logits type ([`DeviceElem::INDEX`]).
+    fwd_bwd: [CudaFunction; 2],
+    /// The loss alone, likewise.
     loss_rows: [CudaFunction; 2],
     /// The gradient alone, likewise.
     grad: [CudaFunction; 2],
@@ -24,7 +24,7 @@ impl LossKernels {
         let m = gpu.module("loss")?;
         let f = |name| m.load_function(name).map_err(driver);
         Ok(LossKernels {
-            fwd_bwd: f("cross_entropy_fwd_bwd")?,
+            fwd_bwd: [f("cross_entropy_fwd_bwd_f32")?, f("cross_entropy_fwd_bwd")?],
             loss_rows: [f("cross_entropy_rows_f32")?, f("cross_entropy_rows_bf16")?],
             grad: [f("cross_entropy_grad_f32")?, f("cross_entropy_grad_bf16")?],
             mean: f("mean_loss")?,
@@ -40,13 +40,13 @@ impl LossKernels {
     /// outside `0..vocab` that is not `ignore` is an error naming it, and
     /// nothing is launched.
     #[allow(clippy::too_many_arguments)]
-    pub fn cross_entropy(
+    pub fn cross_entropy<T: DeviceElem>(
         &self,
-        logits: &CudaSlice<bf16>,
+        logits: &CudaSlice<T>,
         labels: Ids,
         ignore: i32,
         dloss: f32,
-        dlogits: &mut CudaSlice<bf16>,
+        dlogits: &mut CudaSlice<T>,
         row_loss: &mut CudaSlice<f32>,
         loss: &mut CudaSlice<f32>,
     ) -> Result<(), GpuError> {
@@ -66,14 +66,14 @@ impl LossKernels {
 
     /// The per-row part of [`Self::cross_entropy`] (one chunk of a longer
     /// batch): `row_loss` and `dlogits = c·(softmax − onehot)`. Returns how
-    /// many rows were counted.
-    pub fn rows(
+    /// many rows were counted. f32 or bf16 logits, the gradient in their type.
+    pub fn rows<T: DeviceElem>(
         &self,
-        logits: &CudaSlice<bf16>,
+        logits: &CudaSlice<T>,
         labels: Ids,
         ignore: i32,
         c: f32,
-        dlogits: &mut CudaSlice<bf16>,
+        dlogits: &mut CudaSlice<T>,
         row_loss: &mut CudaSlice<f32>,
     ) -> Result<usize, GpuError> {
         let rows = labels.len();
@@ -85,7 +85,7 @@ impl LossKernels {
             crate::loss::check_labels(labels.host(), vocab, ignore).map_err(index_error)?;
         let v = int("cross_entropy vocab", vocab)?;
         if rows > 0 {
-            let mut l = self.stream.launch_builder(&self.fwd_bwd);
+            let mut l = self.stream.launch_builder(&self.fwd_bwd[T::INDEX]);
             l.arg(logits)
                 .arg(labels.device())
                 .arg(dlogits)

@@ -90,7 +90,8 @@ pub struct Nf4Epilogue<'a> {
 pub struct Nf4Gemm {
     fwd: CudaFunction,
     dgrad: CudaFunction,
-    dequant: CudaFunction,
+    /// `nf4_dequantize{_f32,}`, by [`DeviceElem::INDEX`].
+    dequant: [CudaFunction; 2],
     /// `nf4_gemv_{f32,bf16}`, by [`DeviceElem::INDEX`].
     gemv: [CudaFunction; 2],
     stream: Arc<CudaStream>,
@@ -123,7 +124,10 @@ impl Nf4Gemm {
         Ok(Nf4Gemm {
             fwd,
             dgrad,
-            dequant: m.load_function("nf4_dequantize").map_err(driver)?,
+            dequant: [
+                m.load_function("nf4_dequantize_f32").map_err(driver)?,
+                m.load_function("nf4_dequantize").map_err(driver)?,
+            ],
             gemv: [
                 m.load_function("nf4_gemv_f32").map_err(driver)?,
                 m.load_function("nf4_gemv_bf16").map_err(driver)?,
@@ -132,14 +136,19 @@ impl Nf4Gemm {
         })
     }
 
-    /// `out = dequant(W)` as bf16 `[rows, cols]`, bit for bit the values
-    /// the GEMM multiplies (for a product through cuBLAS instead).
-    pub fn dequantize(&self, w: &DeviceNf4, out: &mut CudaSlice<bf16>) -> Result<(), GpuError> {
+    /// `out = dequant(W)` as `[rows, cols]`: in bf16, bit for bit the
+    /// values the GEMM multiplies (for a product through cuBLAS instead); in
+    /// f32, bit for bit the CPU's `dequantize_into` (f32 compute).
+    pub fn dequantize<T: DeviceElem>(
+        &self,
+        w: &DeviceNf4,
+        out: &mut CudaSlice<T>,
+    ) -> Result<(), GpuError> {
         let n = w.rows * w.cols;
         check("nf4 dequantize out", out.len(), n)?;
         // `upload` took whole 64-blocks: n is a multiple of 8.
         let n8 = (n / 8) as i64;
-        let mut l = self.stream.launch_builder(&self.dequant);
+        let mut l = self.stream.launch_builder(&self.dequant[T::INDEX]);
         l.arg(&w.packed)
             .arg(&w.absmax)
             .arg(&w.nested_scales)
