@@ -206,24 +206,42 @@ mod gpu {
         }
         crit.final_summary();
 
-        // The table: median of 7 batches of 20 launches each, after warm-up.
+        // The table: 7 rounds, each a batch of 20 launches of every op in
+        // turn (after warm-up), so that a slow phase of the GPU's clocks
+        // falls on every op alike; times are the median round's, ratios
+        // the median of each round's ratio.
         println!("\n| M | K | N | op | ms | TFLOP/s | vs cuBLAS |");
         println!("|---|---|---|---|---|---|---|");
         for c in cases.iter_mut() {
             let flops = 2.0 * (c.m * c.k * c.n) as f64;
-            let mut ms = [0f64; OPS.len()];
-            for (op, slot) in ms.iter_mut().enumerate() {
-                *slot = median_ms(&gpu, 20, || launch(op, c, &gemm, &blas));
+            for op in 0..OPS.len() {
+                timed(&gpu, 5, || launch(op, c, &gemm, &blas));
             }
+            let rounds: Vec<[f64; OPS.len()]> = (0..7)
+                .map(|_| {
+                    std::array::from_fn(|op| {
+                        let t = timed(&gpu, 20, || launch(op, c, &gemm, &blas));
+                        t.as_secs_f64() * 1e3 / 20.0
+                    })
+                })
+                .collect();
+            let median = |f: &dyn Fn(&[f64; OPS.len()]) -> f64| {
+                let mut v: Vec<f64> = rounds.iter().map(f).collect();
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let ms: [f64; OPS.len()] = std::array::from_fn(|op| median(&|r| r[op]));
+            // cuBLAS's time over op's, round by round.
+            let vs = |reference: usize, op: usize| median(&|r| r[reference] / r[op]);
             for (op, name) in OPS.iter().enumerate() {
                 let ratio = match op {
-                    0 | 2 => format!("{:.0}%", 100.0 * ms[op + 1] / ms[op]),
+                    0 | 2 => format!("{:.0}%", 100.0 * vs(op + 1, op)),
                     4 => format!(
                         "{:.0}% (+{:.0}% over nf4 forward)",
-                        100.0 * ms[1] / ms[4],
-                        100.0 * (ms[4] / ms[0] - 1.0)
+                        100.0 * vs(1, 4),
+                        100.0 * (median(&|r| r[4] / r[0]) - 1.0)
                     ),
-                    5 | 6 => format!("{:.0}%", 100.0 * ms[2 * op - 9] / ms[op]),
+                    5 | 6 => format!("{:.0}%", 100.0 * vs(2 * op - 9, op)),
                     // Bytes moved: the 4-bit codes and one absmax code per 64
                     // read, the bf16 weight written.
                     7 => format!(
