@@ -5,13 +5,19 @@
 //! gradients copied back to the host, then the full step with AdamW on the
 //! device (adapters resident, only the loss copied back). Prints tokens/s,
 //! the device memory held, and the time per op kind of one step.
+//! `lomo` / `adalomo` instead time full fine-tuning of the same shape in
+//! f32, the update fused into the backward pass, weights and state resident
+//! (27 GB of f32 weights at 32 layers: fewer layers fit smaller GPUs).
 //!
-//! Run: `cargo run --release --example gpu_step -- [tokens=2048] [layers=32] [recompute=1] [lora|dora]`
+//! Run: `cargo run --release --example gpu_step -- [tokens=2048] [layers=32] [recompute=1] [lora|dora|lomo|adalomo]`
 //! (recompute: 0 keeps every activation, 1 recomputes each layer, 2 times both).
 
 use graft::engine::optim::AdamWConfig;
-use graft::engine::{compile_training_with, CompileOptions, DeviceAdamW, GpuExecutor};
-use graft::ir::DType;
+use graft::engine::{
+    compile_fused_with, compile_training_with, CompileOptions, DeviceAdamW, FusedRule, GpuExecutor,
+    Tensor,
+};
+use graft::ir::{AdaLomoSpec, DType};
 use graft::models::{
     Batch, CausalLm, LoadOptions, Lora, LoraConfig, ModelConfig, RecordOptions, Targets,
 };
@@ -31,11 +37,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Freed tensors' pages are reused, not faulted in again (as `trainer`).
     graft::engine::alloc::retain_freed_memory();
     let (tokens, layers) = (arg(1, 2048)?, arg(2, 32)?);
-    let use_dora = match std::env::args().nth(4).as_deref() {
-        None | Some("lora") => false,
-        Some("dora") => true,
-        Some(other) => return Err(format!("argument 4 is `{other}`: expected lora or dora").into()),
+    let method = std::env::args().nth(4).unwrap_or_else(|| "lora".into());
+    let fused = match method.as_str() {
+        "lora" | "dora" => None,
+        "lomo" => Some(FusedRule::Sgd {
+            weight_decay: 0.0,
+            clip_value: 0.0,
+        }),
+        "adalomo" => Some(FusedRule::AdaLomo(AdaLomoSpec::default())),
+        other => {
+            return Err(
+                format!("argument 4 is `{other}`: expected lora, dora, lomo or adalomo").into(),
+            )
+        }
     };
+    let use_dora = method == "dora";
     let modes: &[bool] = match arg(3, 1)? {
         0 => &[false],
         1 => &[true],
@@ -50,6 +66,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let config = ModelConfig::parse(&config, Path::new("<7B-shaped config>"))?;
     let t0 = Instant::now();
+    let ids: Vec<i32> = (0..tokens as i32)
+        .map(|t| (t * 7919 + 13) % 32000)
+        .collect();
+    let batch = Batch::new(&[&ids], None, 0)?;
+    if let Some(rule) = fused {
+        return full_fine_tuning(config, rule, &batch, tokens, modes, layers, &method);
+    }
     let opts = LoadOptions {
         dtype: DType::BF16,
         quantize: Some(64),
@@ -67,10 +90,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if use_dora {
         lora.init_magnitudes(&model)?;
     }
-    let ids: Vec<i32> = (0..tokens as i32)
-        .map(|t| (t * 7919 + 13) % 32000)
-        .collect();
-    let batch = Batch::new(&[&ids], None, 0)?;
     let rec = model.record(
         tokens,
         RecordOptions {
@@ -100,6 +119,93 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             plan.peak_bytes() as f64 / 1e9
         );
         time_steps(&plan, &feeds, tokens)?;
+    }
+    Ok(())
+}
+
+/// Full fine-tuning in f32 with the update fused into the backward pass
+/// (`rule`): the plan on a fresh GPU executor, weights and AdaLomo's state
+/// resident (`run_resident`), lr 1e-5; the first step (uploads, compiles),
+/// then five timed, and the device memory held.
+fn full_fine_tuning(
+    config: ModelConfig,
+    rule: FusedRule,
+    batch: &Batch,
+    tokens: usize,
+    modes: &[bool],
+    layers: usize,
+    method: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let t0 = Instant::now();
+    let opts = LoadOptions {
+        dtype: DType::F32,
+        quantize: None,
+    };
+    let mut model = CausalLm::random(config, &opts, 1)?;
+    let rec = model.record(
+        tokens,
+        RecordOptions {
+            train_base: true,
+            loss: true,
+            ..Default::default()
+        },
+    )?;
+    println!(
+        "{layers} layers, {tokens} tokens, {method} (f32 full fine-tuning): model made and recorded in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let scalar = |x: f32| Tensor::from_f32(&[1], &[x]);
+    let (lr, one) = (scalar(1e-5)?, scalar(1.0)?);
+    for &recompute in modes {
+        let o = CompileOptions {
+            fuse: true,
+            checkpoints: match recompute {
+                true => rec.layer_inputs.clone(),
+                false => Vec::new(),
+            },
+        };
+        let (plan, inputs) =
+            compile_fused_with(rec.graph.clone(), rec.loss.expect("recorded"), rule, &o)?;
+        println!(
+            "recomputation {recompute}: planned arena {:.2} GB",
+            plan.peak_bytes() as f64 / 1e9
+        );
+        let mut gpu = GpuExecutor::new(0)?;
+        let base_mem = gpu.gpu().memory_in_use()?;
+        let mut state = inputs.zero_state(&plan);
+        let mut times = Vec::new();
+        for t in 0..6 {
+            let step = scalar((t + 1) as f32)?;
+            let mut feeds = rec.feeds_mut(&mut model, batch)?;
+            feeds.bind(inputs.lr, &lr).bind(inputs.coef, &one);
+            if let Some(s) = inputs.step {
+                feeds.bind(s, &step);
+            }
+            for ((r, c), (rt, ct)) in inputs.state.iter().zip(state.iter_mut()) {
+                feeds.bind_mut(*r, rt).bind_mut(*c, ct);
+            }
+            let t0 = Instant::now();
+            let out = gpu.run_resident(&plan, &feeds)?;
+            let dt = t0.elapsed().as_secs_f64();
+            let loss = out[0].as_f32()?[0];
+            assert!(loss.is_finite(), "the loss is not finite");
+            if t == 0 {
+                println!("first step (uploads, compiles): {dt:.2} s, loss {loss}");
+            } else {
+                println!("  step {:.1} ms, loss {loss}", dt * 1e3);
+                times.push(dt);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        let used = gpu.gpu().memory_in_use()?.saturating_sub(base_mem);
+        println!(
+            "{method} step (forward + backward + fused update on the device): median {:.1} ms -> {:.0} tokens/s; device memory held {:.2} GB (executor {:.2} GB)",
+            median * 1e3,
+            tokens as f64 / median,
+            used as f64 / 1e9,
+            gpu.device_bytes() as f64 / 1e9
+        );
     }
     Ok(())
 }

@@ -132,12 +132,14 @@ static void run(const Case& c) {
 // The GEMV of generation's few rows (nf4_gemv_*): y = scale·x·Wᵀ, or plus
 // beta·y, to f32 and bf16, against the double reference on the same
 // dequantized weights; rows of W not a multiple of a block's 8 warps, and
-// words of codes not a multiple of the warp's 32 lanes.
-template <typename TO>
+// words of codes not a multiple of the warp's 32 lanes. TI = float: f32 x
+// against f32 compute's unrounded weights (nf4_gemv_f32x).
+template <typename TO, typename TI = bf16_t>
 static void run_gemv(int m, int n, int k, float beta) {
+    constexpr bool F32X = sizeof(TI) == 4;
     Weights wt = random_weights(n, k);
-    std::vector<bf16_t> x((size_t)m * k);
-    for (auto& v : x) v = f32_to_bf16(uni(-1.f, 1.f));
+    std::vector<TI> x((size_t)m * k);
+    for (size_t i = 0; i < x.size(); ++i) st(x.data(), i, uni(-1.f, 1.f));
     std::vector<TO> y((size_t)m * n);
     std::vector<double> want(y.size());
     const float scale = 0.75f;
@@ -146,11 +148,17 @@ static void run_gemv(int m, int n, int k, float beta) {
         st(y.data(), i, beta != 0.f ? y0 : NAN);  // beta 0: y is not read
         const double prior = beta != 0.f ? (double)ld(y.data(), i) : 0.0;
         double acc = 0;
-        for (int p = 0; p < k; ++p) acc += bf16_to_f32(x[i / n * k + p]) * wt.w[(i % n) * k + p];
+        for (int p = 0; p < k; ++p) {
+            const size_t e = (i % n) * k + p;
+            acc += (double)ld(x.data(), i / n * k + p) * (F32X ? (double)wt.w32[e] : wt.w[e]);
+        }
         want[i] = scale * acc + beta * prior;
     }
     launch(Dim3{(unsigned)((n + 7) / 8), 1, 1}, 256, 0, [&] {
-        if constexpr (sizeof(TO) == 4)
+        if constexpr (F32X)
+            nf4_gemv_f32x(x.data(), m, k, wt.packed.data(), wt.absmax.data(), wt.nested_scales.data(),
+                          wt.nested_map.data(), wt.offset, y.data(), n, scale, beta);
+        else if constexpr (sizeof(TO) == 4)
             nf4_gemv_f32(x.data(), m, k, wt.packed.data(), wt.absmax.data(), wt.nested_scales.data(),
                          wt.nested_map.data(), wt.offset, y.data(), n, scale, beta);
         else
@@ -160,8 +168,8 @@ static void run_gemv(int m, int n, int k, float beta) {
     std::vector<double> got(y.size());
     for (size_t i = 0; i < y.size(); ++i) got[i] = ld(y.data(), i);
     char what[160];
-    snprintf(what, sizeof what, "nf4 gemv %s m=%d n=%d k=%d beta=%g", sizeof(TO) == 4 ? "f32 " : "bf16", m, n, k,
-             beta);
+    snprintf(what, sizeof what, "nf4 gemv %s m=%d n=%d k=%d beta=%g",
+             F32X ? "f32x" : (sizeof(TO) == 4 ? "f32 " : "bf16"), m, n, k, beta);
     const double e = rel_l2(got, want);
     expect(e < (sizeof(TO) == 4 ? 1e-5 : 1e-2), what, e);
 }
@@ -187,6 +195,8 @@ int main() {
     run_gemv<float>(3, 200, 2112, 1.f);
     run_gemv<bf16_t>(8, 77, 576, 0.f);
     run_gemv<bf16_t>(5, 64, 64, 1.f);
+    run_gemv<float, float>(1, 37, 192, 0.f);
+    run_gemv<float, float>(8, 77, 2112, 1.f);
     printf("ldmatrix bank conflicts: %ld of %ld phases\n", g_ldsm_conflicts.load(), g_ldsm_phases.load());
     printf("%d failures\n", fails);
     return fails != 0;

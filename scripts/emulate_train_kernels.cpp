@@ -130,9 +130,10 @@ static void test_opt(size_t n, unsigned threads, unsigned max_blocks) {
     char what[200];
     snprintf(what, sizeof what, "adamw n=%zu (bit-identical p, m, v)", n);
     expect(!std::memcmp(p.data(), P.data(), 4 * n) && !std::memcmp(m.data(), M.data(), 4 * n) && !std::memcmp(v.data(), V.data(), 4 * n), what, 0);
-    for (float clip : {0.0f, 0.5f}) {
+    for (float clip : {0.0f, 0.5f, -1.0f}) {
         for (auto& x : g) x = uni(-2, 2);
-        float lr = 0.02f, coef = 0.7f, wd = clip > 0 ? 0.1f : 0.0f;
+        // clip -1: the measuring pass (lr 0), which writes nothing.
+        float lr = clip < 0 ? 0.0f : 0.02f, coef = 0.7f, wd = clip != 0 ? 0.1f : 0.0f;
         std::vector<float> q = p;
         unsigned grid = (unsigned)std::clamp<size_t>((n + threads - 1) / threads, 1, max_blocks);
         std::vector<double> partials(max_blocks, NAN);
@@ -142,6 +143,7 @@ static void test_opt(size_t n, unsigned threads, unsigned max_blocks) {
         double want = 0;
         for (size_t i = 0; i < n; ++i) {
             want += (double)g[i] * g[i];
+            if (lr == 0) continue;
             float gi = clip > 0 ? std::clamp(g[i], -clip, clip) : g[i];
             float d = gi * coef;
             if (wd != 0) d = std::fma(q[i], wd, d);

@@ -87,6 +87,9 @@ cat "$out/step7b.log"
 echo "== the same step with DoRA (QDoRA), per-layer recomputation"
 .gpu-bin/gpu-step 2048 32 1 dora > "$out/step7b-dora.log" 2>&1 || step_rc=$?
 grep -E "DoRA|tokens/s" "$out/step7b-dora.log"
+echo "== full fine-tuning of the same shape in f32 (4 layers), LOMO fused into the backward pass on the device"
+.gpu-bin/gpu-step 2048 4 1 lomo > "$out/step-lomo.log" 2>&1 || step_rc=$?
+grep -E "lomo|tokens/s|Error" "$out/step-lomo.log"
 
 echo "== GPU benches (criterion)"
 .gpu-bin/gpu-bench --bench --measurement-time 1 > "$out/bench.log" 2>&1

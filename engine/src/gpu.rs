@@ -3,7 +3,10 @@
 //! with the kernels of `graft_kernels::cuda` and cuBLAS for dense products.
 //! Leaves stay on the device by name and are copied again only when their
 //! host contents change (`Tensor::stamp`), so a base model is uploaded
-//! once; only the plan's outputs come back.
+//! once; the plan's outputs come back, and `run` also copies back the
+//! tensors a plan updates in place. Trained tensors can be the device's
+//! instead (`train_step`, `run_resident`): copied up once, fetched back on
+//! demand.
 //!
 //! Which ops run here is decided before anything is launched
 //! ([`gpu_unsupported`], which needs no GPU): a plan with any other op is
@@ -99,7 +102,9 @@ pub struct GpuExecutor {
     /// run several times slower (160 MB of a 7B step's LoRA gradients took
     /// 157 ms on an H200).
     staging: Option<PinnedHostSlice<u8>>,
-    /// Trainable parameters that live on the device (`train_step`), by name.
+    /// Leaves the device owns (`train_step`'s adapters, `run_resident`'s
+    /// updated tensors), by name: never copied from the host again until
+    /// `disown`.
     device_owned: HashSet<String>,
     /// Their gradients summed over a step's micro-batches, by name.
     grads: HashMap<String, CudaSlice<f32>>,
@@ -308,6 +313,8 @@ impl GpuExecutor {
     /// Tensors the plan updates in place (bound with `Feeds::bind_mut`) are
     /// copied to the device for the run and back after it, as the CPU
     /// leaves them; [`Self::run_resident`] keeps them on the device instead.
+    /// A tensor the device owns is not copied up: its device copy is run
+    /// and copied back over the binding.
     pub fn run(&mut self, plan: &Plan, feeds: &Feeds) -> Result<Vec<Tensor>, EngineError> {
         self.execute(plan, feeds)?;
         let out = self.download(plan, plan.outputs())?;
@@ -773,8 +780,8 @@ impl GpuExecutor {
     }
 
     /// Copies the plan's leaves to the device, each only when its host
-    /// contents changed since it was last copied (a new stamp); parameters
-    /// the device owns (`train_step`) never again.
+    /// contents changed since it was last copied (a new stamp); leaves the
+    /// device owns never again.
     fn upload_leaves(&mut self, plan: &Plan, feeds: &Feeds) -> Result<(), EngineError> {
         let g = plan.graph();
         let s = self.gpu.stream().clone();
@@ -793,7 +800,18 @@ impl GpuExecutor {
                 .map_or((0, None), |t| (t.stamp(), t.last_write()));
             let same = |r: &Resident| r.dtype == dtype && r.bytes == bytes.len();
             match self.leaves.get_mut(&name) {
-                Some(r) if same(r) && self.device_owned.contains(&name) => continue,
+                Some(r) if self.device_owned.contains(&name) => {
+                    if same(r) {
+                        continue;
+                    }
+                    // Replacing it would drop what was trained there.
+                    return Err(EngineError::Gpu(format!(
+                        "`{name}` is held on the device ({} bytes of {}, trained there) but bound as {} bytes of {dtype}: copy it back (download_owned) and disown it first",
+                        r.bytes,
+                        r.dtype,
+                        bytes.len()
+                    )));
+                }
                 Some(r) if same(r) && stamp != 0 && r.stamp == stamp => continue,
                 // Only a range changed since this copy was made (a KV
                 // cache's new rows): copy those bytes alone.
@@ -954,11 +972,11 @@ pub fn gpu_unsupported(plan: &Plan) -> Vec<(NodeId, String)> {
                 // and the caches of one type.
                 let operands: &[usize] = if cached { &[0, 1, 2, 3, 4] } else { &[0, 1, 2] };
                 if !same_float(operands) {
+                    let types: Vec<String> = operands.iter().map(|&i| dt(i).to_string()).collect();
                     Some(format!(
-                        "{} q, {} k, {} v (the kernels take f32 or bf16 alike)",
-                        dt(0),
-                        dt(1),
-                        dt(2)
+                        "q, k, v{} of {} (the kernels take f32 or bf16 alike)",
+                        if cached { " and the caches" } else { "" },
+                        types.join(", ")
                     ))
                 } else if !ATTENTION_HEAD_DIMS.contains(&spec.head_dim) {
                     Some(format!(
@@ -1025,7 +1043,7 @@ pub fn gpu_unsupported(plan: &Plan) -> Vec<(NodeId, String)> {
                     dt(1)
                 )
             }),
-            // In place on a leaf the device then owns: f32 throughout.
+            // In place on a leaf's device copy: f32 throughout.
             Op::SgdUpdate { .. } | Op::AdaLomoUpdate(_) => node
                 .inputs
                 .iter()
@@ -1177,7 +1195,8 @@ fn scratch_bytes(plan: &Plan) -> usize {
                 Op::Nf4MatMul { compute, .. } => {
                     up(g.ty(node.inputs[1]).numel() * compute.bytes(1))
                 }
-                // An NF4 weight dequantized to bf16.
+                // An NF4 weight dequantized to bf16, or f32 where an f32
+                // product multiplies it.
                 Op::DoraInvNorm { .. } => match g.dtype(node.inputs[2]) {
                     DType::Nf4 { .. } => {
                         let bytes = if nf4_f32.contains(&node.inputs[2]) {
@@ -1940,17 +1959,18 @@ impl<'a> Run<'a> {
         let w = self.nf4(w)?;
         let m = self.graph().shape(y)[0];
         let compute = self.graph().dtype(x);
-        // Generation's few rows: the codes read once, no dequantized copy.
-        if tb && m <= NF4_GEMV_MAX_M && compute == DType::BF16 {
-            let xv = self.val::<bf16>(x)?;
-            return by_float!(self.graph().dtype(y), T => self.k.nf4.gemv::<T>(
-                &xv,
+        // Generation's few rows: the codes read once, no dequantized copy
+        // (f32 compute: x and y f32, as `gpu_unsupported` checks).
+        if tb && m <= NF4_GEMV_MAX_M {
+            let out = self.graph().dtype(y);
+            return by_float!(compute, X => by_float!(out, T => self.k.nf4.gemv::<X, T>(
+                &*self.val::<X>(x)?,
                 w,
                 m,
                 scale,
                 beta,
                 &mut *self.val::<T>(y)?,
-            ))
+            )))
             .map_err(|e| e.to_string());
         }
         by_float!(compute, T => self

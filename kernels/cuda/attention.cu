@@ -590,8 +590,9 @@ __device__ __forceinline__ void sum_warps_store(const float* acc, T* dst) {
 // q[n, n_heads*D]; keys and values of positions below start from the caches
 // kc/vc[≥ start, n_kv_heads*D], the others from the new k/v[n, n_kv_heads*D].
 // Query i sees positions from the window's start (no segments) to its own,
-// as kernels/src/attention.rs `attention_cached` (whose products round
-// probabilities to bf16, as the tiled kernels do). Grid (n, n_heads).
+// as kernels/src/attention.rs `attention_cached` (whose bf16 products round
+// probabilities to bf16, as the tiled kernels do; the f32 ones do not, nor
+// does this kernel, in either type). Grid (n, n_heads).
 template <int D, typename T>
 __device__ void attn_cached(const T* q, const T* k, const T* v, const T* kc, const T* vc, T* out, int start,
                             int n_heads, int group, int window, float scale) {

@@ -2,8 +2,9 @@
 // ignore index, forward and gradient in one pass over each row, or the
 // loss alone or the gradient alone (f32 or bf16 logits each), as the CPU
 // reference (kernels/src/loss.rs, loss_and_grad_in_place): f32 math, the
-// gradient c*(softmax - onehot) rounded to bf16, zeros and a zero loss on
-// ignored rows. The host has checked every counted label against vocab.
+// gradient c*(softmax - onehot) in the logits' type (rounded for bf16),
+// zeros and a zero loss on ignored rows. The host has checked every counted
+// label against vocab.
 
 // One block per row; the vocabulary is walked in strides of blockDim.x, so
 // any vocab works. row_loss[r] = lse - x[label] (0 when ignored; skipped

@@ -613,14 +613,16 @@ extern "C" __global__ void nf4_dequantize_f32(const unsigned char* packed, const
 // dequantized copy (written and read again whole for one token) would cost
 // 2.5x the 4-bit codes' reading. A warp per weight row n: its lanes take
 // one 32-bit word of codes (8 weights, inside one 64-block) at a time,
-// dequantize as nf4_dequantize does (bf16 weights, bit for bit those the
-// GEMM path multiplies) and multiply in f32; the warp's sums add by
-// shuffles. x and y are row-major, k a multiple of 64.
+// dequantize as nf4_dequantize{_f32} does (for bf16 x, bf16 weights bit for
+// bit those the GEMM path multiplies; for f32 x, f32 compute's unrounded
+// weights) and multiply in f32; the warp's sums add by shuffles. x and y
+// are row-major, k a multiple of 64.
 #define NF4_GEMV_MAX_M 8
-template <typename TO>
-__device__ void nf4_gemv(const bf16_t* x, int m, int k, const unsigned char* packed, const unsigned char* absmax,
+template <typename TI, typename TO>
+__device__ void nf4_gemv(const TI* x, int m, int k, const unsigned char* packed, const unsigned char* absmax,
                          const float* nested_scales, const float* nested_map, float offset, TO* y, int n,
                          float scale, float beta) {
+    constexpr bool BF16_X = sizeof(TI) == 2;
     __shared__ float lut[16];
     if (threadIdx.x < 16) lut[threadIdx.x] = NF4[threadIdx.x];
     __syncthreads();
@@ -641,19 +643,34 @@ __device__ void nf4_gemv(const bf16_t* x, int m, int k, const unsigned char* pac
         for (int j = 0; j < 4; j++) {
             // Byte j: element 2j in the high nibble, 2j + 1 in the low one.
             const u32 byte = (word >> (8 * j)) & 0xffu;
-            wv[2 * j] = bf16_to_f32(f32_to_bf16(lut[byte >> 4] * am));
-            wv[2 * j + 1] = bf16_to_f32(f32_to_bf16(lut[byte & 15u] * am));
+            wv[2 * j] = lut[byte >> 4] * am;
+            wv[2 * j + 1] = lut[byte & 15u] * am;
+            if constexpr (BF16_X) {
+                wv[2 * j] = bf16_to_f32(f32_to_bf16(wv[2 * j]));
+                wv[2 * j + 1] = bf16_to_f32(f32_to_bf16(wv[2 * j + 1]));
+            }
         }
 #pragma unroll
         for (int i = 0; i < NF4_GEMV_MAX_M; i++) {
             if (i >= m) break;
-            const uint4 xv = *(const uint4*)(x + (long long)i * k + 8 * w);
-            const u32 xs[4] = {xv.x, xv.y, xv.z, xv.w};
+            float xv[8];
+            if constexpr (BF16_X) {
+                const uint4 q = *(const uint4*)(x + (long long)i * k + 8 * w);
+                const u32 xs[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                acc[i] += bf16_to_f32((bf16_t)(xs[j] & 0xffffu)) * wv[2 * j];
-                acc[i] += bf16_to_f32((bf16_t)(xs[j] >> 16)) * wv[2 * j + 1];
+                for (int j = 0; j < 4; j++) {
+                    xv[2 * j] = bf16_to_f32((bf16_t)(xs[j] & 0xffffu));
+                    xv[2 * j + 1] = bf16_to_f32((bf16_t)(xs[j] >> 16));
+                }
+            } else {
+                const float4* p = (const float4*)(x + (long long)i * k + 8 * w);
+                const float4 lo = p[0], hi = p[1];
+                const float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+                for (int j = 0; j < 8; j++) xv[j] = v[j];
             }
+#pragma unroll
+            for (int j = 0; j < 8; j++) acc[i] += xv[j] * wv[j];
         }
     }
 #pragma unroll
@@ -668,12 +685,13 @@ __device__ void nf4_gemv(const bf16_t* x, int m, int k, const unsigned char* pac
         }
     }
 }
-#define NF4_GEMV(name, TO)                                                                                  \
-    extern "C" __global__ void name(const bf16_t* x, int m, int k, const unsigned char* packed,             \
+#define NF4_GEMV(name, TI, TO)                                                                              \
+    extern "C" __global__ void name(const TI* x, int m, int k, const unsigned char* packed,                 \
                                     const unsigned char* absmax, const float* nested_scales,               \
                                     const float* nested_map, float offset, TO* y, int n, float scale,      \
                                     float beta) {                                                          \
         nf4_gemv(x, m, k, packed, absmax, nested_scales, nested_map, offset, y, n, scale, beta);            \
     }
-NF4_GEMV(nf4_gemv_f32, float)
-NF4_GEMV(nf4_gemv_bf16, bf16_t)
+NF4_GEMV(nf4_gemv_f32, bf16_t, float)
+NF4_GEMV(nf4_gemv_bf16, bf16_t, bf16_t)
+NF4_GEMV(nf4_gemv_f32x, float, float)  // f32 compute

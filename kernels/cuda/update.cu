@@ -45,6 +45,7 @@ extern "C" __global__ void sgd_update(float* p, const float* g, const float* lr,
          i += (size_t)gridDim.x * blockDim.x) {
         float gi = g[i];
         sq += (double)gi * (double)gi;
+        if (neg_lr == 0.0f) continue;  // the measuring pass writes nothing
         if (clip > 0.0f) gi = gi < -clip ? -clip : (gi > clip ? clip : gi);
         float d = gi * cf;
         if (wd != 0.0f) d = fmaf(p[i], wd, d);
@@ -56,14 +57,16 @@ extern "C" __global__ void sgd_update(float* p, const float* g, const float* lr,
 
 // AdaLomo (kernels/src/update.rs adalomo_update) on an f32 parameter p, in
 // place, with its second moment: factored (row[rows], col[cols]) for a
-// matrix, else full (v[n] in row). The launches, in order: adalomo_rows and
-// adalomo_cols (factored) or adalomo_vector; adalomo_row_mean; adalomo_norms
-// (per-block f64 sums of u^2 and p^2); adalomo_finish (the update's scale and
-// effective learning rate into scal); adalomo_apply. Sums run in f64 in a
-// fixed order, so a step is the same on every run; the CPU sums in f32 in
-// element order, so the two agree to rounding, not bit for bit. Every launch
-// returns at once when lr[0] == 0 (LOMO's measuring pass writes nothing).
-// lr, coef and the step number t are device scalars.
+// matrix, else full (v[n] in row). The launches, in order: sum_squares and
+// sum_partials (the raw gradient's squared norm, always); adalomo_rows and
+// adalomo_cols (factored) or adalomo_vector; adalomo_row_mean (factored);
+// adalomo_norms (per-block f64 sums of u^2 and p^2); adalomo_finish (the
+// update's scale and effective learning rate into scal); adalomo_apply.
+// Sums run in f64 in a fixed order, so a step is the same on every run; the
+// CPU sums in f32 in element order, so the two agree to rounding, not bit
+// for bit. Every adalomo_* launch returns at once when lr[0] == 0 (LOMO's
+// measuring pass writes nothing). lr, coef and the step number t are
+// device scalars.
 
 // The gradient as the update sees it: clamped to +-clip (if clip > 0), times coef.
 __device__ __forceinline__ float adalomo_grad(float g, float coef, float clip) {
@@ -95,13 +98,13 @@ extern "C" __global__ void adalomo_rows(const float* g, float* row, int rows, in
 }
 
 // Factored: col[c] = beta*col[c] + (1-beta)*mean_r(g[r,c]^2 + eps1). A block
-// of 256 threads takes 32 columns: each warp reads 32 adjacent values of
-// every eighth row, and the 8 warps' sums are added in warp order.
+// of up to 1024 threads takes 32 columns: each warp reads 32 adjacent values
+// of every (warps)th row, and the warps' sums are added in warp order.
 extern "C" __global__ void adalomo_cols(const float* g, float* col, int rows, int cols,
                                         const float* lr, const float* coef, const float* step,
                                         float clip, float eps1, float decay_rate) {
     if (lr[0] == 0.0f) return;
-    __shared__ double part[8][32];
+    __shared__ double part[32][32];
     float cf = coef[0], beta = adalomo_beta(step, decay_rate);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     for (int c0 = blockIdx.x * 32; c0 < cols; c0 += gridDim.x * 32) {

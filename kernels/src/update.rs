@@ -66,8 +66,13 @@ pub fn adamw_update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &
 /// One SGD step, as `torch.optim.SGD` (no momentum) computes it after
 /// `grad *= coef` (LOMO's clipping coefficient; 1 without clipping) and, if
 /// `clip_value > 0`, `grad.clamp_(-clip_value, clip_value)` first. Returns
-/// the squared L2 norm of the raw gradient (f64 sum), for LOMO's first pass.
+/// the squared L2 norm of the raw gradient (f64 sum), for LOMO's first pass,
+/// which runs with `lr = 0` and writes nothing (not even a NaN gradient's
+/// NaN, which `p − 0·d` would be).
 pub fn sgd_update(p: &mut [f32], g: &[f32], lr: f32, coef: f32, wd: f32, clip_value: f32) -> f64 {
+    if lr == 0.0 {
+        return g.iter().map(|&x| (x as f64) * (x as f64)).sum();
+    }
     let neg_lr = -lr;
     let mut sq = 0f64;
     for (p, &g) in p.iter_mut().zip(g) {

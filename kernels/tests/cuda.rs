@@ -120,10 +120,11 @@ fn nf4_gemm_matches_the_cpu_reference() {
     }
 }
 
-/// The GEMV of generation's few rows against the CPU's `nf4_matmul` (bf16
-/// compute) on the same weights: 1 to 8 rows, weight rows not a multiple
-/// of a block's 8 warps, f32 and bf16 outputs, scaled, and added to what
-/// the output held (beta 1). Nine rows are refused.
+/// The GEMV of generation's few rows against the CPU's `nf4_matmul` on the
+/// same weights: 1 to 8 rows, weight rows not a multiple of a block's 8
+/// warps; bf16 x (bf16 compute) to f32 and bf16 outputs, f32 x (f32
+/// compute) to f32; scaled, and added to what the output held (beta 1).
+/// Nine rows are refused, and f32 x to a bf16 output.
 #[test]
 fn nf4_gemv_matches_the_cpu_reference() {
     use graft_kernels::cuda::NF4_GEMV_MAX_M;
@@ -169,7 +170,38 @@ fn nf4_gemv_matches_the_cpu_reference() {
         let e = rel_l2(&s.clone_dtoh(&yd).unwrap(), &want);
         eprintln!("{what} bf16: rel L2 vs CPU {e:.2e}");
         assert!(e < 1e-2, "{what} bf16: {e}");
+        // f32 compute: f32 x against the CPU's f32 product (weights
+        // unrounded), added to what y held.
+        let x32 = r.vec(m * k, -1.0, 1.0);
+        let mut prod32 = vec![0f32; m * n];
+        nf4_matmul(&x32, &wv, m, true, false, &mut prod32);
+        let want: Vec<f64> = prod32
+            .iter()
+            .zip(&prior)
+            .map(|(&p, &y)| (scale * p) as f64 + y as f64)
+            .collect();
+        let mut yd = s.clone_htod(&prior).unwrap();
+        gemm.gemv(&s.clone_htod(&x32).unwrap(), &dw, m, scale, 1.0, &mut yd)
+            .unwrap();
+        let e = rel_l2(&s.clone_dtoh(&yd).unwrap(), &want);
+        eprintln!("{what} f32 x: rel L2 vs CPU {e:.2e}");
+        assert!(e < 1e-5, "{what} f32 x: {e}");
     }
+    // f32 x writes f32 y only.
+    let w1 = quantize(&vec![0.01f32; 64 * 64], 64).unwrap();
+    let dw1 = DeviceNf4::upload(&gpu, &w1.view(64, 64)).unwrap();
+    let e = gemm
+        .gemv(
+            &s.clone_htod(&[0f32; 64]).unwrap(),
+            &dw1,
+            1,
+            1.0,
+            0.0,
+            &mut s.clone_htod(&[bf16::ZERO; 64]).unwrap(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("f32 x writes f32 y"), "{e}");
     let w = quantize(&vec![0.01f32; 64 * 64], 64).unwrap();
     let dw = DeviceNf4::upload(&gpu, &w.view(64, 64)).unwrap();
     let m = NF4_GEMV_MAX_M + 1;
@@ -868,7 +900,11 @@ fn adalomo_matches_the_cpu_reference() {
             let gd = s.clone_htod(&g).unwrap();
             let scalars = [lr, coef, t as f32].map(|x| s.clone_htod(&[x]).unwrap());
             let mut sqd = s.clone_htod(&[f32::NAN]).unwrap();
-            let (before_d, before_row) = (s.clone_dtoh(&pd).unwrap(), s.clone_dtoh(&rowd).unwrap());
+            let before_d = (
+                s.clone_dtoh(&pd).unwrap(),
+                s.clone_dtoh(&rowd).unwrap(),
+                s.clone_dtoh(&cold).unwrap(),
+            );
             k.adalomo(
                 &mut pd,
                 &gd,
@@ -887,10 +923,11 @@ fn adalomo_matches_the_cpu_reference() {
                 &[sq as f32],
             );
             if lr == 0.0 {
-                assert_eq!(got, before_d, "{what}: lr 0 changed the parameter");
+                let state = (s.clone_dtoh(&rowd).unwrap(), s.clone_dtoh(&cold).unwrap());
+                assert_eq!(got, before_d.0, "{what}: lr 0 changed the parameter");
                 assert_eq!(
-                    s.clone_dtoh(&rowd).unwrap(),
-                    before_row,
+                    state,
+                    (before_d.1, before_d.2),
                     "{what}: lr 0 changed the state"
                 );
                 assert_eq!((&p, &row, &col), (&before.0, &before.1, &before.2));

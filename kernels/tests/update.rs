@@ -33,6 +33,22 @@ proptest! {
     }
 }
 
+/// LOMO's measuring pass (lr 0) writes nothing, not even where the
+/// gradient is NaN or infinite or the parameter is -0, and still returns
+/// the raw gradient's squared norm.
+#[test]
+fn sgd_update_at_lr_zero_writes_nothing() {
+    let p0 = vec![1.5f32, -0.0, 2.0, -3.0];
+    let g = vec![0.5f32, 1.0, f32::NAN, f32::INFINITY];
+    let mut p = p0.clone();
+    let sq = sgd_update(&mut p, &g, 0.0, 0.7, 0.1, 0.5);
+    assert!(sq.is_nan());
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&p), bits(&p0));
+    let sq = sgd_update(&mut p, &g[..2], 0.0, 1.0, 0.0, 0.0);
+    assert_eq!(sq, 1.25);
+}
+
 /// AdaLomo's rule in f64 for one tensor: the reference twin.
 #[allow(clippy::too_many_arguments)]
 fn adalomo_ref(

@@ -92,8 +92,10 @@ pub struct Nf4Gemm {
     dgrad: CudaFunction,
     /// `nf4_dequantize{_f32,}`, by [`DeviceElem::INDEX`].
     dequant: [CudaFunction; 2],
-    /// `nf4_gemv_{f32,bf16}`, by [`DeviceElem::INDEX`].
+    /// `nf4_gemv_{f32,bf16}` (bf16 x), by y's [`DeviceElem::INDEX`].
     gemv: [CudaFunction; 2],
+    /// `nf4_gemv_f32x`: f32 x and y (f32 compute).
+    gemv_f32x: CudaFunction,
     stream: Arc<CudaStream>,
 }
 
@@ -132,6 +134,7 @@ impl Nf4Gemm {
                 m.load_function("nf4_gemv_f32").map_err(driver)?,
                 m.load_function("nf4_gemv_bf16").map_err(driver)?,
             ],
+            gemv_f32x: m.load_function("nf4_gemv_f32x").map_err(driver)?,
             stream: gpu.stream().clone(),
         })
     }
@@ -165,17 +168,27 @@ impl Nf4Gemm {
     /// `y[m, rows] = scale·x[m, cols]·Wᵀ + beta·y` for `m` up to
     /// [`NF4_GEMV_MAX_M`] (generation's products): reads the 4-bit codes
     /// once, a warp per row of W, instead of a dequantized copy; the
-    /// weights are those [`Nf4Gemm::dequantize`] gives, the sums f32.
+    /// weights are those [`Nf4Gemm::dequantize`] gives in x's type, the
+    /// sums f32. bf16 x writes f32 or bf16 y; f32 x (f32 compute), f32 y.
     /// `beta = 0` does not read `y`.
-    pub fn gemv<T: DeviceElem>(
+    pub fn gemv<X: DeviceElem, T: DeviceElem>(
         &self,
-        x: &CudaSlice<bf16>,
+        x: &CudaSlice<X>,
         w: &DeviceNf4,
         m: usize,
         scale: f32,
         beta: f32,
         y: &mut CudaSlice<T>,
     ) -> Result<(), GpuError> {
+        let f = match (X::INDEX, T::INDEX) {
+            (0, 0) => &self.gemv_f32x,
+            (0, _) => {
+                return Err(GpuError::Shape(
+                    "nf4 gemv: f32 x writes f32 y (f32 compute), not bf16".into(),
+                ))
+            }
+            (_, o) => &self.gemv[o],
+        };
         if m > NF4_GEMV_MAX_M {
             return Err(GpuError::Shape(format!(
                 "nf4 gemv: {m} rows of x, the kernel takes up to {NF4_GEMV_MAX_M}"
@@ -191,7 +204,7 @@ impl Nf4Gemm {
             int("nf4 gemv cols", w.cols)?,
             int("nf4 gemv rows", w.rows)?,
         );
-        let mut l = self.stream.launch_builder(&self.gemv[T::INDEX]);
+        let mut l = self.stream.launch_builder(f);
         l.arg(x)
             .arg(&m_i)
             .arg(&k_i)
