@@ -517,3 +517,37 @@ fn lomo_and_adalomo_full_fine_tuning_train_and_resume_exactly() {
         CausalLm::load(&a.join("model"), graft_engine::ir::DType::F32).unwrap();
     }
 }
+
+/// Every training configuration of the embedded default has a GPU kernel
+/// for each node of its step (`trainer plan` says so; checked without a
+/// GPU): QLoRA and QDoRA in bf16 and in f32, full fine-tuning with AdamW,
+/// LOMO and AdaLomo.
+#[cfg(feature = "cuda")]
+#[test]
+fn every_training_configuration_runs_whole_on_the_gpu() {
+    let full = [
+        "adapter.method=full",
+        "model.quantize=none",
+        "model.compute_dtype=f32",
+    ];
+    let cases: Vec<Vec<&str>> = vec![
+        vec![],
+        vec!["adapter.method=dora"],
+        vec!["model.compute_dtype=f32"],
+        vec!["model.compute_dtype=f32", "adapter.method=dora"],
+        full.to_vec(),
+        [&full[..], &["train.optimizer=lomo"]].concat(),
+        [&full[..], &["train.optimizer=adalomo"]].concat(),
+    ];
+    for sets in cases {
+        let mut args = vec!["plan"];
+        for s in &sets {
+            args.extend(["--set", s]);
+        }
+        let out = ok(&trainer(&args));
+        assert!(
+            out.contains("GPU: every node of this run's plan has a kernel"),
+            "{sets:?}:\n{out}"
+        );
+    }
+}
