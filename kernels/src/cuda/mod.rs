@@ -9,6 +9,7 @@ mod dora;
 mod elementwise;
 mod embedding;
 mod ids;
+mod lora;
 mod loss;
 mod nf4;
 mod rows;
@@ -19,6 +20,7 @@ pub use dora::{DoraKernels, DORA_MAX_RANK};
 pub use elementwise::{DeviceElem, ElementwiseKernels};
 pub use embedding::EmbeddingKernels;
 pub use ids::{DeviceIds, Ids};
+pub use lora::{LoraKernels, LORA16_RANK};
 pub use loss::LossKernels;
 pub use nf4::{DeviceNf4, LoraTerm, Nf4Epilogue, Nf4Gemm, NF4_GEMV_MAX_M};
 pub use rows::RowKernels;
@@ -34,7 +36,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 /// The CUDA sources, by name. Every one is compiled in CI for [`ARCHS`].
-pub const SOURCES: [(&str, &str); 8] = [
+pub const SOURCES: [(&str, &str); 9] = [
     ("nf4_gemm", include_str!("../../cuda/nf4_gemm.cu")),
     ("rows", include_str!("../../cuda/rows.cu")),
     ("loss", include_str!("../../cuda/loss.cu")),
@@ -43,6 +45,7 @@ pub const SOURCES: [(&str, &str); 8] = [
     ("attention", include_str!("../../cuda/attention.cu")),
     ("elementwise", include_str!("../../cuda/elementwise.cu")),
     ("dora", include_str!("../../cuda/dora.cu")),
+    ("lora", include_str!("../../cuda/lora.cu")),
 ];
 
 /// Definitions every source shares, prepended before compiling.
