@@ -84,11 +84,14 @@ echo "== Llama-2-7B-shaped QLoRA step (batch 1 x 2048, r=16 all linear; with and
 .gpu-bin/gpu-step 2048 32 2 > "$out/step7b.log" 2>&1
 step_rc=$?
 cat "$out/step7b.log"
-echo "== the same step with NF4 weights dequantized ahead on a second stream (GRAFT_GPU_PREFETCH=1, an experiment): its tests, then its step"
-GRAFT_GPU_PREFETCH=1 .gpu-bin/executor-tests gpu_step the_f32_step gpu_eval --test-threads=1 --nocapture > "$out/prefetch-tests.log" 2>&1 || step_rc=$?
-grep -E "worst|test result|panicked" "$out/prefetch-tests.log"
-GRAFT_GPU_PREFETCH=1 .gpu-bin/gpu-step 2048 32 1 > "$out/step7b-prefetch.log" 2>&1 || step_rc=$?
-grep -E "tokens/s|Error" "$out/step7b-prefetch.log"
+echo "== experiments off by default: NF4 weights dequantized ahead on a second stream (GRAFT_GPU_PREFETCH=1), LoRA's rank-16 x·Aᵀ on lora.cu (GRAFT_GPU_LORA16=1): the executor's step tests with both, then the step with each and both"
+GRAFT_GPU_PREFETCH=1 GRAFT_GPU_LORA16=1 .gpu-bin/executor-tests gpu_step the_f32_step gpu_eval --test-threads=1 --nocapture > "$out/experiments-tests.log" 2>&1 || step_rc=$?
+grep -E "worst|test result|panicked" "$out/experiments-tests.log"
+for exp in "GRAFT_GPU_PREFETCH=1" "GRAFT_GPU_LORA16=1" "GRAFT_GPU_PREFETCH=1 GRAFT_GPU_LORA16=1"; do
+  echo "-- $exp"
+  env $exp .gpu-bin/gpu-step 2048 32 1 > "$out/step7b-$(echo $exp | tr ' =' '_-').log" 2>&1 || step_rc=$?
+  grep -E "tokens/s|Error" "$out/step7b-$(echo $exp | tr ' =' '_-').log"
+done
 echo "== the same step with DoRA (QDoRA), per-layer recomputation"
 .gpu-bin/gpu-step 2048 32 1 dora > "$out/step7b-dora.log" 2>&1 || step_rc=$?
 grep -E "DoRA|tokens/s" "$out/step7b-dora.log"

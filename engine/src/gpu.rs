@@ -25,8 +25,8 @@ use graft_ir::{DType, Epilogue, NodeId, Op, Source, ValueId};
 use graft_kernels::bf16;
 use graft_kernels::cuda::{
     device_addr, AttentionKernels, Borrowed, DeviceIds, DeviceNf4, DeviceSegments, DoraKernels,
-    ElementwiseKernels, EmbeddingKernels, Gpu, GpuError, Ids, LossKernels, Nf4Gemm, RowKernels,
-    UpdateKernels, ATTENTION_HEAD_DIMS, DORA_MAX_RANK, NF4_GEMV_MAX_M,
+    ElementwiseKernels, EmbeddingKernels, Gpu, GpuError, Ids, LoraKernels, LossKernels, Nf4Gemm,
+    RowKernels, UpdateKernels, ATTENTION_HEAD_DIMS, DORA_MAX_RANK, LORA16_RANK, NF4_GEMV_MAX_M,
 };
 use graft_kernels::update::AdamWStep;
 use std::cell::Cell;
@@ -123,6 +123,10 @@ pub struct GpuExecutor {
     /// environment's `GRAFT_GPU_PREFETCH=1`, read when the executor opens.
     prefetch_wanted: bool,
     prefetch: Option<Prefetch>,
+    /// LoRA's rank-16 A-side products (`x·Aᵀ`, bf16 in, f32 out) on
+    /// lora.cu's tensor-core kernel instead of cuBLAS, an experiment off by
+    /// default until measured: `GRAFT_GPU_LORA16=1` when the executor opens.
+    lora16: Option<LoraKernels>,
 }
 
 /// Dequantization ahead, an experiment off by default until it is measured
@@ -228,6 +232,10 @@ impl GpuExecutor {
     pub fn new(ordinal: usize) -> Result<GpuExecutor, EngineError> {
         let gpu = Gpu::open(ordinal).map_err(gpu_err)?;
         let blas = gpu.cublas().map_err(gpu_err)?;
+        let lora16 = match std::env::var("GRAFT_GPU_LORA16").is_ok_and(|v| v == "1") {
+            true => Some(LoraKernels::new(&gpu).map_err(gpu_err)?),
+            false => None,
+        };
         let k = Kernels {
             blas,
             nf4: Nf4Gemm::new(&gpu).map_err(gpu_err)?,
@@ -256,6 +264,7 @@ impl GpuExecutor {
             inv_freq: HashMap::new(),
             prefetch_wanted: std::env::var("GRAFT_GPU_PREFETCH").is_ok_and(|v| v == "1"),
             prefetch: None,
+            lora16,
         })
     }
 
@@ -774,6 +783,7 @@ impl GpuExecutor {
                 .flatten()
                 .map(|p| (p, order)),
             next: Cell::new(0),
+            lora16: self.lora16.as_ref(),
             chains: chain_fns,
             plan,
             feeds,
@@ -1339,6 +1349,8 @@ struct Run<'a> {
     /// order ([`dequantized_products`]), and the index of the next.
     prefetch: Option<(&'a Prefetch, Vec<(ValueId, DType)>)>,
     next: Cell<usize>,
+    /// LoRA's rank-16 A side on lora.cu's kernel (`GRAFT_GPU_LORA16=1`).
+    lora16: Option<&'a LoraKernels>,
     /// The compiled kernel of each elementwise chain of the plan.
     chains: HashMap<NodeId, CudaFunction>,
     plan: &'a Plan,
@@ -2043,7 +2055,27 @@ impl<'a> Run<'a> {
             let (sa, sb) = (g.shape(ins[2 * i]), g.shape(ins[2 * i + 1]));
             let (m, k) = if t.ta { (sa[1], sa[0]) } else { (sa[0], sa[1]) };
             let n = if t.tb { sb[0] } else { sb[1] };
-            self.gemm(a, b, c, (m, k, n), (t.ta, t.tb), t.scale, beta)?;
+            // LoRA's A side, x·Aᵀ at rank 16 into f32: the tensor-core
+            // kernel instead of cuBLAS, where asked (an experiment).
+            let lora16 = self.lora16.is_some()
+                && (!t.ta && t.tb && n == LORA16_RANK && k.is_multiple_of(8))
+                && (a.dtype, b.dtype, c.dtype) == (DType::BF16, DType::BF16, DType::F32);
+            match self.lora16 {
+                Some(kern) if lora16 => {
+                    // SAFETY: a holds m rows of k, b 16 rows of k (bf16),
+                    // c m rows of 16 (f32): the operands as cast above.
+                    let (x, w, mut y) = unsafe {
+                        (
+                            self.gpu.borrow::<bf16>(a.addr, m * k),
+                            self.gpu.borrow::<bf16>(b.addr, LORA16_RANK * k),
+                            self.gpu.borrow::<f32>(c.addr, m * LORA16_RANK),
+                        )
+                    };
+                    kern.xwt16(&x, &w, m, k, t.scale, beta, &mut y)
+                        .map_err(|e| e.to_string())?;
+                }
+                _ => self.gemm(a, b, c, (m, k, n), (t.ta, t.tb), t.scale, beta)?,
+            }
             beta = 1.0;
         }
         Ok(())
