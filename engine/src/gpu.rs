@@ -135,7 +135,8 @@ pub struct GpuExecutor {
 /// product before it runs on the main stream; events order the two (a
 /// buffer is refilled only after the product that read it has run, and a
 /// product waits for its weight). The buffers come on top of the plan's
-/// device memory (`device_bytes_needed` does not count them).
+/// device memory (`device_bytes_needed` does not count them, and scratch
+/// still keeps the room a dequantized weight takes without them).
 struct Prefetch {
     side: Arc<CudaStream>,
     bufs: [CudaSlice<u8>; 2],
@@ -143,6 +144,14 @@ struct Prefetch {
     ready: [CudaEvent; 2],
     /// Recorded on the main stream once a buffer's product has run.
     free: [CudaEvent; 2],
+}
+
+impl Drop for Prefetch {
+    /// The side stream's work done before its buffers are freed (a run
+    /// that failed midway may have left a dequantization in flight).
+    fn drop(&mut self) {
+        let _ = self.side.synchronize();
+    }
 }
 
 /// AdamW on the GPU for [`GpuExecutor::train_step`]: the same update as the
@@ -270,6 +279,23 @@ impl GpuExecutor {
 
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
+    }
+
+    /// Turns the dequantize-ahead experiment on or off (`GRAFT_GPU_PREFETCH`
+    /// sets it when the executor opens): see [`Prefetch`].
+    pub fn set_prefetch(&mut self, on: bool) {
+        self.prefetch_wanted = on;
+    }
+
+    /// Turns the LoRA rank-16 experiment on or off (`GRAFT_GPU_LORA16` sets
+    /// it when the executor opens): rank-16 `x·Aᵀ` products on lora.cu's
+    /// kernel instead of cuBLAS.
+    pub fn set_lora16(&mut self, on: bool) -> Result<(), EngineError> {
+        self.lora16 = match on {
+            true => Some(LoraKernels::new(&self.gpu).map_err(gpu_err)?),
+            false => None,
+        };
+        Ok(())
     }
 
     /// Fails unless `plan` fits in the device memory free now beside what
@@ -797,14 +823,24 @@ impl GpuExecutor {
             nf4_f32: nf4_f32_weights(g),
         };
         let t1 = Instant::now();
-        run.start_prefetch()
-            .map_err(|e| EngineError::Gpu(format!("dequantizing ahead: {e}")))?;
+        if let Err(e) = run.start_prefetch() {
+            if let Some(p) = &self.prefetch {
+                let _ = p.side.synchronize();
+            }
+            return Err(EngineError::Gpu(format!("dequantizing ahead: {e}")));
+        }
         for &n in plan.schedule() {
             let t0 = Instant::now();
-            run.node(n).map_err(|msg| EngineError::Kernel {
-                op: g.node(n).op.name(),
-                msg,
-            })?;
+            if let Err(msg) = run.node(n) {
+                // Nothing left in flight on the side stream.
+                if let Some(p) = &self.prefetch {
+                    let _ = p.side.synchronize();
+                }
+                return Err(EngineError::Kernel {
+                    op: g.node(n).op.name(),
+                    msg,
+                });
+            }
             if let Some(p) = &mut self.profile {
                 s.synchronize().map_err(drv)?;
                 p.record(g, g.node(n), t0.elapsed());
