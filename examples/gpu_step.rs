@@ -196,16 +196,13 @@ fn full_fine_tuning(
                 times.push(dt);
             }
         }
-        times.sort_by(f64::total_cmp);
-        let median = times[times.len() / 2];
-        let used = gpu.gpu().memory_in_use()?.saturating_sub(base_mem);
-        println!(
-            "{method} step (forward + backward + fused update on the device): median {:.1} ms -> {:.0} tokens/s; device memory held {:.2} GB (executor {:.2} GB)",
-            median * 1e3,
-            tokens as f64 / median,
-            used as f64 / 1e9,
-            gpu.device_bytes() as f64 / 1e9
-        );
+        report(
+            &format!("{method} step (forward + backward + fused update on the device)"),
+            &mut times,
+            tokens,
+            &gpu,
+            base_mem,
+        )?;
     }
     Ok(())
 }
@@ -243,16 +240,13 @@ fn time_steps(
             p.download * 1e3
         );
     }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
-    let used = gpu.gpu().memory_in_use()?.saturating_sub(base_mem);
-    println!(
-        "step (forward + backward, gradients to the host): median {:.1} ms -> {:.0} tokens/s; device memory held {:.2} GB (executor {:.2} GB)",
-        median * 1e3,
-        tokens as f64 / median,
-        used as f64 / 1e9,
-        gpu.device_bytes() as f64 / 1e9
-    );
+    report(
+        "step (forward + backward, gradients to the host)",
+        &mut times,
+        tokens,
+        &gpu,
+        base_mem,
+    )?;
     // The full step: AdamW on the device, the adapters resident, only the
     // loss copied back.
     let mut opt = DeviceAdamW::new(AdamWConfig::default());
@@ -264,16 +258,13 @@ fn time_steps(
         full.push(t0.elapsed().as_secs_f64());
         assert!(loss.is_finite(), "the loss is not finite");
     }
-    full.sort_by(f64::total_cmp);
-    let median = full[full.len() / 2];
-    let used = gpu.gpu().memory_in_use()?.saturating_sub(base_mem);
-    println!(
-        "full training step (forward + backward + AdamW on the device): median {:.1} ms -> {:.0} tokens/s; device memory held {:.2} GB (executor {:.2} GB)",
-        median * 1e3,
-        tokens as f64 / median,
-        used as f64 / 1e9,
-        gpu.device_bytes() as f64 / 1e9
-    );
+    report(
+        "full training step (forward + backward + AdamW on the device)",
+        &mut full,
+        tokens,
+        &gpu,
+        base_mem,
+    )?;
     gpu.profile_ops(true);
     gpu.run(plan, feeds)?;
     if let Some(p) = gpu.op_profile() {
@@ -282,5 +273,27 @@ fn time_steps(
             p.table(12)
         );
     }
+    Ok(())
+}
+
+/// Prints the median of `times` (seconds per step) as ms and tokens/s, with
+/// the device memory held beyond `base_mem` and the executor's own count.
+fn report(
+    what: &str,
+    times: &mut [f64],
+    tokens: usize,
+    gpu: &GpuExecutor,
+    base_mem: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let used = gpu.gpu().memory_in_use()?.saturating_sub(base_mem);
+    println!(
+        "{what}: median {:.1} ms -> {:.0} tokens/s; device memory held {:.2} GB (executor {:.2} GB)",
+        median * 1e3,
+        tokens as f64 / median,
+        used as f64 / 1e9,
+        gpu.device_bytes() as f64 / 1e9
+    );
     Ok(())
 }

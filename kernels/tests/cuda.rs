@@ -430,10 +430,7 @@ fn row_kernels_case<T: graft_kernels::Elem + graft_kernels::cuda::DeviceElem>(
     let s = gpu.stream();
     let mut r = Gen::new(11);
     let nan = |n: usize| nan_buf::<T>(n);
-    let ty = std::any::type_name::<T>()
-        .rsplit("::")
-        .next()
-        .unwrap_or("?");
+    let ty = type_label::<T>();
     let check = |what: String, got: &[T], want: &[T]| {
         let e = rel_l2(got, &to_f64(want));
         eprintln!("{what} {ty}: rel L2 vs CPU {e:.2e}");
@@ -1122,6 +1119,32 @@ fn f32_attention_matches_the_cpu_reference() {
     }
 }
 
+/// The element type's short name (`f32`, `bf16`), for messages.
+fn type_label<T>() -> &'static str {
+    std::any::type_name::<T>()
+        .rsplit("::")
+        .next()
+        .unwrap_or("?")
+}
+
+/// An attention shape of `tokens` rows, scaled by 1/√d.
+fn attn_shape(
+    tokens: usize,
+    heads: usize,
+    kv: usize,
+    d: usize,
+    window: Option<usize>,
+) -> graft_kernels::attention::AttnShape {
+    graft_kernels::attention::AttnShape {
+        tokens,
+        n_heads: heads,
+        n_kv_heads: kv,
+        head_dim: d,
+        scale: 1.0 / (d as f32).sqrt(),
+        window,
+    }
+}
+
 /// One shape of the attention tests on rows of `T`: random q, k, v, dout
 /// and packed segments; the GPU's forward (out, lse) and backward (dq, dk,
 /// dv from the GPU's own out and lse, as a training step does) against the
@@ -1134,24 +1157,14 @@ fn attention_case<T: graft_kernels::Elem + graft_kernels::cuda::DeviceElem>(
     (t, heads, kv, d, window, segments): (usize, usize, usize, usize, Option<usize>, usize),
     bound: f64,
 ) {
-    use graft_kernels::attention::{attention, attention_grad, AttnShape};
+    use graft_kernels::attention::{attention, attention_grad};
     use graft_kernels::cuda::DeviceSegments;
     let s = gpu.stream();
-    let ty = std::any::type_name::<T>()
-        .rsplit("::")
-        .next()
-        .unwrap_or("?");
+    let ty = type_label::<T>();
     let what = format!(
         "attention {ty} t={t} heads={heads}/{kv} d={d} window={window:?} segments={segments}"
     );
-    let shape = AttnShape {
-        tokens: t,
-        n_heads: heads,
-        n_kv_heads: kv,
-        head_dim: d,
-        scale: 1.0 / (d as f32).sqrt(),
-        window,
-    };
+    let shape = attn_shape(t, heads, kv, d, window);
     let mut seg = vec![0i32; t];
     for _ in 1..segments {
         let cut = 1 + r.below(t.max(2) - 1);
@@ -1229,23 +1242,13 @@ fn cached_attention_case<T: graft_kernels::Elem + graft_kernels::cuda::DeviceEle
     (start, n, heads, kv, d, window): (usize, usize, usize, usize, usize, Option<usize>),
     bound: f64,
 ) {
-    use graft_kernels::attention::{attention_cached, AttnShape};
+    use graft_kernels::attention::attention_cached;
     let s = gpu.stream();
-    let ty = std::any::type_name::<T>()
-        .rsplit("::")
-        .next()
-        .unwrap_or("?");
+    let ty = type_label::<T>();
     let what = format!(
         "attention_cached {ty} start={start} n={n} heads={heads}/{kv} d={d} window={window:?}"
     );
-    let shape = AttnShape {
-        tokens: n,
-        n_heads: heads,
-        n_kv_heads: kv,
-        head_dim: d,
-        scale: 1.0 / (d as f32).sqrt(),
-        window,
-    };
+    let shape = attn_shape(n, heads, kv, d, window);
     let (qn, kn, kw, cap) = (n * heads * d, n * kv * d, kv * d, start + n + 7);
     let q: Vec<T> = to_elem(&r.vec(qn, -2.0, 2.0));
     let k: Vec<T> = to_elem(&r.vec(kn, -2.0, 2.0));
