@@ -1,8 +1,7 @@
 //! The NF4 GEMM on a GPU beside cuBLAS's bf16 GEMM on the same shapes
 //! (forward and input gradient), as criterion benches, then a short table of
 //! medians, TFLOP/s and the ratio to cuBLAS; then generation's NF4 GEMV
-//! (1 and 8 rows) against dequantize + cuBLAS, LoRA's rank-16 A-side
-//! product (lora.cu, an experiment) against cuBLAS, and causal attention
+//! (1 and 8 rows) against dequantize + cuBLAS, and causal attention
 //! forward and backward at the 7B step's shape. Without a GPU it says so
 //! and exits.
 //!
@@ -18,8 +17,7 @@ mod gpu {
     use graft::kernels::attention::AttnShape;
     use graft::kernels::bf16;
     use graft::kernels::cuda::{
-        device_addr, AttentionKernels, DeviceNf4, DeviceSegments, Gpu, LoraKernels, LoraTerm,
-        Nf4Epilogue, Nf4Gemm,
+        AttentionKernels, DeviceNf4, DeviceSegments, Gpu, LoraTerm, Nf4Epilogue, Nf4Gemm,
     };
     use graft::kernels::nf4::quantize;
     use std::time::{Duration, Instant};
@@ -264,7 +262,6 @@ mod gpu {
             }
         }
         gemv_table(&gpu, &gemm, &blas);
-        lora_table(&gpu, &blas);
         attention_table(&gpu);
     }
 
@@ -298,73 +295,6 @@ mod gpu {
 
     /// Milliseconds per launch of `f`: the median of 7 batches of `n`
     /// launches, after 5 to warm up.
-    /// LoRA's A-side product `y[m, 16] = x[m, k]·Aᵀ` (bf16 x and A, f32 y)
-    /// as the executor runs it (cuBLAS's gemm_ex, f32 compute) and by
-    /// lora.cu's tensor-core kernel, timed round-robin (7 rounds of 50
-    /// launches each, medians), with the bytes of x read per second.
-    fn lora_table(gpu: &Gpu, blas: &CudaBlas) {
-        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
-        let s = gpu.stream();
-        let kern = LoraKernels::new(gpu).unwrap();
-        println!("\n| M | K | cublas gemm_ex | lora16 | GB/s of x (lora16) | cublas / lora16 |");
-        println!("|---|---|---|---|---|---|");
-        for (m, k) in [(2048, 4096), (2048, 11008), (4096, 4096), (512, 4096)] {
-            let mut rng = Rng::new((m + k) as u64);
-            let x = s.clone_htod(&random_bf16(&mut rng, m * k, 1.0)).unwrap();
-            let a = s.clone_htod(&random_bf16(&mut rng, 16 * k, 0.02)).unwrap();
-            let mut y = s.alloc_zeros::<f32>(m * 16).unwrap();
-            let (xa, aa, ya) = (device_addr(&x), device_addr(&a), device_addr(&y));
-            let cublas = || {
-                let (alpha, beta) = (1f32, 0f32);
-                // SAFETY: x [m, k], a [16, k] bf16 and y [m, 16] f32 hold
-                // the shapes given (row-major: yᵀ = a·xᵀ column-major).
-                unsafe {
-                    cudarc::cublas::result::gemm_ex(
-                        *blas.handle(),
-                        cublasOperation_t::CUBLAS_OP_T,
-                        cublasOperation_t::CUBLAS_OP_N,
-                        16,
-                        m as i32,
-                        k as i32,
-                        (&alpha as *const f32).cast(),
-                        aa as *const _,
-                        cudaDataType::CUDA_R_16BF,
-                        k as i32,
-                        xa as *const _,
-                        cudaDataType::CUDA_R_16BF,
-                        k as i32,
-                        (&beta as *const f32).cast(),
-                        ya as *mut _,
-                        cudaDataType::CUDA_R_32F,
-                        16,
-                        cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                        cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                    )
-                }
-                .unwrap()
-            };
-            let mut ours = || kern.xwt16(&x, &a, m, k, 1.0, 0.0, &mut y).unwrap();
-            timed(gpu, 5, cublas);
-            timed(gpu, 5, &mut ours);
-            let mut rounds: Vec<(f64, f64)> = (0..7)
-                .map(|_| {
-                    let c = timed(gpu, 50, cublas).as_secs_f64() * 1e3 / 50.0;
-                    let o = timed(gpu, 50, &mut ours).as_secs_f64() * 1e3 / 50.0;
-                    (c, o)
-                })
-                .collect();
-            rounds.sort_by(|p, q| (p.0 / p.1).total_cmp(&(q.0 / q.1)));
-            let (c, o) = rounds[3];
-            let gbs = (m * k * 2) as f64 / (o * 1e-3) / 1e9;
-            println!(
-                "| {m} | {k} | {:.1} µs | {:.1} µs | {gbs:.0} | {:.2} |",
-                c * 1e3,
-                o * 1e3,
-                c / o
-            );
-        }
-    }
-
     fn median_ms(gpu: &Gpu, n: u64, mut f: impl FnMut()) -> f64 {
         timed(gpu, 5, &mut f);
         let mut runs: Vec<f64> = (0..7)

@@ -20,19 +20,17 @@ use crate::tensor::Tensor;
 use crate::EngineError;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaEvent, CudaFunction, CudaSlice, CudaStream, PinnedHostSlice};
+use cudarc::driver::{CudaFunction, CudaSlice, PinnedHostSlice};
 use graft_ir::{DType, Epilogue, NodeId, Op, Source, ValueId};
 use graft_kernels::bf16;
 use graft_kernels::cuda::{
     device_addr, AttentionKernels, Borrowed, DeviceIds, DeviceNf4, DeviceSegments, DoraKernels,
-    ElementwiseKernels, EmbeddingKernels, Gpu, GpuError, Ids, LoraKernels, LossKernels, Nf4Gemm,
-    RowKernels, UpdateKernels, ATTENTION_HEAD_DIMS, DORA_MAX_RANK, LORA16_RANK, NF4_GEMV_MAX_M,
+    ElementwiseKernels, EmbeddingKernels, Gpu, GpuError, Ids, LossKernels, Nf4Gemm, RowKernels,
+    UpdateKernels, ATTENTION_HEAD_DIMS, DORA_MAX_RANK, NF4_GEMV_MAX_M,
 };
 use graft_kernels::update::AdamWStep;
-use std::cell::Cell;
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::time::Instant;
 
 /// Scratch ranges are carved at this alignment (cuBLAS and the kernels'
@@ -119,39 +117,6 @@ pub struct GpuExecutor {
     grouped_ids: HashMap<String, (u64, DeviceIds)>,
     /// RoPE's inverse frequencies, by their bits.
     inv_freq: HashMap<Vec<u32>, CudaSlice<f32>>,
-    /// Whether NF4 weights are dequantized ahead ([`Prefetch`]): the
-    /// environment's `GRAFT_GPU_PREFETCH=1`, read when the executor opens.
-    prefetch_wanted: bool,
-    prefetch: Option<Prefetch>,
-    /// LoRA's rank-16 A-side products (`x·Aᵀ`, bf16 in, f32 out) on
-    /// lora.cu's tensor-core kernel instead of cuBLAS, an experiment off by
-    /// default until measured: `GRAFT_GPU_LORA16=1` when the executor opens.
-    lora16: Option<LoraKernels>,
-}
-
-/// Dequantization ahead, an experiment off by default until it is measured
-/// on a GPU (`GRAFT_GPU_PREFETCH=1`): each NF4 product's weight is
-/// dequantized on a second stream, into one of two buffers, while the
-/// product before it runs on the main stream; events order the two (a
-/// buffer is refilled only after the product that read it has run, and a
-/// product waits for its weight). The buffers come on top of the plan's
-/// device memory (`device_bytes_needed` does not count them, and scratch
-/// still keeps the room a dequantized weight takes without them).
-struct Prefetch {
-    side: Arc<CudaStream>,
-    bufs: [CudaSlice<u8>; 2],
-    /// Recorded on the side stream once a buffer holds its weight.
-    ready: [CudaEvent; 2],
-    /// Recorded on the main stream once a buffer's product has run.
-    free: [CudaEvent; 2],
-}
-
-impl Drop for Prefetch {
-    /// The side stream's work done before its buffers are freed (a run
-    /// that failed midway may have left a dequantization in flight).
-    fn drop(&mut self) {
-        let _ = self.side.synchronize();
-    }
 }
 
 /// AdamW on the GPU for [`GpuExecutor::train_step`]: the same update as the
@@ -241,10 +206,6 @@ impl GpuExecutor {
     pub fn new(ordinal: usize) -> Result<GpuExecutor, EngineError> {
         let gpu = Gpu::open(ordinal).map_err(gpu_err)?;
         let blas = gpu.cublas().map_err(gpu_err)?;
-        let lora16 = match std::env::var("GRAFT_GPU_LORA16").is_ok_and(|v| v == "1") {
-            true => Some(LoraKernels::new(&gpu).map_err(gpu_err)?),
-            false => None,
-        };
         let k = Kernels {
             blas,
             nf4: Nf4Gemm::new(&gpu).map_err(gpu_err)?,
@@ -271,31 +232,11 @@ impl GpuExecutor {
             segments: HashMap::new(),
             grouped_ids: HashMap::new(),
             inv_freq: HashMap::new(),
-            prefetch_wanted: std::env::var("GRAFT_GPU_PREFETCH").is_ok_and(|v| v == "1"),
-            prefetch: None,
-            lora16,
         })
     }
 
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
-    }
-
-    /// Turns the dequantize-ahead experiment on or off (`GRAFT_GPU_PREFETCH`
-    /// sets it when the executor opens): see [`Prefetch`].
-    pub fn set_prefetch(&mut self, on: bool) {
-        self.prefetch_wanted = on;
-    }
-
-    /// Turns the LoRA rank-16 experiment on or off (`GRAFT_GPU_LORA16` sets
-    /// it when the executor opens): rank-16 `x·Aᵀ` products on lora.cu's
-    /// kernel instead of cuBLAS.
-    pub fn set_lora16(&mut self, on: bool) -> Result<(), EngineError> {
-        self.lora16 = match on {
-            true => Some(LoraKernels::new(&self.gpu).map_err(gpu_err)?),
-            false => None,
-        };
-        Ok(())
     }
 
     /// Fails unless `plan` fits in the device memory free now beside what
@@ -763,53 +704,9 @@ impl GpuExecutor {
                 _ => {}
             }
         }
-        // The NF4 products that dequantize, in the order they run, when
-        // dequantizing ahead; buffers for the largest.
-        let order = match self.prefetch_wanted {
-            true => dequantized_products(plan),
-            false => Vec::new(),
-        };
-        if !order.is_empty() {
-            let need = order
-                .iter()
-                .map(|&(w, c)| g.ty(w).numel() * c.bytes(1))
-                .max()
-                .unwrap_or(1)
-                .max(1);
-            if self
-                .prefetch
-                .as_ref()
-                .is_none_or(|p| p.bufs[0].len() < need)
-            {
-                self.prefetch = None;
-                let ctx = s.context();
-                let event = || {
-                    ctx.new_event(Some(
-                        cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING,
-                    ))
-                    .map_err(drv)
-                };
-                let buf = || {
-                    s.alloc_zeros::<u8>(need)
-                        .map_err(|e| oom("a dequantized weight ahead", need, e))
-                };
-                self.prefetch = Some(Prefetch {
-                    side: s.fork().map_err(drv)?,
-                    bufs: [buf()?, buf()?],
-                    ready: [event()?, event()?],
-                    free: [event()?, event()?],
-                });
-            }
-        }
         let run = Run {
             gpu: &self.gpu,
             k: &self.k,
-            prefetch: (!order.is_empty())
-                .then_some(self.prefetch.as_ref())
-                .flatten()
-                .map(|p| (p, order)),
-            next: Cell::new(0),
-            lora16: self.lora16.as_ref(),
             chains: chain_fns,
             plan,
             feeds,
@@ -823,19 +720,9 @@ impl GpuExecutor {
             nf4_f32: nf4_f32_weights(g),
         };
         let t1 = Instant::now();
-        if let Err(e) = run.start_prefetch() {
-            if let Some(p) = &self.prefetch {
-                let _ = p.side.synchronize();
-            }
-            return Err(EngineError::Gpu(format!("dequantizing ahead: {e}")));
-        }
         for &n in plan.schedule() {
             let t0 = Instant::now();
             if let Err(msg) = run.node(n) {
-                // Nothing left in flight on the side stream.
-                if let Some(p) = &self.prefetch {
-                    let _ = p.side.synchronize();
-                }
                 return Err(EngineError::Kernel {
                     op: g.node(n).op.name(),
                     msg,
@@ -1256,31 +1143,6 @@ fn uses_gemv(g: &graft_ir::Graph, y: ValueId, tb: bool) -> bool {
     tb && g.shape(y)[0] <= NF4_GEMV_MAX_M
 }
 
-/// The NF4 products of `plan` that dequantize their weight, as (weight,
-/// compute type) in the order the executor runs them: schedule order, and
-/// within a group its NF4 terms in order (after its dense ones).
-fn dequantized_products(plan: &Plan) -> Vec<(ValueId, DType)> {
-    let g = plan.graph();
-    let mut out = Vec::new();
-    for &n in plan.schedule() {
-        let node = g.node(n);
-        match &node.op {
-            Op::Nf4MatMul { tb, .. } if !uses_gemv(g, node.outputs[0], *tb) => {
-                out.push((node.inputs[1], g.dtype(node.inputs[0])));
-            }
-            Op::MatMulSum { terms, .. } => {
-                for (i, t) in terms.iter().enumerate() {
-                    if t.nf4 && !uses_gemv(g, node.outputs[0], t.tb) {
-                        out.push((node.inputs[2 * i + 1], g.dtype(node.inputs[2 * i])));
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    out
-}
-
 /// The NF4 weights a product of the graph multiplies under f32 compute:
 /// DoRA's norm dequantizes these to f32 (as the CPU's norm always widens
 /// them), the others to bf16 (half the scratch, the bf16 products' weights).
@@ -1381,12 +1243,6 @@ fn scratch_bytes(plan: &Plan) -> usize {
 struct Run<'a> {
     gpu: &'a Gpu,
     k: &'a Kernels,
-    /// Dequantization ahead, with the plan's dequantized NF4 products in
-    /// order ([`dequantized_products`]), and the index of the next.
-    prefetch: Option<(&'a Prefetch, Vec<(ValueId, DType)>)>,
-    next: Cell<usize>,
-    /// LoRA's rank-16 A side on lora.cu's kernel (`GRAFT_GPU_LORA16=1`).
-    lora16: Option<&'a LoraKernels>,
     /// The compiled kernel of each elementwise chain of the plan.
     chains: HashMap<NodeId, CudaFunction>,
     plan: &'a Plan,
@@ -2091,27 +1947,7 @@ impl<'a> Run<'a> {
             let (sa, sb) = (g.shape(ins[2 * i]), g.shape(ins[2 * i + 1]));
             let (m, k) = if t.ta { (sa[1], sa[0]) } else { (sa[0], sa[1]) };
             let n = if t.tb { sb[0] } else { sb[1] };
-            // LoRA's A side, x·Aᵀ at rank 16 into f32: the tensor-core
-            // kernel instead of cuBLAS, where asked (an experiment).
-            let lora16 = self.lora16.is_some()
-                && (!t.ta && t.tb && n == LORA16_RANK && k.is_multiple_of(8))
-                && (a.dtype, b.dtype, c.dtype) == (DType::BF16, DType::BF16, DType::F32);
-            match self.lora16 {
-                Some(kern) if lora16 => {
-                    // SAFETY: a holds m rows of k, b 16 rows of k (bf16),
-                    // c m rows of 16 (f32): the operands as cast above.
-                    let (x, w, mut y) = unsafe {
-                        (
-                            self.gpu.borrow::<bf16>(a.addr, m * k),
-                            self.gpu.borrow::<bf16>(b.addr, LORA16_RANK * k),
-                            self.gpu.borrow::<f32>(c.addr, m * LORA16_RANK),
-                        )
-                    };
-                    kern.xwt16(&x, &w, m, k, t.scale, beta, &mut y)
-                        .map_err(|e| e.to_string())?;
-                }
-                _ => self.gemm(a, b, c, (m, k, n), (t.ta, t.tb), t.scale, beta)?,
-            }
+            self.gemm(a, b, c, (m, k, n), (t.ta, t.tb), t.scale, beta)?;
             beta = 1.0;
         }
         Ok(())
@@ -2128,7 +1964,6 @@ impl<'a> Run<'a> {
         scale: f32,
         beta: f32,
     ) -> Result<(), String> {
-        let w_id = w;
         let w = self.nf4(w)?;
         let m = self.graph().shape(y)[0];
         let compute = self.graph().dtype(x);
@@ -2152,79 +1987,16 @@ impl<'a> Run<'a> {
             (w.rows, w.cols)
         };
         let (product, x, y) = ((m, inner, width), self.mat(x)?, self.mat(y)?);
-        let Some((p, order)) = &self.prefetch else {
-            by_float!(compute, T => self
-                .k
-                .nf4
-                .dequantize(w, &mut *self.scratch::<T>(0, w.rows * w.cols)?))
-            .map_err(|e| e.to_string())?;
-            let b = Mat {
-                addr: self.scratch,
-                dtype: compute,
-            };
-            return self.gemm(x, b, y, product, (false, tb), scale, beta);
-        };
-        let i = self.next.get();
-        self.next.set(i + 1);
-        if order.get(i).map(|o| o.0) != Some(w_id) {
-            return Err(format!(
-                "dequantizing ahead: NF4 product {i} out of step with the plan's order"
-            ));
-        }
-        // The next weight into the other buffer, once the product that read
-        // it last has run; this one's, once it is ready.
-        if let Some(&next) = order.get(i + 1) {
-            let b = (i + 1) % 2;
-            p.side.wait(&p.free[b]).map_err(|e| e.to_string())?;
-            self.dequantize_ahead(p, b, next)?;
-        }
-        let b = i % 2;
-        let s = self.gpu.stream();
-        s.wait(&p.ready[b]).map_err(|e| e.to_string())?;
-        let wm = Mat {
-            addr: device_addr(&p.bufs[b]),
+        by_float!(compute, T => self
+            .k
+            .nf4
+            .dequantize(w, &mut *self.scratch::<T>(0, w.rows * w.cols)?))
+        .map_err(|e| e.to_string())?;
+        let b = Mat {
+            addr: self.scratch,
             dtype: compute,
         };
-        self.gemm(x, wm, y, product, (false, tb), scale, beta)?;
-        p.free[b].record(s).map_err(|e| e.to_string())
-    }
-
-    /// Before the first node: the buffers free once the main stream's work
-    /// so far has run, and the first dequantized product's weight started.
-    fn start_prefetch(&self) -> Result<(), String> {
-        let Some((p, order)) = &self.prefetch else {
-            return Ok(());
-        };
-        let s = self.gpu.stream();
-        for e in &p.free {
-            e.record(s).map_err(|e| e.to_string())?;
-        }
-        p.side.wait(&p.free[0]).map_err(|e| e.to_string())?;
-        self.dequantize_ahead(p, 0, order[0])
-    }
-
-    /// Weight `w` dequantized to `compute` into buffer `b` on the side
-    /// stream, then `ready[b]` recorded there.
-    fn dequantize_ahead(
-        &self,
-        p: &Prefetch,
-        b: usize,
-        (w, compute): (ValueId, DType),
-    ) -> Result<(), String> {
-        let w = self.nf4(w)?;
-        let n = w.rows * w.cols;
-        if n * compute.bytes(1) > p.bufs[b].len() {
-            return Err(format!(
-                "a weight of {n} values past its buffer (a sizing bug)"
-            ));
-        }
-        // SAFETY: inside the buffer (checked above), which outlives the run.
-        by_float!(compute, T => {
-            let mut out = unsafe { self.gpu.borrow::<T>(device_addr(&p.bufs[b]), n) };
-            self.k.nf4.dequantize_on(&p.side, w, &mut out)
-        })
-        .map_err(|e| e.to_string())?;
-        p.ready[b].record(&p.side).map_err(|e| e.to_string())
+        self.gemm(x, b, y, product, (false, tb), scale, beta)
     }
 
     /// The loss and `dh` (for dloss = 1) of `softmax(h·Wᵀ)` against the

@@ -149,20 +149,22 @@ pub fn adalomo_update(
     let mut u = vec![0f32; p.len()];
     if factored {
         let (rows, cols) = (row.len(), col.len());
-        let mut col_mean = vec![0f32; cols];
+        // Means summed in f64, as the GPU's do: an f32 sum over a 4096-wide
+        // row drifts ~1e-5 with the order of the additions.
+        let mut col_sum = vec![0f64; cols];
         for (r, gr) in g.chunks(cols).enumerate() {
-            let mut s = 0f32;
+            let mut s = 0f64;
             for (c, &x) in gr.iter().enumerate() {
-                let v = x * x + h.eps1;
+                let v = (x * x + h.eps1) as f64;
                 s += v;
-                col_mean[c] += v;
+                col_sum[c] += v;
             }
-            row[r] = row[r] * beta + (s / cols as f32) * (1.0 - beta);
+            row[r] = row[r] * beta + ((s / cols as f64) as f32) * (1.0 - beta);
         }
-        for (c, m) in col.iter_mut().zip(&col_mean) {
-            *c = *c * beta + (m / rows as f32) * (1.0 - beta);
+        for (c, s) in col.iter_mut().zip(&col_sum) {
+            *c = *c * beta + ((s / rows as f64) as f32) * (1.0 - beta);
         }
-        let row_mean = row.iter().sum::<f32>() / rows as f32;
+        let row_mean = (row.iter().map(|&v| v as f64).sum::<f64>() / rows as f64) as f32;
         for (r, (ur, gr)) in u.chunks_mut(cols).zip(g.chunks(cols)).enumerate() {
             let rf = 1.0 / (row[r] / row_mean).sqrt();
             for ((u, &x), &c) in ur.iter_mut().zip(gr).zip(col.iter()) {

@@ -9,7 +9,6 @@ mod dora;
 mod elementwise;
 mod embedding;
 mod ids;
-mod lora;
 mod loss;
 mod nf4;
 mod rows;
@@ -20,7 +19,6 @@ pub use dora::{DoraKernels, DORA_MAX_RANK};
 pub use elementwise::{DeviceElem, ElementwiseKernels};
 pub use embedding::EmbeddingKernels;
 pub use ids::{DeviceIds, Ids};
-pub use lora::{LoraKernels, LORA16_RANK};
 pub use loss::LossKernels;
 pub use nf4::{DeviceNf4, LoraTerm, Nf4Epilogue, Nf4Gemm, NF4_GEMV_MAX_M};
 pub use rows::RowKernels;
@@ -36,7 +34,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 /// The CUDA sources, by name. Every one is compiled in CI for [`ARCHS`].
-pub const SOURCES: [(&str, &str); 9] = [
+pub const SOURCES: [(&str, &str); 8] = [
     ("nf4_gemm", include_str!("../../cuda/nf4_gemm.cu")),
     ("rows", include_str!("../../cuda/rows.cu")),
     ("loss", include_str!("../../cuda/loss.cu")),
@@ -45,7 +43,6 @@ pub const SOURCES: [(&str, &str); 9] = [
     ("attention", include_str!("../../cuda/attention.cu")),
     ("elementwise", include_str!("../../cuda/elementwise.cu")),
     ("dora", include_str!("../../cuda/dora.cu")),
-    ("lora", include_str!("../../cuda/lora.cu")),
 ];
 
 /// Definitions every source shares, prepended before compiling.

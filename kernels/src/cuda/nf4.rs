@@ -147,22 +147,11 @@ impl Nf4Gemm {
         w: &DeviceNf4,
         out: &mut CudaSlice<T>,
     ) -> Result<(), GpuError> {
-        self.dequantize_on(&self.stream, w, out)
-    }
-
-    /// [`Self::dequantize`] on `stream` (another stream of this GPU's
-    /// context: the caller orders it against the others' work).
-    pub fn dequantize_on<T: DeviceElem>(
-        &self,
-        stream: &CudaStream,
-        w: &DeviceNf4,
-        out: &mut CudaSlice<T>,
-    ) -> Result<(), GpuError> {
         let n = w.rows * w.cols;
         check("nf4 dequantize out", out.len(), n)?;
         // `upload` took whole 64-blocks: n is a multiple of 8.
         let n8 = (n / 8) as i64;
-        let mut l = stream.launch_builder(&self.dequant[T::INDEX]);
+        let mut l = self.stream.launch_builder(&self.dequant[T::INDEX]);
         l.arg(&w.packed)
             .arg(&w.absmax)
             .arg(&w.nested_scales)
