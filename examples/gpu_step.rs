@@ -270,7 +270,7 @@ fn time_steps(
     if let Some(p) = gpu.op_profile() {
         println!(
             "time per op kind of one profiled step (each node waited for):\n{}",
-            p.table(12)
+            p.table(40)
         );
     }
     Ok(())

@@ -363,3 +363,49 @@ fn lora_linear_is_the_two_products_summed() {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(config(16))]
+
+    /// Few columns from many rows of a transposed `a` (LoRA's `dB =
+    /// 2·dyᵀ·(x·Aᵀ)`) run as the transposed product: bit for bit the sums
+    /// of the direct product, which an addend of zeros (exact: `0 + s = s`)
+    /// keeps on the direct path. bf16 `a` (dy) with an f32 or bf16 `b`, a
+    /// power-of-two scale or another, one or two terms.
+    #[test]
+    fn narrow_products_of_transposed_a_are_the_direct_sums(
+        n in 1usize..=16,
+        rows in 4usize..=40,
+        k in 1usize..=300,
+        b_bf16: bool,
+        scale in prop::sample::select(vec![1.0f32, 2.0, 0.3]),
+        two: bool,
+        seed: u64,
+    ) {
+        let m = n * rows;
+        let mut r = Gen::new(seed);
+        let a: Vec<bf16> = (0..k * m).map(|_| bf16::from_f32(r.uniform(-1.0, 1.0))).collect();
+        let b: Vec<f32> = (0..k * n).map(|_| r.uniform(-1.0, 1.0)).collect();
+        let b16: Vec<bf16> = b.iter().map(|&v| bf16::from_f32(v)).collect();
+        let term = Term {
+            a: Operand::Bf16(&a),
+            b: if b_bf16 { Operand::Bf16(&b16) } else { Operand::F32(&b) },
+            k,
+            ta: true,
+            tb: false,
+            scale,
+        };
+        let terms = if two { vec![term, Term { scale: 0.5, ..term }] } else { vec![term] };
+        let zeros = vec![0f32; m * n];
+        for path in Path::ALL.into_iter().filter(|p| p.is_supported()) {
+            for bf16_compute in [false, true] {
+                let (mut got, mut want) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+                gemm_sum_on(path, &terms, None, None, &mut got, (m, n), bf16_compute);
+                let init = Some(Operand::F32(&zeros));
+                gemm_sum_on(path, &terms, init, None, &mut want, (m, n), bf16_compute);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                prop_assert_eq!(bits(&got), bits(&want), "{} bf16 {}", path.name(), bf16_compute);
+            }
+        }
+    }
+}
