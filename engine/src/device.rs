@@ -97,9 +97,7 @@ impl Executor {
     }
 
     /// Under [`Device::Gpu`], fails unless the GPU runs `plan` whole, naming
-    /// the first node it cannot run; and wherever the GPU would run `plan`,
-    /// fails unless it fits in the GPU's free memory (checked before a run
-    /// starts, not at its first step).
+    /// the first node it cannot run.
     pub fn require_gpu(&self, plan: &Plan) -> Result<(), EngineError> {
         #[cfg(feature = "cuda")]
         if self.device == Device::Gpu {
@@ -111,15 +109,30 @@ impl Executor {
                 )));
             }
         }
-        // Whatever the device setting: a plan the GPU would take must fit.
+        let _ = plan;
+        Ok(())
+    }
+
+    /// Fails unless `plan` fits where it would run: in the GPU's free
+    /// memory, or its arena in the host's available memory. Checked before
+    /// a run starts, so a step too large is one clear error, not an
+    /// allocation failure (or the OOM killer) at its first step.
+    pub fn check_fits(&self, plan: &Plan) -> Result<(), EngineError> {
         #[cfg(feature = "cuda")]
         if let Some(g) = &self.gpu {
             if crate::gpu::gpu_unsupported(plan).is_empty() {
-                g.check_fits(plan)?;
+                return g.check_fits(plan);
             }
         }
-        let _ = plan;
-        Ok(())
+        let need = plan.peak_bytes();
+        match host_available_bytes() {
+            Some(have) if need > have => Err(EngineError::Memory(format!(
+                "the plan needs {:.2} GB for its activations (its arena) and this machine has {:.2} GB available",
+                need as f64 / 1e9,
+                have as f64 / 1e9
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Runs `plan` on the GPU if this executor has one and it runs the plan
@@ -162,4 +175,13 @@ impl Executor {
         }
         self.cpu.op_profile()
     }
+}
+
+/// The memory the kernel says new allocations can take without swapping
+/// (Linux's `MemAvailable`); `None` where it does not say.
+fn host_available_bytes() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }

@@ -127,7 +127,15 @@ impl CpuExecutor {
         // only when they are.
         let words = plan.peak_bytes().div_ceil(8) + 8;
         if self.arena.len() < words {
-            self.arena = vec![0u64; words];
+            // An arena too large for the machine is an error, not an abort.
+            self.arena = Vec::new();
+            self.arena.try_reserve_exact(words).map_err(|_| {
+                EngineError::Memory(format!(
+                    "the plan's arena of {:.2} GB could not be allocated",
+                    plan.peak_bytes() as f64 / 1e9
+                ))
+            })?;
+            self.arena.resize(words, 0);
         }
         let base = self.arena.as_mut_ptr() as *mut u8;
         let base = base.wrapping_add(base.align_offset(64));

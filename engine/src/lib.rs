@@ -78,4 +78,6 @@ pub enum EngineError {
     Kernel { op: &'static str, msg: String },
     #[error("GPU: {0}")]
     Gpu(String),
+    #[error("memory: {0}")]
+    Memory(String),
 }

@@ -487,3 +487,38 @@ fn the_op_profile_counts_every_node_of_every_run_by_kind() {
     exec.profile_ops(false);
     assert!(exec.op_profile().is_none());
 }
+
+/// A plan whose arena no machine has (an embedding of 2^20 ids into rows
+/// of 2^19 f32: 2 TB) is refused by `check_fits` before it runs, and a run
+/// of it anyway is an error, not an allocation abort. (The run is skipped
+/// where the kernel overcommits memory without limit: the allocation
+/// could then succeed and be killed when touched.)
+#[test]
+fn a_plan_larger_than_the_machine_is_an_error() {
+    use graft_engine::{Device, Executor};
+    let (n, dim) = (1 << 20, 1 << 19);
+    let mut g = Graph::new();
+    let ids = g.input("ids", &[n], DType::I32);
+    let table = g.param("table", &[2, dim], DType::F32, false);
+    let rows = g.embedding(table, ids).unwrap();
+    let plan = compile(g, &[rows]).unwrap();
+    assert!(plan.peak_bytes() >= n * dim * 4);
+    match Executor::new(Device::Cpu).unwrap().check_fits(&plan) {
+        Err(EngineError::Memory(m)) => assert!(m.contains("GB available"), "{m}"),
+        other => panic!("expected a memory error, got {other:?}"),
+    }
+    if std::fs::read_to_string("/proc/sys/vm/overcommit_memory").is_ok_and(|m| m.trim() == "1") {
+        eprintln!("memory overcommitted without limit here: the run is skipped");
+        return;
+    }
+    let (ids_t, table_t) = (
+        Tensor::from_i32(&[n], &vec![1; n]).unwrap(),
+        Tensor::from_f32(&[2, dim], &vec![0.5; 2 * dim]).unwrap(),
+    );
+    let mut feeds = Feeds::new();
+    feeds.bind(ids, &ids_t).bind(table, &table_t);
+    match CpuExecutor::new().run(&plan, &feeds) {
+        Err(EngineError::Memory(m)) => assert!(m.contains("could not be allocated"), "{m}"),
+        other => panic!("expected a memory error, got {:?}", other.map(|o| o.len())),
+    }
+}

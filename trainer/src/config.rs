@@ -331,6 +331,9 @@ impl Config {
                 msg: format!("key `{key}` {msg}"),
             })
         };
+        if self.output.dir.as_os_str().is_empty() {
+            return err("output.dir", "must name a directory");
+        }
         if self.adapter.r == 0 {
             return err("adapter.r", "must be positive");
         }
@@ -389,10 +392,25 @@ impl Config {
                 );
             }
         }
-        if self.train.max_grad_value < 0.0 || self.train.max_grad_norm < 0.0 {
+        // `!(x >= 0)` also refuses NaN, which every comparison lets through.
+        for (key, v) in [
+            ("train.max_grad_norm", self.train.max_grad_norm),
+            ("train.max_grad_value", self.train.max_grad_value),
+            ("train.weight_decay", self.train.weight_decay),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return err(key, "must be a finite number, at least 0 (0: off)");
+            }
+        }
+        if !(self.train.adam_epsilon > 0.0 && self.train.adam_epsilon.is_finite()) {
+            return err("train.adam_epsilon", "must be a positive number");
+        }
+        if self.adapter.method != Method::Full
+            && !(self.adapter.alpha > 0.0 && self.adapter.alpha.is_finite())
+        {
             return err(
-                "train.max_grad_norm",
-                "and train.max_grad_value must be at least 0",
+                "adapter.alpha",
+                "must be a positive number (the adapter's scale is alpha / r; 0 would train nothing)",
             );
         }
         if self.adapter.method == Method::Full {

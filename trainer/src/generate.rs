@@ -94,8 +94,10 @@ impl<'a> Generator<'a> {
             let mut outs = vec![rec.logits];
             outs.extend(cache.layers.iter().flat_map(|l| [l[2], l[3]]));
             let plan = compile(rec.graph.clone(), &outs)?;
-            // Under `--device gpu`, a plan the GPU cannot run is an error.
+            // Under `--device gpu`, a plan the GPU cannot run is an error;
+            // one too large for the memory where it runs, anywhere.
             self.exec.require_gpu(&plan)?;
+            self.exec.check_fits(&plan)?;
             self.plans.insert(n, (rec, plan));
         }
         Ok(())

@@ -135,4 +135,19 @@ fn wrong_types_and_values_name_the_key() {
         e.contains("`train.device`") && e.contains("cpu, gpu or auto"),
         "{e}"
     );
+    // NaN passes every comparison: each of these is refused by name.
+    for (set, key) in [
+        ("train.max_grad_norm=nan", "`train.max_grad_norm`"),
+        ("train.max_grad_value=-1", "`train.max_grad_value`"),
+        ("train.weight_decay=nan", "`train.weight_decay`"),
+        ("train.weight_decay=-0.1", "`train.weight_decay`"),
+        ("train.adam_epsilon=0", "`train.adam_epsilon`"),
+        ("train.adam_epsilon=inf", "`train.adam_epsilon`"),
+        ("adapter.alpha=0", "`adapter.alpha`"),
+        ("adapter.alpha=nan", "`adapter.alpha`"),
+        ("output.dir=", "`output.dir`"),
+    ] {
+        let e = err(None, &[set]);
+        assert!(e.contains(key), "{set}: {e}");
+    }
 }

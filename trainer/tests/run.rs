@@ -338,6 +338,59 @@ fn bad_input_is_one_clear_error() {
     }
 }
 
+/// What could make a run or a resume silently wrong is refused, one line
+/// naming it: a directory holding a finished run's output (its checkpoints
+/// deleted), a template whose tokens the tokenizer lacks, a resume on data
+/// that changed, a resume past the run's steps, a checkpoint holding NaN.
+#[test]
+fn runs_and_resumes_refuse_what_would_be_silently_wrong() {
+    let one_line = |o: &Output, want: &str| {
+        let e = err(o);
+        assert!(e.contains(want), "want {want:?}: {e}");
+        assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
+    };
+    let done = tmp("guard-done");
+    std::fs::create_dir_all(&done).unwrap();
+    std::fs::write(done.join("metrics.jsonl"), "{}\n").unwrap();
+    one_line(&run_cli(&done, &[], &[]), "already holds a run's output");
+    let o = run_cli(&tmp("guard-template"), &["data.template=\"llama-3\""], &[]);
+    one_line(&o, "`<|begin_of_text|>`");
+
+    // A stopped run on its own copy of the default's data.
+    let data = tmp("guard-data.jsonl");
+    let full = std::fs::read_to_string(
+        graft_trainer::embedded::data_dir()
+            .unwrap()
+            .join("train.jsonl"),
+    )
+    .unwrap();
+    std::fs::write(&data, &full).unwrap();
+    let out = tmp("guard-resume");
+    let train = format!("data.train={}", data.display());
+    let extra = [train.as_str(), "output.save_steps=2"];
+    err(&run_cli(&out, &extra, &["--stop-after", "3"]));
+    let half: String = full.lines().take(100).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&data, half).unwrap();
+    one_line(&run_cli(&out, &extra, &["--resume"]), "other training data");
+    std::fs::write(&data, &full).unwrap();
+    let fewer = [train.as_str(), "output.save_steps=2", "train.max_steps=1"];
+    one_line(
+        &run_cli(&out, &fewer, &["--resume"]),
+        "past this run's 1 steps",
+    );
+    // NaN over every value of the checkpoint's adapter (past the
+    // safetensors header).
+    let file = out.join("checkpoint-2/adapter_model.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    bytes[8 + header..].fill(0xff);
+    std::fs::write(&file, bytes).unwrap();
+    one_line(
+        &run_cli(&out, &extra, &["--resume"]),
+        "the checkpoint is damaged",
+    );
+}
+
 /// The other subcommands on a freshly trained adapter: eval, generate,
 /// merge; and `--help` carrying every configuration key.
 #[test]

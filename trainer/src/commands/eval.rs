@@ -29,6 +29,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
     let eval = EvalPlan::new(&s, &data.docs)?;
     let mut exec = Executor::new(s.cfg.train.device)?;
     exec.require_gpu(eval.plan())?;
+    exec.check_fits(eval.plan())?;
     println!("device: {}", exec.placement(eval.plan()));
     let loss = eval.loss(&s, &mut exec)?;
     println!("eval loss {loss:.4}");

@@ -48,9 +48,14 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<(), CliError> {
-    if !(args.top_p > 0.0 && args.top_p <= 1.0) || args.temperature < 0.0 {
+    // Written so that NaN fails both.
+    let sane = args.top_p > 0.0
+        && args.top_p <= 1.0
+        && args.temperature >= 0.0
+        && args.temperature.is_finite();
+    if !sane {
         return Err(CliError::Usage(
-            "--top-p must be in (0, 1] and --temperature at least 0".into(),
+            "--top-p must be in (0, 1] and --temperature a finite number, at least 0".into(),
         ));
     }
     let dir = match args.model {

@@ -43,6 +43,23 @@ pub struct Prepared {
 
 impl Prepared {
     /// One line for the log: what was read and what fitting did.
+    /// A fingerprint of the examples as trained (their tokens and labels,
+    /// in file order; FNV-1a): a resumed run's data position means the same
+    /// examples only while this is unchanged.
+    pub fn digest(&self) -> String {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |x: i32| {
+            for b in x.to_le_bytes() {
+                h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        for d in &self.docs {
+            eat(d.ids.len() as i32);
+            d.ids.iter().chain(&d.labels).for_each(|&x| eat(x));
+        }
+        format!("{h:016x}")
+    }
+
     pub fn summary(&self) -> String {
         format!(
             "{} examples ({} truncated, {} dropped as longer than max_seq_len, {} without a trained token)",

@@ -19,13 +19,40 @@ impl Template {
     pub const NAMES: [&'static str; 4] = ["llama-2", "llama-3", "chatml", "alpaca"];
 
     pub fn parse(s: &str) -> Option<Template> {
-        Some(match s {
-            "llama-2" => Template::Llama2,
-            "llama-3" => Template::Llama3,
-            "chatml" => Template::ChatMl,
-            "alpaca" => Template::Alpaca,
-            _ => return None,
-        })
+        [
+            Template::Llama2,
+            Template::Llama3,
+            Template::ChatMl,
+            Template::Alpaca,
+        ]
+        .into_iter()
+        .find(|t| t.name() == s)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Template::Llama2 => "llama-2",
+            Template::Llama3 => "llama-3",
+            Template::ChatMl => "chatml",
+            Template::Alpaca => "alpaca",
+        }
+    }
+
+    /// The tokens the template writes, each of which the tokenizer must
+    /// have as one token: without it the template's markers become word
+    /// pieces, and generation never sees its end token.
+    pub fn special_tokens(self) -> &'static [&'static str] {
+        match self {
+            Template::Llama2 => &["<s>", "</s>"],
+            Template::Llama3 => &[
+                "<|begin_of_text|>",
+                "<|start_header_id|>",
+                "<|end_header_id|>",
+                "<|eot_id|>",
+            ],
+            Template::ChatMl => &["<|im_start|>", "<|im_end|>"],
+            Template::Alpaca => &[],
+        }
     }
 }
 

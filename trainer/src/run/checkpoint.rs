@@ -24,6 +24,10 @@ pub struct TrainerState {
     pub loss: f32,
     /// The configuration, as TOML, that the run must be resumed with.
     pub config: String,
+    /// The training data's `Prepared::digest` (empty in
+    /// checkpoints made before it was kept).
+    #[serde(default)]
+    pub data: String,
 }
 
 pub const STATE: &str = "trainer_state.json";

@@ -258,7 +258,22 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
                 dir.display()
             )))
         }
-        (false, None) => None,
+        (false, None) => {
+            // What a finished run leaves (its checkpoints may be deleted to
+            // save disk) is not written over either.
+            if let Some(f) = ["adapter", "model", "metrics.jsonl"]
+                .iter()
+                .map(|f| out_dir.join(f))
+                .find(|f| f.exists())
+            {
+                return Err(RunError::Invalid(format!(
+                    "{} already holds a run's output ({}); set output.dir to another directory, or remove it",
+                    out_dir.display(),
+                    f.display()
+                )));
+            }
+            None
+        }
     };
     let state0 = match &resume_from {
         Some(dir) => {
@@ -272,6 +287,16 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
     let mut s = Session::open(cfg, resume_from.as_deref())?;
     let train_data = s.prepare(&s.train_path()?)?;
     println!("train data: {}", train_data.summary());
+    if let (Some(dir), Some(saved)) = (&resume_from, &state0) {
+        if !saved.data.is_empty() && saved.data != train_data.digest() {
+            return Err(RunError::Invalid(format!(
+                "--resume: {} was made with other training data than {} gives now ({}); resume with the same data, or set output.dir to start a new run",
+                dir.display(),
+                s.train_path()?.display(),
+                train_data.summary()
+            )));
+        }
+    }
     let (eval_plan, refs) = match s.eval_path() {
         Some(p) => {
             let d = s.prepare(&p)?;
@@ -320,14 +345,41 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
     // Packing can change the batch count from one epoch's order to the
     // next: the schedule counts the first epoch's.
     let total = total_steps(cfg, epoch_batches(0).len());
+    if let (Some(dir), Some(st0)) = (&resume_from, &state0) {
+        if st0.micro > epoch.micro.len() {
+            return Err(RunError::Invalid(format!(
+                "--resume: {}: {} says micro-batch {} of epoch {}, which has {}: the file is damaged",
+                dir.display(),
+                checkpoint::STATE,
+                st0.micro,
+                st0.epoch,
+                epoch.micro.len()
+            )));
+        }
+        if st0.step > total {
+            return Err(RunError::Invalid(format!(
+                "--resume: {} is at step {}, past this run's {total} steps (train.max_steps, or train.epochs): raise them to continue it",
+                dir.display(),
+                st0.step
+            )));
+        }
+    }
 
     let full = cfg.adapter.method == Method::Full;
     let recompute = cfg.train.gradient_checkpointing;
     let (rec, mut stepper) = step_plan(&s, rows * row_len, true, recompute)?;
-    // The device before anything is written: `--device gpu` that cannot
-    // run the step fails here.
+    // The device and its memory before anything is written: `--device gpu`
+    // that cannot run the step, or a step too large for the memory where
+    // it runs, fails here.
     let mut exec = Executor::new(cfg.train.device)?;
     exec.require_gpu(stepper.plan())?;
+    exec.check_fits(stepper.plan()).map_err(|e| match e {
+        graft_engine::EngineError::Memory(m) => RunError::Invalid(format!(
+            "{m}, for micro-batches of {rows} x {row_len} tokens: lower train.micro_batch_size or data.max_seq_len{}",
+            if recompute { "" } else { ", or turn on train.gradient_checkpointing" }
+        )),
+        e => e.into(),
+    })?;
     let names = stepper.names();
     if names.is_empty() {
         return Err(RunError::Invalid(
@@ -349,6 +401,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
     let mut stepper = stepper.onto_device(&mut exec);
     let mut st = TrainerState {
         config: session::config_text(cfg),
+        data: train_data.digest(),
         ..Default::default()
     };
     if let (Some(dir), Some(saved)) = (&resume_from, &state0) {
@@ -356,8 +409,24 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
             dir,
             &[checkpoint::OPTIMIZER.to_string()],
         )?;
+        // A damaged checkpoint is named here, not as a diverged step later.
+        for (n, v) in names
+            .iter()
+            .zip(trained(&mut s.model, s.lora.as_mut(), &names)?)
+        {
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                return Err(RunError::Invalid(format!(
+                    "--resume: {}: tensor `{n}` holds {} at index {i}: the checkpoint is damaged; resume from an earlier one (delete this directory)",
+                    dir.display(),
+                    v[i]
+                )));
+            }
+        }
         stepper.restore(&ckpt, &names, saved.optimizer_steps, &mut exec)?;
-        st = saved.clone();
+        st = TrainerState {
+            data: st.data,
+            ..saved.clone()
+        };
         println!("resumed from {} (step {})", dir.display(), st.step);
     }
     println!(

@@ -183,12 +183,22 @@ impl Session {
     }
 
     pub fn prepare(&self, path: &Path) -> Result<Prepared, RunError> {
-        let p = prepare(
-            path,
-            &self.prepare_options(),
-            &self.tokenizer,
-            &self.specials,
-        )?;
+        let opts = self.prepare_options();
+        if opts.format != Format::Text {
+            if let Some(t) = opts
+                .template
+                .special_tokens()
+                .iter()
+                .find(|t| self.tokenizer.token_to_id(t).is_none())
+            {
+                return Err(RunError::Invalid(format!(
+                    "data.template = \"{}\" writes the token `{t}`, which {} does not have as one token: use the template the model was trained with",
+                    opts.template.name(),
+                    self.model_dir.join("tokenizer.json").display()
+                )));
+            }
+        }
+        let p = prepare(path, &opts, &self.tokenizer, &self.specials)?;
         let vocab = self.model.config.vocab_size;
         if let Some(id) = p
             .docs
