@@ -278,6 +278,9 @@ pub fn quantize_checkpoint(
     dst: &Path,
     block: usize,
 ) -> Result<QuantizeReport, ModelError> {
+    // Before anything is read or created.
+    graft_engine::kernels::nf4::check_block(block)
+        .map_err(|e| ModelError::Input(format!("--block-size: {e}")))?;
     let config_path = src.join("config.json");
     let text =
         std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;

@@ -226,6 +226,32 @@ fn nearest<'a>(word: &str, candidates: impl Iterator<Item = &'a String>) -> Stri
         .unwrap_or_default()
 }
 
+/// Keys as transformers, PEFT and TRL name them, and ours: a suggestion by
+/// meaning where spelling would suggest something else.
+const ALIASES: [(&str, &str); 12] = [
+    ("learning_rate", "train.lr"),
+    ("num_train_epochs", "train.epochs"),
+    ("per_device_train_batch_size", "train.micro_batch_size"),
+    ("gradient_accumulation_steps", "train.grad_accum"),
+    ("lr_scheduler_type", "train.scheduler"),
+    ("optim", "train.optimizer"),
+    ("lora_alpha", "adapter.alpha"),
+    ("lora_dropout", "adapter.dropout"),
+    ("use_dora", "adapter.method"),
+    ("max_seq_length", "data.max_seq_len"),
+    ("output_dir", "output.dir"),
+    ("logging_steps", "output.log_steps"),
+];
+
+/// The `section.key` to suggest for an unknown `key` of `section` (known:
+/// that section's keys).
+fn suggest(section: &str, key: &str, known: &Table) -> String {
+    match ALIASES.iter().find(|(alias, _)| *alias == key) {
+        Some((_, ours)) => ours.to_string(),
+        None => format!("{section}.{}", nearest(key, known.keys())),
+    }
+}
+
 /// Checks that every key of `user` exists in `base`, then sets it there.
 fn merge(base: &mut Table, user: Table, origin: &str) -> Result<(), ConfigError> {
     let err = |msg: String| ConfigError {
@@ -234,6 +260,16 @@ fn merge(base: &mut Table, user: Table, origin: &str) -> Result<(), ConfigError>
     };
     for (section, value) in user {
         let Some(Value::Table(known)) = base.get_mut(&section) else {
+            // A key outside any section: name the section that has it.
+            let home = defaults().into_iter().find_map(|(sec, keys)| match keys {
+                Value::Table(t) if t.contains_key(&section) => Some(sec),
+                _ => None,
+            });
+            if let (Some(home), false) = (home, value.is_table()) {
+                return Err(err(format!(
+                    "`{section}` is outside any section: put it under [{home}] ({home}.{section})"
+                )));
+            }
             let suggestion = nearest(&section, defaults().keys());
             return Err(err(format!(
                 "unknown section [{section}]; did you mean [{suggestion}]?"
@@ -246,9 +282,9 @@ fn merge(base: &mut Table, user: Table, origin: &str) -> Result<(), ConfigError>
         };
         for (key, v) in keys {
             if !known.contains_key(&key) {
-                let suggestion = nearest(&key, known.keys());
+                let suggestion = suggest(&section, &key, known);
                 return Err(err(format!(
-                    "unknown key `{section}.{key}`; did you mean `{section}.{suggestion}`?"
+                    "unknown key `{section}.{key}`; did you mean `{suggestion}`?"
                 )));
             }
             known.insert(key, v);
@@ -266,16 +302,17 @@ impl Config {
                     origin: path.display().to_string(),
                     msg: e.to_string(),
                 })?;
-                Self::from_text(Some((&text, &path.display().to_string())), sets)
+                Self::from_texts(&[(&text, &path.display().to_string())], sets)
             }
-            None => Self::from_text(None, sets),
+            None => Self::from_texts(&[], sets),
         }
     }
 
-    /// [`Config::load`] with the file's text and its name for errors.
-    pub fn from_text(file: Option<(&str, &str)>, sets: &[String]) -> Result<Config, ConfigError> {
+    /// [`Config::load`] with files' texts (each with its name for errors),
+    /// merged over the defaults in order.
+    pub fn from_texts(files: &[(&str, &str)], sets: &[String]) -> Result<Config, ConfigError> {
         let mut table = defaults();
-        if let Some((text, origin)) = file {
+        for &(text, origin) in files {
             let user: Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
                 origin: origin.to_string(),
                 msg: e.to_string(),
@@ -307,18 +344,28 @@ impl Config {
             );
             merge(&mut table, user, "--set")?;
         }
-        let origin = file.map_or("configuration".to_string(), |(_, o)| o.to_string());
         let config: Config = Value::Table(table)
             .try_into()
-            .map_err(|e: toml::de::Error| ConfigError {
-                origin,
-                msg: e
+            .map_err(|e: toml::de::Error| {
+                let msg = e
                     .to_string()
                     .trim()
                     .lines()
                     .map(str::trim)
                     .collect::<Vec<_>>()
-                    .join(" "),
+                    .join(" ");
+                // The value's origin: the last `--set` of the key the message
+                // names, else the file.
+                let set = sets.iter().rev().find(|s| {
+                    s.split_once('=')
+                        .is_some_and(|(k, _)| msg.contains(&format!("`{}`", k.trim())))
+                });
+                let origin = match (set, files.last()) {
+                    (Some(s), _) => format!("--set {s}"),
+                    (None, Some((_, o))) => o.to_string(),
+                    (None, None) => "configuration".to_string(),
+                };
+                ConfigError { origin, msg }
             })?;
         config.validate()?;
         Ok(config)

@@ -135,6 +135,12 @@ fn wrong_types_and_values_name_the_key() {
         e.contains("`train.device`") && e.contains("cpu, gpu or auto"),
         "{e}"
     );
+    // A bad value from `--set` is blamed on the `--set`, not the file.
+    let e = err(Some("[train]\nlr = 1e-4\n"), &["train.lr=abc"]);
+    assert!(e.starts_with("--set train.lr=abc"), "{e}");
+    // A key outside any section names the section it belongs to.
+    let e = err(Some("lr = 1e-4\n"), &[]);
+    assert!(e.contains("put it under [train]"), "{e}");
     // NaN passes every comparison: each of these is refused by name.
     for (set, key) in [
         ("train.max_grad_norm=nan", "`train.max_grad_norm`"),

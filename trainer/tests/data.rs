@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::fixtures;
+use common::{fixtures, tmp};
 use graft_trainer::data::format::{read_jsonl, Example, Format, Role};
 use graft_trainer::data::load_tokenizer;
 use graft_trainer::data::template::{render, Specials, Template};
@@ -161,6 +161,40 @@ fn jsonl_formats_read_and_bad_lines_name_file_and_line() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("alpaca.jsonl:1: key `messages`"), "{e}");
+}
+
+/// A UTF-8 byte-order mark and CRLF line ends are read through; bytes that
+/// are not UTF-8 name their line; a llama-2 conversation out of turn is
+/// refused, as transformers' template refuses it.
+#[test]
+fn jsonl_quirks_and_llama2_turn_order() {
+    let bom = tmp("bom.jsonl");
+    std::fs::write(
+        &bom,
+        b"\xef\xbb\xbf{\"text\": \"a\"}\r\n{\"text\": \"b\"}\r\n",
+    )
+    .unwrap();
+    assert_eq!(read_jsonl(&bom, Format::Text).unwrap().len(), 2);
+    let latin1 = tmp("latin1.jsonl");
+    std::fs::write(&latin1, b"{\"text\": \"a\"}\n\n{\"text\": \"\xff\"}\n").unwrap();
+    let e = read_jsonl(&latin1, Format::Text).unwrap_err().to_string();
+    assert!(e.contains(":3: not UTF-8"), "{e}");
+
+    let (_, sp) = load_tokenizer(&data_dir()).unwrap();
+    let chat =
+        |roles: &[Role]| Example::Chat(roles.iter().map(|&r| (r, "x".to_string())).collect());
+    let good = [Role::System, Role::User, Role::Assistant, Role::User];
+    assert!(render(Template::Llama2, &chat(&good), &sp).is_ok());
+    for bad in [
+        &[Role::Assistant][..],
+        &[Role::User, Role::User, Role::Assistant],
+        &[Role::System, Role::Assistant],
+    ] {
+        let e = render(Template::Llama2, &chat(bad), &sp)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("alternating user/assistant"), "{bad:?}: {e}");
+    }
 }
 
 #[test]

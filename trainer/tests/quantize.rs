@@ -86,3 +86,28 @@ fn quantizing_a_quantized_checkpoint_is_an_error() {
         "{err}"
     );
 }
+
+/// A block size the format cannot take is refused before anything is read
+/// or created.
+#[test]
+fn an_unsupported_block_size_is_refused_before_any_output() {
+    let src = fixtures().join("llama_nf4/model");
+    for block in ["0", "7", "100000"] {
+        let out = tmp(&format!("block-{block}"));
+        let res = trainer(&[
+            "quantize",
+            "--model",
+            src.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--block-size",
+            block,
+        ]);
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(
+            !res.status.success() && err.contains("--block-size") && err.contains(block),
+            "{err}"
+        );
+        assert!(!out.exists(), "{} was created", out.display());
+    }
+}

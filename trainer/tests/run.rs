@@ -200,11 +200,8 @@ fn gradient_accumulation_weights_micro_batches_by_counted_tokens() {
                 "train.lr=1.0",
             ],
         );
-        let cfg = Config::from_text(
-            Some((graft_trainer::embedded::run_config(), "default")),
-            &sets,
-        )
-        .unwrap();
+        let cfg = Config::from_texts(&[(graft_trainer::embedded::run_config(), "default")], &sets)
+            .unwrap();
         let r = train(&cfg, &RunOptions::default()).unwrap();
         let model_dir = graft_trainer::embedded::model_dir().unwrap();
         let config = graft_models::ModelConfig::load(&model_dir).unwrap();
@@ -271,10 +268,12 @@ fn bad_input_is_one_clear_error() {
         (vec!["adapter.target_modules=[\"nope_proj\"]"], "nope_proj"),
         (vec![&train_set], ":1: key `messages` has no assistant turn"),
         (vec!["train.lrr=1"], "did you mean `train.lr`"),
+        (vec!["train.learning_rate=1"], "did you mean `train.lr`"),
+        (vec!["data.template=\"alpaca\""], "train.jsonl:1: template:"),
         (vec!["adapter.method=\"full\""], "model.quantize"),
         (
             vec!["data.max_seq_len=3", "data.overflow=\"drop\""],
-            "no example left to train on",
+            "no example left",
         ),
         (
             vec!["train.optimizer=\"lomo\""],
@@ -338,6 +337,20 @@ fn bad_input_is_one_clear_error() {
     }
 }
 
+/// A configuration file that names no model tunes the embedded default:
+/// its settings (messages records, the chatml template) stay the base.
+#[test]
+fn a_config_file_that_names_no_model_tunes_the_embedded_default() {
+    let file = tmp("tune.toml");
+    std::fs::write(&file, "[train]\nlr = 1e-3\n").unwrap();
+    let out = tmp("tune-run");
+    let stdout = ok(&run_cli(&out, &[], &["--config", file.to_str().unwrap()]));
+    assert!(
+        stdout.contains("step 6/6") && stdout.contains("lr 1.000e-3"),
+        "{stdout}"
+    );
+}
+
 /// What could make a run or a resume silently wrong is refused, one line
 /// naming it: a directory holding a finished run's output (its checkpoints
 /// deleted), a template whose tokens the tokenizer lacks, a resume on data
@@ -378,6 +391,19 @@ fn runs_and_resumes_refuse_what_would_be_silently_wrong() {
         &run_cli(&out, &fewer, &["--resume"]),
         "past this run's 1 steps",
     );
+    // A state file edited to another step, or past the epoch's batches.
+    let state = out.join("checkpoint-2").join(checkpoint::STATE);
+    let saved = std::fs::read_to_string(&state).unwrap();
+    for (key, v, want) in [
+        ("step", 7, "says step 7"),
+        ("micro", 99999, "says micro-batch 99999"),
+    ] {
+        let mut st: Value = serde_json::from_str(&saved).unwrap();
+        st[key] = v.into();
+        std::fs::write(&state, st.to_string()).unwrap();
+        one_line(&run_cli(&out, &extra, &["--resume"]), want);
+    }
+    std::fs::write(&state, &saved).unwrap();
     // NaN over every value of the checkpoint's adapter (past the
     // safetensors header).
     let file = out.join("checkpoint-2/adapter_model.safetensors");

@@ -108,6 +108,14 @@ pub enum QuantizeError {
     Empty,
 }
 
+/// Fails unless `block` is a block size [`quantize`] takes.
+pub fn check_block(block: usize) -> Result<(), QuantizeError> {
+    match block.is_power_of_two() && (32..=4096).contains(&block) {
+        true => Ok(()),
+        false => Err(QuantizeError::Block(block)),
+    }
+}
+
 /// Midpoints between consecutive NF4 code values.
 const NF4_MID: [f32; 15] = {
     let mut mid = [0f32; 15];
@@ -138,9 +146,7 @@ const RUN_BLOCKS: usize = 1024;
 /// writes the packed codes in place: nothing of `x`'s size is allocated but
 /// the half-size result.
 pub fn quantize<T: Elem>(x: &[T], block: usize) -> Result<Nf4Parts, QuantizeError> {
-    if !(block.is_power_of_two() && (32..=4096).contains(&block)) {
-        return Err(QuantizeError::Block(block));
-    }
+    check_block(block)?;
     if x.is_empty() {
         return Err(QuantizeError::Empty);
     }

@@ -159,7 +159,7 @@ save_steps = 0
         seed = args.seed,
         run = run_dir.display(),
     );
-    let cfg = Config::from_text(Some((&pretrain, "make-default pretraining")), &[])?;
+    let cfg = Config::from_texts(&[(&pretrain, "make-default pretraining")], &[])?;
     let report = train(
         &cfg,
         &RunOptions {

@@ -51,25 +51,50 @@ pub struct Args {
     profile: bool,
 }
 
-/// The configuration: the file's; without one, the embedded default's, unless
-/// `--set model.path=...` names a model (then defaults.toml and the sets).
+/// The configuration: the file's and the sets, over the embedded default's
+/// run.toml unless they name a model (`model.path`), else over
+/// defaults.toml alone. (A file that only sets `[train]` keys then tunes
+/// the embedded default rather than mixing it with defaults.toml's data
+/// format.)
 fn load_config(file: Option<&std::path::Path>, sets: &[String]) -> Result<Config, CliError> {
-    let names_a_model = sets.iter().any(|s| {
+    let names_model = |table: &toml::Table| {
+        table
+            .get("model")
+            .and_then(|m| m.get("path"))
+            .and_then(|p| p.as_str())
+            .is_some_and(|p| !p.is_empty())
+    };
+    let set_names_model = sets.iter().any(|s| {
         s.split_once('=').is_some_and(|(k, v)| {
             k.trim() == "model.path" && !v.trim().trim_matches('"').is_empty()
         })
     });
-    Ok(match file {
-        Some(path) => Config::load(Some(path), sets)?,
-        None if names_a_model => Config::load(None, sets)?,
-        None => Config::from_text(
-            Some((
-                graft_trainer::embedded::run_config(),
-                "embedded default run.toml",
-            )),
-            sets,
-        )?,
-    })
+    let text = match file {
+        Some(path) => Some((
+            std::fs::read_to_string(path).map_err(|e| graft_trainer::config::ConfigError {
+                origin: path.display().to_string(),
+                msg: e.to_string(),
+            })?,
+            path.display().to_string(),
+        )),
+        None => None,
+    };
+    // A file that does not parse names no model here; merging reports why.
+    let file_names_model = text
+        .as_ref()
+        .and_then(|(t, _)| t.parse::<toml::Table>().ok())
+        .is_some_and(|t| names_model(&t));
+    let mut files: Vec<(&str, &str)> = Vec::new();
+    if !set_names_model && !file_names_model {
+        files.push((
+            graft_trainer::embedded::run_config(),
+            "embedded default run.toml",
+        ));
+    }
+    if let Some((t, name)) = &text {
+        files.push((t, name));
+    }
+    Ok(Config::from_texts(&files, sets)?)
 }
 
 pub fn run(args: Args) -> Result<(), CliError> {

@@ -57,23 +57,36 @@ impl Format {
 
 /// Reads every non-blank line of a JSONL file as an example.
 pub fn read_jsonl(path: &Path, format: Format) -> Result<Vec<Example>, DataError> {
-    let text = std::fs::read_to_string(path).map_err(|e| DataError::Io {
+    Ok(read_records(path, format)?
+        .into_iter()
+        .map(|(_, ex)| ex)
+        .collect())
+}
+
+/// [`read_jsonl`] with each example's line number (from 1), for errors
+/// found later (rendering, tokenizing). A UTF-8 byte-order mark at the
+/// start (Windows editors write one) is skipped; bytes that are not UTF-8
+/// are an error naming their line.
+pub fn read_records(path: &Path, format: Format) -> Result<Vec<(usize, Example)>, DataError> {
+    let bytes = std::fs::read(path).map_err(|e| DataError::Io {
         path: path.into(),
         msg: e.to_string(),
     })?;
+    let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
         let at = |msg: String| DataError::Line {
             path: path.into(),
             line: i + 1,
             msg,
         };
+        let line = std::str::from_utf8(line).map_err(|e| at(format!("not UTF-8: {e}")))?;
+        if line.trim().is_empty() {
+            continue;
+        }
         let v: Value =
             serde_json::from_str(line).map_err(|e| at(format!("not valid JSON: {e}")))?;
-        out.push(parse_record(&v, format).map_err(at)?);
+        out.push((i + 1, parse_record(&v, format).map_err(at)?));
     }
     Ok(out)
 }

@@ -50,7 +50,12 @@ pub fn load_tokenizer(dir: &Path) -> Result<(Tokenizer, Specials), DataError> {
             path: cfg_path.clone(),
             msg: e.to_string(),
         })?,
-        Err(_) => serde_json::Value::Null,
+        Err(e) => {
+            return Err(DataError::Io {
+                path: cfg_path,
+                msg: format!("{e} (the tokenizer's end token is read from it)"),
+            })
+        }
     };
     let eos = token_string(cfg.get("eos_token")).ok_or_else(|| DataError::Io {
         path: cfg_path.clone(),

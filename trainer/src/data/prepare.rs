@@ -3,7 +3,7 @@
 //! and the reference answer that evaluation decodes against.
 
 use super::batch::{fit, Overflow};
-use super::format::{read_jsonl, Example, Format, Role};
+use super::format::{read_records, Example, Format, Role};
 use super::template::{render, Specials, Template};
 use super::tokenize::{tokenize, Tokenized};
 use super::DataError;
@@ -88,21 +88,36 @@ pub fn prepare(
     tok: &Tokenizer,
     sp: &Specials,
 ) -> Result<Prepared, DataError> {
-    let examples = read_jsonl(path, opts.format)?;
+    let examples = read_records(path, opts.format)?;
     let mut docs = Vec::with_capacity(examples.len());
     let mut references = Vec::new();
-    for ex in &examples {
-        let r = render(opts.template, ex, sp)?;
+    for (line, ex) in &examples {
+        // Rendering and tokenizing errors name the record's line.
+        let at = |e: DataError| DataError::Line {
+            path: path.into(),
+            line: *line,
+            msg: e.to_string(),
+        };
+        let r = render(opts.template, ex, sp).map_err(at)?;
         if let (Some(ans), Some(last)) = (answer(ex), r.trainable.last()) {
-            let prompt = tok
+            let prompt: Vec<i32> = tok
                 .encode(&r.text[..last.start], false)
-                .map_err(|e| DataError::Tokenizer(e.to_string()))?;
+                .map_err(|e| at(DataError::Tokenizer(e.to_string())))?
+                .get_ids()
+                .iter()
+                .map(|&i| i as i32)
+                .collect();
+            if prompt.is_empty() {
+                return Err(at(DataError::Template(
+                    "nothing comes before the answer, so there is no prompt to answer".into(),
+                )));
+            }
             references.push(Reference {
-                prompt: prompt.get_ids().iter().map(|&i| i as i32).collect(),
+                prompt,
                 answer: ans.to_string(),
             });
         }
-        docs.push(tokenize(tok, &r, opts.train_on_inputs)?);
+        docs.push(tokenize(tok, &r, opts.train_on_inputs).map_err(at)?);
     }
     let fitted = fit(docs, opts.max_len, opts.overflow);
     let out = Prepared {
@@ -116,7 +131,7 @@ pub fn prepare(
     if out.docs.is_empty() {
         return Err(DataError::Io {
             path: path.into(),
-            msg: format!("no example left to train on: {}", out.summary()),
+            msg: format!("no example left: {}", out.summary()),
         });
     }
     Ok(out)

@@ -175,6 +175,17 @@ pub fn render(t: Template, ex: &Example, sp: &Specials) -> Result<Rendered, Data
                     (0, Some(s)) => format!("<<SYS>>\n{s}\n<</SYS>>\n\n{content}"),
                     _ => content.clone(),
                 };
+                // transformers' llama-2 template raises on any other order.
+                let want = if i % 2 == 0 {
+                    Role::User
+                } else {
+                    Role::Assistant
+                };
+                if *role != want && *role != Role::System {
+                    return Err(DataError::Template(
+                        "llama-2 needs turns alternating user/assistant, starting with user (after an optional system message)".into(),
+                    ));
+                }
                 match role {
                     Role::User => r.push(&format!("<s>[INST] {} [/INST]", content.trim()), false),
                     Role::Assistant => {

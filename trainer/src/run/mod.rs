@@ -279,6 +279,15 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
         Some(dir) => {
             let st = checkpoint::read_state(dir)?;
             session::check_same_config(cfg, &st.config, dir)?;
+            // checkpoint-N holds step N.
+            if existing.last().is_some_and(|&(n, _)| n != st.step) {
+                return Err(RunError::Invalid(format!(
+                    "--resume: {}: {} says step {}: the file is damaged",
+                    dir.display(),
+                    checkpoint::STATE,
+                    st.step
+                )));
+            }
             Some(st)
         }
         None => None,
@@ -305,6 +314,11 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
         }
         None => (None, Vec::new()),
     };
+    if cfg.output.eval_accuracy && eval_plan.is_some() && refs.is_empty() {
+        println!(
+            "note: output.eval_accuracy: the eval records hold no answers to match (data.format = \"text\"); only the eval loss is measured"
+        );
+    }
     let accuracy = |s: &Session, exec: &mut Executor| -> Result<Option<(usize, usize)>, RunError> {
         if !cfg.output.eval_accuracy || refs.is_empty() {
             return Ok(None);
