@@ -53,6 +53,9 @@ pub struct ModelConfig {
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub vocab_size: usize,
+    /// The longest sequence the model was trained for, if stated (RoPE
+    /// runs past it, with what quality the model's training decides).
+    pub max_position_embeddings: Option<usize>,
     pub rms_norm_eps: f32,
     pub rope_theta: f32,
     pub rope_llama3: Option<Llama3Scaling>,
@@ -80,6 +83,7 @@ struct Raw {
     num_key_value_heads: Option<usize>,
     head_dim: Option<usize>,
     vocab_size: usize,
+    max_position_embeddings: Option<usize>,
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
     rope_scaling: Option<Value>,
@@ -237,6 +241,7 @@ impl ModelConfig {
             num_kv_heads,
             head_dim,
             vocab_size: raw.vocab_size,
+            max_position_embeddings: raw.max_position_embeddings,
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6) as f32,
             rope_theta,
             rope_llama3,

@@ -120,7 +120,8 @@ fn a_stopped_run_resumes_to_the_same_bits() {
     assert!(stopped.contains("stopped after 3 steps"), "{stopped}");
     assert_eq!(checkpoint::list(&b).unwrap().last().unwrap().0, 2);
     assert_eq!(losses(&b).len(), 3, "the stopped run logged 3 steps");
-    ok(&run_cli(&b, &extra, &["--resume"]));
+    // Resumed on a device named explicitly (the first half ran on `auto`).
+    ok(&run_cli(&b, &extra, &["--resume", "--device", "cpu"]));
     assert_eq!(losses(&a), losses(&b), "loss curves differ");
     assert_eq!(adapter_bytes(&a), adapter_bytes(&b), "adapters differ");
     // A resumed run must keep the configuration.
@@ -414,6 +415,11 @@ fn runs_and_resumes_refuse_what_would_be_silently_wrong() {
     one_line(
         &run_cli(&out, &extra, &["--resume"]),
         "the checkpoint is damaged",
+    );
+    std::fs::remove_file(&state).unwrap();
+    one_line(
+        &run_cli(&out, &extra, &["--resume"]),
+        "has no trainer_state.json",
     );
 }
 

@@ -53,9 +53,15 @@ pub fn list(out: &Path) -> Result<Vec<(usize, PathBuf)>, RunError> {
             .and_then(|n| n.strip_prefix("checkpoint-"))
             .and_then(|n| n.parse::<usize>().ok());
         if let Some(step) = step {
-            if path.join(STATE).is_file() {
-                found.push((step, path));
+            // Saves are renamed into place whole: one without its state
+            // was damaged afterwards, and resuming past it would be silent.
+            if !path.join(STATE).is_file() {
+                return Err(RunError::Invalid(format!(
+                    "{} has no {STATE}: the checkpoint is damaged; delete it to resume from an earlier one",
+                    path.display()
+                )));
             }
+            found.push((step, path));
         }
     }
     found.sort();

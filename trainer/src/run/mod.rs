@@ -338,6 +338,24 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
 
     let rows = cfg.train.micro_batch_size;
     let row_len = s.row_len(&train_data.docs);
+    // Positions restart at every sequence of a packed row: the longest
+    // sequence is what reaches past the trained positions.
+    let longest = train_data
+        .docs
+        .iter()
+        .map(|d| d.ids.len())
+        .max()
+        .unwrap_or(0);
+    if let Some(max) = s
+        .model
+        .config
+        .max_position_embeddings
+        .filter(|&m| longest > m)
+    {
+        println!(
+            "note: the longest sequence has {longest} tokens, more than the model's max_position_embeddings ({max}): positions past it were never trained"
+        );
+    }
     let pad_id = s.pad_id;
     let epoch_batches = |epoch: usize| -> Vec<Packed> {
         // A fresh order every epoch, from the seed alone (so resuming

@@ -52,9 +52,25 @@ fn flatten(cfg: &Config) -> Vec<(String, String)> {
 pub fn check_same_config(cfg: &Config, saved: &str, dir: &Path) -> Result<(), RunError> {
     let saved: Config = toml::from_str(saved)
         .map_err(|e| RunError::Io(format!("{}: key `config`: {e}", dir.display())))?;
-    let free = |k: &str| k.starts_with("output.") || k == "train.max_steps" || k == "train.epochs";
+    // Where the step runs changes no result (a run resumes on either
+    // device); paths compare as the files they name.
+    let free = |k: &str| {
+        k.starts_with("output.") || ["train.max_steps", "train.epochs", "train.device"].contains(&k)
+    };
+    let same_file = |a: &Path, b: &Path| {
+        a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+    };
+    let paths = [
+        ("model.path", &cfg.model.path, &saved.model.path),
+        ("data.train", &cfg.data.train, &saved.data.train),
+        ("data.eval", &cfg.data.eval, &saved.data.eval),
+    ];
     for ((k, now), (_, then)) in flatten(cfg).into_iter().zip(flatten(&saved)) {
-        if now != then && !free(&k) {
+        let same = match paths.iter().find(|(name, ..)| *name == k) {
+            Some((_, a, b)) => same_file(a, b),
+            None => now == then,
+        };
+        if !same && !free(&k) {
             return Err(RunError::Invalid(format!(
                 "--resume: {} was made with {k} = {then}, but this run sets {k} = {now}; resume with the same configuration, or set output.dir to start a new run",
                 dir.display()
