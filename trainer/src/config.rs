@@ -404,6 +404,19 @@ impl Config {
                 return err(key, "must be positive");
             }
         }
+        // Token positions and counts are i32 in the kernels.
+        if self.data.max_seq_len > 1 << 24
+            || self
+                .data
+                .max_seq_len
+                .saturating_mul(self.train.micro_batch_size)
+                > i32::MAX as usize
+        {
+            return err(
+                "data.max_seq_len",
+                "times train.micro_batch_size must stay below 2^31 tokens (and max_seq_len at most 2^24)",
+            );
+        }
         if !(self.train.lr > 0.0 && self.train.lr.is_finite()) {
             return err("train.lr", "must be a positive number");
         }

@@ -364,9 +364,14 @@ fn runs_and_resumes_refuse_what_would_be_silently_wrong() {
         assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
     };
     let done = tmp("guard-done");
-    std::fs::create_dir_all(&done).unwrap();
-    std::fs::write(done.join("metrics.jsonl"), "{}\n").unwrap();
+    std::fs::create_dir_all(done.join("adapter")).unwrap();
     one_line(&run_cli(&done, &[], &[]), "already holds a run's output");
+    // A run stopped before its first checkpoint left only its metrics: a
+    // new run starts over there.
+    let partial = tmp("guard-partial");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(partial.join("metrics.jsonl"), "{}\n").unwrap();
+    ok(&run_cli(&partial, &[], &[]));
     let o = run_cli(&tmp("guard-template"), &["data.template=\"llama-3\""], &[]);
     one_line(&o, "`<|begin_of_text|>`");
 
@@ -405,17 +410,23 @@ fn runs_and_resumes_refuse_what_would_be_silently_wrong() {
         one_line(&run_cli(&out, &extra, &["--resume"]), want);
     }
     std::fs::write(&state, &saved).unwrap();
-    // NaN over every value of the checkpoint's adapter (past the
-    // safetensors header).
-    let file = out.join("checkpoint-2/adapter_model.safetensors");
-    let mut bytes = std::fs::read(&file).unwrap();
-    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    bytes[8 + header..].fill(0xff);
-    std::fs::write(&file, bytes).unwrap();
-    one_line(
-        &run_cli(&out, &extra, &["--resume"]),
-        "the checkpoint is damaged",
-    );
+    // NaN over every value of the checkpoint's optimizer state, then of its
+    // adapter (past the safetensors header).
+    for (file, tensor) in [
+        ("optimizer.safetensors", ".exp_avg"),
+        ("adapter_model.safetensors", ".lora_"),
+    ] {
+        let file = out.join("checkpoint-2").join(file);
+        let mut bytes = std::fs::read(&file).unwrap();
+        let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        bytes[8 + header..].fill(0xff);
+        std::fs::write(&file, bytes).unwrap();
+        let e = err(&run_cli(&out, &extra, &["--resume"]));
+        assert!(
+            e.contains("the checkpoint is damaged") && e.contains(tensor),
+            "{e}"
+        );
+    }
     std::fs::remove_file(&state).unwrap();
     one_line(
         &run_cli(&out, &extra, &["--resume"]),

@@ -260,8 +260,9 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
         }
         (false, None) => {
             // What a finished run leaves (its checkpoints may be deleted to
-            // save disk) is not written over either.
-            if let Some(f) = ["adapter", "model", "metrics.jsonl"]
+            // save disk) is not written over either. (A run stopped before
+            // its first checkpoint left only metrics.jsonl: it starts over.)
+            if let Some(f) = ["adapter", "model"]
                 .iter()
                 .map(|f| out_dir.join(f))
                 .find(|f| f.exists())
@@ -294,7 +295,15 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
     };
 
     let mut s = Session::open(cfg, resume_from.as_deref())?;
-    let train_data = s.prepare(&s.train_path()?)?;
+    let train_data = s.prepare(&s.train_path()?).map_err(|e| {
+        match cfg.data.train.as_os_str().is_empty() {
+            // Say why a file the user never named is read.
+            true => RunError::Invalid(format!(
+                "{e} (the embedded default's data, read because data.train is empty: messages records for the chatml template)"
+            )),
+            false => e,
+        }
+    })?;
     println!("train data: {}", train_data.summary());
     if let (Some(dir), Some(saved)) = (&resume_from, &state0) {
         if !saved.data.is_empty() && saved.data != train_data.digest() {
@@ -441,17 +450,29 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
             dir,
             &[checkpoint::OPTIMIZER.to_string()],
         )?;
-        // A damaged checkpoint is named here, not as a diverged step later.
+        // A damaged checkpoint (trained tensors or optimizer state) is named
+        // here, not as a diverged step later.
+        let damaged = |n: &str, v: &[f32]| {
+            v.iter().position(|x| !x.is_finite()).map(|i| {
+                RunError::Invalid(format!(
+                    "--resume: {}: tensor `{n}` holds {} at index {i}: the checkpoint is damaged; resume from an earlier one (delete this directory)",
+                    dir.display(),
+                    v[i]
+                ))
+            })
+        };
         for (n, v) in names
             .iter()
             .zip(trained(&mut s.model, s.lora.as_mut(), &names)?)
         {
-            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-                return Err(RunError::Invalid(format!(
-                    "--resume: {}: tensor `{n}` holds {} at index {i}: the checkpoint is damaged; resume from an earlier one (delete this directory)",
-                    dir.display(),
-                    v[i]
-                )));
+            if let Some(e) = damaged(n, v) {
+                return Err(e);
+            }
+        }
+        for n in ckpt.names() {
+            let shape = ckpt.entry(n)?.1.shape.clone();
+            if let Some(e) = damaged(n, &ckpt.load_stored(n, &shape)?.to_f32_vec()?) {
+                return Err(e);
             }
         }
         stepper.restore(&ckpt, &names, saved.optimizer_steps, &mut exec)?;
