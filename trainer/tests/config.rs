@@ -153,7 +153,10 @@ fn wrong_types_and_values_name_the_key() {
         ("adapter.alpha=nan", "`adapter.alpha`"),
         ("output.dir=", "`output.dir`"),
         ("data.max_seq_len=1000000000000", "`data.max_seq_len`"),
-        ("train.micro_batch_size=4611686018427387904", "`data.max_seq_len`"),
+        (
+            "train.micro_batch_size=4611686018427387904",
+            "`data.max_seq_len`",
+        ),
     ] {
         let e = err(None, &[set]);
         assert!(e.contains(key), "{set}: {e}");

@@ -43,21 +43,21 @@ pub struct Prepared {
 
 impl Prepared {
     /// One line for the log: what was read and what fitting did.
-    /// A fingerprint of the examples as trained (their tokens and labels,
-    /// in file order; FNV-1a): a resumed run's data position means the same
-    /// examples only while this is unchanged.
+    /// A fingerprint of the examples as trained (each one's length, tokens
+    /// and labels, in file order): a resumed run's data position means the
+    /// same examples only while this is unchanged.
     pub fn digest(&self) -> String {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut eat = |x: i32| {
-            for b in x.to_le_bytes() {
-                h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-            }
-        };
-        for d in &self.docs {
-            eat(d.ids.len() as i32);
-            d.ids.iter().chain(&d.labels).for_each(|&x| eat(x));
-        }
-        format!("{h:016x}")
+        let bytes: Vec<u8> = self
+            .docs
+            .iter()
+            .flat_map(|d| {
+                std::iter::once(d.ids.len() as i32)
+                    .chain(d.ids.iter().copied())
+                    .chain(d.labels.iter().copied())
+            })
+            .flat_map(i32::to_le_bytes)
+            .collect();
+        format!("{:016x}", graft_engine::kernels::cache::fnv1a(&[&bytes]))
     }
 
     pub fn summary(&self) -> String {
