@@ -365,6 +365,7 @@ fn runs_and_resumes_refuse_what_would_be_silently_wrong() {
     };
     let done = tmp("guard-done");
     std::fs::create_dir_all(done.join("adapter")).unwrap();
+    std::fs::write(done.join("metrics.jsonl"), "{}\n").unwrap();
     one_line(&run_cli(&done, &[], &[]), "already holds a run's output");
     // A run stopped before its first checkpoint left only its metrics: a
     // new run starts over there.
@@ -372,6 +373,10 @@ fn runs_and_resumes_refuse_what_would_be_silently_wrong() {
     std::fs::create_dir_all(&partial).unwrap();
     std::fs::write(partial.join("metrics.jsonl"), "{}\n").unwrap();
     ok(&run_cli(&partial, &[], &[]));
+    // Nor is a folder that only holds a model of its own a run.
+    let base = tmp("guard-base");
+    std::fs::create_dir_all(base.join("model")).unwrap();
+    ok(&run_cli(&base, &[], &[]));
     let o = run_cli(&tmp("guard-template"), &["data.template=\"llama-3\""], &[]);
     one_line(&o, "`<|begin_of_text|>`");
 

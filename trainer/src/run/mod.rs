@@ -259,13 +259,16 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
             )))
         }
         (false, None) => {
-            // What a finished run leaves (its checkpoints may be deleted to
-            // save disk) is not written over either. (A run stopped before
-            // its first checkpoint left only metrics.jsonl: it starts over.)
+            // What a finished run leaves, its metrics with its adapter or
+            // model (its checkpoints may be deleted to save disk), is not
+            // written over either. A run stopped before its first
+            // checkpoint left only metrics.jsonl: it starts over; a folder
+            // that merely holds a model/ (a base model) is no run.
+            let finished = out_dir.join("metrics.jsonl").is_file();
             if let Some(f) = ["adapter", "model"]
                 .iter()
                 .map(|f| out_dir.join(f))
-                .find(|f| f.exists())
+                .find(|f| finished && f.exists())
             {
                 return Err(RunError::Invalid(format!(
                     "{} already holds a run's output ({}); set output.dir to another directory, or remove it",
