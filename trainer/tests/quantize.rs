@@ -7,6 +7,19 @@ use common::{fixtures, tmp, trainer};
 use safetensors::SafeTensors;
 use std::path::Path;
 
+/// `trainer quantize --model src --out out` with `extra` flags.
+fn quantize(src: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "quantize",
+        "--model",
+        src.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    trainer(&args)
+}
+
 fn logits(model: &Path, extra: &[&str], tag: &str) -> Vec<u8> {
     let out = tmp(tag).with_extension("safetensors");
     let mut args = vec![
@@ -34,13 +47,7 @@ fn quantized_checkpoint_reads_back_as_quantize_on_load() {
     for fixture in ["llama", "qwen2"] {
         let src = fixtures().join(fixture).join("model");
         let out = tmp(fixture);
-        let res = trainer(&[
-            "quantize",
-            "--model",
-            src.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        let res = quantize(&src, &out, &[]);
         assert!(
             res.status.success(),
             "{}",
@@ -73,13 +80,7 @@ fn quantized_checkpoint_reads_back_as_quantize_on_load() {
 fn quantizing_a_quantized_checkpoint_is_an_error() {
     let src = fixtures().join("llama_nf4/model");
     let out = tmp("twice");
-    let res = trainer(&[
-        "quantize",
-        "--model",
-        src.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let res = quantize(&src, &out, &[]);
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(
         !res.status.success() && err.contains("already quantized") && err.contains("config.json"),
@@ -94,15 +95,7 @@ fn an_unsupported_block_size_is_refused_before_any_output() {
     let src = fixtures().join("llama_nf4/model");
     for block in ["0", "7", "100000"] {
         let out = tmp(&format!("block-{block}"));
-        let res = trainer(&[
-            "quantize",
-            "--model",
-            src.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--block-size",
-            block,
-        ]);
+        let res = quantize(&src, &out, &["--block-size", block]);
         let err = String::from_utf8_lossy(&res.stderr);
         assert!(
             !res.status.success() && err.contains("--block-size") && err.contains(block),
