@@ -5,6 +5,7 @@
 //! kill at any moment leaves every `checkpoint-N` complete.
 
 use super::RunError;
+use crate::data::prepare::Prepared;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -37,6 +38,15 @@ fn io(path: &Path, e: std::io::Error) -> RunError {
     RunError::Io(format!("{}: {e}", path.display()))
 }
 
+/// N of a `checkpoint-N` directory.
+fn step_of(dir: &Path) -> Option<usize> {
+    dir.file_name()?
+        .to_str()?
+        .strip_prefix("checkpoint-")?
+        .parse()
+        .ok()
+}
+
 /// `OUT/checkpoint-N` directories, oldest first.
 pub fn list(out: &Path) -> Result<Vec<(usize, PathBuf)>, RunError> {
     let mut found = Vec::new();
@@ -47,12 +57,7 @@ pub fn list(out: &Path) -> Result<Vec<(usize, PathBuf)>, RunError> {
     };
     for entry in entries {
         let path = entry.map_err(|e| io(out, e))?.path();
-        let step = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_prefix("checkpoint-"))
-            .and_then(|n| n.parse::<usize>().ok());
-        if let Some(step) = step {
+        if let Some(step) = step_of(&path) {
             // Saves are renamed into place whole: one without its state
             // was damaged afterwards, and resuming past it would be silent.
             if !path.join(STATE).is_file() {
@@ -79,6 +84,52 @@ pub fn remove_partial(out: &Path) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
+}
+
+/// Fails unless the checkpoint `dir` (whose state is `st`) can continue
+/// this run exactly: its state names its own step and a micro-batch of an
+/// epoch of `epoch_len`, the training data (`path`, prepared) is the data
+/// it was made with, and it is not past the run's `total` steps.
+pub fn check_resumable(
+    dir: &Path,
+    st: &TrainerState,
+    (path, data): (PathBuf, &Prepared),
+    epoch_len: usize,
+    total: usize,
+) -> Result<(), RunError> {
+    let fail = |msg: String| {
+        Err(RunError::Invalid(format!(
+            "--resume: {}: {msg}",
+            dir.display()
+        )))
+    };
+    // Checked first: other data also moves the epoch's length.
+    if !st.data.is_empty() && st.data != data.digest() {
+        return fail(format!(
+            "made with other training data than {} gives now ({}); resume with the same data, or set output.dir to start a new run",
+            path.display(),
+            data.summary()
+        ));
+    }
+    if step_of(dir) != Some(st.step) {
+        return fail(format!(
+            "{STATE} says step {}: the file is damaged",
+            st.step
+        ));
+    }
+    if st.micro > epoch_len {
+        return fail(format!(
+            "{STATE} says micro-batch {} of epoch {}, which has {epoch_len}: the file is damaged",
+            st.micro, st.epoch
+        ));
+    }
+    if st.step > total {
+        return fail(format!(
+            "at step {}, past this run's {total} steps (train.max_steps, or train.epochs): raise them to continue it",
+            st.step
+        ));
+    }
+    Ok(())
 }
 
 pub fn read_state(dir: &Path) -> Result<TrainerState, RunError> {

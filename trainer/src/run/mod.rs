@@ -283,15 +283,6 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
         Some(dir) => {
             let st = checkpoint::read_state(dir)?;
             session::check_same_config(cfg, &st.config, dir)?;
-            // checkpoint-N holds step N.
-            if existing.last().is_some_and(|&(n, _)| n != st.step) {
-                return Err(RunError::Invalid(format!(
-                    "--resume: {}: {} says step {}: the file is damaged",
-                    dir.display(),
-                    checkpoint::STATE,
-                    st.step
-                )));
-            }
             Some(st)
         }
         None => None,
@@ -308,16 +299,6 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
         }
     })?;
     println!("train data: {}", train_data.summary());
-    if let (Some(dir), Some(saved)) = (&resume_from, &state0) {
-        if !saved.data.is_empty() && saved.data != train_data.digest() {
-            return Err(RunError::Invalid(format!(
-                "--resume: {} was made with other training data than {} gives now ({}); resume with the same data, or set output.dir to start a new run",
-                dir.display(),
-                s.train_path()?.display(),
-                train_data.summary()
-            )));
-        }
-    }
     let (eval_plan, refs) = match s.eval_path() {
         Some(p) => {
             let d = s.prepare(&p)?;
@@ -390,23 +371,8 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
     // next: the schedule counts the first epoch's.
     let total = total_steps(cfg, epoch_batches(0).len());
     if let (Some(dir), Some(st0)) = (&resume_from, &state0) {
-        if st0.micro > epoch.micro.len() {
-            return Err(RunError::Invalid(format!(
-                "--resume: {}: {} says micro-batch {} of epoch {}, which has {}: the file is damaged",
-                dir.display(),
-                checkpoint::STATE,
-                st0.micro,
-                st0.epoch,
-                epoch.micro.len()
-            )));
-        }
-        if st0.step > total {
-            return Err(RunError::Invalid(format!(
-                "--resume: {} is at step {}, past this run's {total} steps (train.max_steps, or train.epochs): raise them to continue it",
-                dir.display(),
-                st0.step
-            )));
-        }
+        let data = (s.train_path()?, &train_data);
+        checkpoint::check_resumable(dir, st0, data, epoch.micro.len(), total)?;
     }
 
     let full = cfg.adapter.method == Method::Full;
