@@ -218,6 +218,29 @@ impl Checkpoint {
         Ok((&file.path, &file.tensors[name]))
     }
 
+    /// A fingerprint of the weights as stored: every tensor's name, dtype,
+    /// shape, and the first and last 4 KiB of its bytes. Cheap on any size
+    /// (a few pages per tensor), and it tells apart another model of the
+    /// same shapes (a fine-tune changes every weight), which a resumed run
+    /// must not silently train on.
+    pub fn fingerprint(&self) -> String {
+        const EDGE: usize = 4096;
+        let mut names: Vec<&str> = self.names().collect();
+        names.sort_unstable();
+        let mut parts: Vec<Vec<u8>> = Vec::with_capacity(names.len() * 2);
+        for name in names {
+            let file = &self.files[self.index[name]];
+            let e = &file.tensors[name];
+            let bytes = &file.map[e.range.clone()];
+            let mut head = format!("{name} {:?} {:?}", e.dtype, e.shape).into_bytes();
+            head.extend_from_slice(&bytes[..bytes.len().min(EDGE)]);
+            parts.push(head);
+            parts.push(bytes[bytes.len().saturating_sub(EDGE)..].to_vec());
+        }
+        let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+        format!("{:016x}", graft_engine::kernels::cache::fnv1a(&parts))
+    }
+
     /// The stored bytes of `name`, with its file and entry.
     pub fn raw(&self, name: &str) -> Result<(&Path, &TensorEntry, &[u8]), ModelError> {
         let (path, e) = self.entry(name)?;

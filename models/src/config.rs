@@ -101,6 +101,15 @@ struct Raw {
 }
 
 impl ModelConfig {
+    /// A note when `what` reaches `positions` positions, past the model's
+    /// `max_position_embeddings` (allowed: RoPE runs on, untrained).
+    pub fn positions_note(&self, what: &str, positions: usize) -> Option<String> {
+        let max = self.max_position_embeddings.filter(|&m| positions > m)?;
+        Some(format!(
+            "note: {what} reach {positions} positions, more than the model's max_position_embeddings ({max}): positions past it were never trained"
+        ))
+    }
+
     /// Reads `DIR/config.json`.
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
         let path = dir.join("config.json");

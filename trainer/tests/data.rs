@@ -8,7 +8,7 @@ mod common;
 use common::{fixtures, tmp};
 use graft_trainer::data::format::{read_jsonl, Example, Format, Role};
 use graft_trainer::data::load_tokenizer;
-use graft_trainer::data::template::{render, Specials, Template};
+use graft_trainer::data::template::{render, Rendered, Specials, Template};
 use graft_trainer::data::tokenize::{tokenize, IGNORE};
 use serde_json::Value;
 
@@ -94,7 +94,7 @@ fn chat_templates_match_transformers_with_their_loss_spans() {
             let what = format!("{name} {}", r["name"]);
             assert_eq!(got.text, r["text"].as_str().unwrap(), "{what}");
             assert_eq!(got.trainable, spans(&r["spans_byte"]), "{what}");
-            let tk = tokenize(&tok, &got, false).unwrap();
+            let tk = tokenize(&tok, &got, false, usize::MAX).unwrap();
             assert_eq!(tk.ids, ints(&r["ids"]), "{what}");
             assert_eq!(tk.labels, ints(&r["labels"]), "{what}");
             assert!(
@@ -122,11 +122,14 @@ fn alpaca_template_matches_with_bos_and_eos() {
         let got = render(Template::Alpaca, &ex, &sp).unwrap();
         assert_eq!(got.text, want["text"].as_str().unwrap());
         assert_eq!(got.trainable, spans(&want["spans_byte"]));
-        let tk = tokenize(&tok, &got, false).unwrap();
+        let tk = tokenize(&tok, &got, false, usize::MAX).unwrap();
         assert_eq!(tk.ids, ints(&want["ids"]));
         assert_eq!(tk.labels, ints(&want["labels"]));
         // train_on_inputs: every token counts.
-        assert_eq!(tokenize(&tok, &got, true).unwrap().labels, tk.ids);
+        assert_eq!(
+            tokenize(&tok, &got, true, usize::MAX).unwrap().labels,
+            tk.ids
+        );
     }
     assert!(renderings.len() >= 3);
 }
@@ -202,7 +205,7 @@ fn plain_text_is_trained_whole_and_alpaca_records_fit_chat_templates() {
     let (tok, sp) = load_tokenizer(&data_dir()).unwrap();
     let r = render(Template::ChatMl, &Example::Text("hello world".into()), &sp).unwrap();
     assert_eq!(r.text, "<|begin_of_text|>hello world<|eot_id|>");
-    let tk = tokenize(&tok, &r, false).unwrap();
+    let tk = tokenize(&tok, &r, false, usize::MAX).unwrap();
     assert_eq!(tk.labels[0], IGNORE, "BOS carries no loss");
     assert!(tk.labels[1..].iter().zip(&tk.ids[1..]).all(|(l, i)| l == i));
 
@@ -245,4 +248,129 @@ fn a_missing_tokenizer_names_the_file() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("llama/model/tokenizer.json"), "{e}");
+}
+
+/// Words, whitespace runs, multi-byte characters and long words (one
+/// unknown token of hundreds of bytes to a word-level tokenizer) that
+/// tokenizers treat differently at a cut.
+fn pieces() -> Vec<String> {
+    let mut p: Vec<String> = [
+        "hello",
+        "world",
+        "the",
+        "Answer",
+        "7",
+        "12",
+        "héllo",
+        "日本語",
+        "🙂",
+        ".",
+        " ",
+        "   ",
+        "\n",
+        "\t\n  ",
+    ]
+    .map(String::from)
+    .to_vec();
+    p.extend(["12".repeat(100), " ".to_string() + &"x".repeat(300) + " "]);
+    p
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+    /// A long text encoded by prefixes gives the first tokens and labels
+    /// of encoding it whole, at every limit, on a byte-level BPE tokenizer
+    /// and on a word-level one.
+    #[test]
+    fn a_long_text_encoded_by_prefixes_starts_as_the_whole_encoding(
+        picks in proptest::collection::vec(0usize..24, 100..2000),
+        limit in 1usize..64,
+        span in (0.0f64..1.0, 0.0f64..1.0),
+        bpe in proptest::bool::ANY,
+    ) {
+        let dir = if bpe { data_dir() } else { graft_trainer::embedded::model_dir().unwrap() };
+        let (tok, _) = load_tokenizer(&dir).unwrap();
+        let all = pieces();
+        // Long words are picked often, so a prefix holds few tokens.
+        let text: String = picks.iter().map(|&i| all[i.min(all.len() - 1)].as_str()).collect();
+        let mut cuts = [span.0, span.1].map(|f| {
+            let mut at = (f * text.len() as f64) as usize;
+            while !text.is_char_boundary(at) {
+                at -= 1;
+            }
+            at
+        });
+        cuts.sort();
+        let r = Rendered { text, trainable: std::iter::once(cuts[0]..cuts[1]).collect() };
+        let whole = tokenize(&tok, &r, false, usize::MAX).unwrap();
+        let first = tokenize(&tok, &r, false, limit).unwrap();
+        let n = limit.min(whole.ids.len());
+        proptest::prop_assert!(first.ids.len() >= n);
+        proptest::prop_assert_eq!(&first.ids[..n], &whole.ids[..n]);
+        proptest::prop_assert_eq!(&first.labels[..n], &whole.labels[..n]);
+    }
+}
+
+/// Encoding by prefixes on texts built to trip it (each caught by the
+/// settled margin, and the first by the second cut too): a token cut by
+/// the prefix's end is not taken ("12" cut to "1"), and a tokenizer whose
+/// one token spans the whole text (word-level without a pre-tokenizer)
+/// ends up encoding it whole.
+#[test]
+fn encoding_by_prefixes_takes_no_token_the_cut_may_have_changed() {
+    let (words, _) = load_tokenizer(&graft_trainer::embedded::model_dir().unwrap()).unwrap();
+    let text = " ".repeat(63) + "12" + &" 3".repeat(1000);
+    let r = Rendered {
+        trainable: std::iter::once(0..text.len()).collect(),
+        text,
+    };
+    let first = tokenize(&words, &r, false, 1).unwrap();
+    assert_eq!(first.ids[0], words.token_to_id("12").unwrap() as i32);
+
+    let whole_word: tokenizers::Tokenizer = r#"{"version": "1.0", "model": {"type": "WordLevel",
+        "vocab": {"<unk>": 0, "a": 1}, "unk_token": "<unk>"}}"#
+        .parse()
+        .unwrap();
+    let text = "a".repeat(10_000);
+    let r = Rendered {
+        trainable: std::iter::once(9_000..10_000).collect(),
+        text,
+    };
+    let first = tokenize(&whole_word, &r, false, 1).unwrap();
+    assert_eq!(first, tokenize(&whole_word, &r, false, usize::MAX).unwrap());
+    assert_eq!(first.labels, [0], "the one token overlaps the trained span");
+}
+
+/// Exact match keeps only the examples that fit in max_len (generating past
+/// the trained length measures nothing), and says how many it left out.
+#[test]
+fn exact_match_references_are_the_examples_that_fit() {
+    use graft_trainer::data::batch::Overflow;
+    use graft_trainer::data::prepare::{prepare, PrepareOptions};
+    let (tok, sp) = load_tokenizer(&data_dir()).unwrap();
+    let path = data_dir().join("alpaca.jsonl");
+    let at = |max_len| {
+        let opts = PrepareOptions {
+            format: Format::Alpaca,
+            template: Template::Llama3,
+            max_len,
+            overflow: Overflow::Truncate,
+            train_on_inputs: false,
+        };
+        prepare(&path, &opts, &tok, &sp).unwrap()
+    };
+    let all = at(4096);
+    assert_eq!((all.references.len(), all.unreferenced), (5, 0));
+    assert_eq!(all.exact_match_note(), None);
+    let lengths: Vec<usize> = all.docs.iter().map(|d| d.ids.len()).collect();
+    let max_len = *lengths.iter().min().unwrap();
+    let fits = lengths.iter().filter(|&&n| n <= max_len).count();
+    let cut = at(max_len);
+    assert_eq!((cut.references.len(), cut.unreferenced), (fits, 5 - fits));
+    assert!(cut.truncated == 5 - fits && fits < 5, "{lengths:?}");
+    let note = cut.exact_match_note().unwrap();
+    assert!(
+        note.contains(&format!("leaves out {} of 5", 5 - fits)),
+        "{note}"
+    );
 }

@@ -132,3 +132,27 @@ fn bad_arguments_give_one_clear_line() {
         assert!(!out.exists(), "no output written on failure");
     }
 }
+
+/// More ids than the model's max_position_embeddings (128) still run, with
+/// a note on stderr; at the limit there is none.
+#[test]
+fn ids_past_the_trained_positions_get_a_note() {
+    let model = fixtures().join("llama/model");
+    let out = out_path("positions");
+    for (n, noted) in [(128, false), (130, true)] {
+        let ids = vec!["1"; n].join(",");
+        let res = trainer(&[
+            "logits",
+            "--model",
+            model.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--input-ids",
+            &ids,
+        ]);
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(res.status.success(), "{err}");
+        let note = format!("the {n} tokens of --input-ids reach {n} positions, more than the model's max_position_embeddings (128)");
+        assert_eq!(err.contains(&note), noted, "{n} ids: {err:?}");
+    }
+}

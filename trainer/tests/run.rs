@@ -439,6 +439,54 @@ fn runs_and_resumes_refuse_what_would_be_silently_wrong() {
     );
 }
 
+/// A resume on base-model files that changed under the same path is
+/// refused (one weight value is enough); eval data that changed is a note,
+/// since the steps stay exact.
+#[test]
+fn a_resume_refuses_a_changed_base_model_and_notes_changed_eval_data() {
+    let (model, data) = (tmp("changed-model"), tmp("changed-data"));
+    let copy = |from: &Path, to: &Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for f in std::fs::read_dir(from).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+        }
+    };
+    copy(&graft_trainer::embedded::model_dir().unwrap(), &model);
+    copy(&graft_trainer::embedded::data_dir().unwrap(), &data);
+    let sets = [
+        format!("model.path={}", model.display()),
+        format!("data.train={}", data.join("train.jsonl").display()),
+        format!("data.eval={}", data.join("eval.jsonl").display()),
+        "data.format=\"messages\"".into(),
+        "data.template=\"chatml\"".into(),
+        "data.max_seq_len=64".into(),
+        "output.save_steps=2".into(),
+    ];
+    let extra: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let out = tmp("changed-run");
+    err(&run_cli(&out, &extra, &["--stop-after", "3"]));
+
+    // The eval set loses its last record: the run resumes, with a note.
+    let eval = data.join("eval.jsonl");
+    let text = std::fs::read_to_string(&eval).unwrap();
+    let fewer: Vec<&str> = text.lines().collect();
+    std::fs::write(&eval, fewer[..fewer.len() - 1].join("\n")).unwrap();
+    let stdout = ok(&run_cli(&out, &extra, &["--resume"]));
+    assert!(stdout.contains("note: the eval data differs"), "{stdout}");
+
+    // One byte of the first stored weight changes (a bf16 mantissa bit):
+    // resuming the finished run's last checkpoint is refused.
+    let weights = model.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    bytes[8 + header] ^= 1;
+    std::fs::write(&weights, bytes).unwrap();
+    let e = err(&run_cli(&out, &extra, &["--resume"]));
+    assert!(e.contains("made with another base model than"), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
+}
+
 /// The other subcommands on a freshly trained adapter: eval, generate,
 /// merge; and `--help` carrying every configuration key.
 #[test]

@@ -26,6 +26,9 @@ pub fn run(args: Args) -> Result<(), CliError> {
     })?;
     let data = s.prepare(&path)?;
     println!("eval data: {}", data.summary());
+    if let Some(note) = data.exact_match_note() {
+        println!("{note}");
+    }
     let eval = EvalPlan::new(&s, &data.docs)?;
     let mut exec = Executor::new(s.cfg.train.device)?;
     exec.require_gpu(eval.plan())?;

@@ -111,12 +111,12 @@ pub fn run(args: Args) -> Result<(), CliError> {
     );
     // On stderr: stdout is the generated text alone.
     eprintln!("device: {}", g.placement()?);
-    let reach = ids.len() + args.max_new_tokens;
-    if let Some(max) = model.config.max_position_embeddings.filter(|&m| reach > m) {
-        eprintln!(
-            "note: the prompt ({} tokens) and --max-new-tokens reach {reach} positions, more than the model's max_position_embeddings ({max}): positions past it were never trained",
-            ids.len()
-        );
+    let what = format!("the prompt ({} tokens) and --max-new-tokens", ids.len());
+    if let Some(note) = model
+        .config
+        .positions_note(&what, ids.len() + args.max_new_tokens)
+    {
+        eprintln!("{note}");
     }
     let sampling = Sampling {
         temperature: args.temperature,

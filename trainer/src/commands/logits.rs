@@ -70,6 +70,10 @@ pub fn run(args: Args) -> Result<(), CliError> {
             args.model.join("config.json").display()
         )));
     }
+    let what = format!("the {} tokens of --input-ids", ids.len());
+    if let Some(note) = model.config.positions_note(&what, ids.len()) {
+        eprintln!("{note}");
+    }
     let lora = args
         .adapter
         .as_deref()

@@ -37,8 +37,11 @@ pub struct Prepared {
     pub truncated: usize,
     pub dropped: usize,
     pub no_target: usize,
-    /// One per example with an answer (not plain text), in file order.
+    /// One per example with an answer (not plain text) that fits in
+    /// `max_len`, in file order.
     pub references: Vec<Reference>,
+    /// Examples with an answer left out of `references` as too long.
+    pub unreferenced: usize,
 }
 
 impl Prepared {
@@ -58,6 +61,17 @@ impl Prepared {
             .flat_map(i32::to_le_bytes)
             .collect();
         format!("{:016x}", graft_engine::kernels::cache::fnv1a(&[&bytes]))
+    }
+
+    /// A note for exact-match evaluation when examples were left out of it.
+    pub fn exact_match_note(&self) -> Option<String> {
+        (self.unreferenced > 0).then(|| {
+            format!(
+                "note: exact match leaves out {} of {} answered examples, longer than data.max_seq_len",
+                self.unreferenced,
+                self.unreferenced + self.references.len()
+            )
+        })
     }
 
     pub fn summary(&self) -> String {
@@ -91,6 +105,7 @@ pub fn prepare(
     let examples = read_records(path, opts.format)?;
     let mut docs = Vec::with_capacity(examples.len());
     let mut references = Vec::new();
+    let mut unreferenced = 0;
     for (line, ex) in &examples {
         // Rendering and tokenizing errors name the record's line.
         let at = |e: DataError| DataError::Line {
@@ -99,25 +114,39 @@ pub fn prepare(
             msg: e.to_string(),
         };
         let r = render(opts.template, ex, sp).map_err(at)?;
-        if let (Some(ans), Some(last)) = (answer(ex), r.trainable.last()) {
-            let prompt: Vec<i32> = tok
-                .encode(&r.text[..last.start], false)
-                .map_err(|e| at(DataError::Tokenizer(e.to_string())))?
-                .get_ids()
-                .iter()
-                .map(|&i| i as i32)
-                .collect();
-            if prompt.is_empty() {
-                return Err(at(DataError::Template(
-                    "nothing comes before the answer, so there is no prompt to answer".into(),
-                )));
+        // One token past max_len shows an example is longer.
+        let doc = tokenize(
+            tok,
+            &r,
+            opts.train_on_inputs,
+            opts.max_len.saturating_add(1),
+        )
+        .map_err(at)?;
+        match (answer(ex), r.trainable.last()) {
+            // Generating past the trained length would measure nothing (and
+            // hold a cache for the whole prompt).
+            (Some(_), Some(_)) if doc.ids.len() > opts.max_len => unreferenced += 1,
+            (Some(ans), Some(last)) => {
+                let prompt: Vec<i32> = tok
+                    .encode(&r.text[..last.start], false)
+                    .map_err(|e| at(DataError::Tokenizer(e.to_string())))?
+                    .get_ids()
+                    .iter()
+                    .map(|&i| i as i32)
+                    .collect();
+                if prompt.is_empty() {
+                    return Err(at(DataError::Template(
+                        "nothing comes before the answer, so there is no prompt to answer".into(),
+                    )));
+                }
+                references.push(Reference {
+                    prompt,
+                    answer: ans.to_string(),
+                });
             }
-            references.push(Reference {
-                prompt,
-                answer: ans.to_string(),
-            });
+            _ => {}
         }
-        docs.push(tokenize(tok, &r, opts.train_on_inputs).map_err(at)?);
+        docs.push(doc);
     }
     let fitted = fit(docs, opts.max_len, opts.overflow);
     let out = Prepared {
@@ -127,6 +156,7 @@ pub fn prepare(
         dropped: fitted.dropped,
         no_target: fitted.no_target,
         references,
+        unreferenced,
     };
     if out.docs.is_empty() {
         return Err(DataError::Io {

@@ -29,6 +29,13 @@ pub struct TrainerState {
     /// checkpoints made before it was kept).
     #[serde(default)]
     pub data: String,
+    /// The base model's `Session::model_digest` (empty in older ones).
+    #[serde(default)]
+    pub model: String,
+    /// The eval data's `Prepared::digest` (empty without eval data, and in
+    /// older checkpoints).
+    #[serde(default)]
+    pub eval: String,
 }
 
 pub const STATE: &str = "trainer_state.json";
@@ -88,11 +95,13 @@ pub fn remove_partial(out: &Path) {
 
 /// Fails unless the checkpoint `dir` (whose state is `st`) can continue
 /// this run exactly: its state names its own step and a micro-batch of an
-/// epoch of `epoch_len`, the training data (`path`, prepared) is the data
-/// it was made with, and it is not past the run's `total` steps.
+/// epoch of `epoch_len`, the base model (`model_dir`, its digest) and the
+/// training data (`path`, prepared) are the ones it was made with, and it
+/// is not past the run's `total` steps.
 pub fn check_resumable(
     dir: &Path,
     st: &TrainerState,
+    (model_dir, model): (&Path, &str),
     (path, data): (PathBuf, &Prepared),
     epoch_len: usize,
     total: usize,
@@ -103,7 +112,14 @@ pub fn check_resumable(
             dir.display()
         )))
     };
-    // Checked first: other data also moves the epoch's length.
+    // Checked first: another model (its tokenizer) also changes the data's
+    // tokens, and other data the epoch's length.
+    if !st.model.is_empty() && st.model != model {
+        return fail(format!(
+            "made with another base model than {} holds now (its weights or config.json changed); resume with the same model files, or set output.dir to start a new run",
+            model_dir.display()
+        ));
+    }
     if !st.data.is_empty() && st.data != data.digest() {
         return fail(format!(
             "made with other training data than {} gives now ({}); resume with the same data, or set output.dir to start a new run",

@@ -299,13 +299,17 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
         }
     })?;
     println!("train data: {}", train_data.summary());
-    let (eval_plan, refs) = match s.eval_path() {
+    let (eval_plan, refs, eval_digest) = match s.eval_path() {
         Some(p) => {
             let d = s.prepare(&p)?;
             println!("eval data: {}", d.summary());
-            (Some(EvalPlan::new(&s, &d.docs)?), d.references)
+            if let Some(note) = d.exact_match_note().filter(|_| cfg.output.eval_accuracy) {
+                println!("{note}");
+            }
+            let digest = Some(d.digest());
+            (Some(EvalPlan::new(&s, &d.docs)?), d.references, digest)
         }
-        None => (None, Vec::new()),
+        None => (None, Vec::new(), None),
     };
     if cfg.output.eval_accuracy && eval_plan.is_some() && refs.is_empty() {
         println!(
@@ -339,15 +343,9 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
         .map(|d| d.ids.len())
         .max()
         .unwrap_or(0);
-    if let Some(max) = s
-        .model
-        .config
-        .max_position_embeddings
-        .filter(|&m| longest > m)
-    {
-        println!(
-            "note: the longest sequence has {longest} tokens, more than the model's max_position_embeddings ({max}): positions past it were never trained"
-        );
+    let what = format!("the longest sequence's {longest} tokens");
+    if let Some(note) = s.model.config.positions_note(&what, longest) {
+        println!("{note}");
     }
     let pad_id = s.pad_id;
     let epoch_batches = |epoch: usize| -> Vec<Packed> {
@@ -370,9 +368,18 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
     // Packing can change the batch count from one epoch's order to the
     // next: the schedule counts the first epoch's.
     let total = total_steps(cfg, epoch_batches(0).len());
+    let model_digest = s.model_digest()?;
     if let (Some(dir), Some(st0)) = (&resume_from, &state0) {
+        let model = (s.model_dir.as_path(), model_digest.as_str());
         let data = (s.train_path()?, &train_data);
-        checkpoint::check_resumable(dir, st0, data, epoch.micro.len(), total)?;
+        checkpoint::check_resumable(dir, st0, model, data, epoch.micro.len(), total)?;
+        // Other eval data changes no step, only what the eval loss means.
+        if !st0.eval.is_empty() && eval_digest.as_deref() != Some(st0.eval.as_str()) {
+            println!(
+                "note: the eval data differs from what {} was evaluated on: eval figures before and after this resume do not compare",
+                dir.display()
+            );
+        }
     }
 
     let full = cfg.adapter.method == Method::Full;
@@ -412,6 +419,8 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
     let mut st = TrainerState {
         config: session::config_text(cfg),
         data: train_data.digest(),
+        model: model_digest,
+        eval: eval_digest.unwrap_or_default(),
         ..Default::default()
     };
     if let (Some(dir), Some(saved)) = (&resume_from, &state0) {

@@ -241,6 +241,17 @@ impl Session {
         }
     }
 
+    /// A fingerprint of the base model (its weights as stored, and its
+    /// config.json): a resumed run must train on the same one.
+    pub fn model_digest(&self) -> Result<String, RunError> {
+        let config = self.model_dir.join("config.json");
+        let config = std::fs::read(&config)
+            .map_err(|e| RunError::Io(format!("{}: {e}", config.display())))?;
+        let weights = graft_models::checkpoint::Checkpoint::open(&self.model_dir)?.fingerprint();
+        let h = graft_engine::kernels::cache::fnv1a(&[&config, weights.as_bytes()]);
+        Ok(format!("{h:016x}"))
+    }
+
     /// The name written as the adapter's base model.
     pub fn base_name(&self) -> String {
         if self.cfg.model.path.as_os_str().is_empty() {
