@@ -6,12 +6,12 @@ Writes tests/fixtures/data/:
     tokenizer.json          small byte-level BPE (GPT-2 style), trained here on a built-in corpus
     tokenizer_config.json   bos <|begin_of_text|>, eos <|eot_id|>, pad <pad>
     encodings.json          `tokenizers` encode ids / tokens and decode for edge-case strings
-    templates.json          transformers `apply_chat_template` renderings (Llama-3, Llama-2, ChatML)
+    templates.json          transformers `apply_chat_template` renderings (Llama-3, Llama-2, ChatML, Gemma)
                             with the loss spans, plus Alpaca prompt renderings
     alpaca.jsonl, messages.jsonl, text.jsonl, bad.jsonl   small datasets (bad.jsonl: line 3 is not JSON)
     VERSIONS.json
 
-Nothing is downloaded: the tokenizer is trained from the sentences below and the three Jinja
+Nothing is downloaded: the tokenizer is trained from the sentences below and the four Jinja
 chat templates are written out here verbatim (the `chat_template` strings of the official
 tokenizer_config.json files). See tests/oracle/README.md ("Data fixtures").
 
@@ -52,6 +52,10 @@ SPECIAL_TOKENS = [
     "[/INST]",
     "<<SYS>>",
     "<</SYS>>",
+    "<bos>",
+    "<eos>",
+    "<start_of_turn>",
+    "<end_of_turn>",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -91,6 +95,17 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# google/gemma-2-2b-it, tokenizer_config.json "chat_template" (google/gemma-7b-it's is the same):
+# no system role, turns must alternate, the assistant is "model", contents `| trim`-ed.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+
 TEMPLATES = {
     # name: (jinja, bos_token, eos_token, end-of-turn marker, separator between the rendered
     #        content and the marker, how the template trims the assistant content, source)
@@ -120,6 +135,16 @@ TEMPLATES = {
         content_to_marker="",
         content_transform="none",
         source="teknium/OpenHermes-2.5-Mistral-7B tokenizer_config.json chat_template (ChatML)",
+    ),
+    "gemma": dict(
+        jinja=GEMMA_TEMPLATE,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        end_of_turn="<end_of_turn>",
+        content_to_marker="",
+        content_transform="strip",  # Jinja `| trim`
+        system=False,  # raises on a system message: conversations with one are left out
+        source="google/gemma-2-2b-it tokenizer_config.json chat_template",
     ),
 }
 
@@ -274,6 +299,7 @@ ENCODE_STRINGS = [
     "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>",
     "<s>[INST] Hi [/INST] Hello </s>",
     "<|im_start|>assistant\nOK<|im_end|>\n",
+    "<bos><start_of_turn>model\nOK<end_of_turn>\n",
     "a<pad>b",
     "<|eot_id <|eot_id|",  # not special tokens (incomplete)
     "don't it's we'll I'M",
@@ -338,6 +364,16 @@ CONVERSATIONS = [
         name="system_multi_turn_whitespace_unicode",
         messages=[
             {"role": "system", "content": "Answer briefly.\n"},
+            {"role": "user", "content": "  Un café, s'il vous plaît.  "},
+            {"role": "assistant", "content": " Voilà votre café ☕ !\n"},
+            {"role": "user", "content": "日本の首都は?"},
+            {"role": "assistant", "content": "東京です。\n\nTokyo 🗼"},
+        ],
+    ),
+    dict(
+        # The same without the system message: what templates without a system role render.
+        name="multi_turn_whitespace_unicode",
+        messages=[
             {"role": "user", "content": "  Un café, s'il vous plaît.  "},
             {"role": "assistant", "content": " Voilà votre café ☕ !\n"},
             {"role": "user", "content": "日本の首都は?"},
@@ -452,7 +488,7 @@ def assistant_spans(hf, spec, messages, text, add_generation_prompt):
         turn = through[len(before):]
         content = m["content"].strip() if spec["content_transform"] == "strip" else m["content"]
         lead = " " if spec["content_to_marker"] == " " else ""
-        tail = "\n" if spec["end_of_turn"] == "<|im_end|>" else ""
+        tail = "\n" if spec["end_of_turn"] in ("<|im_end|>", "<end_of_turn>") else ""
         assert turn == lead + content + spec["content_to_marker"] + spec["end_of_turn"] + tail, repr(turn)
         start = len(before) + len(lead)
         end = len(through) - len(tail)
@@ -469,7 +505,18 @@ def chat_renderings(base_tok):
             kw["bos_token"] = spec["bos_token"]
         hf = PreTrainedTokenizerFast(**kw)
         rend = []
-        for conv in CONVERSATIONS:
+        # A template without a system role raises on one (checked), and renders the rest.
+        has_system = lambda conv: any(m["role"] == "system" for m in conv["messages"])
+        for conv in CONVERSATIONS + GENERATION_CONVERSATIONS:
+            if not spec.get("system", True) and has_system(conv):
+                try:
+                    render(hf, spec["jinja"], conv["messages"], False)
+                except jinja2.exceptions.TemplateError as e:
+                    assert "System role not supported" in str(e), e
+                else:
+                    raise AssertionError(f"{name} rendered a system message")
+        keep = lambda convs: [c for c in convs if spec.get("system", True) or not has_system(c)]
+        for conv in keep(CONVERSATIONS):
             text = render(hf, spec["jinja"], conv["messages"], False)
             spans = assistant_spans(hf, spec, conv["messages"], text, False)
             assert len(spans) == sum(m["role"] == "assistant" for m in conv["messages"])
@@ -482,7 +529,7 @@ def chat_renderings(base_tok):
                 dict(name=conv["name"], messages=conv["messages"], add_generation_prompt=False, text=text,
                      **span_record(text, spans, base_tok))
             )
-        for conv in GENERATION_CONVERSATIONS:
+        for conv in keep(GENERATION_CONVERSATIONS):
             text = render(hf, spec["jinja"], conv["messages"], True)
             spans = assistant_spans(hf, spec, conv["messages"], text, True)
             rend.append(

@@ -110,6 +110,8 @@ pub enum TemplateName {
     Llama3,
     #[serde(rename = "chatml")]
     ChatMl,
+    #[serde(rename = "gemma")]
+    Gemma,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]

@@ -44,7 +44,7 @@ pub struct Generator<'a> {
 
 /// Tokens that end a response: EOS and the chat templates' end-of-turn tokens.
 pub fn stop_tokens(tok: &Tokenizer, eos: &str) -> Vec<i32> {
-    [eos, "<|im_end|>", "<|eot_id|>", "</s>"]
+    [eos, "<|im_end|>", "<|eot_id|>", "</s>", "<end_of_turn>"]
         .iter()
         .filter_map(|t| tok.token_to_id(t))
         .map(|i| i as i32)

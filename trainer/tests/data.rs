@@ -36,6 +36,23 @@ fn spans(v: &Value) -> Vec<std::ops::Range<usize>> {
         .collect()
 }
 
+/// A fixture's messages as turns.
+fn turns_of(messages: &Value) -> Vec<(Role, String)> {
+    messages
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let role = match m["role"].as_str().unwrap() {
+                "system" => Role::System,
+                "user" => Role::User,
+                _ => Role::Assistant,
+            };
+            (role, m["content"].as_str().unwrap().to_string())
+        })
+        .collect()
+}
+
 #[test]
 fn tokenizer_matches_hf_tokenizers() {
     let (tok, sp) = load_tokenizer(&data_dir()).unwrap();
@@ -72,25 +89,13 @@ fn chat_templates_match_transformers_with_their_loss_spans() {
         ("llama-3", Template::Llama3),
         ("llama-2", Template::Llama2),
         ("chatml", Template::ChatMl),
+        ("gemma", Template::Gemma),
     ] {
         for r in t["templates"][name]["renderings"].as_array().unwrap() {
             if r["add_generation_prompt"].as_bool().unwrap() {
                 continue; // generation prompts are for `trainer generate`
             }
-            let turns = r["messages"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|m| {
-                    let role = match m["role"].as_str().unwrap() {
-                        "system" => Role::System,
-                        "user" => Role::User,
-                        _ => Role::Assistant,
-                    };
-                    (role, m["content"].as_str().unwrap().to_string())
-                })
-                .collect();
-            let got = render(template, &Example::Chat(turns), &sp).unwrap();
+            let got = render(template, &Example::Chat(turns_of(&r["messages"])), &sp).unwrap();
             let what = format!("{name} {}", r["name"]);
             assert_eq!(got.text, r["text"].as_str().unwrap(), "{what}");
             assert_eq!(got.trainable, spans(&r["spans_byte"]), "{what}");
@@ -104,7 +109,34 @@ fn chat_templates_match_transformers_with_their_loss_spans() {
             checked += 1;
         }
     }
-    assert!(checked >= 12, "{checked} renderings checked");
+    assert!(checked >= 18, "{checked} renderings checked");
+}
+
+/// The prompt generation continues (a conversation rendered with an empty
+/// last assistant turn, cut before it) is transformers' rendering with
+/// `add_generation_prompt` (llama-2's template has none).
+#[test]
+fn generation_prompts_match_transformers() {
+    let (_, sp) = load_tokenizer(&data_dir()).unwrap();
+    let t = json("templates.json");
+    let mut checked = 0;
+    for (name, template) in [
+        ("llama-3", Template::Llama3),
+        ("chatml", Template::ChatMl),
+        ("gemma", Template::Gemma),
+    ] {
+        for r in t["templates"][name]["renderings"].as_array().unwrap() {
+            if !r["add_generation_prompt"].as_bool().unwrap() {
+                continue;
+            }
+            let mut turns = turns_of(&r["messages"]);
+            turns.push((Role::Assistant, String::new()));
+            let got = render(template, &Example::Chat(turns), &sp).unwrap();
+            assert_eq!(got.prompt(), r["text"].as_str().unwrap(), "{name}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 5, "{checked} prompts checked");
 }
 
 #[test]
@@ -141,7 +173,7 @@ fn jsonl_formats_read_and_bad_lines_name_file_and_line() {
     assert_eq!(alpaca.len(), 5);
     assert!(matches!(&alpaca[3], Example::Alpaca { input, .. } if input.is_empty()));
     let chats = read_jsonl(&d.join("messages.jsonl"), Format::Messages).unwrap();
-    assert_eq!(chats.len(), 4);
+    assert_eq!(chats.len(), 5);
     assert_eq!(
         read_jsonl(&d.join("text.jsonl"), Format::Text)
             .unwrap()
@@ -167,10 +199,11 @@ fn jsonl_formats_read_and_bad_lines_name_file_and_line() {
 }
 
 /// A UTF-8 byte-order mark and CRLF line ends are read through; bytes that
-/// are not UTF-8 name their line; a llama-2 conversation out of turn is
-/// refused, as transformers' template refuses it.
+/// are not UTF-8 name their line; a llama-2 or gemma conversation out of
+/// turn, or a system message to gemma, is refused, as transformers'
+/// templates refuse them.
 #[test]
-fn jsonl_quirks_and_llama2_turn_order() {
+fn jsonl_quirks_and_chat_turn_order() {
     let bom = tmp("bom.jsonl");
     std::fs::write(
         &bom,
@@ -188,16 +221,26 @@ fn jsonl_quirks_and_llama2_turn_order() {
         |roles: &[Role]| Example::Chat(roles.iter().map(|&r| (r, "x".to_string())).collect());
     let good = [Role::System, Role::User, Role::Assistant, Role::User];
     assert!(render(Template::Llama2, &chat(&good), &sp).is_ok());
-    for bad in [
-        &[Role::Assistant][..],
-        &[Role::User, Role::User, Role::Assistant],
-        &[Role::System, Role::Assistant],
+    for (t, bad) in [
+        (Template::Llama2, &[Role::Assistant][..]),
+        (Template::Llama2, &[Role::User, Role::User, Role::Assistant]),
+        (Template::Llama2, &[Role::System, Role::Assistant]),
+        (Template::Llama2, &[Role::User, Role::System]),
+        (Template::Gemma, &[Role::Assistant, Role::User]),
+        (
+            Template::Gemma,
+            &[Role::User, Role::Assistant, Role::Assistant],
+        ),
     ] {
-        let e = render(Template::Llama2, &chat(bad), &sp)
-            .unwrap_err()
-            .to_string();
+        let e = render(t, &chat(bad), &sp).unwrap_err().to_string();
         assert!(e.contains("alternating user/assistant"), "{bad:?}: {e}");
+        assert!(e.contains(&format!("{} needs", t.name())), "{e}");
     }
+    // Gemma's template has no system role.
+    let e = render(Template::Gemma, &chat(&good), &sp)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("gemma has no system role"), "{e}");
 }
 
 #[test]

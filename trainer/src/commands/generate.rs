@@ -22,7 +22,7 @@ pub struct Args {
     #[arg(long)]
     prompt: String,
     /// Wrap the prompt as a user turn of this chat template (alpaca,
-    /// llama-2, llama-3, chatml) and generate the assistant's answer;
+    /// llama-2, llama-3, chatml, gemma) and generate the assistant's answer;
     /// without it the prompt is plain text after BOS.
     #[arg(long)]
     template: Option<String>,
@@ -80,7 +80,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
             let t = Template::parse(name).ok_or_else(|| {
                 CliError::Usage(format!(
                     "--template {name:?}: not one of {}",
-                    Template::NAMES.join(", ")
+                    Template::ALL.map(Template::name).join(", ")
                 ))
             })?;
             let ex = Example::Alpaca {
@@ -88,10 +88,7 @@ pub fn run(args: Args) -> Result<(), CliError> {
                 input: String::new(),
                 output: String::new(),
             };
-            let r = render(t, &ex, &sp)?;
-            // The prompt: everything before the (empty) answer.
-            let end = r.trainable.first().map_or(r.text.len(), |s| s.start);
-            r.text[..end].to_string()
+            render(t, &ex, &sp)?.prompt().to_string()
         }
         None => format!("{}{}", sp.bos.as_deref().unwrap_or(""), args.prompt),
     };

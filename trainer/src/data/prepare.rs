@@ -126,9 +126,9 @@ pub fn prepare(
             // Generating past the trained length would measure nothing (and
             // hold a cache for the whole prompt).
             (Some(_), Some(_)) if doc.ids.len() > opts.max_len => unreferenced += 1,
-            (Some(ans), Some(last)) => {
+            (Some(ans), Some(_)) => {
                 let prompt: Vec<i32> = tok
-                    .encode(&r.text[..last.start], false)
+                    .encode(r.prompt(), false)
                     .map_err(|e| at(DataError::Tokenizer(e.to_string())))?
                     .get_ids()
                     .iter()

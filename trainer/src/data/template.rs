@@ -12,21 +12,21 @@ pub enum Template {
     Llama2,
     Llama3,
     ChatMl,
+    Gemma,
     Alpaca,
 }
 
 impl Template {
-    pub const NAMES: [&'static str; 4] = ["llama-2", "llama-3", "chatml", "alpaca"];
+    pub const ALL: [Template; 5] = [
+        Template::Llama2,
+        Template::Llama3,
+        Template::ChatMl,
+        Template::Gemma,
+        Template::Alpaca,
+    ];
 
     pub fn parse(s: &str) -> Option<Template> {
-        [
-            Template::Llama2,
-            Template::Llama3,
-            Template::ChatMl,
-            Template::Alpaca,
-        ]
-        .into_iter()
-        .find(|t| t.name() == s)
+        Template::ALL.into_iter().find(|t| t.name() == s)
     }
 
     pub fn name(self) -> &'static str {
@@ -34,6 +34,7 @@ impl Template {
             Template::Llama2 => "llama-2",
             Template::Llama3 => "llama-3",
             Template::ChatMl => "chatml",
+            Template::Gemma => "gemma",
             Template::Alpaca => "alpaca",
         }
     }
@@ -51,6 +52,7 @@ impl Template {
                 "<|eot_id|>",
             ],
             Template::ChatMl => &["<|im_start|>", "<|im_end|>"],
+            Template::Gemma => &["<bos>", "<start_of_turn>", "<end_of_turn>"],
             Template::Alpaca => &[],
         }
     }
@@ -75,6 +77,13 @@ pub struct Rendered {
 }
 
 impl Rendered {
+    /// The text before the last trained span: for a conversation ending in
+    /// an (empty) assistant turn, the prompt that generation continues, as
+    /// transformers' `add_generation_prompt` writes it.
+    pub fn prompt(&self) -> &str {
+        &self.text[..self.trainable.last().map_or(self.text.len(), |s| s.start)]
+    }
+
     fn push(&mut self, s: &str, trainable: bool) {
         let start = self.text.len();
         self.text.push_str(s);
@@ -141,7 +150,7 @@ pub fn render(t: Template, ex: &Example, sp: &Specials) -> Result<Rendered, Data
     };
     match t {
         Template::Alpaca => return Err(DataError::Template(
-            "the alpaca template takes alpaca records; use llama-2, llama-3 or chatml for messages"
+            "the alpaca template takes alpaca records; use llama-2, llama-3, chatml or gemma for messages"
                 .into(),
         )),
         Template::Llama3 => {
@@ -170,37 +179,59 @@ pub fn render(t: Template, ex: &Example, sp: &Specials) -> Result<Rendered, Data
                 Some((Role::System, s)) => (Some(s.as_str()), &turns[1..]),
                 _ => (None, &turns[..]),
             };
+            alternating(t, rest, "(after an optional system message)")?;
             for (i, (role, content)) in rest.iter().enumerate() {
                 let content = match (i, system) {
                     (0, Some(s)) => format!("<<SYS>>\n{s}\n<</SYS>>\n\n{content}"),
                     _ => content.clone(),
                 };
-                // transformers' llama-2 template raises on any other order.
-                let want = if i % 2 == 0 {
-                    Role::User
+                if *role == Role::User {
+                    r.push(&format!("<s>[INST] {} [/INST]", content.trim()), false);
                 } else {
-                    Role::Assistant
-                };
-                if *role != want && *role != Role::System {
-                    return Err(DataError::Template(
-                        "llama-2 needs turns alternating user/assistant, starting with user (after an optional system message)".into(),
-                    ));
+                    r.push(" ", false);
+                    r.push(content.trim(), true);
+                    r.push(" </s>", true);
                 }
-                match role {
-                    Role::User => r.push(&format!("<s>[INST] {} [/INST]", content.trim()), false),
-                    Role::Assistant => {
-                        r.push(" ", false);
-                        r.push(content.trim(), true);
-                        r.push(" </s>", true);
-                    }
-                    Role::System => {
-                        return Err(DataError::Template(
-                            "llama-2 allows a system message only first".into(),
-                        ))
-                    }
-                }
+            }
+        }
+        Template::Gemma => {
+            if turns.iter().any(|(role, _)| *role == Role::System) {
+                return Err(DataError::Template(
+                    "gemma has no system role (its template refuses one): fold the system message into the first user turn".into(),
+                ));
+            }
+            alternating(t, &turns, "")?;
+            r.push("<bos>", false);
+            for (role, content) in &turns {
+                let train = *role == Role::Assistant;
+                let name = if train { "model" } else { "user" };
+                r.push(&format!("<start_of_turn>{name}\n"), false);
+                r.push(content.trim(), train);
+                r.push("<end_of_turn>", train);
+                r.push("\n", false);
             }
         }
     }
     Ok(r)
+}
+
+/// Templates whose Jinja source raises on any other order (llama-2, gemma):
+/// `turns` must alternate user, assistant, user, ... from a user turn.
+fn alternating(t: Template, turns: &[(Role, String)], after: &str) -> Result<(), DataError> {
+    let ordered = turns.iter().enumerate().all(|(i, (role, _))| {
+        *role
+            == if i % 2 == 0 {
+                Role::User
+            } else {
+                Role::Assistant
+            }
+    });
+    match ordered {
+        true => Ok(()),
+        false => Err(DataError::Template(format!(
+            "{} needs turns alternating user/assistant, starting with user{}{after}",
+            t.name(),
+            if after.is_empty() { "" } else { " " }
+        ))),
+    }
 }

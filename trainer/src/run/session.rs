@@ -188,6 +188,7 @@ impl Session {
                 TemplateName::Llama2 => Template::Llama2,
                 TemplateName::Llama3 => Template::Llama3,
                 TemplateName::ChatMl => Template::ChatMl,
+                TemplateName::Gemma => Template::Gemma,
             },
             max_len: d.max_seq_len,
             overflow: match d.overflow {
