@@ -408,6 +408,9 @@ fn runs_and_resumes_refuse_what_would_be_silently_wrong() {
     for (key, v, want) in [
         ("step", 7, "says step 7"),
         ("micro", 99999, "says micro-batch 99999"),
+        ("optimizer_steps", 3, "says 3 optimizer steps at step 2"),
+        ("epoch", 3, "says epoch 3 at step 2"),
+        ("micro_step", 5, "says 5 micro-batches done"),
     ] {
         let mut st: Value = serde_json::from_str(&saved).unwrap();
         st[key] = v.into();

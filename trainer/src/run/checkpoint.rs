@@ -94,16 +94,17 @@ pub fn remove_partial(out: &Path) {
 }
 
 /// Fails unless the checkpoint `dir` (whose state is `st`) can continue
-/// this run exactly: its state names its own step and a micro-batch of an
-/// epoch of `epoch_len`, the base model (`model_dir`, its digest) and the
-/// training data (`path`, prepared) are the ones it was made with, and it
-/// is not past the run's `total` steps.
+/// this run exactly: the base model (`model_dir`, its digest) and the
+/// training data (`path`, prepared) are the ones it was made with; its
+/// state names its own step, as many optimizer steps, a micro-batch of its
+/// epoch (`epoch_len(e)` micro-batches in epoch `e`) and the micro-batches
+/// done before it; and it is not past the run's `total` steps.
 pub fn check_resumable(
     dir: &Path,
     st: &TrainerState,
     (model_dir, model): (&Path, &str),
     (path, data): (PathBuf, &Prepared),
-    epoch_len: usize,
+    epoch_len: impl Fn(usize) -> usize,
     total: usize,
 ) -> Result<(), RunError> {
     let fail = |msg: String| {
@@ -133,10 +134,30 @@ pub fn check_resumable(
             st.step
         ));
     }
-    if st.micro > epoch_len {
-        return fail(format!(
-            "{STATE} says micro-batch {} of epoch {}, which has {epoch_len}: the file is damaged",
+    let damaged = |what: String| fail(format!("{STATE} says {what}: the file is damaged"));
+    if st.optimizer_steps != st.step as u64 {
+        return damaged(format!(
+            "{} optimizer steps at step {}",
+            st.optimizer_steps, st.step
+        ));
+    }
+    // Every epoch takes a step at least (bounds the count below).
+    if st.epoch > st.step {
+        return damaged(format!("epoch {} at step {}", st.epoch, st.step));
+    }
+    let len = epoch_len(st.epoch);
+    if st.micro > len {
+        return damaged(format!(
+            "micro-batch {} of epoch {}, which has {len}",
             st.micro, st.epoch
+        ));
+    }
+    // The dropout masks derive from the micro-batches done before.
+    let done = (0..st.epoch).map(&epoch_len).sum::<usize>() + st.micro;
+    if st.micro_step != done as u64 {
+        return damaged(format!(
+            "{} micro-batches done, where epoch {} micro-batch {} follows {done}",
+            st.micro_step, st.epoch, st.micro
         ));
     }
     if st.step > total {

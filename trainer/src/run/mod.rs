@@ -372,7 +372,11 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
     if let (Some(dir), Some(st0)) = (&resume_from, &state0) {
         let model = (s.model_dir.as_path(), model_digest.as_str());
         let data = (s.train_path()?, &train_data);
-        checkpoint::check_resumable(dir, st0, model, data, epoch.micro.len(), total)?;
+        let epoch_len = |e: usize| match e == epoch.index {
+            true => epoch.micro.len(),
+            false => epoch_batches(e).len(),
+        };
+        checkpoint::check_resumable(dir, st0, model, data, epoch_len, total)?;
         // Other eval data changes no step, only what the eval loss means.
         if !st0.eval.is_empty() && eval_digest.as_deref() != Some(st0.eval.as_str()) {
             println!(
