@@ -179,7 +179,7 @@ impl Executor {
 
 /// The memory the kernel says new allocations can take without swapping
 /// (Linux's `MemAvailable`); `None` where it does not say.
-fn host_available_bytes() -> Option<usize> {
+pub fn host_available_bytes() -> Option<usize> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;

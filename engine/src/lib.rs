@@ -45,7 +45,7 @@ mod profile;
 pub mod rng;
 mod tensor;
 
-pub use device::{Device, Executor};
+pub use device::{host_available_bytes, Device, Executor};
 pub use executor::{CpuExecutor, Feeds};
 #[cfg(feature = "cuda")]
 pub use gpu::{device_bytes_needed, gpu_unsupported, DeviceAdamW, GpuExecutor, RunPhases};

@@ -34,6 +34,8 @@ impl Sampling {
 pub struct Generator<'a> {
     model: &'a CausalLm,
     lora: Option<&'a Lora>,
+    /// Rows of the caches: grown (doubling) as generation goes, so a large
+    /// `max_new` that stops early costs nothing.
     capacity: usize,
     /// Plans by number of new tokens.
     plans: HashMap<usize, (Recorded, Plan)>,
@@ -52,31 +54,51 @@ pub fn stop_tokens(tok: &Tokenizer, eos: &str) -> Vec<i32> {
 }
 
 impl<'a> Generator<'a> {
-    /// A generator for sequences of at most `capacity` tokens, running on
-    /// `exec`.
-    pub fn new(
-        model: &'a CausalLm,
-        lora: Option<&'a Lora>,
-        capacity: usize,
-        exec: &'a mut Executor,
-    ) -> Self {
-        let kv = model.config.num_kv_heads * model.config.head_dim;
-        let caches = (0..model.config.num_layers)
-            .map(|_| {
-                (
-                    Tensor::zeros(&[capacity, kv], model.dtype),
-                    Tensor::zeros(&[capacity, kv], model.dtype),
-                )
-            })
-            .collect();
+    /// A generator running on `exec`.
+    pub fn new(model: &'a CausalLm, lora: Option<&'a Lora>, exec: &'a mut Executor) -> Self {
         Generator {
             model,
             lora,
-            capacity,
+            capacity: 0,
             plans: HashMap::new(),
-            caches,
+            caches: Vec::new(),
             exec,
         }
+    }
+
+    /// Caches of at least `need` rows (the rows held are kept); the plans,
+    /// recorded for the old size, are made again.
+    fn reserve(&mut self, need: usize) -> Result<(), RunError> {
+        if need <= self.capacity {
+            return Ok(());
+        }
+        let cap = need.max(self.capacity.saturating_mul(2)).max(64);
+        let c = &self.model.config;
+        let kv = c.num_kv_heads * c.head_dim;
+        let bytes =
+            (2 * c.num_layers).saturating_mul(self.model.dtype.bytes(kv).saturating_mul(cap));
+        if graft_engine::host_available_bytes().is_some_and(|have| bytes > have) {
+            return Err(RunError::Invalid(format!(
+                "generating {need} positions needs a key/value cache of {:.2} GB, more than this machine has available: generate fewer tokens",
+                bytes as f64 / 1e9
+            )));
+        }
+        let grow = |old: Option<&Tensor>| -> Result<Tensor, RunError> {
+            let mut t = Tensor::zeros(&[cap, kv], self.model.dtype);
+            if let Some(old) = old {
+                t.write_at(0, old.bytes())?;
+            }
+            Ok(t)
+        };
+        self.caches = (0..c.num_layers)
+            .map(|l| {
+                let old = self.caches.get(l);
+                Ok((grow(old.map(|o| &o.0))?, grow(old.map(|o| &o.1))?))
+            })
+            .collect::<Result<_, RunError>>()?;
+        self.capacity = cap;
+        self.plans.clear();
+        Ok(())
     }
 
     /// Records and compiles the plan for `n` new tokens, once.
@@ -106,6 +128,7 @@ impl<'a> Generator<'a> {
     /// Where the steps of one new token run, in words (the GPU, or the CPU
     /// and why).
     pub fn placement(&mut self) -> Result<String, RunError> {
+        self.reserve(1)?;
         self.prepare(1)?;
         Ok(self.exec.placement(&self.plans[&1].1))
     }
@@ -114,13 +137,7 @@ impl<'a> Generator<'a> {
     /// the cache and returns the logits of the last one.
     fn forward(&mut self, ids: &[i32], start: usize) -> Result<Vec<f32>, RunError> {
         let n = ids.len();
-        if start + n > self.capacity {
-            return Err(RunError::Invalid(format!(
-                "generation needs {} positions but the cache holds {}",
-                start + n,
-                self.capacity
-            )));
-        }
+        self.reserve(start + n)?;
         self.prepare(n)?;
         let (rec, plan) = &self.plans[&n];
         let pos: Vec<i32> = (start..start + n).map(|p| p as i32).collect();
@@ -252,8 +269,7 @@ pub fn exact_match(
     // Room for the longest answer and one token more (a wrong, longer
     // answer must not pass by being cut).
     let max_new = refs.iter().map(answer_len).max().unwrap_or(0) + 2;
-    let capacity = refs.iter().map(|r| r.prompt.len()).max().unwrap_or(0) + max_new;
-    let mut g = Generator::new(model, lora, capacity, exec);
+    let mut g = Generator::new(model, lora, exec);
     let mut correct = 0;
     for r in refs {
         let ids = g.generate(&r.prompt, max_new, stop, &Sampling::GREEDY)?;

@@ -47,10 +47,11 @@ fn cached_generation_equals_recomputing_every_step() {
         let model = CausalLm::load(&dir.join("model"), dtype).unwrap();
         let lora = Lora::load(&dir.join("adapter"), &model.config).unwrap();
         let prompt = [1, 42, 7, 199, 23];
-        let want = greedy_without_cache(&model, Some(&lora), &prompt, 12);
+        // 70 tokens: the cache grows past its first 64 rows on the way.
+        let want = greedy_without_cache(&model, Some(&lora), &prompt, 70);
         let mut exec = Executor::new(Device::Cpu).unwrap();
-        let mut g = Generator::new(&model, Some(&lora), 32, &mut exec);
-        let got = g.generate(&prompt, 12, &[], &Sampling::GREEDY).unwrap();
+        let mut g = Generator::new(&model, Some(&lora), &mut exec);
+        let got = g.generate(&prompt, 70, &[], &Sampling::GREEDY).unwrap();
         assert_eq!(got, want, "{dtype}");
         // The generator is reusable: a second prompt starts from a clean cache.
         let got2 = g.generate(&prompt[..3], 5, &[], &Sampling::GREEDY).unwrap();
@@ -60,7 +61,7 @@ fn cached_generation_equals_recomputing_every_step() {
         );
         // A stop token ends generation before it.
         let stop = g
-            .generate(&prompt, 12, &[want[3]], &Sampling::GREEDY)
+            .generate(&prompt, 70, &[want[3]], &Sampling::GREEDY)
             .unwrap();
         let cut = want.iter().position(|&t| t == want[3]).unwrap();
         assert_eq!(stop, want[..cut]);
@@ -72,7 +73,7 @@ fn sampling_is_reproducible_and_top_p_near_zero_is_greedy() {
     let dir = fixtures().join("llama");
     let model = CausalLm::load(&dir.join("model"), DType::F32).unwrap();
     let mut exec = Executor::new(Device::Cpu).unwrap();
-    let mut g = Generator::new(&model, None, 40, &mut exec);
+    let mut g = Generator::new(&model, None, &mut exec);
     let prompt = [3, 14, 15, 92];
     let s = |seed| Sampling {
         temperature: 1.0,
@@ -91,6 +92,9 @@ fn sampling_is_reproducible_and_top_p_near_zero_is_greedy() {
         g.generate(&prompt, 20, &[], &nucleus).unwrap(),
         g.generate(&prompt, 20, &[], &Sampling::GREEDY).unwrap()
     );
-    // Too long for the cache: an error, not a panic.
-    assert!(g.generate(&prompt, 100, &[], &Sampling::GREEDY).is_err());
+    // Room for usize::MAX new tokens is not taken up front: the cache grows
+    // as tokens come (here none: every token stops).
+    let every: Vec<i32> = (0..model.config.vocab_size as i32).collect();
+    let none = g.generate(&prompt, usize::MAX, &every, &Sampling::GREEDY);
+    assert_eq!(none.unwrap(), Vec::<i32>::new());
 }

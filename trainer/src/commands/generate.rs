@@ -100,18 +100,13 @@ pub fn run(args: Args) -> Result<(), CliError> {
         .map(|&i| i as i32)
         .collect();
     let mut exec = Executor::new(args.device)?;
-    let mut g = Generator::new(
-        &model,
-        lora.as_ref(),
-        ids.len() + args.max_new_tokens,
-        &mut exec,
-    );
+    let mut g = Generator::new(&model, lora.as_ref(), &mut exec);
     // On stderr: stdout is the generated text alone.
     eprintln!("device: {}", g.placement()?);
     let what = format!("the prompt ({} tokens) and --max-new-tokens", ids.len());
     if let Some(note) = model
         .config
-        .positions_note(&what, ids.len() + args.max_new_tokens)
+        .positions_note(&what, ids.len().saturating_add(args.max_new_tokens))
     {
         eprintln!("{note}");
     }

@@ -73,7 +73,7 @@ fn init_weights(dir: &Path, seed: u64) -> Result<(), CliError> {
 /// per kind of fact.
 fn probe(model: &CausalLm, world: &World, tok: &tokenizers::Tokenizer) -> Result<String, CliError> {
     let mut exec = Executor::new(Device::Cpu)?;
-    let mut g = Generator::new(model, None, 16, &mut exec);
+    let mut g = Generator::new(model, None, &mut exec);
     let mut counts: Vec<(synthetic::Kind, usize, usize)> = Vec::new();
     for f in &world.facts {
         let text = format!("{} {}", synthetic::SPECIALS[2], World::probe(f));
