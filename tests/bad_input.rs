@@ -224,3 +224,155 @@ fn adapter_with_unknown_target_or_stray_tensor_is_an_error() {
         assert!(e.contains(&format!("key `{key}`")), "{key}: {e}");
     }
 }
+
+#[test]
+fn config_values_that_give_nan_are_refused_by_key() {
+    for (key, value) in [
+        ("rope_theta", serde_json::json!(0.0)),
+        ("rms_norm_eps", serde_json::json!(-1.0)),
+    ] {
+        let dir = copy_model("llama", &format!("cfg-{key}"));
+        edit_config(&dir, |c| c[key] = value);
+        let e = load_err(&dir);
+        assert!(
+            e.contains("config.json") && e.contains(&format!("key `{key}` must be positive")),
+            "{e}"
+        );
+    }
+}
+
+/// An adapter with NaN in it, a DoRA magnitude under `use_dora: false`, a
+/// rank disagreeing with `r`, or layers the model lacks: each named.
+#[test]
+fn adapter_values_and_shapes_that_do_not_fit_are_named() {
+    let src = fixture_dir("llama").join("adapter");
+    let model = CausalLm::load(&fixture_dir("llama").join("model"), DType::F32).unwrap();
+    let fresh = |tag: &str| {
+        let dir = std::env::temp_dir().join(format!("graft-bad-ad-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(src.join(f), dir.join(f)).unwrap();
+        }
+        dir
+    };
+    let err = |dir: &Path, config: &graft::models::ModelConfig| {
+        Lora::load(dir, config).map(|_| ()).unwrap_err().to_string()
+    };
+    // NaN over every value past the header.
+    let nan = fresh("nan");
+    let weights = nan.join("adapter_model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    bytes[8 + n..].fill(0xff);
+    std::fs::write(&weights, bytes).unwrap();
+    let e = err(&nan, &model.config);
+    assert!(
+        e.contains("holds NaN at index 0") && e.contains(".lora_"),
+        "{e}"
+    );
+    // Another rank than adapter_config.json's r.
+    let rank = fresh("rank");
+    let p = rank.join("adapter_config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let r = cfg["r"].as_u64().unwrap();
+    cfg["r"] = (r + 1).into();
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    let e = err(&rank, &model.config);
+    assert!(
+        e.contains(&format!("r = {} (adapter_config.json)", r + 1)),
+        "{e}"
+    );
+    cfg["r"] = serde_json::json!(-4);
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    assert!(err(&rank, &model.config).contains("key `r` must be positive, got -4"));
+    // A DoRA adapter whose config says it is not DoRA.
+    let dora = std::env::temp_dir().join(format!("graft-bad-ad-dora-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dora);
+    std::fs::create_dir_all(&dora).unwrap();
+    let dora_src = fixture_dir("dora").join("adapter");
+    std::fs::copy(
+        dora_src.join("adapter_model.safetensors"),
+        dora.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dora_src.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    cfg["use_dora"] = false.into();
+    std::fs::write(dora.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let e = err(&dora, &model.config);
+    assert!(
+        e.contains("is a DoRA magnitude, but adapter_config.json has `use_dora` false"),
+        "{e}"
+    );
+    // An adapter for more layers than the model has.
+    let mut one_layer = model.config.clone();
+    one_layer.num_layers = 1;
+    let e = err(&fresh("layers"), &one_layer);
+    assert!(
+        e.contains("is for layer 1, but the model has 1 layers"),
+        "{e}"
+    );
+}
+
+/// A pre-quantized checkpoint whose scales hold NaN is named at load, as
+/// is a quant state restoring a non-float dtype.
+#[test]
+fn nf4_scales_holding_nan_are_named() {
+    let dir = copy_model("llama_nf4", "nf4-nan");
+    let path = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let name = "model.layers.0.self_attn.q_proj.weight.nested_absmax";
+    let offs = &header[name]["data_offsets"];
+    let (s, e) = (
+        offs[0].as_u64().unwrap() as usize,
+        offs[1].as_u64().unwrap() as usize,
+    );
+    bytes[8 + n + s..8 + n + e].fill(0xff);
+    std::fs::write(&path, bytes).unwrap();
+    let e = match CausalLm::load(&dir, DType::F32) {
+        Ok(_) => panic!("loaded"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains(name) && e.contains("holds NaN"), "{e}");
+}
+
+/// Tensors the model does not read are listed (fewer layers in config.json
+/// than in the weights), and none in any fixture: NF4 parts, tied heads
+/// and the like are not counted.
+#[test]
+fn tensors_the_config_leaves_unread_are_listed() {
+    for fixture in ["llama", "llama_nf4", "gemma", "mistral", "qwen2"] {
+        let m = CausalLm::load(&fixture_dir(fixture).join("model"), DType::F32).unwrap();
+        assert_eq!(m.unexpected, Vec::<String>::new(), "{fixture}");
+    }
+    let dir = copy_model("llama", "fewer-layers");
+    edit_config(&dir, |c| c["num_hidden_layers"] = serde_json::json!(1));
+    let m = CausalLm::load(&dir, DType::F32).unwrap();
+    assert!(!m.unexpected.is_empty());
+    assert!(m
+        .unexpected
+        .iter()
+        .all(|n| n.starts_with("model.layers.1.")));
+    let note = graft::models::unexpected_note(&dir, &m.unexpected).unwrap();
+    assert!(note.contains("num_hidden_layers"), "{note}");
+}
+
+#[test]
+fn header_whose_shape_disagrees_with_its_bytes_names_the_tensor() {
+    let dir = copy_model("llama", "hdr-shape");
+    edit_header(&dir.join("model.safetensors"), |h| {
+        let info = h["model.norm.weight"].as_object_mut().unwrap();
+        info.insert("shape".into(), serde_json::json!([3]));
+    });
+    let e = load_err(&dir);
+    assert!(
+        e.contains("model.safetensors") && e.contains("tensor `model.norm.weight`"),
+        "{e}"
+    );
+}

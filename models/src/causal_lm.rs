@@ -18,6 +18,9 @@ pub struct CausalLm {
     /// Storage (and compute) dtype of the base weights and activations.
     pub dtype: DType,
     weights: HashMap<String, Tensor>,
+    /// The checkpoint's tensors this model does not read
+    /// ([`ModelConfig::unexpected`]); commands say so in a note.
+    pub unexpected: Vec<String>,
 }
 
 /// How to load a model.
@@ -162,7 +165,11 @@ impl CausalLm {
                         .load_stored(&name, &shape)?
                         .quantize_nf4(block)
                         .map_err(|e| {
-                            ModelError::Input(format!("{}: tensor `{name}`: {e}", dir.display()))
+                            ModelError::Input(format!(
+                                "{}: tensor `{name}`: {}",
+                                dir.display(),
+                                crate::tensor_msg(&e)
+                            ))
                         })?;
                     ckpt.release(&name);
                     t
@@ -172,6 +179,7 @@ impl CausalLm {
             weights.insert(name, t);
         }
         Ok(CausalLm {
+            unexpected: config.unexpected(ckpt.names()),
             config,
             dir: dir.to_path_buf(),
             dtype,
@@ -209,6 +217,7 @@ impl CausalLm {
             dir: PathBuf::from("<random>"),
             dtype: opts.dtype,
             weights,
+            unexpected: Vec::new(),
         })
     }
 

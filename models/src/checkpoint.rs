@@ -38,7 +38,16 @@ pub fn parse_safetensors(
             bytes.len()
         )));
     }
-    let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| bad(describe(&e)))?;
+    let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| {
+        bad(match e {
+            safetensors::SafeTensorError::TensorInvalidInfo => mismatched(bytes)
+                .map(|name| {
+                    format!("tensor `{name}`: its byte range does not match its dtype and shape")
+                })
+                .unwrap_or_else(|| describe(&e)),
+            e => describe(&e),
+        })
+    })?;
     let data_start = 8 + header_len;
     let tensors: HashMap<String, &TensorInfo> = meta.tensors();
     Ok(tensors
@@ -53,6 +62,25 @@ pub fn parse_safetensors(
             (name, entry)
         })
         .collect())
+}
+
+/// The first tensor (by name) whose header entry's byte range is not its
+/// dtype's size times its element count: what the `safetensors` crate
+/// refuses without naming it.
+fn mismatched(bytes: &[u8]) -> Option<String> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
+    header.into_iter().find_map(|(name, info)| {
+        let dtype: StDtype = serde_json::from_value(info.get("dtype")?.clone()).ok()?;
+        let shape: Vec<usize> = serde_json::from_value(info.get("shape")?.clone()).ok()?;
+        let offs: [usize; 2] = serde_json::from_value(info.get("data_offsets")?.clone()).ok()?;
+        let want = shape
+            .iter()
+            .try_fold(dtype.bitsize(), |a, &d| a.checked_mul(d))
+            .map(|bits| bits.div_ceil(8));
+        (Some(offs[1].wrapping_sub(offs[0])) != want).then_some(name)
+    })
 }
 
 fn describe(e: &safetensors::SafeTensorError) -> String {
@@ -121,12 +149,14 @@ fn map_file(path: &Path) -> Result<MappedFile, ModelError> {
 }
 
 impl Checkpoint {
-    /// Opens `DIR/model.safetensors`, or the shards named by
-    /// `DIR/model.safetensors.index.json`.
+    /// Opens `DIR/model.safetensors`, else the shards named by
+    /// `DIR/model.safetensors.index.json` (transformers' order of choice).
     pub fn open(dir: &Path) -> Result<Self, ModelError> {
         let single = dir.join("model.safetensors");
         let index_path = dir.join("model.safetensors.index.json");
-        let names: Vec<String> = if index_path.exists() {
+        let names: Vec<String> = if single.exists() {
+            vec!["model.safetensors".into()]
+        } else if index_path.exists() {
             let text =
                 std::fs::read_to_string(&index_path).map_err(|e| ModelError::io(&index_path, e))?;
             let json: serde_json::Value =
@@ -158,8 +188,6 @@ impl Checkpoint {
                 }
             }
             files
-        } else if single.exists() {
-            vec!["model.safetensors".into()]
         } else {
             return Err(ModelError::Io {
                 path: single,

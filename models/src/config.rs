@@ -240,6 +240,39 @@ impl ModelConfig {
                 }
             },
         };
+        // Zero or negative, these give NaN everywhere (a 0 base has no
+        // frequencies; a negative epsilon can make a norm's root negative).
+        let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-6);
+        for (key, v) in [
+            ("rope_theta", rope_theta as f64),
+            ("rms_norm_eps", rms_norm_eps),
+        ] {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(err(format!("key `{key}` must be positive, got {v}")));
+            }
+        }
+        if let Some(s) = &rope_llama3 {
+            let factors = [
+                ("factor", s.factor),
+                ("low_freq_factor", s.low_freq_factor),
+                ("high_freq_factor", s.high_freq_factor),
+                (
+                    "original_max_position_embeddings",
+                    s.original_max_position_embeddings,
+                ),
+            ];
+            if let Some((k, v)) = factors.iter().find(|(_, v)| !(*v > 0.0 && v.is_finite())) {
+                return Err(err(format!(
+                    "key `rope_scaling.{k}` must be positive, got {v}"
+                )));
+            }
+            if s.high_freq_factor <= s.low_freq_factor {
+                return Err(err(format!(
+                    "key `rope_scaling.high_freq_factor` ({}) must exceed `low_freq_factor` ({})",
+                    s.high_freq_factor, s.low_freq_factor
+                )));
+            }
+        }
         let attention_bias = raw.attention_bias.unwrap_or(false);
         Ok(ModelConfig {
             arch,
@@ -251,7 +284,7 @@ impl ModelConfig {
             head_dim,
             vocab_size: raw.vocab_size,
             max_position_embeddings: raw.max_position_embeddings,
-            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6) as f32,
+            rms_norm_eps: rms_norm_eps as f32,
             rope_theta,
             rope_llama3,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(arch == Arch::Gemma),
@@ -294,6 +327,32 @@ impl ModelConfig {
                 }
             })
             .collect()
+    }
+
+    /// The tensors of `names` (a checkpoint's) that this model does not
+    /// read, sorted: a sign that config.json does not describe the weights
+    /// (fewer layers, another architecture). The parts of NF4 weights, the
+    /// rotary buffers older checkpoints carry and a tied `lm_head` are read
+    /// or redundant, not unexpected.
+    pub fn unexpected<'a>(&self, names: impl Iterator<Item = &'a str>) -> Vec<String> {
+        let expected: std::collections::HashSet<String> = self
+            .expected_tensors()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        let part_of_expected = |n: &str| {
+            crate::quantized::PART_SUFFIXES
+                .iter()
+                .any(|s| n.strip_suffix(s).is_some_and(|w| expected.contains(w)))
+        };
+        let mut out: Vec<String> = names
+            .filter(|n| !expected.contains(*n) && !part_of_expected(n))
+            .filter(|n| !n.ends_with(".rotary_emb.inv_freq"))
+            .filter(|n| !(self.tie_word_embeddings && *n == "lm_head.weight"))
+            .map(str::to_string)
+            .collect();
+        out.sort();
+        out
     }
 
     /// Every tensor the checkpoint must hold, with the shape config.json implies.

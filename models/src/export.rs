@@ -67,6 +67,21 @@ impl CausalLm {
             .zip(&converted)
             .map(|(n, c)| ((*n).clone(), c.as_ref().unwrap_or(&self.weights()[*n])))
             .collect();
+        // NaN or inf written out would load without a word and spoil every
+        // output: a weight that holds one (a merged adapter that did, or a
+        // value past f16's range) is named instead. One tensor at a time.
+        for ((name, t), c) in refs.iter().zip(&converted) {
+            if let Err(e) = crate::check_finite(&self.dir, name, &t.to_f32_vec()?) {
+                let source = &self.weights()[name];
+                let fits = c.is_some() && source.to_f32_vec()?.iter().all(|x| x.is_finite());
+                return Err(match fits {
+                    true => ModelError::Input(format!(
+                        "tensor `{name}` has values beyond {dtype}'s range: write it in another dtype (bf16 or f32)"
+                    )),
+                    false => e,
+                });
+            }
+        }
         let meta = [("format".to_string(), "pt".to_string())]
             .into_iter()
             .collect();

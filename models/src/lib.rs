@@ -38,6 +38,13 @@ pub enum ModelError {
     },
     #[error("{}: {msg}", path.display())]
     Adapter { path: PathBuf, msg: String },
+    #[error("{}: tensor `{name}` holds {value} at index {index}", path.display())]
+    NonFinite {
+        path: PathBuf,
+        name: String,
+        index: usize,
+        value: f32,
+    },
     #[error("{0}")]
     Input(String),
     #[error(transparent)]
@@ -53,6 +60,79 @@ impl ModelError {
             msg: e.to_string(),
         }
     }
+}
+
+/// An engine error's message without its kind, for a sentence that names
+/// the tensor already ("tensor `w`: cannot quantize ...").
+pub(crate) fn tensor_msg(e: &graft_engine::EngineError) -> String {
+    match e {
+        graft_engine::EngineError::Tensor(m) => m.clone(),
+        e => e.to_string(),
+    }
+}
+
+/// A note for the user when a checkpoint in `dir` holds tensors the model
+/// does not read (`unexpected`, as [`ModelConfig::unexpected`] lists them).
+pub fn unexpected_note(dir: &Path, unexpected: &[String]) -> Option<String> {
+    let first = unexpected.first()?;
+    Some(format!(
+        "note: {}: {} tensor(s) of the checkpoint are not part of the model config.json describes, e.g. `{first}`: left unread (do num_hidden_layers and the architecture match the weights?)",
+        dir.display(),
+        unexpected.len()
+    ))
+}
+
+/// Fails naming `name` (of the file `path`) and its first NaN or infinite
+/// value.
+pub fn check_finite(path: &Path, name: &str, v: &[f32]) -> Result<(), ModelError> {
+    match v.iter().position(|x| !x.is_finite()) {
+        Some(index) => Err(ModelError::NonFinite {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            index,
+            value: v[index],
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Makes the directory `dir` whole or not at all: `fill` writes into a
+/// temporary sibling, renamed to `dir` once it succeeded (and removed if it
+/// failed). `dir` must not exist or be empty: files left there from before
+/// (another model's shards) would be read with the new ones.
+pub fn write_dir_atomically<T>(
+    dir: &Path,
+    fill: impl FnOnce(&Path) -> Result<T, ModelError>,
+) -> Result<T, ModelError> {
+    let taken = |msg: &str| Err(ModelError::Input(format!("{}: {msg}", dir.display())));
+    if dir.exists() && !dir.is_dir() {
+        return taken("is a file, not a directory");
+    }
+    if std::fs::read_dir(dir).is_ok_and(|mut e| e.next().is_some()) {
+        return taken("already exists and is not empty: give a new directory, or remove it");
+    }
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| ModelError::Input(format!("{}: not a directory name", dir.display())))?;
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(parent).map_err(|e| ModelError::io(parent, e))?;
+    let tmp = parent.join(format!(".{name}.tmp{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
+    let done = fill(&tmp).and_then(|v| {
+        // An empty `dir` gives way; rename onto a missing one.
+        let _ = std::fs::remove_dir(dir);
+        std::fs::rename(&tmp, dir).map_err(|e| ModelError::io(dir, e))?;
+        Ok(v)
+    });
+    if done.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    done
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same directory

@@ -191,11 +191,27 @@ impl Lora {
             });
         }
         let ckpt = Checkpoint::open_files(dir, &["adapter_model.safetensors".to_string()])?;
+        // A tensor of another shape, or holding NaN or inf (a diverged run's
+        // adapter), is named here rather than spoiling every output later.
+        let load = |name: &str, want: &[usize]| -> Result<Tensor, ModelError> {
+            let t = ckpt.load(name, want, DType::F32).map_err(|e| match e {
+                ModelError::Shape { path, got, .. } => ModelError::Adapter {
+                    path,
+                    msg: format!(
+                        "tensor `{name}` has shape {got:?}, where r = {} (adapter_config.json) and the model's config.json give {want:?}",
+                        config.r
+                    ),
+                },
+                e => e,
+            })?;
+            crate::check_finite(&weights_path, name, t.as_f32()?)?;
+            Ok(t)
+        };
         let mut used = 0;
         let mut modules = Vec::new();
         for (path, [out, inp]) in targets {
-            let a = ckpt.load(&key(&path, "lora_A"), &[config.r, inp], DType::F32)?;
-            let b = ckpt.load(&key(&path, "lora_B"), &[out, config.r], DType::F32)?;
+            let a = load(&key(&path, "lora_A"), &[config.r, inp])?;
+            let b = load(&key(&path, "lora_B"), &[out, config.r])?;
             used += 2;
             let mut m = LoraModule {
                 path,
@@ -204,7 +220,7 @@ impl Lora {
                 magnitude: None,
             };
             if config.use_dora {
-                m.magnitude = Some(ckpt.load(&m.key_m(), &[out], DType::F32)?);
+                m.magnitude = Some(load(&m.key_m(), &[out])?);
                 used += 1;
             }
             modules.push(m);
@@ -219,12 +235,23 @@ impl Lora {
                 })
                 .collect();
             extra.sort();
+            let layer = extra[0]
+                .split(".layers.")
+                .nth(1)
+                .and_then(|l| l.split('.').next()?.parse::<usize>().ok());
+            let why = if extra[0].ends_with(".lora_magnitude_vector") && !config.use_dora {
+                "is a DoRA magnitude, but adapter_config.json has `use_dora` false".to_string()
+            } else if let Some(l) = layer.filter(|&l| l >= model.num_layers) {
+                format!(
+                    "is for layer {l}, but the model has {} layers: the adapter was trained for another model",
+                    model.num_layers
+                )
+            } else {
+                "belongs to no target module of adapter_config.json".to_string()
+            };
             return Err(ModelError::Adapter {
                 path: weights_path,
-                msg: format!(
-                    "tensor `{}` belongs to no target module of adapter_config.json",
-                    extra[0]
-                ),
+                msg: format!("tensor `{}` {why}", extra[0]),
             });
         }
         Ok(Lora { config, modules })
@@ -323,8 +350,9 @@ fn parse_config(j: &Value) -> Result<LoraConfig, String> {
         }
     }
     let r = get("r")
-        .and_then(Value::as_u64)
-        .ok_or("key `r` is missing or not an integer")? as usize;
+        .and_then(Value::as_i64)
+        .ok_or("key `r` is missing or not an integer")?;
+    let r = usize::try_from(r).map_err(|_| format!("key `r` must be positive, got {r}"))?;
     let alpha = get("lora_alpha")
         .and_then(Value::as_f64)
         .ok_or("key `lora_alpha` is missing or not a number")? as f32;

@@ -17,6 +17,14 @@ use serde_json::{json, Value};
 use std::path::Path;
 
 pub const STATE_SUFFIX: &str = "quant_state.bitsandbytes__nf4";
+/// The tensors beside an NF4 weight `<w>` that hold its parts: `<w><suffix>`.
+pub const PART_SUFFIXES: [&str; 5] = [
+    ".absmax",
+    ".quant_map",
+    ".nested_absmax",
+    ".nested_quant_map",
+    ".quant_state.bitsandbytes__nf4",
+];
 
 /// `quantization_config` of a bitsandbytes 4-bit checkpoint.
 #[derive(Clone, Debug, PartialEq)]
@@ -141,6 +149,14 @@ pub fn load_nf4(ckpt: &Checkpoint, name: &str, want: &[usize]) -> Result<Tensor,
         .get("nested_offset")
         .and_then(Value::as_f64)
         .ok_or_else(|| bad("quant state has no nested_offset".into()))? as f32;
+    // The dtype dequantization restores: a float one, as bitsandbytes writes.
+    if let Some(d) = state.get("dtype").and_then(Value::as_str) {
+        if !["float32", "bfloat16", "float16"].contains(&d) {
+            return Err(bad(format!(
+                "quant state dtype {d:?} is not a float dtype (float32, bfloat16, float16)"
+            )));
+        }
+    }
 
     let l = Nf4Layout::new(shape.iter().product(), block);
     let part = |suffix: &str, dtype: DType, len: usize| -> Result<&[u8], ModelError> {
@@ -183,14 +199,17 @@ pub fn load_nf4(ckpt: &Checkpoint, name: &str, want: &[usize]) -> Result<Tensor,
         offset,
         nested_map: f32s(part("nested_quant_map", DType::F32, 256)?),
     };
-    // The parts are copied into the tensor: let their source pages go.
-    for suffix in [
-        "",
-        ".absmax",
-        ".quant_map",
-        ".nested_absmax",
-        ".nested_quant_map",
+    // Every weight value is a code times these scales: one NaN spoils a block.
+    for (suffix, v) in [
+        ("nested_absmax", &parts.nested_scales),
+        ("nested_quant_map", &parts.nested_map),
+        ("quant_state.nested_offset", &vec![offset]),
     ] {
+        crate::check_finite(&path, &format!("{name}.{suffix}"), v)?;
+    }
+    // The parts are copied into the tensor: let their source pages go.
+    ckpt.release(name);
+    for suffix in PART_SUFFIXES {
         ckpt.release(&format!("{name}{suffix}"));
     }
     Ok(Tensor::from_nf4(want, &parts)?)
@@ -243,6 +262,8 @@ pub fn write_parts(
 /// What [`quantize_checkpoint`] did.
 #[derive(Clone, Debug)]
 pub struct QuantizeReport {
+    /// The source's tensors that config.json's model does not read (left out).
+    pub unexpected: Vec<String>,
     pub quantized_tensors: usize,
     pub kept_tensors: usize,
     pub quantized_params: usize,
@@ -302,6 +323,7 @@ pub fn quantize_checkpoint(
 
     let mut out: Vec<(String, Tensor)> = Vec::new();
     let mut report = QuantizeReport {
+        unexpected: config.unexpected(ckpt.names()),
         quantized_tensors: 0,
         kept_tensors: 0,
         quantized_params: 0,
@@ -325,7 +347,11 @@ pub fn quantize_checkpoint(
                 .load_stored(&name, &shape)?
                 .quantize_nf4(block)
                 .map_err(|e| {
-                    ModelError::Input(format!("{}: tensor `{name}`: {e}", path.display()))
+                    ModelError::Input(format!(
+                        "{}: tensor `{name}`: {}",
+                        path.display(),
+                        crate::tensor_msg(&e)
+                    ))
                 })?;
             ckpt.release(&name);
             compute_dtype = torch_dtype_name(stored);
@@ -362,17 +388,35 @@ pub fn quantize_checkpoint(
     Ok(report)
 }
 
-/// Copies what is not weights or config (tokenizer files, generation config).
+/// Copies what is not weights or config (tokenizer files, generation
+/// config, a README): weights in any format (`pytorch_model.bin`, `.pt`,
+/// GGUF, …) would be stale beside the new ones, and can be large.
 pub(crate) fn copy_side_files(src: &Path, dst: &Path) -> Result<(), ModelError> {
+    const WEIGHTS: [&str; 10] = [
+        ".safetensors",
+        ".bin",
+        ".pt",
+        ".pth",
+        ".ckpt",
+        ".gguf",
+        ".h5",
+        ".msgpack",
+        ".onnx",
+        ".index.json",
+    ];
     for entry in std::fs::read_dir(src).map_err(|e| ModelError::io(src, e))? {
         let path = entry.map_err(|e| ModelError::io(src, e))?.path();
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let weights = name.ends_with(".safetensors") || name == "model.safetensors.index.json";
+        let weights = WEIGHTS.iter().any(|w| name.ends_with(w));
         if path.is_file() && !weights && name != "config.json" {
-            std::fs::copy(&path, dst.join(&name)).map_err(|e| ModelError::io(&path, e))?;
+            let to = dst.join(&name);
+            std::fs::copy(&path, &to).map_err(|e| ModelError::Io {
+                path: to.clone(),
+                msg: format!("copying {}: {e}", path.display()),
+            })?;
         }
     }
     Ok(())

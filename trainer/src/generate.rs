@@ -165,8 +165,15 @@ impl<'a> Generator<'a> {
             }
         }
         let vocab = self.model.config.vocab_size;
-        let logits = out[0].as_f32()?;
-        Ok(logits[(n - 1) * vocab..].to_vec())
+        let logits = &out[0].as_f32()?[(n - 1) * vocab..];
+        // NaN would pick token 0 for ever, silently.
+        if let Some(x) = logits.iter().find(|x| !x.is_finite()) {
+            return Err(RunError::Invalid(format!(
+                "the model's logits at position {} hold {x}: its weights (or the adapter's) hold NaN or inf",
+                start + n - 1
+            )));
+        }
+        Ok(logits.to_vec())
     }
 
     /// Continues `prompt` by up to `max_new` tokens, stopping after a token

@@ -98,10 +98,15 @@ fn bf16_logits_stay_close_to_f32() {
 fn bad_arguments_give_one_clear_line() {
     let model = fixtures().join("llama/model");
     let out = out_path("bad");
-    let cases: [(&[&str], &str); 3] = [
+    let cases: [(&[&str], &str); 5] = [
         (
             &["--input-ids", "1,x,3"],
             "item 2 (\"x\") is not a token id",
+        ),
+        (&["--input-ids", ""], "--input-ids is empty"),
+        (
+            &["--input-ids", "-1"],
+            "item 1 (-1) is outside the vocabulary",
         ),
         (
             &["--input-ids", "1,2,256"],
@@ -131,6 +136,21 @@ fn bad_arguments_give_one_clear_line() {
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
         assert!(!out.exists(), "no output written on failure");
     }
+    // Never over the weights being read.
+    let weights = model.join("model.safetensors");
+    let before = std::fs::read(&weights).unwrap();
+    let res = trainer(&[
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--input-ids",
+        "1,2",
+        "--out",
+        weights.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(err.contains("which is being read"), "{err}");
+    assert_eq!(std::fs::read(&weights).unwrap(), before);
 }
 
 /// More ids than the model's max_position_embeddings (128) still run, with

@@ -35,6 +35,11 @@ pub fn run(args: Args) -> Result<(), CliError> {
     exec.check_fits(eval.plan())?;
     println!("device: {}", exec.placement(eval.plan()));
     let loss = eval.loss(&s, &mut exec)?;
+    if !loss.is_finite() {
+        return Err(CliError::Usage(format!(
+            "the eval loss is {loss}: the model's weights (or the adapter's) hold NaN or inf"
+        )));
+    }
     println!("eval loss {loss:.4}");
     if !data.references.is_empty() {
         let stop = stop_tokens(&s.tokenizer, &s.specials.eos);

@@ -19,21 +19,21 @@ pub struct Args {
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// The prompt.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     prompt: String,
     /// Wrap the prompt as a user turn of this chat template (alpaca,
     /// llama-2, llama-3, chatml, gemma) and generate the assistant's answer;
     /// without it the prompt is plain text after BOS.
     #[arg(long)]
     template: Option<String>,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, allow_hyphen_values = true)]
     max_new_tokens: usize,
     /// 0: greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     top_p: f32,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     seed: u64,
     /// Compute dtype.
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
@@ -69,6 +69,9 @@ pub fn run(args: Args) -> Result<(), CliError> {
     };
     let quantize = (args.quantize == "nf4").then_some(64);
     let model = CausalLm::load_with(&dir, &LoadOptions { dtype, quantize })?;
+    if let Some(note) = graft_models::unexpected_note(&dir, &model.unexpected) {
+        eprintln!("{note}");
+    }
     let lora = args
         .adapter
         .as_deref()

@@ -16,7 +16,7 @@ pub struct Args {
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// Comma-separated token ids, e.g. 1,2,3.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     input_ids: String,
     /// Output safetensors file.
     #[arg(long)]
@@ -30,6 +30,9 @@ pub struct Args {
 }
 
 fn parse_ids(text: &str) -> Result<Vec<i32>, CliError> {
+    if text.trim().is_empty() {
+        return Err(CliError::Usage("--input-ids is empty".into()));
+    }
     let ids: Vec<i32> = text
         .split(',')
         .enumerate()
@@ -43,14 +46,38 @@ fn parse_ids(text: &str) -> Result<Vec<i32>, CliError> {
             })
         })
         .collect::<Result<_, _>>()?;
-    if ids.is_empty() {
-        return Err(CliError::Usage("--input-ids is empty".into()));
-    }
     Ok(ids)
+}
+
+/// Fails unless `out` can be written without touching what is read: not a
+/// file inside the model's or the adapter's directory (the weights are
+/// memory-mapped while the output is written), its folder made first.
+fn check_out(out: &std::path::Path, reads: &[&std::path::Path]) -> Result<(), CliError> {
+    let folder = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    std::fs::create_dir_all(folder)
+        .map_err(|e| CliError::Usage(format!("--out {}: {e}", out.display())))?;
+    let folder = folder.canonicalize().ok();
+    if let Some(dir) = reads
+        .iter()
+        .find(|d| d.canonicalize().ok().is_some_and(|d| Some(d) == folder))
+    {
+        return Err(CliError::Usage(format!(
+            "--out {} is inside {}, which is being read: write it elsewhere",
+            out.display(),
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 pub fn run(args: Args) -> Result<(), CliError> {
     let ids = parse_ids(&args.input_ids)?;
+    let mut reads = vec![args.model.as_path()];
+    reads.extend(args.adapter.as_deref());
+    check_out(&args.out, &reads)?;
     let dtype = if args.dtype == "bf16" {
         DType::BF16
     } else {
@@ -58,6 +85,9 @@ pub fn run(args: Args) -> Result<(), CliError> {
     };
     let quantize = (args.quantize == "nf4").then_some(64);
     let model = CausalLm::load_with(&args.model, &LoadOptions { dtype, quantize })?;
+    if let Some(note) = graft_models::unexpected_note(&args.model, &model.unexpected) {
+        eprintln!("{note}");
+    }
     let vocab = model.config.vocab_size;
     if let Some((i, id)) = ids
         .iter()

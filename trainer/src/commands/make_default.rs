@@ -24,9 +24,9 @@ pub struct Args {
     /// Scratch directory (corpus, initial weights, pretraining run).
     #[arg(long, default_value = "target/make-default")]
     work: PathBuf,
-    /// Pretraining steps (of 8 x 128 tokens).
-    #[arg(long, default_value_t = 1500)]
-    pretrain_steps: usize,
+    /// Pretraining steps (of 8 x 128 tokens), at least 1.
+    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u64).range(1..))]
+    pretrain_steps: u64,
     #[arg(long, default_value_t = 7)]
     seed: u64,
 }
@@ -100,6 +100,13 @@ fn probe(model: &CausalLm, world: &World, tok: &tokenizers::Tokenizer) -> Result
 }
 
 pub fn run(args: Args) -> Result<(), CliError> {
+    // Before the minutes of pretraining.
+    if args.out.exists() && !args.out.is_dir() {
+        return Err(CliError::Usage(format!(
+            "--out {} is a file, not a directory",
+            args.out.display()
+        )));
+    }
     let world = World::new(args.seed);
     let words = world.vocabulary();
     let init = args.work.join("init");

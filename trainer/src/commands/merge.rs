@@ -19,7 +19,7 @@ pub struct Args {
     #[arg(long)]
     out: PathBuf,
     /// Dtype of the written weights (default: bf16 for an NF4 base, else
-    /// the base's own).
+    /// the base's own: config.json's `torch_dtype`, or as stored).
     #[arg(long, value_parser = ["f32", "bf16", "f16"])]
     dtype: Option<String>,
 }
@@ -32,6 +32,9 @@ pub fn run(args: Args) -> Result<(), CliError> {
             quantize: None,
         },
     )?;
+    if let Some(note) = graft_models::unexpected_note(&args.model, &model.unexpected) {
+        println!("{note}");
+    }
     let lora = Lora::load(&args.adapter, &model.config)?;
     let dtype = match args.dtype.as_deref() {
         Some("f32") => DType::F32,
@@ -41,11 +44,19 @@ pub fn run(args: Args) -> Result<(), CliError> {
         None => match model.config.torch_dtype.as_deref() {
             Some("float32") => DType::F32,
             Some("float16") => DType::F16,
-            _ => DType::BF16,
+            Some(_) => DType::BF16,
+            // config.json does not say: the dtype the weights are stored in.
+            None => {
+                let ckpt = graft_models::checkpoint::Checkpoint::open(&args.model)?;
+                let (_, embed) = ckpt.entry("model.embed_tokens.weight")?;
+                graft_models::checkpoint::dtype_of(embed.dtype)
+                    .filter(|d| d.is_float())
+                    .unwrap_or(DType::BF16)
+            }
         },
     };
     lora.merge_into(&mut model)?;
-    model.save(&args.out, dtype)?;
+    graft_models::write_dir_atomically(&args.out, |tmp| model.save(tmp, dtype))?;
     println!(
         "merged {} adapted modules into {} ({dtype})",
         lora.modules.len(),

@@ -18,7 +18,12 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<(), CliError> {
-    let r = quantize_checkpoint(&args.model, &args.out, args.block_size)?;
+    let r = graft_models::write_dir_atomically(&args.out, |tmp| {
+        quantize_checkpoint(&args.model, tmp, args.block_size)
+    })?;
+    if let Some(note) = graft_models::unexpected_note(&args.model, &r.unexpected) {
+        println!("{note}");
+    }
     println!(
         "quantized {} linear weights ({} parameters) to NF4 at {:.3} bits per parameter; kept {} tensors; wrote {} ({:.1} MB)",
         r.quantized_tensors,

@@ -169,6 +169,20 @@ pub fn check_resumable(
     Ok(())
 }
 
+/// What a resume says of a checkpoint's tensor holding NaN or inf
+/// ([`graft_models::ModelError::NonFinite`]); other errors pass.
+pub fn damaged(dir: &Path, e: graft_models::ModelError) -> RunError {
+    match e {
+        graft_models::ModelError::NonFinite {
+            name, index, value, ..
+        } => RunError::Invalid(format!(
+            "--resume: {}: tensor `{name}` holds {value} at index {index}: the checkpoint is damaged; resume from an earlier one (delete this directory)",
+            dir.display()
+        )),
+        e => e.into(),
+    }
+}
+
 pub fn read_state(dir: &Path) -> Result<TrainerState, RunError> {
     let path = dir.join(STATE);
     let text = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;

@@ -288,7 +288,11 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
         None => None,
     };
 
-    let mut s = Session::open(cfg, resume_from.as_deref())?;
+    let mut s =
+        Session::open(cfg, resume_from.as_deref()).map_err(|e| match (e, &resume_from) {
+            (RunError::Model(e), Some(dir)) => checkpoint::damaged(dir, e),
+            (e, _) => e,
+        })?;
     let train_data = s.prepare(&s.train_path()?).map_err(|e| {
         match cfg.data.train.as_os_str().is_empty() {
             // Say why a file the user never named is read.
@@ -434,28 +438,17 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
         )?;
         // A damaged checkpoint (trained tensors or optimizer state) is named
         // here, not as a diverged step later.
-        let damaged = |n: &str, v: &[f32]| {
-            v.iter().position(|x| !x.is_finite()).map(|i| {
-                RunError::Invalid(format!(
-                    "--resume: {}: tensor `{n}` holds {} at index {i}: the checkpoint is damaged; resume from an earlier one (delete this directory)",
-                    dir.display(),
-                    v[i]
-                ))
-            })
-        };
+        let damaged = |e| checkpoint::damaged(dir, e);
         for (n, v) in names
             .iter()
             .zip(trained(&mut s.model, s.lora.as_mut(), &names)?)
         {
-            if let Some(e) = damaged(n, v) {
-                return Err(e);
-            }
+            graft_models::check_finite(dir, n, v).map_err(damaged)?;
         }
         for n in ckpt.names() {
             let shape = ckpt.entry(n)?.1.shape.clone();
-            if let Some(e) = damaged(n, &ckpt.load_stored(n, &shape)?.to_f32_vec()?) {
-                return Err(e);
-            }
+            let v = ckpt.load_stored(n, &shape)?.to_f32_vec()?;
+            graft_models::check_finite(dir, n, &v).map_err(damaged)?;
         }
         stepper.restore(&ckpt, &names, saved.optimizer_steps, &mut exec)?;
         st = TrainerState {

@@ -104,6 +104,9 @@ impl Session {
             _ => &model_dir,
         };
         let mut model = CausalLm::load_with(load_dir, &LoadOptions { dtype, quantize })?;
+        if let Some(note) = graft_models::unexpected_note(load_dir, &model.unexpected) {
+            println!("{note}");
+        }
         // Its config, tokenizer and other side files are the base model's
         // (a checkpoint may be pruned while the run goes on).
         model.dir = model_dir.clone();
