@@ -104,12 +104,27 @@ pub fn write_dir_atomically<T>(
     dir: &Path,
     fill: impl FnOnce(&Path) -> Result<T, ModelError>,
 ) -> Result<T, ModelError> {
-    let taken = |msg: &str| Err(ModelError::Input(format!("{}: {msg}", dir.display())));
-    if dir.exists() && !dir.is_dir() {
-        return taken("is a file, not a directory");
-    }
     if std::fs::read_dir(dir).is_ok_and(|mut e| e.next().is_some()) {
-        return taken("already exists and is not empty: give a new directory, or remove it");
+        return Err(ModelError::Input(format!(
+            "{}: already exists and is not empty: give a new directory, or remove it",
+            dir.display()
+        )));
+    }
+    replace_dir_atomically(dir, fill)
+}
+
+/// [`write_dir_atomically`] over whatever `dir` holds: the old directory
+/// stays whole until the new one is complete, then the two are swapped by
+/// renames (the old one moved aside to `.NAME.old<pid>` and removed).
+/// Temporaries are `.NAME.tmp<pid>` and `.NAME.old<pid>` next to `dir`.
+pub fn replace_dir_atomically<T, E: From<ModelError>>(
+    dir: &Path,
+    fill: impl FnOnce(&Path) -> Result<T, E>,
+) -> Result<T, E> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(
+            ModelError::Input(format!("{}: is a file, not a directory", dir.display())).into(),
+        );
     }
     let name = dir
         .file_name()
@@ -124,9 +139,21 @@ pub fn write_dir_atomically<T>(
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
     let done = fill(&tmp).and_then(|v| {
-        // An empty `dir` gives way; rename onto a missing one.
+        let io = |e| ModelError::io(dir, e);
+        // An empty `dir` gives way; a full one is moved aside first.
         let _ = std::fs::remove_dir(dir);
-        std::fs::rename(&tmp, dir).map_err(|e| ModelError::io(dir, e))?;
+        if dir.exists() {
+            let old = parent.join(format!(".{name}.old{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&old);
+            std::fs::rename(dir, &old).map_err(io)?;
+            std::fs::rename(&tmp, dir).map_err(io)?;
+            let _ = std::fs::remove_dir_all(&old);
+        } else {
+            std::fs::rename(&tmp, dir).map_err(io)?;
+        }
+        if let Ok(d) = std::fs::File::open(parent) {
+            let _ = d.sync_all();
+        }
         Ok(v)
     });
     if done.is_err() {

@@ -377,6 +377,24 @@ fn runs_and_resumes_refuse_what_would_be_silently_wrong() {
     let base = tmp("guard-base");
     std::fs::create_dir_all(base.join("model")).unwrap();
     ok(&run_cli(&base, &[], &[]));
+    // But full fine-tuning, which writes OUT/model, refuses to replace it
+    // (before training).
+    let base = tmp("guard-base-full");
+    std::fs::create_dir_all(base.join("model")).unwrap();
+    std::fs::write(base.join("model/config.json"), "{}").unwrap();
+    let full = [
+        "adapter.method=\"full\"",
+        "model.quantize=\"none\"",
+        "model.compute_dtype=\"f32\"",
+    ];
+    one_line(
+        &run_cli(&base, &full, &[]),
+        "full fine-tuning writes its model there",
+    );
+    assert_eq!(
+        std::fs::read_to_string(base.join("model/config.json")).unwrap(),
+        "{}"
+    );
     let o = run_cli(&tmp("guard-template"), &["data.template=\"llama-3\""], &[]);
     one_line(&o, "`<|begin_of_text|>`");
 

@@ -80,13 +80,15 @@ pub fn list(out: &Path) -> Result<Vec<(usize, PathBuf)>, RunError> {
     Ok(found)
 }
 
-/// Removes what a killed save left behind (`.checkpoint-*` temporaries).
+/// Removes what a killed save left behind: the temporaries of
+/// `graft_models::replace_dir_atomically` for checkpoints and the final
+/// adapter or model.
 pub fn remove_partial(out: &Path) {
     for entry in std::fs::read_dir(out).into_iter().flatten().flatten() {
-        if entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with(".checkpoint-")
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if [".checkpoint-", ".adapter.", ".model."]
+            .iter()
+            .any(|p| name.starts_with(p))
         {
             let _ = std::fs::remove_dir_all(entry.path());
         }
@@ -198,33 +200,14 @@ pub fn save(
     keep: usize,
     fill: &mut dyn FnMut(&Path) -> Result<(), RunError>,
 ) -> Result<PathBuf, RunError> {
-    let tmp = out.join(format!(
-        ".checkpoint-{}.tmp{}",
-        state.step,
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-    fill(&tmp)?;
-    let text = serde_json::to_string_pretty(state).expect("the state always serialises");
-    graft_models::write_atomically(&tmp.join(STATE), text.as_bytes())?;
     let dst = out.join(format!("checkpoint-{}", state.step));
-    if dst.exists() {
-        // Same step saved again (a resumed run): move the old one aside first.
-        let old = out.join(format!(
-            ".checkpoint-{}.old{}",
-            state.step,
-            std::process::id()
-        ));
-        std::fs::rename(&dst, &old).map_err(|e| io(&dst, e))?;
-        std::fs::rename(&tmp, &dst).map_err(|e| io(&dst, e))?;
-        let _ = std::fs::remove_dir_all(&old);
-    } else {
-        std::fs::rename(&tmp, &dst).map_err(|e| io(&dst, e))?;
-    }
-    if let Ok(d) = std::fs::File::open(out) {
-        let _ = d.sync_all();
-    }
+    // Same step saved again (a resumed run) replaces the old one.
+    graft_models::replace_dir_atomically(&dst, |tmp| {
+        fill(tmp)?;
+        let text = serde_json::to_string_pretty(state).expect("the state always serialises");
+        graft_models::write_atomically(&tmp.join(STATE), text.as_bytes())?;
+        Ok::<_, RunError>(())
+    })?;
     if keep > 0 {
         let all = list(out)?;
         for (_, old) in &all[..all.len().saturating_sub(keep)] {

@@ -276,6 +276,15 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
                     f.display()
                 )));
             }
+            // Full fine-tuning writes OUT/model, which must not replace a
+            // model that is not this run's (the base itself, as like as not).
+            let model = out_dir.join("model");
+            if cfg.adapter.method == Method::Full && model.exists() {
+                return Err(RunError::Invalid(format!(
+                    "{} exists: full fine-tuning writes its model there; set output.dir to another directory",
+                    model.display()
+                )));
+            }
             None
         }
     };
@@ -626,7 +635,9 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunReport, RunError> {
     let output = out_dir.join(if full { "model" } else { "adapter" });
     stepper.sync_to_host(&mut exec, &mut s, &names)?;
     s.check_trained()?;
-    s.save_trained(&output)?;
+    // A run into an earlier run's directory replaces its output only once
+    // the new one is whole.
+    graft_models::replace_dir_atomically(&output, |tmp| s.save_trained(tmp))?;
     let accuracy_after = accuracy(&s, &mut exec)?;
     if let Some(a) = accuracy_after {
         show("after", a);
