@@ -106,6 +106,17 @@ GEMMA_TEMPLATE = (
     "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
 )
 
+# mistralai/Mistral-7B-Instruct-v0.2, tokenizer_config.json "chat_template" (v0.1's is the same):
+# no system role (a system message fails the alternation check), contents as given, the
+# assistant's content followed directly by eos_token, no generation prompt.
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+
 TEMPLATES = {
     # name: (jinja, bos_token, eos_token, end-of-turn marker, separator between the rendered
     #        content and the marker, how the template trims the assistant content, source)
@@ -143,8 +154,18 @@ TEMPLATES = {
         end_of_turn="<end_of_turn>",
         content_to_marker="",
         content_transform="strip",  # Jinja `| trim`
-        system=False,  # raises on a system message: conversations with one are left out
+        system="System role not supported",  # raised on a system message: those conversations are left out
         source="google/gemma-2-2b-it tokenizer_config.json chat_template",
+    ),
+    "mistral": dict(
+        jinja=MISTRAL_TEMPLATE,
+        bos_token="<s>",
+        eos_token="</s>",
+        end_of_turn="</s>",
+        content_to_marker="",
+        content_transform="none",
+        system="Conversation roles must alternate",  # what a leading system message raises
+        source="mistralai/Mistral-7B-Instruct-v0.2 tokenizer_config.json chat_template",
     ),
 }
 
@@ -508,21 +529,21 @@ def chat_renderings(base_tok):
         # A template without a system role raises on one (checked), and renders the rest.
         has_system = lambda conv: any(m["role"] == "system" for m in conv["messages"])
         for conv in CONVERSATIONS + GENERATION_CONVERSATIONS:
-            if not spec.get("system", True) and has_system(conv):
+            if "system" in spec and has_system(conv):
                 try:
                     render(hf, spec["jinja"], conv["messages"], False)
                 except jinja2.exceptions.TemplateError as e:
-                    assert "System role not supported" in str(e), e
+                    assert spec["system"] in str(e), e
                 else:
                     raise AssertionError(f"{name} rendered a system message")
-        keep = lambda convs: [c for c in convs if spec.get("system", True) or not has_system(c)]
+        keep = lambda convs: [c for c in convs if "system" not in spec or not has_system(c)]
         for conv in keep(CONVERSATIONS):
             text = render(hf, spec["jinja"], conv["messages"], False)
             spans = assistant_spans(hf, spec, conv["messages"], text, False)
             assert len(spans) == sum(m["role"] == "assistant" for m in conv["messages"])
             gen = render(hf, spec["jinja"], conv["messages"], True)
-            if name == "llama-2":
-                assert gen == text  # the Llama-2 template ignores add_generation_prompt
+            if name in ("llama-2", "mistral"):
+                assert gen == text  # these templates ignore add_generation_prompt
             else:
                 assert gen.startswith(text) and gen != text
             rend.append(

@@ -112,6 +112,8 @@ pub enum TemplateName {
     ChatMl,
     #[serde(rename = "gemma")]
     Gemma,
+    #[serde(rename = "mistral")]
+    Mistral,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]

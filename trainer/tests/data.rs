@@ -90,6 +90,7 @@ fn chat_templates_match_transformers_with_their_loss_spans() {
         ("llama-2", Template::Llama2),
         ("chatml", Template::ChatMl),
         ("gemma", Template::Gemma),
+        ("mistral", Template::Mistral),
     ] {
         for r in t["templates"][name]["renderings"].as_array().unwrap() {
             if r["add_generation_prompt"].as_bool().unwrap() {
@@ -109,12 +110,13 @@ fn chat_templates_match_transformers_with_their_loss_spans() {
             checked += 1;
         }
     }
-    assert!(checked >= 18, "{checked} renderings checked");
+    assert!(checked >= 21, "{checked} renderings checked");
 }
 
 /// The prompt generation continues (a conversation rendered with an empty
 /// last assistant turn, cut before it) is transformers' rendering with
-/// `add_generation_prompt` (llama-2's template has none).
+/// `add_generation_prompt` (llama-2's template has none; mistral's has
+/// none either, and its prompt is the conversation as rendered).
 #[test]
 fn generation_prompts_match_transformers() {
     let (_, sp) = load_tokenizer(&data_dir()).unwrap();
@@ -124,6 +126,7 @@ fn generation_prompts_match_transformers() {
         ("llama-3", Template::Llama3),
         ("chatml", Template::ChatMl),
         ("gemma", Template::Gemma),
+        ("mistral", Template::Mistral),
     ] {
         for r in t["templates"][name]["renderings"].as_array().unwrap() {
             if !r["add_generation_prompt"].as_bool().unwrap() {
@@ -136,7 +139,7 @@ fn generation_prompts_match_transformers() {
             checked += 1;
         }
     }
-    assert!(checked >= 5, "{checked} prompts checked");
+    assert!(checked >= 6, "{checked} prompts checked");
 }
 
 #[test]
@@ -231,16 +234,20 @@ fn jsonl_quirks_and_chat_turn_order() {
             Template::Gemma,
             &[Role::User, Role::Assistant, Role::Assistant],
         ),
+        (Template::Mistral, &[Role::User, Role::User]),
     ] {
         let e = render(t, &chat(bad), &sp).unwrap_err().to_string();
         assert!(e.contains("alternating user/assistant"), "{bad:?}: {e}");
         assert!(e.contains(&format!("{} needs", t.name())), "{e}");
     }
-    // Gemma's template has no system role.
-    let e = render(Template::Gemma, &chat(&good), &sp)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("gemma has no system role"), "{e}");
+    // Gemma's and Mistral's templates have no system role.
+    for t in [Template::Gemma, Template::Mistral] {
+        let e = render(t, &chat(&good), &sp).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("{} has no system role", t.name())),
+            "{e}"
+        );
+    }
 }
 
 #[test]

@@ -13,15 +13,17 @@ pub enum Template {
     Llama3,
     ChatMl,
     Gemma,
+    Mistral,
     Alpaca,
 }
 
 impl Template {
-    pub const ALL: [Template; 5] = [
+    pub const ALL: [Template; 6] = [
         Template::Llama2,
         Template::Llama3,
         Template::ChatMl,
         Template::Gemma,
+        Template::Mistral,
         Template::Alpaca,
     ];
 
@@ -35,6 +37,7 @@ impl Template {
             Template::Llama3 => "llama-3",
             Template::ChatMl => "chatml",
             Template::Gemma => "gemma",
+            Template::Mistral => "mistral",
             Template::Alpaca => "alpaca",
         }
     }
@@ -44,7 +47,7 @@ impl Template {
     /// pieces, and generation never sees its end token.
     pub fn special_tokens(self) -> &'static [&'static str] {
         match self {
-            Template::Llama2 => &["<s>", "</s>"],
+            Template::Llama2 | Template::Mistral => &["<s>", "</s>"],
             Template::Llama3 => &[
                 "<|begin_of_text|>",
                 "<|start_header_id|>",
@@ -150,7 +153,7 @@ pub fn render(t: Template, ex: &Example, sp: &Specials) -> Result<Rendered, Data
     };
     match t {
         Template::Alpaca => return Err(DataError::Template(
-            "the alpaca template takes alpaca records; use llama-2, llama-3, chatml or gemma for messages"
+            "the alpaca template takes alpaca records; use llama-2, llama-3, chatml, gemma or mistral for messages"
                 .into(),
         )),
         Template::Llama3 => {
@@ -195,12 +198,7 @@ pub fn render(t: Template, ex: &Example, sp: &Specials) -> Result<Rendered, Data
             }
         }
         Template::Gemma => {
-            if turns.iter().any(|(role, _)| *role == Role::System) {
-                return Err(DataError::Template(
-                    "gemma has no system role (its template refuses one): fold the system message into the first user turn".into(),
-                ));
-            }
-            alternating(t, &turns, "")?;
+            no_system(t, &turns)?;
             r.push("<bos>", false);
             for (role, content) in &turns {
                 let train = *role == Role::Assistant;
@@ -211,11 +209,38 @@ pub fn render(t: Template, ex: &Example, sp: &Specials) -> Result<Rendered, Data
                 r.push("\n", false);
             }
         }
+        // Mistral-7B-Instruct v0.1/v0.2: contents as given, no separator
+        // between a response and EOS.
+        Template::Mistral => {
+            no_system(t, &turns)?;
+            r.push("<s>", false);
+            for (role, content) in &turns {
+                if *role == Role::User {
+                    r.push(&format!("[INST] {content} [/INST]"), false);
+                } else {
+                    r.push(content, true);
+                    r.push("</s>", true);
+                }
+            }
+        }
     }
     Ok(r)
 }
 
-/// Templates whose Jinja source raises on any other order (llama-2, gemma):
+/// Templates without a system role (gemma, mistral), whose Jinja source
+/// raises on one, and on turns that do not alternate.
+fn no_system(t: Template, turns: &[(Role, String)]) -> Result<(), DataError> {
+    if turns.iter().any(|(role, _)| *role == Role::System) {
+        return Err(DataError::Template(format!(
+            "{} has no system role (its template refuses one): fold the system message into the first user turn",
+            t.name()
+        )));
+    }
+    alternating(t, turns, "")
+}
+
+/// Templates whose Jinja source raises on any other order (llama-2, gemma,
+/// mistral):
 /// `turns` must alternate user, assistant, user, ... from a user turn.
 fn alternating(t: Template, turns: &[(Role, String)], after: &str) -> Result<(), DataError> {
     let ordered = turns.iter().enumerate().all(|(i, (role, _))| {

@@ -192,6 +192,7 @@ impl Session {
                 TemplateName::Llama3 => Template::Llama3,
                 TemplateName::ChatMl => Template::ChatMl,
                 TemplateName::Gemma => Template::Gemma,
+                TemplateName::Mistral => Template::Mistral,
             },
             max_len: d.max_seq_len,
             overflow: match d.overflow {
