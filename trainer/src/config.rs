@@ -97,6 +97,7 @@ pub struct DataSection {
 pub enum DataFormat {
     Alpaca,
     Messages,
+    ShareGpt,
     Text,
 }
 

@@ -201,6 +201,71 @@ fn jsonl_formats_read_and_bad_lines_name_file_and_line() {
     assert!(e.contains("alpaca.jsonl:1: key `messages`"), "{e}");
 }
 
+/// ShareGPT records (`conversations` of `from`/`value`, `human`/`gpt`
+/// roles) read as the same conversations as the messages fixture; a role
+/// or key it does not have is named with its line and turn.
+#[test]
+fn sharegpt_records_read_as_the_messages_they_hold() {
+    let d = data_dir();
+    let text = std::fs::read_to_string(d.join("messages.jsonl")).unwrap();
+    let sharegpt: String = text
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            let turns: Vec<Value> = v["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| {
+                    let from = match t["role"].as_str().unwrap() {
+                        "user" => "human",
+                        "assistant" => "gpt",
+                        other => other,
+                    };
+                    serde_json::json!({"from": from, "value": t["content"]})
+                })
+                .collect();
+            format!("{}\n", serde_json::json!({ "conversations": turns }))
+        })
+        .collect();
+    let path = tmp("sharegpt.jsonl");
+    std::fs::write(&path, sharegpt).unwrap();
+    let got = read_jsonl(&path, Format::ShareGpt).unwrap();
+    let want = read_jsonl(&d.join("messages.jsonl"), Format::Messages).unwrap();
+    assert_eq!(got.len(), 5);
+    assert_eq!(got, want);
+    // The messages format's role names are accepted too.
+    let path = tmp("sharegpt-bad.jsonl");
+    for (line, want) in [
+        (
+            r#"{"conversations": [{"from": "user", "value": "a"}, {"from": "assistant", "value": "b"}]}"#,
+            "",
+        ),
+        (
+            r#"{"conversations": [{"from": "human", "value": "a"}, {"from": "tool", "value": "b"}]}"#,
+            ":1: conversations[1]: from \"tool\" is not one of system, human, gpt, user, assistant",
+        ),
+        (
+            r#"{"conversations": [{"from": "human", "text": "a"}]}"#,
+            ":1: conversations[0]: key `value` is missing",
+        ),
+        (
+            r#"{"messages": []}"#,
+            ":1: key `conversations` must be a list of {from, value} objects",
+        ),
+        (
+            r#"{"conversations": [{"from": "human", "value": "a"}]}"#,
+            ":1: key `conversations` has no assistant turn",
+        ),
+    ] {
+        std::fs::write(&path, line).unwrap();
+        match read_jsonl(&path, Format::ShareGpt) {
+            Ok(ex) => assert!(want.is_empty() && ex.len() == 1, "{line}"),
+            Err(e) => assert!(!want.is_empty() && e.to_string().contains(want), "{e}"),
+        }
+    }
+}
+
 /// A UTF-8 byte-order mark and CRLF line ends are read through; bytes that
 /// are not UTF-8 name their line; a llama-2 or gemma conversation out of
 /// turn, or a system message to gemma, is refused, as transformers'

@@ -1,5 +1,5 @@
-//! Dataset files: JSONL in the alpaca, messages or plain-text format, read
-//! into conversations. A malformed line is an error naming `file:line`.
+//! Dataset files: JSONL in the alpaca, messages, ShareGPT or plain-text
+//! format, read into conversations. A malformed line is an error naming `file:line`.
 
 use super::DataError;
 use serde_json::Value;
@@ -40,7 +40,12 @@ pub enum Example {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
     Alpaca,
+    /// `{"messages": [{"role", "content"}, ...]}` (OpenAI's and
+    /// transformers' chat layout).
     Messages,
+    /// `{"conversations": [{"from", "value"}, ...]}` with `human`/`gpt`
+    /// roles (ShareGPT, as many instruction datasets are published).
+    ShareGpt,
     Text,
 }
 
@@ -49,6 +54,7 @@ impl Format {
         Some(match s {
             "alpaca" => Format::Alpaca,
             "messages" => Format::Messages,
+            "sharegpt" => Format::ShareGpt,
             "text" => Format::Text,
             _ => return None,
         })
@@ -111,35 +117,52 @@ fn parse_record(v: &Value, format: Format) -> Result<Example, String> {
             output: string(v, "output", true)?,
         }),
         Format::Text => Ok(Example::Text(string(v, "text", true)?)),
-        Format::Messages => {
-            let turns = v
-                .get("messages")
-                .and_then(Value::as_array)
-                .ok_or("key `messages` must be a list of {role, content} objects")?;
-            let mut out = Vec::new();
-            for (j, t) in turns.iter().enumerate() {
-                let role = match string(t, "role", true)
-                    .map_err(|e| format!("messages[{j}]: {e}"))?
-                    .as_str()
-                {
-                    "system" => Role::System,
-                    "user" => Role::User,
-                    "assistant" => Role::Assistant,
-                    other => {
-                        return Err(format!(
-                            "messages[{j}]: role {other:?} is not system, user or assistant"
-                        ))
-                    }
-                };
-                out.push((
-                    role,
-                    string(t, "content", true).map_err(|e| format!("messages[{j}]: {e}"))?,
-                ));
-            }
-            if !out.iter().any(|(r, _)| *r == Role::Assistant) {
-                return Err("key `messages` has no assistant turn to learn from".into());
-            }
-            Ok(Example::Chat(out))
-        }
+        Format::Messages => chat(v, ("messages", "role", "content"), &MESSAGES_ROLES),
+        Format::ShareGpt => chat(v, ("conversations", "from", "value"), &SHAREGPT_ROLES),
     }
+}
+
+const MESSAGES_ROLES: [(&str, Role); 3] = [
+    ("system", Role::System),
+    ("user", Role::User),
+    ("assistant", Role::Assistant),
+];
+
+/// ShareGPT's names, and the messages format's, which some ShareGPT files use.
+const SHAREGPT_ROLES: [(&str, Role); 5] = [
+    ("system", Role::System),
+    ("human", Role::User),
+    ("gpt", Role::Assistant),
+    ("user", Role::User),
+    ("assistant", Role::Assistant),
+];
+
+/// A conversation: the list under `list`, each turn's role under `role`
+/// (one of `roles`) and its text under `content`.
+fn chat(
+    v: &Value,
+    (list, role, content): (&str, &str, &str),
+    roles: &[(&str, Role)],
+) -> Result<Example, String> {
+    let turns = v
+        .get(list)
+        .and_then(Value::as_array)
+        .ok_or_else(|| format!("key `{list}` must be a list of {{{role}, {content}}} objects"))?;
+    let mut out = Vec::new();
+    for (j, t) in turns.iter().enumerate() {
+        let at = |e: String| format!("{list}[{j}]: {e}");
+        let name = string(t, role, true).map_err(at)?;
+        let Some(&(_, r)) = roles.iter().find(|(n, _)| *n == name) else {
+            let names: Vec<&str> = roles.iter().map(|(n, _)| *n).collect();
+            return Err(at(format!(
+                "{role} {name:?} is not one of {}",
+                names.join(", ")
+            )));
+        };
+        out.push((r, string(t, content, true).map_err(at)?));
+    }
+    if !out.iter().any(|(r, _)| *r == Role::Assistant) {
+        return Err(format!("key `{list}` has no assistant turn to learn from"));
+    }
+    Ok(Example::Chat(out))
 }

@@ -184,6 +184,7 @@ impl Session {
             format: match d.format {
                 DataFormat::Alpaca => Format::Alpaca,
                 DataFormat::Messages => Format::Messages,
+                DataFormat::ShareGpt => Format::ShareGpt,
                 DataFormat::Text => Format::Text,
             },
             template: match d.template {
