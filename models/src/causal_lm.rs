@@ -160,20 +160,7 @@ impl CausalLm {
             let linear = config.is_linear_weight(&name);
             let t = match (linear, &config.quantization, opts.quantize) {
                 (true, Some(_), _) => crate::quantized::load_nf4(&ckpt, &name, &shape)?,
-                (true, None, Some(block)) => {
-                    let t = ckpt
-                        .load_stored(&name, &shape)?
-                        .quantize_nf4(block)
-                        .map_err(|e| {
-                            ModelError::Input(format!(
-                                "{}: tensor `{name}`: {}",
-                                dir.display(),
-                                crate::tensor_msg(&e)
-                            ))
-                        })?;
-                    ckpt.release(&name);
-                    t
-                }
+                (true, None, Some(block)) => ckpt.load_quantized(&name, &shape, block)?,
                 _ => ckpt.load(&name, &shape, dtype)?,
             };
             weights.insert(name, t);

@@ -302,6 +302,30 @@ impl Checkpoint {
         Ok(self.load_stored(name, want)?.to_dtype(dtype)?)
     }
 
+    /// Loads `name` (checked as [`Checkpoint::load_stored`]) quantized to NF4
+    /// in blocks of `block`, straight from the mapped file, then lets its
+    /// pages go: no float copy of the weight is made, nor kept resident.
+    pub fn load_quantized(
+        &self,
+        name: &str,
+        want: &[usize],
+        block: usize,
+    ) -> Result<Tensor, ModelError> {
+        let (path, _) = self.entry(name)?;
+        let t = self
+            .load_stored(name, want)?
+            .quantize_nf4(block)
+            .map_err(|e| {
+                ModelError::Input(format!(
+                    "{}: tensor `{name}`: {}",
+                    path.display(),
+                    crate::tensor_msg(&e)
+                ))
+            })?;
+        self.release(name);
+        Ok(t)
+    }
+
     /// Loads `name` in the dtype it is stored in (zero-copy when aligned):
     /// what quantization reads, so no float copy of a weight is made.
     pub fn load_stored(&self, name: &str, want: &[usize]) -> Result<Tensor, ModelError> {

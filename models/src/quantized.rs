@@ -343,17 +343,7 @@ pub fn quantize_checkpoint(
                 ),
             })?;
         if config.is_linear_weight(&name) {
-            let t = ckpt
-                .load_stored(&name, &shape)?
-                .quantize_nf4(block)
-                .map_err(|e| {
-                    ModelError::Input(format!(
-                        "{}: tensor `{name}`: {}",
-                        path.display(),
-                        crate::tensor_msg(&e)
-                    ))
-                })?;
-            ckpt.release(&name);
+            let t = ckpt.load_quantized(&name, &shape, block)?;
             compute_dtype = torch_dtype_name(stored);
             let parts = write_parts(&name, &t, compute_dtype)?;
             report.quantized_tensors += 1;
