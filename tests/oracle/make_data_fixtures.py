@@ -95,6 +95,15 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Qwen/Qwen2-7B-Instruct, tokenizer_config.json "chat_template": ChatML with a default system
+# message when the conversation does not start with one.
+QWEN2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
 # google/gemma-2-2b-it, tokenizer_config.json "chat_template" (google/gemma-7b-it's is the same):
 # no system role, turns must alternate, the assistant is "model", contents `| trim`-ed.
 GEMMA_TEMPLATE = (
@@ -146,6 +155,15 @@ TEMPLATES = {
         content_to_marker="",
         content_transform="none",
         source="teknium/OpenHermes-2.5-Mistral-7B tokenizer_config.json chat_template (ChatML)",
+    ),
+    "qwen2": dict(
+        jinja=QWEN2_TEMPLATE,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        end_of_turn="<|im_end|>",
+        content_to_marker="",
+        content_transform="none",
+        source="Qwen/Qwen2-7B-Instruct tokenizer_config.json chat_template",
     ),
     "gemma": dict(
         jinja=GEMMA_TEMPLATE,

@@ -111,6 +111,8 @@ pub enum TemplateName {
     Llama3,
     #[serde(rename = "chatml")]
     ChatMl,
+    #[serde(rename = "qwen2")]
+    Qwen2,
     #[serde(rename = "gemma")]
     Gemma,
     #[serde(rename = "mistral")]

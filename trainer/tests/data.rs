@@ -89,6 +89,7 @@ fn chat_templates_match_transformers_with_their_loss_spans() {
         ("llama-3", Template::Llama3),
         ("llama-2", Template::Llama2),
         ("chatml", Template::ChatMl),
+        ("qwen2", Template::Qwen2),
         ("gemma", Template::Gemma),
         ("mistral", Template::Mistral),
     ] {
@@ -110,7 +111,7 @@ fn chat_templates_match_transformers_with_their_loss_spans() {
             checked += 1;
         }
     }
-    assert!(checked >= 21, "{checked} renderings checked");
+    assert!(checked >= 26, "{checked} renderings checked");
 }
 
 /// The prompt generation continues (a conversation rendered with an empty
@@ -125,6 +126,7 @@ fn generation_prompts_match_transformers() {
     for (name, template) in [
         ("llama-3", Template::Llama3),
         ("chatml", Template::ChatMl),
+        ("qwen2", Template::Qwen2),
         ("gemma", Template::Gemma),
         ("mistral", Template::Mistral),
     ] {
@@ -139,7 +141,7 @@ fn generation_prompts_match_transformers() {
             checked += 1;
         }
     }
-    assert!(checked >= 6, "{checked} prompts checked");
+    assert!(checked >= 8, "{checked} prompts checked");
 }
 
 #[test]

@@ -12,16 +12,19 @@ pub enum Template {
     Llama2,
     Llama3,
     ChatMl,
+    /// ChatML with Qwen2's default system message.
+    Qwen2,
     Gemma,
     Mistral,
     Alpaca,
 }
 
 impl Template {
-    pub const ALL: [Template; 6] = [
+    pub const ALL: [Template; 7] = [
         Template::Llama2,
         Template::Llama3,
         Template::ChatMl,
+        Template::Qwen2,
         Template::Gemma,
         Template::Mistral,
         Template::Alpaca,
@@ -36,6 +39,7 @@ impl Template {
             Template::Llama2 => "llama-2",
             Template::Llama3 => "llama-3",
             Template::ChatMl => "chatml",
+            Template::Qwen2 => "qwen2",
             Template::Gemma => "gemma",
             Template::Mistral => "mistral",
             Template::Alpaca => "alpaca",
@@ -54,7 +58,7 @@ impl Template {
                 "<|end_header_id|>",
                 "<|eot_id|>",
             ],
-            Template::ChatMl => &["<|im_start|>", "<|im_end|>"],
+            Template::ChatMl | Template::Qwen2 => &["<|im_start|>", "<|im_end|>"],
             Template::Gemma => &["<bos>", "<start_of_turn>", "<end_of_turn>"],
             Template::Alpaca => &[],
         }
@@ -102,6 +106,10 @@ impl Rendered {
 const ALPACA_PREAMBLE: &str =
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n";
 const ALPACA_PREAMBLE_INPUT: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n";
+
+/// What Qwen2's template writes before a conversation that does not start
+/// with a system message.
+const QWEN2_DEFAULT_SYSTEM: &str = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n";
 
 /// Renders `ex` with `t`. Plain text ignores the template (BOS, the text,
 /// EOS; all of it trained).
@@ -153,7 +161,7 @@ pub fn render(t: Template, ex: &Example, sp: &Specials) -> Result<Rendered, Data
     };
     match t {
         Template::Alpaca => return Err(DataError::Template(
-            "the alpaca template takes alpaca records; use llama-2, llama-3, chatml, gemma or mistral for messages"
+            "the alpaca template takes alpaca records; use llama-2, llama-3, chatml, qwen2, gemma or mistral for messages"
                 .into(),
         )),
         Template::Llama3 => {
@@ -168,7 +176,10 @@ pub fn render(t: Template, ex: &Example, sp: &Specials) -> Result<Rendered, Data
                 r.push("<|eot_id|>", train);
             }
         }
-        Template::ChatMl => {
+        Template::ChatMl | Template::Qwen2 => {
+            if t == Template::Qwen2 && turns.first().is_some_and(|(r, _)| *r != Role::System) {
+                r.push(QWEN2_DEFAULT_SYSTEM, false);
+            }
             for (role, content) in &turns {
                 r.push(&format!("<|im_start|>{}\n", role.name()), false);
                 let train = *role == Role::Assistant;

@@ -192,6 +192,7 @@ impl Session {
                 TemplateName::Llama2 => Template::Llama2,
                 TemplateName::Llama3 => Template::Llama3,
                 TemplateName::ChatMl => Template::ChatMl,
+                TemplateName::Qwen2 => Template::Qwen2,
                 TemplateName::Gemma => Template::Gemma,
                 TemplateName::Mistral => Template::Mistral,
             },
