@@ -117,6 +117,9 @@ pub enum TemplateName {
     Gemma,
     #[serde(rename = "mistral")]
     Mistral,
+    /// The checkpoint's own, recognised from tokenizer_config.json.
+    #[serde(rename = "auto")]
+    Auto,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]

@@ -114,6 +114,95 @@ fn chat_templates_match_transformers_with_their_loss_spans() {
     assert!(checked >= 26, "{checked} renderings checked");
 }
 
+/// Graft's copies of the official Jinja sources are the ones transformers
+/// rendered for the fixtures, so `auto` recognises exactly the templates
+/// whose renderings are checked above; `resolve` picks the checkpoint's own,
+/// and notes a chat template named outright that is not it.
+#[test]
+fn auto_recognises_the_official_templates_and_notes_a_mismatch() {
+    let t = json("templates.json");
+    let mut known = 0;
+    for tpl in Template::ALL {
+        let Some(src) = tpl.jinja() else { continue };
+        assert_eq!(
+            Some(src),
+            t["templates"][tpl.name()]["chat_template"].as_str(),
+            "{}",
+            tpl.name()
+        );
+        assert_eq!(Template::of_jinja(src), Some(tpl));
+        known += 1;
+    }
+    assert_eq!(known, 6);
+    let cfg = std::path::Path::new("m/tokenizer_config.json");
+    let qwen2 = Template::Qwen2.jinja();
+    let (got, note) = Template::resolve(None, qwen2, cfg).unwrap();
+    assert_eq!(got, Template::Qwen2);
+    assert!(note
+        .unwrap()
+        .contains("\"auto\": qwen2, the chat_template in m/"));
+    // Plain ChatML named for a Qwen2 checkpoint: rendered, with a note.
+    let (got, note) = Template::resolve(Some(Template::ChatMl), qwen2, cfg).unwrap();
+    assert_eq!(got, Template::ChatMl);
+    let note = note.unwrap();
+    assert!(note.contains("is not chatml's (it is qwen2's"), "{note}");
+    for (named, src) in [
+        (Template::Qwen2, qwen2),
+        (Template::ChatMl, None),
+        (Template::Alpaca, qwen2),
+    ] {
+        assert_eq!(
+            Template::resolve(Some(named), src, cfg).unwrap(),
+            (named, None)
+        );
+    }
+    let other = format!("{} ", qwen2.unwrap());
+    let (got, note) = Template::resolve(Some(Template::Llama3), Some(&other), cfg).unwrap();
+    assert_eq!(got, Template::Llama3);
+    assert!(!note.unwrap().contains("it is"));
+    let e = Template::resolve(None, Some(&other), cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(
+            "none of those Graft renders exactly (llama-2, llama-3, chatml, qwen2, gemma, mistral)"
+        ),
+        "{e}"
+    );
+    let e = Template::resolve(None, None, cfg).unwrap_err().to_string();
+    assert!(
+        e.contains("m/tokenizer_config.json has no chat_template"),
+        "{e}"
+    );
+}
+
+/// tokenizer_config.json's `chat_template` is read as a string, or from
+/// transformers' list of named templates (the `default` one).
+#[test]
+fn the_checkpoints_chat_template_is_read_in_both_layouts() {
+    let dir = tmp("chat-template");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        data_dir().join("tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+    let qwen2 = Template::Qwen2.jinja().unwrap();
+    for (value, want) in [
+        (serde_json::json!(qwen2), Some(qwen2)),
+        (
+            serde_json::json!([{"name": "tool_use", "template": "x"}, {"name": "default", "template": qwen2}]),
+            Some(qwen2),
+        ),
+        (serde_json::json!(null), None),
+    ] {
+        let cfg = serde_json::json!({"eos_token": "<|im_end|>", "chat_template": value});
+        std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+        let (_, sp) = load_tokenizer(&dir).unwrap();
+        assert_eq!(sp.chat_template.as_deref(), want);
+    }
+}
+
 /// The prompt generation continues (a conversation rendered with an empty
 /// last assistant turn, cut before it) is transformers' rendering with
 /// `add_generation_prompt` (llama-2's template has none; mistral's has
@@ -351,6 +440,7 @@ fn plain_text_is_trained_whole_and_alpaca_records_fit_chat_templates() {
             bos: None,
             eos: "</s>".into(),
             pad: None,
+            chat_template: None,
         },
     )
     .unwrap_err();

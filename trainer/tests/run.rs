@@ -271,6 +271,7 @@ fn bad_input_is_one_clear_error() {
         (vec!["train.lrr=1"], "did you mean `train.lr`"),
         (vec!["train.learning_rate=1"], "did you mean `train.lr`"),
         (vec!["data.template=\"alpaca\""], "train.jsonl:1: template:"),
+        (vec!["data.template=\"auto\""], "has no chat_template"),
         (vec!["adapter.method=\"full\""], "model.quantize"),
         (
             vec!["data.max_seq_len=3", "data.overflow=\"drop\""],

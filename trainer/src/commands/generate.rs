@@ -22,8 +22,9 @@ pub struct Args {
     #[arg(long, allow_hyphen_values = true)]
     prompt: String,
     /// Wrap the prompt as a user turn of this chat template (alpaca,
-    /// llama-2, llama-3, chatml, gemma) and generate the assistant's answer;
-    /// without it the prompt is plain text after BOS.
+    /// llama-2, llama-3, chatml, qwen2, gemma, mistral, or auto: the model's
+    /// own, recognised from tokenizer_config.json) and generate the
+    /// assistant's answer; without it the prompt is plain text after BOS.
     #[arg(long)]
     template: Option<String>,
     #[arg(long, default_value_t = 64, allow_hyphen_values = true)]
@@ -80,12 +81,20 @@ pub fn run(args: Args) -> Result<(), CliError> {
     let (tok, sp) = load_tokenizer(&dir)?;
     let text = match args.template.as_deref() {
         Some(name) => {
-            let t = Template::parse(name).ok_or_else(|| {
-                CliError::Usage(format!(
-                    "--template {name:?}: not one of {}",
-                    Template::ALL.map(Template::name).join(", ")
-                ))
-            })?;
+            let named = match name {
+                "auto" => None,
+                _ => Some(Template::parse(name).ok_or_else(|| {
+                    CliError::Usage(format!(
+                        "--template {name:?}: not one of {}, auto",
+                        Template::ALL.map(Template::name).join(", ")
+                    ))
+                })?),
+            };
+            let config = dir.join("tokenizer_config.json");
+            let (t, note) = Template::resolve(named, sp.chat_template.as_deref(), &config)?;
+            if let Some(note) = note {
+                eprintln!("{note}");
+            }
             let ex = Example::Alpaca {
                 instruction: args.prompt.clone(),
                 input: String::new(),

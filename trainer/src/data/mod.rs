@@ -2,6 +2,7 @@
 
 pub mod batch;
 pub mod format;
+pub mod jinja;
 pub mod prepare;
 pub mod template;
 pub mod tokenize;
@@ -36,8 +37,23 @@ fn token_string(v: Option<&serde_json::Value>) -> Option<String> {
     }
 }
 
-/// The model directory's tokenizer.json and its BOS/EOS (from
-/// tokenizer_config.json).
+/// tokenizer_config.json's `chat_template`: a string, or a list of named
+/// templates (transformers' newer layout), of which the `default` one.
+fn chat_template(v: Option<&serde_json::Value>) -> Option<String> {
+    match v? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(l) => l
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))?
+            .get("template")?
+            .as_str()
+            .map(str::to_string),
+        _ => None,
+    }
+}
+
+/// The model directory's tokenizer.json and its BOS/EOS and chat template
+/// (from tokenizer_config.json).
 pub fn load_tokenizer(dir: &Path) -> Result<(Tokenizer, Specials), DataError> {
     let path = dir.join("tokenizer.json");
     let tok = Tokenizer::from_file(&path).map_err(|e| DataError::Io {
@@ -74,6 +90,7 @@ pub fn load_tokenizer(dir: &Path) -> Result<(Tokenizer, Specials), DataError> {
             bos: token_string(cfg.get("bos_token")),
             eos,
             pad,
+            chat_template: chat_template(cfg.get("chat_template")),
         },
     ))
 }

@@ -6,6 +6,7 @@
 use super::format::{Example, Role};
 use super::DataError;
 use std::ops::Range;
+use std::path::Path;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Template {
@@ -46,6 +47,70 @@ impl Template {
         }
     }
 
+    /// The official Jinja source this template renders as (none for alpaca,
+    /// which is a prompt format, not a chat template).
+    pub fn jinja(self) -> Option<&'static str> {
+        use super::jinja;
+        Some(match self {
+            Template::Llama2 => jinja::LLAMA2,
+            Template::Llama3 => jinja::LLAMA3,
+            Template::ChatMl => jinja::CHATML,
+            Template::Qwen2 => jinja::QWEN2,
+            Template::Gemma => jinja::GEMMA,
+            Template::Mistral => jinja::MISTRAL,
+            Template::Alpaca => return None,
+        })
+    }
+
+    /// The template whose official source `src` is, character for character.
+    pub fn of_jinja(src: &str) -> Option<Template> {
+        Template::ALL.into_iter().find(|t| t.jinja() == Some(src))
+    }
+
+    /// The template to render with: `named`, or (None, `data.template =
+    /// "auto"`) the one whose official source the checkpoint's
+    /// `chat_template` (read from `config`) is, character for character;
+    /// with a note for the user: which one "auto" found, or that a chat
+    /// template named outright is not the checkpoint's own.
+    pub fn resolve(
+        named: Option<Template>,
+        chat_template: Option<&str>,
+        config: &Path,
+    ) -> Result<(Template, Option<String>), DataError> {
+        let own = chat_template.and_then(Template::of_jinja);
+        let path = config.display();
+        match (named, chat_template, own) {
+            (Some(t), Some(src), _) if t.jinja().is_some_and(|j| j != src) => {
+                let theirs = match own {
+                    Some(o) => format!(" (it is {0}'s: template \"{0}\" renders it)", o.name()),
+                    None => String::new(),
+                };
+                let note = format!(
+                    "note: template \"{0}\": the chat_template in {path} is not {0}'s{theirs}: the model is then tuned on, or prompted in, a format its own template does not write",
+                    t.name()
+                );
+                Ok((t, Some(note)))
+            }
+            (Some(t), _, _) => Ok((t, None)),
+            (None, _, Some(t)) => Ok((
+                t,
+                Some(format!("template \"auto\": {}, the chat_template in {path}", t.name())),
+            )),
+            (None, Some(_), None) => Err(DataError::Template(format!(
+                "\"auto\": the chat_template in {path} is none of those Graft renders exactly ({}): name the one the model was tuned with",
+                Template::ALL
+                    .iter()
+                    .filter(|t| t.jinja().is_some())
+                    .map(|t| t.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+            (None, None, _) => Err(DataError::Template(format!(
+                "\"auto\": {path} has no chat_template: name the template"
+            ))),
+        }
+    }
+
     /// The tokens the template writes, each of which the tokenizer must
     /// have as one token: without it the template's markers become word
     /// pieces, and generation never sees its end token.
@@ -74,6 +139,8 @@ pub struct Specials {
     /// Filler of unused batch positions (never attended to, never trained
     /// on); tokenizer_config.json's `pad_token` when it is not EOS.
     pub pad: Option<String>,
+    /// tokenizer_config.json's `chat_template` (the model's own Jinja).
+    pub chat_template: Option<String>,
 }
 
 /// Rendered text and the byte ranges that carry loss.

@@ -26,6 +26,8 @@ pub struct Session {
     /// The base model's directory (the embedded default's extracted copy
     /// when `model.path` is empty).
     pub model_dir: PathBuf,
+    /// `data.template`, "auto" resolved.
+    pub template: Template,
 }
 
 /// The configuration as TOML (what a checkpoint records).
@@ -135,6 +137,29 @@ impl Session {
             }
         };
         let (tokenizer, specials) = crate::data::load_tokenizer(&model_dir)?;
+        let named = match cfg.data.template {
+            TemplateName::Alpaca => Some(Template::Alpaca),
+            TemplateName::Llama2 => Some(Template::Llama2),
+            TemplateName::Llama3 => Some(Template::Llama3),
+            TemplateName::ChatMl => Some(Template::ChatMl),
+            TemplateName::Qwen2 => Some(Template::Qwen2),
+            TemplateName::Gemma => Some(Template::Gemma),
+            TemplateName::Mistral => Some(Template::Mistral),
+            TemplateName::Auto => None,
+        };
+        // Plain text renders no template.
+        let template = match cfg.data.format {
+            DataFormat::Text => named.unwrap_or(Template::Alpaca),
+            _ => {
+                let config = model_dir.join("tokenizer_config.json");
+                let chat = specials.chat_template.as_deref();
+                let (t, note) = Template::resolve(named, chat, &config)?;
+                if let Some(note) = note {
+                    println!("{note}");
+                }
+                t
+            }
+        };
         let pad_id = specials
             .pad
             .as_deref()
@@ -148,6 +173,7 @@ impl Session {
             specials,
             pad_id,
             model_dir,
+            template,
         })
     }
 
@@ -187,15 +213,7 @@ impl Session {
                 DataFormat::ShareGpt => Format::ShareGpt,
                 DataFormat::Text => Format::Text,
             },
-            template: match d.template {
-                TemplateName::Alpaca => Template::Alpaca,
-                TemplateName::Llama2 => Template::Llama2,
-                TemplateName::Llama3 => Template::Llama3,
-                TemplateName::ChatMl => Template::ChatMl,
-                TemplateName::Qwen2 => Template::Qwen2,
-                TemplateName::Gemma => Template::Gemma,
-                TemplateName::Mistral => Template::Mistral,
-            },
+            template: self.template,
             max_len: d.max_seq_len,
             overflow: match d.overflow {
                 OverflowName::Truncate => Overflow::Truncate,
